@@ -115,7 +115,10 @@ def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
 
 
 def load_into(
-    module: nn.Module, weights: Mapping[str, mx.array], origin: Mapping[str, Path] | None = None, what: str = ""
+    module: nn.Module,
+    weights: Mapping[str, mx.array],
+    origin: Mapping[str, Path] | None = None,
+    what: str = "",
 ) -> nn.Module:
     """Strictly load `weights` into `module`: every parameter present, nothing extra, shapes equal."""
     origin = origin or {}

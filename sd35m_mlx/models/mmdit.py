@@ -1,0 +1,132 @@
+"""SD3 / SD3.5 MMDiT(-X) transformer, config-driven, NHWC in and out."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
+from .mmdit_block import AdaLayerNorm, JointTransformerBlock, layer_norm, modulate
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """diffusers `transformer/config.json`; defaults are SD3.5 Medium's."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 24
+    attention_head_dim: int = 64
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1536
+    pooled_projection_dim: int = 2048
+    pos_embed_max_size: int = 384
+    dual_attention_layers: tuple[int, ...] = tuple(range(13))
+    qk_norm: str | None = "rms_norm"
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> MMDiTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "dual_attention_layers" in kwargs:
+            kwargs["dual_attention_layers"] = tuple(kwargs["dual_attention_layers"] or ())
+        else:
+            kwargs["dual_attention_layers"] = ()  # diffusers' default: plain SD3
+        kwargs.setdefault("qk_norm", None)
+        if kwargs.get("out_channels") is None:
+            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+        config = cls(**kwargs)
+        if config.caption_projection_dim != config.hidden_size:
+            raise ValueError(
+                f"caption_projection_dim {config.caption_projection_dim} must equal "
+                f"num_attention_heads * attention_head_dim = {config.hidden_size}"
+            )
+        return config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+class SD3Transformer2DModel(nn.Module):
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.pos_embed = PatchEmbed(config.in_channels, dim, config.patch_size, config.pos_embed_max_size)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, config.pooled_projection_dim)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.transformer_blocks = [
+            JointTransformerBlock(
+                dim,
+                config.num_attention_heads,
+                config.attention_head_dim,
+                config.qk_norm,
+                dual_attention=i in config.dual_attention_layers,
+                context_pre_only=i == config.num_layers - 1,
+            )
+            for i in range(config.num_layers)
+        ]
+        self.norm_out = AdaLayerNorm(dim, 2)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
+
+    # The pieces below depend only on (timestep, pooled text), not on the latent: a sampler may
+    # compute them once for the whole schedule and pass them to `denoise`.
+    def conditioning(self, timestep: mx.array, pooled_projections: mx.array) -> mx.array:
+        """SiLU(time + pooled-text embedding), the input of every adaLN, (B, D)."""
+        return nn.silu(self.time_text_embed(timestep, pooled_projections))
+
+    def modulations(self, silu_c: mx.array) -> list:
+        """Per-block adaLN vectors plus the final layer's (scale, shift)."""
+        return [block.modulations(silu_c) for block in self.transformer_blocks] + [self.norm_out(silu_c)]
+
+    def denoise(
+        self,
+        hidden_states: mx.array,
+        context: mx.array,
+        modulations: list,
+        skip_layers: Iterable[int] | None = None,
+        pos: mx.array | None = None,
+    ) -> mx.array:
+        """The latent-dependent part of the forward, with `context` already embedded."""
+        b, height, width, _ = hidden_states.shape
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        x = self.pos_embed(hidden_states, pos)
+        skip = set(skip_layers or ())
+        for i, block in enumerate(self.transformer_blocks):
+            if i in skip:
+                continue
+            x, new_context = block(x, context, modulations[i])
+            if new_context is not None:
+                context = new_context
+        scale, shift = modulations[-1]
+        x = self.proj_out(modulate(layer_norm(x), shift, scale))
+        c = self.config.out_channels
+        x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, height, width, c)
+
+    def __call__(
+        self,
+        hidden_states: mx.array,
+        encoder_hidden_states: mx.array,
+        pooled_projections: mx.array,
+        timestep: mx.array | float,
+        skip_layers: Iterable[int] | None = None,
+    ) -> mx.array:
+        """Velocity for NHWC latents (B, H/8, W/8, C); `timestep` is sigma * 1000, scalar or (B,)."""
+        b, height, width, _ = hidden_states.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {p}")
+        timestep = mx.broadcast_to(mx.array(timestep, dtype=mx.float32), (b,))
+        silu_c = self.conditioning(timestep, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        return self.denoise(hidden_states, context, self.modulations(silu_c), skip_layers)
