@@ -1,2 +1,27 @@
 # Import the package first so the system OpenBLAS is loaded before mlx.core (see sd35m_mlx/_blas.py).
 import sd35m_mlx  # noqa: F401
+
+# isort: split
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny SD3.5-Medium-shaped pipeline with random weights, in the diffusers layout."""
+    from scripts.build_fixture import build_tiny_pipeline
+
+    t0 = time.perf_counter()
+    folder = build_tiny_pipeline(tmp_path_factory.mktemp("fixtures") / "sd35m-tiny")
+    print(f"\nbuilt tiny pipeline in {time.perf_counter() - t0:.2f}s")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_medium_transformer(tmp_path_factory):
+    """SD3-Medium-style transformer folder: no dual attention, no qk norm."""
+    from scripts.build_fixture import build_transformer
+
+    out = tmp_path_factory.mktemp("fixtures") / "sd3m-transformer"
+    return build_transformer(out, seed=1, dual_attention_layers=(), qk_norm=None)

@@ -1,0 +1,493 @@
+"""Build random-weight SD3.5-Medium-shaped pipelines in the exact diffusers layout, offline.
+
+    python scripts/build_fixture.py OUT_DIR                                  # tiny pipeline
+    python scripts/build_fixture.py OUT_DIR --full-width-transformer --depth 2
+
+The tiny pipeline is small enough to run in a second on CPU but keeps every branch of the real
+model: dual-attention and context-pre-only blocks, RMS qk-norm, a positional table larger than
+the test latents, CLIP-L (quick_gelu) + CLIP-G (gelu, pads with "!") whose joint width is smaller
+than T5's, and a 4-level VAE. Every weight, including those diffusers initialises to zero
+(adaLN, proj_out) and the positional table, is random with O(1) activations throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import string
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import regex
+import torch
+
+# Tokenizer corpus: prompt-like English, so ordinary words become one to three BPE tokens.
+CORPUS = """\
+a photo of a cat sitting on a wooden table next to a window with soft morning light
+a painting of a mountain landscape at sunset, oil on canvas, highly detailed
+a portrait of an old man with a long white beard, studio lighting, sharp focus
+an astronaut riding a horse on the moon, digital art, trending on artstation
+a red sports car parked in front of a modern glass building in the city at night
+a bowl of fresh fruit with apples, oranges and grapes on a kitchen counter
+a small house in the forest covered with snow, warm light in the windows
+a dog running on the beach with waves in the background, golden hour photography
+the quick brown fox jumps over the lazy dog while the children watch from the garden
+a close up photograph of a flower with drops of water on the petals, macro lens
+a futuristic city with flying cars and tall towers, cinematic lighting, concept art
+a watercolor painting of a river flowing through a green valley with trees and birds
+a cup of coffee and a book on a table in a cozy cafe, shallow depth of field
+a medieval castle on a hill under a stormy sky with lightning, dramatic, epic
+a young woman reading a letter by the fire, in the style of a classic oil painting
+a cute robot holding a sign that says hello world, three dimensional render
+an aerial view of a green island surrounded by blue water and white sand
+a black and white photo of a street in the rain with people holding umbrellas
+a plate of pasta with tomato sauce and basil leaves, food photography, high quality
+a colorful bird sitting on a branch of a tree in the tropical rain forest
+the light of the moon reflected on the surface of a calm lake at night
+a pencil sketch of a sleeping cat curled up on a soft blanket
+a wide angle photograph of the northern lights over a frozen lake in winter
+a bright kitchen with white walls, wooden floor and plants near the window
+a detailed illustration of a dragon flying over a village, fantasy art
+two friends walking down a country road in autumn with orange and yellow leaves
+a close portrait of a smiling girl with freckles and red hair, 85mm lens, 8k uhd, film grain
+"Hello World!" written in neon letters on a brick wall at midnight; photo by a street photographer
+an ancient temple in the jungle, stone statues covered with moss, light rays through the mist
+a still life with a glass bottle, three lemons and a blue cloth, painted in the 1890s
+a snowy mountain village at dawn, smoke rising from chimneys, people walking to the market
+What does the ocean look like from space? A satellite image of clouds over the sea.
+a giant whale swimming through the clouds above a quiet town, surreal, dreamlike
+the interior of a library with tall shelves full of old books and a spiral staircase
+a vintage poster of a train crossing a bridge over a canyon, art deco style, 1920s
+a golden retriever puppy playing with a ball in the grass, bokeh, award winning photo
+a knight in shining armor standing in front of a burning castle, dark fantasy painting
+a tiny mouse wearing a hat and a scarf, children's book illustration, pastel colors
+a steaming bowl of ramen with an egg, green onions and slices of pork, 50mm, f/1.8
+rows of sunflowers in a field under a clear blue sky, summer afternoon, 35mm film
+the skyline of New York City seen from the water at sunrise, long exposure
+"""
+
+# Sizes. CLIP-L width + CLIP-G width (32 + 64) < T5 width (128), so the zero padding of the CLIP
+# features up to the T5 width is exercised, as in the real model (768 + 1280 < 4096).
+CLIP_NUM_MERGES = 400  # learned merges (fewer if the corpus runs out of repeated pairs)
+T5_SPM_VOCAB = 500  # sentencepiece pieces; T5Tokenizer adds 100 <extra_id_*> after them
+CLIP_L = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+)
+CLIP_G = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    projection_dim=64,
+    hidden_act="gelu",
+)
+T5 = dict(
+    d_model=128,
+    d_ff=96,
+    d_kv=16,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+)
+TRANSFORMER = dict(
+    sample_size=32,  # 256 px default; tests pass explicit sizes
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    caption_projection_dim=32,
+    joint_attention_dim=T5["d_model"],
+    pooled_projection_dim=CLIP_L["projection_dim"] + CLIP_G["projection_dim"],
+    pos_embed_max_size=24,  # 48x48 latents, 384x384 px: larger than test latents so the crop matters
+    dual_attention_layers=(0, 1),
+    qk_norm="rms_norm",
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=8,
+    sample_size=256,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+    force_upcast=True,
+)
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+FULL_WIDTH_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    caption_projection_dim=1536,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+)
+FULL_WIDTH_DUAL_ATTENTION_LAYERS = tuple(range(13))
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusion3Pipeline",
+    "_diffusers_version": "0.31.0.dev0",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def tiny_configs() -> dict[str, dict]:
+    """The tiny pipeline's component sizes (tokenizer-dependent sizes are read from the built folder)."""
+    return {
+        "text_encoder": dict(CLIP_L),
+        "text_encoder_2": dict(CLIP_G),
+        "text_encoder_3": dict(T5),
+        "transformer": dict(TRANSFORMER),
+        "vae": dict(VAE),
+        "scheduler": dict(SCHEDULER),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights
+
+
+def _seeded(seed: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1009 + salt)
+
+
+def _tensor_plan(model: torch.nn.Module) -> list[tuple[str, str, float, torch.Size]]:
+    """(state-dict name, kind, std, shape) for every parameter and persistent buffer, tied ones once.
+
+    Works on a meta-device model. std keeps activations O(1): 1/sqrt(fan_in) for linear/conv
+    weights (T5 queries also 1/sqrt(d_kv), since T5 does not scale its attention logits).
+    """
+    plan, seen = [], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        shape = tensor.shape
+        if not isinstance(tensor, torch.nn.Parameter):
+            if leaf != "pos_embed":
+                continue  # other persistent buffers (none today) keep their computed values
+            plan.append((name, "normal", 0.5, shape))  # real table is sin/cos, rms ~0.7
+        elif "Norm" in type(owner).__name__:
+            plan.append((name, "one_plus" if leaf == "weight" else "normal", 0.1, shape))
+        elif isinstance(owner, torch.nn.Embedding):
+            plan.append((name, "normal", 1.0, shape))
+        elif isinstance(owner, (torch.nn.Linear, torch.nn.Conv2d)):
+            if leaf == "bias":
+                plan.append((name, "normal", 0.1, shape))
+                continue
+            std = 1.0 / math.sqrt(math.prod(shape[1:]))
+            parent = model.get_submodule(owner_name.rpartition(".")[0])
+            if owner_name.endswith(".q") and hasattr(parent, "key_value_proj_dim"):
+                std /= math.sqrt(parent.key_value_proj_dim)
+            plan.append((name, "normal", std, shape))
+        else:
+            raise TypeError(f"no random init rule for {name} ({type(owner).__name__})")
+    return plan
+
+
+def _random_tensors(model: torch.nn.Module, seed: int, salt: int) -> Iterator[tuple[str, torch.Tensor]]:
+    gen = _seeded(seed, salt)
+    for name, kind, std, shape in _tensor_plan(model):
+        t = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
+        yield name, (t.add_(1.0) if kind == "one_plus" else t)
+
+
+@torch.no_grad()
+def _randomise_(model: torch.nn.Module, seed: int, salt: int) -> torch.nn.Module:
+    state = model.state_dict(keep_vars=True)
+    for name, value in _random_tensors(model, seed, salt):
+        state[name].copy_(value)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer
+
+
+def _transformer_config(**overrides) -> dict:
+    cfg = {**TRANSFORMER, **overrides}
+    cfg["dual_attention_layers"] = tuple(cfg["dual_attention_layers"])
+    return cfg
+
+
+def build_transformer(out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Write a random SD3Transformer2DModel folder (config.json + safetensors) with save_pretrained."""
+    from diffusers import SD3Transformer2DModel
+
+    out_dir = Path(out_dir)
+    model = SD3Transformer2DModel(**_transformer_config(**config_overrides))
+    _randomise_(model, seed, salt=1).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _stream_transformer(out_dir: Path, config: dict, seed: int, dtype: torch.dtype) -> Path:
+    """Like build_transformer, but one tensor in memory at a time (the model is built on meta)."""
+    from diffusers import SD3Transformer2DModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    model.save_config(out_dir)
+    plan = _tensor_plan(model)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, _, _, shape in plan:
+        nbytes = math.prod(shape) * dtype.itemsize
+        span = [offset, offset + nbytes]
+        header[name] = dict(dtype=_SAFETENSORS_DTYPES[dtype], shape=list(shape), data_offsets=span)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(out_dir / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, tensor in _random_tensors(model, seed, salt=1):
+            # numpy has no bfloat16: write the raw bits through a same-width integer view
+            f.write(tensor.to(dtype).view(_SAME_WIDTH_INT[dtype]).numpy().data)
+    return out_dir
+
+
+def build_full_width_transformer(
+    out_dir: str | Path, *, depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """The real SD3.5 Medium transformer width (1536, 24 heads, 384^2 table) at reduced depth."""
+    config = dict(
+        FULL_WIDTH_TRANSFORMER,
+        num_layers=depth,
+        dual_attention_layers=tuple(i for i in FULL_WIDTH_DUAL_ATTENTION_LAYERS if i < depth),
+    )
+    return _stream_transformer(Path(out_dir), config, seed, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+# OpenAI CLIP's pre-tokenizer (simple_tokenizer.py), applied to lower-cased, whitespace-cleaned text
+CLIP_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character table ('!' first, so it gets id 0)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def _train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    b2u = bytes_to_unicode()
+    text = " ".join(corpus.lower().split())
+    counts = Counter("".join(b2u[b] for b in w.encode()) for w in CLIP_PATTERN.findall(text))
+    words = {w: (*w[:-1], w[-1] + "</w>") for w in counts}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for w, syms in words.items():
+            for pair in zip(syms, syms[1:], strict=False):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))  # ties broken by the pair itself: deterministic
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        words = {w: _merge_pair(syms, best) for w, syms in words.items()}
+    base = list(b2u.values())
+    tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for t in tokens:  # two merges can spell the same token: keep ids dense
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
+def _write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pad_token: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    special["pad_token"] = pad_token
+    flags = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    added = {str(vocab[t]): dict(content=t, **flags) for t in sorted(set(special.values()), key=vocab.get)}
+    config = dict(
+        add_prefix_space=False,
+        added_tokens_decoder=added,
+        clean_up_tokenization_spaces=True,
+        do_lower_case=True,
+        errors="replace",
+        model_max_length=77,
+        tokenizer_class="CLIPTokenizer",
+        **special,
+    )
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False))
+    return out_dir
+
+
+def _write_t5_tokenizer(out_dir: Path, corpus: str, vocab_size: int) -> Path:
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    # Case variants and the printable ASCII set, so capitals, digits and symbols are not <unk>
+    lines = corpus.splitlines()
+    lines += [f(line) for f in (str.capitalize, str.title, str.upper) for line in lines]
+    lines.append(" ".join(string.printable[:94]))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        num_threads=1,
+        minloglevel=2,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(model.getvalue())
+        tok = T5TokenizerFast.from_pretrained(tmp, model_max_length=512, legacy=False)
+    tok.save_pretrained(out_dir)
+    (out_dir / "spiece.model").write_bytes(model.getvalue())  # the real repo ships it next to tokenizer.json
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def build_tiny_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a complete tiny StableDiffusion3Pipeline folder; loads with `from_pretrained(out_dir)`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)  # constructors' own init, overwritten anyway
+
+    vocab, merges = _train_clip_bpe(CORPUS, CLIP_NUM_MERGES)
+    _write_clip_tokenizer(out_dir / "tokenizer", vocab, merges, pad_token="<|endoftext|>")
+    _write_clip_tokenizer(out_dir / "tokenizer_2", vocab, merges, pad_token="!")
+    _write_t5_tokenizer(out_dir / "tokenizer_3", CORPUS, T5_SPM_VOCAB)
+    t5_vocab = len(json.loads((out_dir / "tokenizer_3" / "tokenizer.json").read_text())["model"]["vocab"])
+
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    for salt, (folder, sizes, pad) in enumerate(
+        [("text_encoder", CLIP_L, eos), ("text_encoder_2", CLIP_G, vocab["!"])], start=2
+    ):
+        config = CLIPTextConfig(
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **sizes,
+        )
+        model = CLIPTextModelWithProjection(config)
+        _randomise_(model, seed, salt).save_pretrained(out_dir / folder, safe_serialization=True)
+
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, is_encoder_decoder=False, use_cache=False, **T5))
+    _randomise_(t5, seed, salt=4).save_pretrained(out_dir / "text_encoder_3", safe_serialization=True)
+
+    vae = AutoencoderKL(**VAE)
+    _randomise_(vae, seed, salt=5).save_pretrained(out_dir / "vae", safe_serialization=True)
+
+    build_transformer(out_dir / "transformer", seed=seed)
+    FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(out_dir / "scheduler")
+    (out_dir / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--full-width-transformer", action="store_true", help="only a full-width transformer/")
+    p.add_argument("--depth", type=int, default=2, help="blocks of the full-width transformer (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = p.parse_args(argv)
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        print(f"{args.out_dir} exists and is not empty", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    if args.full_width_transformer:
+        build_full_width_transformer(args.out_dir, depth=args.depth, seed=args.seed)
+    else:
+        build_tiny_pipeline(args.out_dir, seed=args.seed)
+    print(f"built {args.out_dir} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
