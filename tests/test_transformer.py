@@ -106,3 +106,19 @@ def test_latent_larger_than_pos_table_is_rejected(sd35m_transformer):
             mx.zeros((1, cfg.pooled_projection_dim)),
             500.0,
         )
+
+
+def test_schedule_modulations_match_plain_forward(sd35m_transformer):
+    """The sampler's precomputed path (context, adaLN vectors, pos crop) equals the plain call."""
+    model = load_transformer(sd35m_transformer)
+    cfg = model.config
+    x, ctx, pooled, _ = (mx.array(a.numpy()) for a in _inputs(dict(vars(cfg))))
+    x = x.transpose(0, 2, 3, 1)
+    timesteps = mx.array([999.0, 640.5, 3.0])
+    mods = model.schedule_modulations(timesteps, pooled)
+    context = model.context_embedder(ctx)
+    pos = model.pos_embed.cropped_pos_embed(x.shape[1] // 2, x.shape[2] // 2)
+    for i, t in enumerate(timesteps.tolist()):
+        expected = model(x, ctx, pooled, t, skip_layers=[2])
+        got = model.denoise(x, context, mods[i], skip_layers=[2], pos=pos)
+        assert np.abs(np.array(got - expected)).max() <= 1e-5 * np.array(expected).std()

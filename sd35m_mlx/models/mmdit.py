@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from .embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from .mmdit_block import AdaLayerNorm, JointTransformerBlock, layer_norm, modulate
@@ -86,6 +87,18 @@ class SD3Transformer2DModel(nn.Module):
     def modulations(self, silu_c: mx.array) -> list:
         """Per-block adaLN vectors plus the final layer's (scale, shift)."""
         return [block.modulations(silu_c) for block in self.transformer_blocks] + [self.norm_out(silu_c)]
+
+    def schedule_modulations(self, timesteps: mx.array, pooled_projections: mx.array) -> list[list]:
+        """adaLN vectors for every (step, batch element) at once: `modulations` per step.
+
+        One matmul per adaLN layer for the whole schedule instead of one per step; the result
+        (~80 MB for 40 steps at batch 2 in bfloat16) replaces ~0.5B adaLN weights in the loop.
+        """
+        n, b = timesteps.shape[0], pooled_projections.shape[0]
+        t = mx.repeat(timesteps.astype(mx.float32), b)
+        pooled = mx.tile(pooled_projections, (n, 1))
+        mods = self.modulations(self.conditioning(t, pooled))
+        return [tree_map(lambda a, i=i: a[i * b : (i + 1) * b], mods) for i in range(n)]
 
     def denoise(
         self,
