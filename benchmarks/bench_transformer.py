@@ -25,8 +25,8 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 # isort: split
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from scripts.build_fixture import build_full_width_transformer  # noqa: E402
 
+from scripts.build_fixture import build_full_width_transformer  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 
@@ -97,8 +97,7 @@ def main() -> None:
     args = p.parse_args()
 
     print(
-        f"# {platform.platform()} mlx {mx.__version__} device {mx.default_device()} "
-        f"openblas {loaded_openblas or 'no'}",
+        f"# {platform.platform()} mlx {mx.__version__} device {mx.default_device()} openblas {loaded_openblas or 'no'}",
         flush=True,
     )
     results = []

@@ -1,21 +1,26 @@
-"""The `sd35m-mlx` command (argument parsing and printing only)."""
+"""The `sd35m-mlx` console script: a group whose default command is `generate`.
+
+To add a subcommand (e.g. `convert`), write it as a click command in its own module and register
+it here with `cli.add_command(...)`; `sd35m-mlx "a prompt"` keeps meaning `generate`.
+"""
 
 from __future__ import annotations
 
 import click
 
+from .generate import generate
+from .group import DefaultGroup
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sd35m-mlx")
-@click.pass_context
-def cli(ctx: click.Context) -> None:
-    """Stable Diffusion 3.5 Medium on Apple silicon, in MLX.
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
-    Image generation lands in a later release; for now this prints help.
-    """
-    if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+
+@click.group(cls=DefaultGroup, default="generate", context_settings=CONTEXT)
+def cli() -> None:
+    """Stable Diffusion 3.5 Medium in MLX."""
+
+
+cli.add_command(generate)
 
 
 def main() -> None:
-    cli()
+    cli(prog_name="sd35m-mlx")

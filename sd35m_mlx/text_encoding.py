@@ -74,9 +74,7 @@ class PromptEncoder:
         for prompt_ids in tokenizer(prompts, verbose=False).input_ids:  # verbose: we warn ourselves
             if len(prompt_ids) > max_length:
                 # the truncated ids keep max_length - 1 leading tokens and the final special token
-                cut.append(
-                    tokenizer.decode(prompt_ids[max_length - 1 : -1], clean_up_tokenization_spaces=False)
-                )
+                cut.append(tokenizer.decode(prompt_ids[max_length - 1 : -1], clean_up_tokenization_spaces=False))
         if cut:
             warnings.warn(
                 f"The following part of your input was truncated because {reason} {max_length} tokens: "
@@ -87,9 +85,7 @@ class PromptEncoder:
 
     # -- encoders ------------------------------------------------------------------------------
 
-    def _clip(
-        self, index: int, prompts: list[str], clip_skips: list[int | None]
-    ) -> tuple[mx.array, mx.array]:
+    def _clip(self, index: int, prompts: list[str], clip_skips: list[int | None]) -> tuple[mx.array, mx.array]:
         """(sequence states (B, 77, width), pooled (B, pooled width)) of CLIP-L (0) or CLIP-G (1).
 
         `clip_skips[i]` applies to prompts[i]; None takes hidden_states[-2] as diffusers does.
@@ -107,9 +103,7 @@ class PromptEncoder:
     def _t5(self, prompts: list[str], max_sequence_length: int) -> mx.array:
         if self.text_encoder_3 is None:
             return mx.zeros((len(prompts), max_sequence_length, self.joint_attention_dim), dtype=self.dtype)
-        ids = self._tokenize(
-            self.tokenizer_3, prompts, max_sequence_length, "`max_sequence_length` is set to"
-        )
+        ids = self._tokenize(self.tokenizer_3, prompts, max_sequence_length, "`max_sequence_length` is set to")
         return self.text_encoder_3(ids).astype(self.dtype)
 
     # -- the pipeline's encode_prompt ----------------------------------------------------------
@@ -137,22 +131,16 @@ class PromptEncoder:
         if not isinstance(max_sequence_length, (int, np.integer)) or not 0 < max_sequence_length:
             raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
         if max_sequence_length > MAX_T5_TOKENS:
-            raise ValueError(
-                f"max_sequence_length cannot be greater than {MAX_T5_TOKENS}, got {max_sequence_length}"
-            )
+            raise ValueError(f"max_sequence_length cannot be greater than {MAX_T5_TOKENS}, got {max_sequence_length}")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         depth = min(e.config.num_hidden_layers for e in (self.text_encoder, self.text_encoder_2))
         if clip_skip is not None and not 0 <= clip_skip < depth:
-            raise ValueError(
-                f"clip_skip must be in [0, {depth - 1}] for these CLIP encoders, got {clip_skip}"
-            )
+            raise ValueError(f"clip_skip must be in [0, {depth - 1}] for these CLIP encoders, got {clip_skip}")
 
         # diffusers uses `or`: an empty prompt_2 / prompt_3 also falls back to `prompt`
         prompts = [_as_list(prompt, "prompt")]
-        prompts += [
-            _as_list(p or prompt, name) for p, name in ((prompt_2, "prompt_2"), (prompt_3, "prompt_3"))
-        ]
+        prompts += [_as_list(p or prompt, name) for p, name in ((prompt_2, "prompt_2"), (prompt_3, "prompt_3"))]
         if do_classifier_free_guidance:
             negative_prompt = negative_prompt or ""
             negatives = [

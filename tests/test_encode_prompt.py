@@ -27,9 +27,7 @@ CASES = {
         prompt_3="a watercolor painting of a river",
         negative_prompt="blurry, low quality",
     ),
-    "two_images_per_prompt": dict(
-        prompt=["a cat", "a dog"], negative_prompt="blurry", num_images_per_prompt=2
-    ),
+    "two_images_per_prompt": dict(prompt=["a cat", "a dog"], negative_prompt="blurry", num_images_per_prompt=2),
     "no_guidance": dict(prompt="a cat", do_classifier_free_guidance=False),
     "clip_skip": dict(prompt="a cat", clip_skip=1),
 }
@@ -102,9 +100,7 @@ def test_batch_rows_are_the_single_prompt_encodings(prompt_encoder):
 def test_without_t5_the_t5_part_is_zeros(tiny_pipeline, diffusers_pipe):
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline(
-        **{**diffusers_pipe.components, "text_encoder_3": None, "tokenizer_3": None}
-    )
+    pipe = StableDiffusion3Pipeline(**{**diffusers_pipe.components, "text_encoder_3": None, "tokenizer_3": None})
     ours_encoder = load_text_encoders(tiny_pipeline, mx.float32, load_t5=False)
     assert ours_encoder.text_encoder_3 is None
     kwargs = dict(prompt=["a cat", "a small house in the forest"], negative_prompt="blurry")

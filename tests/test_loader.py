@@ -47,9 +47,7 @@ def test_missing_key_is_named(transformer_copy):
     tensors = load_file(path)
     del tensors["transformer_blocks.1.attn.to_k.bias"]
     save_file(tensors, path)
-    with pytest.raises(
-        WeightsError, match=r"missing key transformer_blocks\.1\.attn\.to_k\.bias.*transformer"
-    ):
+    with pytest.raises(WeightsError, match=r"missing key transformer_blocks\.1\.attn\.to_k\.bias.*transformer"):
         load_transformer(transformer_copy)
 
 
@@ -58,9 +56,7 @@ def test_unexpected_key_is_named(transformer_copy):
     tensors = load_file(path)
     tensors["transformer_blocks.0.extra.weight"] = tensors["proj_out.bias"]
     save_file(tensors, path)
-    with pytest.raises(
-        WeightsError, match=r"unexpected key transformer_blocks\.0\.extra\.weight.*safetensors"
-    ):
+    with pytest.raises(WeightsError, match=r"unexpected key transformer_blocks\.0\.extra\.weight.*safetensors"):
         load_transformer(transformer_copy)
 
 

@@ -82,9 +82,7 @@ def test_t5_v1_0_relu_feed_forward_matches_transformers(tmp_path):
     """The non-gated (original T5) feed-forward is supported too."""
     torch.manual_seed(0)
     hf = HFT5EncoderModel(
-        HFT5Config(
-            vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="relu"
-        )
+        HFT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="relu")
     )
     with torch.no_grad():  # O(1) activations (the default init is tiny)
         for name, p in hf.named_parameters():

@@ -38,9 +38,7 @@ def read_header(path: str | os.PathLike) -> dict:
             raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
-        raise WeightsError(
-            f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})"
-        )
+        raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
     return header
 
 

@@ -68,9 +68,7 @@ def load_t5_encoder(
     which has float32's range at float16's size, with a warning.
     """
     if dtype == mx.float16:
-        warnings.warn(
-            "T5 overflows in float16; loading the T5 text encoder in bfloat16 instead", stacklevel=2
-        )
+        warnings.warn("T5 overflows in float16; loading the T5 text encoder in bfloat16 instead", stacklevel=2)
         dtype = mx.bfloat16
     source = Path(source)
     config = config or _config(source, T5Config, "T5 encoder")

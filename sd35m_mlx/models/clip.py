@@ -48,8 +48,7 @@ class CLIPTextConfig:
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; known: {', '.join(ACTIVATIONS)}")
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(
-                f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
-                f"{config.num_attention_heads}"
+                f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
             )
         return config
 

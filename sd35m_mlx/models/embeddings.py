@@ -23,8 +23,7 @@ class PatchEmbed(nn.Module):
         m = self.max_size
         if h > m or w > m:
             raise ValueError(
-                f"latent of {h}x{w} patches exceeds the positional table ({m}x{m} patches, "
-                f"{m * self.patch_size * 8}px)"
+                f"latent of {h}x{w} patches exceeds the positional table ({m}x{m} patches, {m * self.patch_size * 8}px)"
             )
         top, left = (m - h) // 2, (m - w) // 2
         table = self.pos_embed.reshape(m, m, -1)[top : top + h, left : left + w]

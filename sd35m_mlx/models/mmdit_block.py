@@ -79,9 +79,7 @@ class JointTransformerBlock(nn.Module):
         self.context_pre_only = context_pre_only
         self.norm1 = AdaLayerNorm(dim, 9 if dual_attention else 6)
         self.norm1_context = AdaLayerNorm(dim, 2 if context_pre_only else 6)
-        self.attn = Attention(
-            dim, num_heads, head_dim, qk_norm, joint=True, context_pre_only=context_pre_only
-        )
+        self.attn = Attention(dim, num_heads, head_dim, qk_norm, joint=True, context_pre_only=context_pre_only)
         if dual_attention:
             self.attn2 = Attention(dim, num_heads, head_dim, qk_norm)
         self.ff = FeedForward(dim)
@@ -105,9 +103,7 @@ class JointTransformerBlock(nn.Module):
             attn_x, attn_ctx = self.attn(modulate(nx, shift_msa, scale_msa), modulate(nctx, c_shift, c_scale))
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
-            attn_x, attn_ctx = self.attn(
-                modulate(nx, shift_msa, scale_msa), modulate(nctx, c_shift_msa, c_scale_msa)
-            )
+            attn_x, attn_ctx = self.attn(modulate(nx, shift_msa, scale_msa), modulate(nctx, c_shift_msa, c_scale_msa))
 
         x = x + gate_msa * attn_x
         if self.dual_attention:

@@ -1,0 +1,157 @@
+"""The generate command's options, each with its default in --help."""
+
+from __future__ import annotations
+
+import click
+
+from .output import DEFAULT_TEMPLATE
+from .settings import (
+    DEFAULT_MODEL,
+    DTYPES,
+    MAX_SEQUENCE_LENGTH,
+    MAX_SIDE,
+    MIN_SIDE,
+    SAMPLERS,
+    TRAINED_MAX,
+    TRAINED_MIN,
+    Settings,
+)
+
+_D = Settings(prompt="")  # the defaults, in one place
+
+# Parameter name -> Settings field, for --from-image (a stored field wins over a parameter's default).
+RESTORABLE = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "cfg": "cfg",
+    "seeds": "seed",
+    "sampler": "sampler",
+    "slg": "slg",
+    "slg_scale": "slg_scale",
+    "max_sequence_length": "max_sequence_length",
+    "t5": "t5",
+    "dtype": "dtype",
+    "model": "model",
+    "image": "image",
+    "strength": "strength",
+}
+
+OPTIONS = [
+    click.argument("prompt", required=False),
+    click.option(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Hugging Face Hub id or local diffusers-layout folder. Hub download is not available yet: "
+        "pass a local folder for now.",
+    ),
+    click.option("--negative-prompt", default=_D.negative_prompt, help="What to steer away from."),
+    click.option(
+        "--width",
+        type=int,
+        default=None,
+        show_default=False,
+        help=f"Image width in px: a multiple of 16, {MIN_SIDE}-{MAX_SIDE} (trained on {TRAINED_MIN}-"
+        f"{TRAINED_MAX}; other sizes warn).  [default: {_D.width}; with --image its size, or about 1 "
+        f"megapixel if outside {TRAINED_MIN}-{TRAINED_MAX}, keeping its aspect]",
+    ),
+    click.option(
+        "--height",
+        type=int,
+        default=None,
+        show_default=False,
+        help=f"Image height in px, as --width.  [default: {_D.height}; with --image as --width]",
+    ),
+    click.option("--steps", type=int, default=_D.steps, help="Denoising steps (at least 1)."),
+    click.option(
+        "--cfg",
+        type=float,
+        default=_D.cfg,
+        help="Classifier-free guidance scale; 1 or less turns guidance (and SLG) off.",
+    ),
+    click.option(
+        "--seed",
+        "seeds",
+        type=int,
+        multiple=True,
+        show_default=False,
+        help="Random seed; repeat for one image per seed. The same seed and settings give the same "
+        "image.  [default: random, always printed]",
+    ),
+    click.option(
+        "-n",
+        "--num-images",
+        type=int,
+        default=1,
+        help="Number of images. Seeds continue from the last --seed (+1 each), or are random.",
+    ),
+    click.option("--sampler", type=click.Choice(SAMPLERS), default=_D.sampler, help="Sampler."),
+    click.option(
+        "--slg/--no-slg",
+        default=_D.slg,
+        help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the model card "
+        "recommends (needs --cfg above 1).",
+    ),
+    click.option("--slg-scale", type=float, default=_D.slg_scale, help="Skip Layer Guidance scale."),
+    click.option(
+        "--max-sequence-length",
+        type=int,
+        default=_D.max_sequence_length,
+        help=f"T5 prompt length in tokens (1-{MAX_SEQUENCE_LENGTH}).",
+    ),
+    click.option(
+        "--t5/--no-t5",
+        default=_D.t5,
+        help="Use the T5-XXL text encoder. --no-t5 saves about 9 GB (bfloat16) and some load time, "
+        "at a cost in prompt following and text rendering.",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(("auto", *DTYPES)),
+        default="auto",
+        help="Weights and compute dtype. auto: bfloat16 on a GPU (Metal, CUDA), float32 on CPU (as on "
+        "Linux without CUDA) because bfloat16 matmul is slow on MLX's CPU backend.",
+    ),
+    click.option(
+        "--image",
+        metavar="PATH",
+        default=None,
+        help="Input image for img2img, resized to --width x --height.",
+    ),
+    click.option(
+        "--strength",
+        type=float,
+        default=0.6,
+        help="img2img: how far to move away from --image, in (0, 1]; 1 keeps nothing of it.",
+    ),
+    click.option(
+        "-o",
+        "--output",
+        default=DEFAULT_TEMPLATE,
+        help="Output PNG: a path, a folder, or a template with {seed} and {index} (1-based). "
+        "Several images and no placeholder: name-1.png, name-2.png, ...",
+    ),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace existing files. Without it an existing name is never replaced: the next free one "
+        "(name-1.png, ...) is used, and said.",
+    ),
+    click.option(
+        "--from-image",
+        metavar="PNG",
+        default=None,
+        help="Re-run the settings stored in a PNG (ours, or A1111-style parameters). "
+        "Options given on the command line take precedence.",
+    ),
+    click.option("-q", "--quiet", is_flag=True, help="Print only the output paths."),
+    click.option("-v", "--verbose", is_flag=True, help="Print every step, and tracebacks on errors."),
+]
+
+
+def generate_options(f):
+    for decorator in reversed(OPTIONS):
+        f = decorator(f)
+    return f

@@ -1,0 +1,120 @@
+"""The settings of one image: what `generate()` receives, what the PNG records, what --from-image restores."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+# Mirrors sd35m_mlx.sampling.samplers.SAMPLERS (tests pin the match); importing it would load mlx for --help.
+SAMPLERS = ("euler", "dpmpp_2m")
+DTYPES = ("float32", "bfloat16", "float16")
+
+MULTIPLE = 16  # VAE factor 8 x patch size 2
+# Hard limits for the CLI; the model card's trained range (TRAINED_*) only warns. Small sizes stay
+# allowed for tests and previews; above 2048 px the 2-megapixel-trained model repeats its subjects
+# and memory grows quadratically (the model itself accepts up to pos_embed_max_size * 16 px).
+MIN_SIDE, MAX_SIDE = 64, 2048
+TRAINED_MIN, TRAINED_MAX = 256, 1440
+MAX_SEQUENCE_LENGTH = 512  # T5's limit in diffusers
+MAX_SEED = 2**64 - 1  # mx.random.key takes a uint64
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 40
+    cfg: float = 4.5
+    seed: int = 0
+    sampler: str = "euler"
+    slg: bool = True
+    slg_layers: tuple[int, ...] = (7, 8, 9)  # the model card's choice for SD3.5 Medium
+    slg_scale: float = 2.8
+    slg_start: float = 0.01
+    slg_stop: float = 0.2
+    max_sequence_length: int = 256
+    t5: bool = True
+    dtype: str = "float32"
+    model: str = DEFAULT_MODEL
+    image: str | None = None
+    strength: float | None = None
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""
+        kwargs = dict(
+            negative_prompt=self.negative_prompt,
+            width=self.width,
+            height=self.height,
+            num_inference_steps=self.steps,
+            guidance_scale=self.cfg,
+            seed=self.seed,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+            sampler=self.sampler,
+            skip_guidance_layers=list(self.slg_layers) if self.slg else None,
+            skip_layer_guidance_scale=self.slg_scale,
+            skip_layer_guidance_start=self.slg_start,
+            skip_layer_guidance_stop=self.slg_stop,
+        )
+        if self.image is not None:
+            kwargs.update(image=self.image, strength=self.strength)
+        return kwargs
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["slg_layers"] = list(self.slg_layers)
+        return d
+
+    @staticmethod
+    def known_fields(d: dict) -> dict:
+        """The entries of a stored JSON dict that name a field, with lists back to tuples."""
+        names = {f.name for f in fields(Settings)}
+        out = {k: v for k, v in d.items() if k in names}
+        if isinstance(out.get("slg_layers"), list):
+            out["slg_layers"] = tuple(out["slg_layers"])
+        return out
+
+
+def nearest_multiple(v: int) -> int:
+    return min(max(int(v / MULTIPLE + 0.5) * MULTIPLE, MIN_SIDE), MAX_SIDE)
+
+
+def check_side(name: str, v: int) -> None:
+    if not MIN_SIDE <= v <= MAX_SIDE:
+        raise UsageError(f"--{name} must be between {MIN_SIDE} and {MAX_SIDE} px, got {v}")
+    if v % MULTIPLE:
+        raise UsageError(f"--{name} must be a multiple of {MULTIPLE}, got {v} (try {nearest_multiple(v)})")
+
+
+def check(s: Settings) -> list[str]:
+    """Raise UsageError for settings the model cannot run; return warnings for ones it was not trained on."""
+    check_side("width", s.width)
+    check_side("height", s.height)
+    if s.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    if s.cfg < 0:
+        raise UsageError(f"--cfg must be >= 0, got {s.cfg}")
+    if s.image is not None and not (s.strength is not None and 0 < s.strength <= 1):
+        raise UsageError(f"--strength must be in (0, 1], got {s.strength}")
+    if not 1 <= s.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise UsageError(
+            f"--max-sequence-length must be between 1 and {MAX_SEQUENCE_LENGTH}, got {s.max_sequence_length}"
+        )
+    if s.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if s.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {s.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not 0 <= s.seed <= MAX_SEED:
+        raise UsageError(f"seeds must be between 0 and {MAX_SEED}, got {s.seed}")
+    warnings = []
+    if not (TRAINED_MIN <= s.width <= TRAINED_MAX and TRAINED_MIN <= s.height <= TRAINED_MAX):
+        warnings.append(
+            f"{s.width}x{s.height} is outside the trained range ({TRAINED_MIN}-{TRAINED_MAX} px a side); "
+            "expect weaker images"
+        )
+    return warnings

@@ -1,0 +1,178 @@
+"""Building blocks of the AutoencoderKL (resnets, mid-block attention, up/down blocks), NHWC."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Above this many attention scores (queries x keys) the mid-block attention runs in query chunks,
+# so a 1024 px decode (16384 tokens) never holds the full 16384^2 float32 score matrix (1 GiB).
+_MAX_SCORES = 1 << 26
+# Above this many unfolded input elements (k * k * H * W * C) a convolution runs in bands of rows.
+_MAX_UNFOLD = 1 << 24
+
+
+class GroupNorm(nn.GroupNorm):
+    """PyTorch's GroupNorm (eps 1e-6) on channels-last input, from per-group reductions in float32.
+
+    Same parameters and semantics as nn.GroupNorm(pytorch_compatible=True), which transposes the
+    input twice (4x its size in temporaries) and, on MLX 0.32's CPU backend, drifts on long groups:
+    on a 256x256x256 activation it is 2e-3 away from a float64 reference, this two-pass version
+    3e-5 (torch float32: 2.5e-5).
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__(groups, channels, eps=1e-6, pytorch_compatible=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        g = self.num_groups
+        xg = x.reshape(x.shape[0], -1, g, x.shape[-1] // g).astype(mx.float32)
+        mean = mx.mean(xg, axis=(1, 3), keepdims=True)
+        scale = mx.rsqrt(mx.var(xg, axis=(1, 3), keepdims=True) + self.eps) * self.weight.reshape(g, -1)
+        y = (xg - mean) * scale + self.bias.reshape(g, -1)
+        return y.reshape(x.shape).astype(x.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that convolves large inputs in bands of output rows (same result).
+
+    MLX's CPU convolution unfolds its input k * k times (im2col): 9 GiB for a 3x3 conv over a
+    1024 x 1024 x 256 float32 activation. Bands bound that buffer to about 64 MiB (float32).
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        kh, kw = self.weight.shape[1:3]
+        if kh * kw == 1 or kh * kw * x.size <= _MAX_UNFOLD:
+            return super().__call__(x)
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        x = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+        out_h = (h + 2 * ph - kh) // sh + 1
+        rows = max(1, _MAX_UNFOLD // (kh * kw * b * (w + 2 * pw) * c // sw))
+        bands = [
+            mx.conv2d(x[:, r * sh : (min(r + rows, out_h) - 1) * sh + kh], self.weight, (sh, sw))
+            for r in range(0, out_h, rows)
+        ]
+        y = mx.concatenate(bands, axis=1)
+        return y + self.bias if "bias" in self else y
+
+
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(channels, groups)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels with a residual (diffusers' VAE mid-block Attention)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        n = self.group_norm(x).reshape(b, 1, h * w, c)
+        q, k, v = self.to_q(n), self.to_k(n), self.to_v(n)
+        scale = c**-0.5
+        chunk = max(1, _MAX_SCORES // (h * w))
+        if chunk >= h * w:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:  # softmax is per query row, so splitting the queries is exact
+            o = mx.concatenate(
+                [
+                    mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=scale)
+                    for i in range(0, h * w, chunk)
+                ],
+                axis=2,
+            )
+        return x + self.to_out[0](o).reshape(b, h, w, c)
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Asymmetric padding (right and bottom only), then an unpadded stride-2 conv.
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return self.conv(x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        ]
+        if downsample:
+            self.downsamplers = [Downsample2D(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        ]
+        if upsample:
+            self.upsamplers = [Upsample2D(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    def __init__(self, channels: int, groups: int, add_attention: bool = True):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(channels, channels, groups) for _ in range(2)]
+        if add_attention:
+            self.attentions = [Attention(channels, groups)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        if "attentions" in self:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)

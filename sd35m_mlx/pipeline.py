@@ -1,0 +1,220 @@
+"""StableDiffusion35: text (and image) to image, wiring the encoders, MMDiT, sampler and VAE."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .images import from_pil_or_array, to_output
+from .loading.text_encoders import load_text_encoders
+from .loading.transformer import load_transformer
+from .loading.vae import load_vae
+from .models.mmdit import SD3Transformer2DModel
+from .sampling.guidance import GuidanceConfig, GuidedDenoiser
+from .sampling.samplers import SAMPLERS, make_sampler
+from .sampling.schedule import FlowMatchSchedule, img2img_start_index
+from .text_encoding import PromptEncoder
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class GenerationCancelled(Exception):
+    """Raised by `generate` when the step callback returns False."""
+
+
+def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
+
+
+class StableDiffusion35:
+    """SD3.5 Medium (and other SD3-family MMDiT checkpoints) in MLX.
+
+    `transformer`, `vae` and `prompt_encoder` stay public for users who compose their own loops.
+    """
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        vae,
+        prompt_encoder: PromptEncoder,
+        schedule: FlowMatchSchedule,
+        dtype: mx.Dtype = mx.float32,
+    ):
+        self.transformer = transformer
+        self.vae = vae
+        self.prompt_encoder = prompt_encoder
+        self.schedule = schedule
+        self.dtype = dtype
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike, dtype: str | mx.Dtype = "bfloat16", *, load_t5: bool = True
+    ) -> StableDiffusion35:
+        """Load a local diffusers-layout folder (model_index.json, transformer/, vae/, ...)."""
+        dtype = resolve_dtype(dtype)
+        folder = Path(source)
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(f"{folder}: not a diffusers-layout model folder (no model_index.json)")
+        transformer = load_transformer(folder / "transformer", dtype)
+        vae = load_vae(folder / "vae", dtype)
+        prompt_encoder = load_text_encoders(folder, dtype, load_t5=load_t5)
+        schedule = FlowMatchSchedule.from_folder(folder / "scheduler")
+        return cls(transformer, vae, prompt_encoder, schedule, dtype)
+
+    def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""
+        return self.prompt_encoder.encode_prompt(
+            prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
+        )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _check(self, height, width, num_inference_steps, strength, image, sampler, guidance_scale):
+        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                lo = max(multiple, (int(v) // multiple) * multiple) if isinstance(v, (int, float)) else 1024
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v} (try {lo})")
+        max_px = self.transformer.config.pos_embed_max_size * multiple
+        if height > max_px or width > max_px:
+            raise ValueError(f"height and width must be at most {max_px} for this model, got {height}x{width}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        if image is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+    def _initial_noise(self, latents, shape, seed) -> mx.array:
+        if latents is None:
+            key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+            return mx.random.normal(shape, key=key).astype(mx.float32)
+        latents = mx.array(np.asarray(latents)) if not isinstance(latents, mx.array) else latents
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(
+                f"latents must have shape {tuple(shape)} (batch, height/8, width/8, channels; NHWC), "
+                f"got {tuple(latents.shape)}"
+            )
+        return latents.astype(mx.float32)
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] = "",
+        prompt_2: str | Sequence[str] | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 4.5,
+        seed: int | None = None,
+        latents=None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 256,
+        sampler: str = "euler",
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
+        image=None,
+        strength: float = 0.6,
+        output_type: str = "pil",
+        callback: Callable[[int, int, mx.array], bool | None] | None = None,
+    ):
+        """Generate images; a list of PIL images, or with output_type="np" a (B, H, W, 3) float32 array.
+
+        height/width default to 1024, or to the input image's size for img2img. `latents` is the
+        initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
+        returning False raises GenerationCancelled.
+        """
+        # 1. Inputs
+        init_image = None
+        if image is not None:
+            init_image = from_pil_or_array(image, height, width, multiple=16)
+            height, width = init_image.shape[1:3]
+        height = height or 1024
+        width = width or 1024
+        self._check(height, width, num_inference_steps, strength, image, sampler, guidance_scale)
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        do_cfg = guidance_scale > 1
+
+        # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)
+        cond, uncond, pooled, uncond_pooled = self.encode_prompt(
+            prompt,
+            negative_prompt=negative_prompt,
+            prompt_2=prompt_2,
+            prompt_3=prompt_3,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            do_classifier_free_guidance=do_cfg,
+        )
+        batch = cond.shape[0]
+        guidance = GuidanceConfig(
+            scale=guidance_scale,
+            skip_layers=tuple(skip_guidance_layers) if skip_guidance_layers else None,
+            skip_scale=skip_layer_guidance_scale,
+            skip_start=skip_layer_guidance_start,
+            skip_stop=skip_layer_guidance_stop,
+        )
+
+        # 3. Schedule and initial latents
+        sigmas = self.schedule.sigmas(num_inference_steps)
+        c = self.transformer.config.in_channels
+        shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, c)
+        noise = self._initial_noise(latents, shape, seed)
+        start = 0
+        if init_image is not None:
+            start = img2img_start_index(num_inference_steps, strength)
+            z = self.vae.scale_latents(self.vae.encode(init_image.astype(self.dtype)).astype(mx.float32))
+            if z.shape[0] != batch:
+                if batch % z.shape[0]:
+                    raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
+                z = mx.repeat(z, batch // z.shape[0], axis=0)
+            s = float(sigmas[start])
+            x = s * noise + (1.0 - s) * z
+        else:
+            x = noise
+        mx.eval(x)
+
+        # 4. Denoising loop: one mx.eval per step
+        run = make_sampler(sampler, sigmas)
+        total = num_inference_steps - start
+        context = mx.concatenate([uncond, cond]) if do_cfg else cond
+        pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
+        velocity = GuidedDenoiser(
+            self.transformer,
+            context,
+            pooled_all,
+            self.schedule.timesteps(num_inference_steps),
+            guidance,
+            start,
+            self.dtype,
+        )
+        for i in range(start, num_inference_steps):
+            x = run.step(i, x, velocity(i, x))
+            mx.eval(x)
+            if callback is not None and callback(i - start + 1, total, x) is False:
+                raise GenerationCancelled(f"cancelled after step {i - start + 1} of {total}")
+
+        # 5. Decode
+        if output_type == "latent":
+            return x
+        images = self.vae.decode(self.vae.unscale_latents(x).astype(self.dtype))
+        images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        mx.eval(images)
+        return to_output(images, output_type)

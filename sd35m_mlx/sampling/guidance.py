@@ -1,0 +1,67 @@
+"""Classifier-free guidance and Skip Layer Guidance with diffusers' semantics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    scale: float = 4.5
+    skip_layers: tuple[int, ...] | None = None
+    skip_scale: float = 2.8
+    skip_start: float = 0.01
+    skip_stop: float = 0.2
+
+    @property
+    def cfg(self) -> bool:
+        return self.scale > 1
+
+    def skip_active(self, i: int, num_steps: int) -> bool:
+        """diffusers: SLG runs on steps i with N * start < i < N * stop, and only with CFG."""
+        return self.cfg and bool(self.skip_layers) and num_steps * self.skip_start < i < num_steps * self.skip_stop
+
+
+class GuidedDenoiser:
+    """Velocity of the guided model at step i of a fixed schedule.
+
+    Everything independent of the latent is prepared once: the embedded context and, for every
+    step, the adaLN modulation vectors. With CFG the batch is [uncond, cond] in one forward.
+    """
+
+    def __init__(self, transformer, context, pooled, timesteps, guidance: GuidanceConfig, start: int, dtype):
+        self.transformer = transformer
+        self.guidance = guidance
+        self.num_steps = len(timesteps)
+        self.dtype = dtype
+        self.context = transformer.context_embedder(context.astype(dtype))
+        t = mx.array(timesteps[start:], dtype=mx.float32)  # sigma * 1000 in float32, as diffusers
+        self.start = start
+        self.modulations = transformer.schedule_modulations(t, pooled.astype(dtype))
+        self.pos = None  # the cropped positional table, fixed once the latent size is known
+        mx.eval(self.context, self.modulations)
+
+    def _denoise(self, x, context, mods, skip_layers=None):
+        if self.pos is None:
+            p = self.transformer.config.patch_size
+            self.pos = self.transformer.pos_embed.cropped_pos_embed(x.shape[1] // p, x.shape[2] // p)
+        return self.transformer.denoise(x, context, mods, skip_layers, pos=self.pos).astype(mx.float32)
+
+    def __call__(self, i: int, x: mx.array) -> mx.array:
+        g = self.guidance
+        mods = self.modulations[i - self.start]
+        b = x.shape[0]
+        xin = (mx.concatenate([x, x]) if g.cfg else x).astype(self.dtype)
+        v = self._denoise(xin, self.context, mods)
+        if not g.cfg:
+            return v
+        v_uncond, v_cond = v[:b], v[b:]
+        v = v_uncond + g.scale * (v_cond - v_uncond)
+        if g.skip_active(i, self.num_steps):
+            cond_mods = tree_map(lambda a: a[b:], mods)
+            v_skip = self._denoise(x.astype(self.dtype), self.context[b:], cond_mods, g.skip_layers)
+            v = v + g.skip_scale * (v_cond - v_skip)
+        return v
