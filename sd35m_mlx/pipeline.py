@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .images import from_pil_or_array, to_output
-from .loading.text_encoders import load_text_encoders
-from .loading.transformer import load_transformer
-from .loading.vae import load_vae
+from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.samplers import SAMPLERS, make_sampler
@@ -61,14 +58,8 @@ class StableDiffusion35:
     ) -> StableDiffusion35:
         """Load a local diffusers-layout folder (model_index.json, transformer/, vae/, ...)."""
         dtype = resolve_dtype(dtype)
-        folder = Path(source)
-        if not (folder / "model_index.json").exists():
-            raise FileNotFoundError(f"{folder}: not a diffusers-layout model folder (no model_index.json)")
-        transformer = load_transformer(folder / "transformer", dtype)
-        vae = load_vae(folder / "vae", dtype)
-        prompt_encoder = load_text_encoders(folder, dtype, load_t5=load_t5)
-        schedule = FlowMatchSchedule.from_folder(folder / "scheduler")
-        return cls(transformer, vae, prompt_encoder, schedule, dtype)
+        parts = load_pipeline_parts(source, dtype, load_t5=load_t5)
+        return cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype)
 
     def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""

@@ -1,0 +1,36 @@
+"""Turn whatever the user names (folder, file, hub id) into loaded pipeline parts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..sampling.schedule import FlowMatchSchedule
+from .parts import PipelineParts
+from .safetensors_io import WeightsError
+from .text_encoders import load_text_encoders
+from .transformer import load_transformer
+from .vae import load_vae
+
+
+def load_diffusers_folder(folder: Path, dtype: mx.Dtype, *, load_t5: bool = True) -> PipelineParts:
+    return PipelineParts(
+        transformer=load_transformer(folder / "transformer", dtype),
+        vae=load_vae(folder / "vae", dtype),
+        prompt_encoder=load_text_encoders(folder, dtype, load_t5=load_t5),
+        schedule=FlowMatchSchedule.from_folder(folder / "scheduler"),
+    )
+
+
+def load_pipeline_parts(
+    source: str | os.PathLike, dtype: mx.Dtype, *, load_t5: bool = True, revision: str | None = None
+) -> PipelineParts:
+    """Local diffusers-layout folder, converted MLX folder, single-file checkpoint, or hub repo id."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir() and (path / "model_index.json").exists():
+        return load_diffusers_folder(path, dtype, load_t5=load_t5)
+    if path.exists():
+        raise WeightsError(f"{path}: not a diffusers-layout model folder (no model_index.json)")
+    raise FileNotFoundError(f"{source}: no such model folder or file")
