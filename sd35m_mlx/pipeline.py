@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .images import from_pil_or_array, to_output
+from .loading.parts import PipelineParts
 from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
@@ -51,19 +54,57 @@ class StableDiffusion35:
         self.prompt_encoder = prompt_encoder
         self.schedule = schedule
         self.dtype = dtype
+        self.transformer_config = transformer.config
+        self.low_memory = False
+        self._reload: Callable[[], PipelineParts] | None = None
 
     @classmethod
     def from_pretrained(
-        cls, source: str | os.PathLike, dtype: str | mx.Dtype = "bfloat16", *, load_t5: bool = True
+        cls,
+        source: str | os.PathLike,
+        dtype: str | mx.Dtype = "bfloat16",
+        *,
+        load_t5: bool = True,
+        revision: str | None = None,
+        low_memory: bool | None = None,
     ) -> StableDiffusion35:
-        """Load a local diffusers-layout folder (model_index.json, transformer/, vae/, ...)."""
+        """Load a model: a local diffusers-layout folder (model_index.json, transformer/, vae/, ...).
+
+        Weights are mapped lazily and read on first use. `low_memory` runs generation in stages
+        (encode text, release the text encoders, denoise, release the transformer, decode) so the
+        text encoders and the transformer are never resident together; None turns it on when the
+        weights would take more than about 60% of this machine's memory.
+        """
         dtype = resolve_dtype(dtype)
-        parts = load_pipeline_parts(source, dtype, load_t5=load_t5)
-        return cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype)
+
+        def load() -> PipelineParts:
+            return load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)
+
+        parts = load()
+        pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype)
+        if low_memory is None:
+            low_memory = parameter_bytes(parts) > 0.6 * physical_memory()
+        pipe.low_memory = bool(low_memory)
+        pipe._reload = load
+        return pipe
+
+    def _component(self, name: str):
+        """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
+        part = getattr(self, name)
+        if part is None:
+            part = getattr(self._reload(), name)
+            setattr(self, name, part)
+        return part
+
+    def _release(self, name: str) -> None:
+        if self.low_memory and self._reload is not None:
+            setattr(self, name, None)
+            gc.collect()
+            mx.clear_cache()
 
     def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""
-        return self.prompt_encoder.encode_prompt(
+        return self._component("prompt_encoder").encode_prompt(
             prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
         )
 
@@ -72,12 +113,12 @@ class StableDiffusion35:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _check(self, height, width, num_inference_steps, strength, image, sampler, guidance_scale):
-        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        multiple = self.vae_scale_factor * self.transformer_config.patch_size
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
                 lo = max(multiple, (int(v) // multiple) * multiple) if isinstance(v, (int, float)) else 1024
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v} (try {lo})")
-        max_px = self.transformer.config.pos_embed_max_size * multiple
+        max_px = self.transformer_config.pos_embed_max_size * multiple
         if height > max_px or width > max_px:
             raise ValueError(f"height and width must be at most {max_px} for this model, got {height}x{width}")
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
@@ -103,7 +144,7 @@ class StableDiffusion35:
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         *,
         negative_prompt: str | Sequence[str] = "",
         prompt_2: str | Sequence[str] | None = None,
@@ -125,12 +166,17 @@ class StableDiffusion35:
         strength: float = 0.6,
         output_type: str = "pil",
         callback: Callable[[int, int, mx.array], bool | None] | None = None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
     ):
         """Generate images; a list of PIL images, or with output_type="np" a (B, H, W, 3) float32 array.
 
         height/width default to 1024, or to the input image's size for img2img. `latents` is the
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
-        returning False raises GenerationCancelled.
+        returning False raises GenerationCancelled. Precomputed `prompt_embeds` (and the other three,
+        as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         """
         # 1. Inputs
         init_image = None
@@ -145,15 +191,28 @@ class StableDiffusion35:
         do_cfg = guidance_scale > 1
 
         # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)
-        cond, uncond, pooled, uncond_pooled = self.encode_prompt(
-            prompt,
-            negative_prompt=negative_prompt,
-            prompt_2=prompt_2,
-            prompt_3=prompt_3,
-            num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            do_classifier_free_guidance=do_cfg,
-        )
+        if prompt_embeds is not None:
+            cond, uncond, pooled, uncond_pooled = _given_embeds(
+                prompt_embeds,
+                negative_prompt_embeds,
+                pooled_prompt_embeds,
+                negative_pooled_prompt_embeds,
+                num_images_per_prompt,
+                do_cfg,
+            )
+        elif prompt is None:
+            raise ValueError("give a prompt (or prompt_embeds and pooled_prompt_embeds)")
+        else:
+            cond, uncond, pooled, uncond_pooled = self.encode_prompt(
+                prompt,
+                negative_prompt=negative_prompt,
+                prompt_2=prompt_2,
+                prompt_3=prompt_3,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
+                do_classifier_free_guidance=do_cfg,
+            )
+            self._release("prompt_encoder")
         batch = cond.shape[0]
         guidance = GuidanceConfig(
             scale=guidance_scale,
@@ -165,7 +224,7 @@ class StableDiffusion35:
 
         # 3. Schedule and initial latents
         sigmas = self.schedule.sigmas(num_inference_steps)
-        c = self.transformer.config.in_channels
+        c = self.transformer_config.in_channels
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, c)
         noise = self._initial_noise(latents, shape, seed)
         start = 0
@@ -188,7 +247,7 @@ class StableDiffusion35:
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
         velocity = GuidedDenoiser(
-            self.transformer,
+            self._component("transformer"),
             context,
             pooled_all,
             self.schedule.timesteps(num_inference_steps),
@@ -201,6 +260,8 @@ class StableDiffusion35:
             mx.eval(x)
             if callback is not None and callback(i - start + 1, total, x) is False:
                 raise GenerationCancelled(f"cancelled after step {i - start + 1} of {total}")
+        del velocity
+        self._release("transformer")
 
         # 5. Decode
         if output_type == "latent":
@@ -209,3 +270,30 @@ class StableDiffusion35:
         images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
         mx.eval(images)
         return to_output(images, output_type)
+
+
+def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):
+    def arr(a, name):
+        if a is None:
+            raise ValueError(f"{name} is required with prompt_embeds")
+        a = a if isinstance(a, mx.array) else mx.array(np.asarray(a))
+        return mx.repeat(a, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else a
+
+    cond, pooled = arr(cond, "prompt_embeds"), arr(pooled, "pooled_prompt_embeds")
+    if not do_cfg:
+        return cond, None, pooled, None
+    return cond, arr(uncond, "negative_prompt_embeds"), pooled, arr(uncond_pooled, "negative_pooled_prompt_embeds")
+
+
+def parameter_bytes(parts: PipelineParts) -> int:
+    """Bytes of all weights (lazy arrays report their size without being read)."""
+    enc = parts.prompt_encoder
+    modules = [parts.transformer, parts.vae, enc.text_encoder, enc.text_encoder_2, enc.text_encoder_3]
+    return sum(v.nbytes for m in modules if m is not None for _, v in tree_flatten(m.parameters()))
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
