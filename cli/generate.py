@@ -168,7 +168,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     paths = plan_paths(params["output"], seeds)
     for folder in {p.parent for p in paths}:
         check_writable(folder)
-    folder = model_io.resolve_model(settings.model)
+    folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
     for note in notes:
         reporter.say(note)
 

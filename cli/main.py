@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from .convert import convert
 from .generate import generate
 from .group import DefaultGroup
 
@@ -20,6 +21,7 @@ def cli() -> None:
 
 
 cli.add_command(generate)
+cli.add_command(convert)
 
 
 def main() -> None:

@@ -7,30 +7,27 @@ from pathlib import Path
 
 import sd35m_mlx  # noqa: F401  (loads OpenBLAS before mlx.core is imported below)
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 
-def resolve_model(model: str) -> Path:
-    """The local folder for --model.
+def resolve_model(model: str, *, revision: str | None = None, load_t5: bool = True) -> Path:
+    """The local folder for --model: the folder itself, or a Hugging Face Hub id's snapshot in the HF
+    cache, downloaded (only the files needed; no T5 when it is skipped) if the cache lacks them."""
+    from sd35m_mlx.loading import hub  # imports huggingface_hub: not for --help
 
-    For now only local diffusers-layout folders; Hugging Face Hub ids (the default
-    `stabilityai/stable-diffusion-3.5-medium`) get a clear message until hub download lands, which
-    will replace this one function.
-    """
     path = Path(os.path.expanduser(model))
+    if path.exists() and revision is not None:
+        raise UsageError(f"--revision applies to a Hugging Face Hub --model, not to the local {model}")
     if path.is_dir():
         return path
     if path.exists():
         raise UsageError(f"--model {model}: not a folder (single-file checkpoints are not supported yet)")
-    looks_like_hub_id = (
-        not path.is_absolute() and not model.startswith((".", "~")) and model.count("/") == 1 and all(model.split("/"))
-    )
-    if looks_like_hub_id:
-        raise UsageError(
-            f"--model {model}: downloading from the Hugging Face Hub is not available yet; "
-            "pass a local diffusers-layout folder (e.g. a `huggingface-cli download` of it)"
-        )
-    raise UsageError(f"--model {model}: no such folder")
+    if not hub.is_hub_id(model):
+        raise UsageError(f"--model {model}: no such folder (nor a Hugging Face Hub id: owner/name)")
+    try:
+        return hub.download(model, revision=revision, load_t5=load_t5)
+    except hub.ModelSourceError as e:
+        raise RunError(str(e)) from None
 
 
 def default_dtype() -> str:

@@ -44,8 +44,16 @@ OPTIONS = [
     click.option(
         "--model",
         default=DEFAULT_MODEL,
-        help="Hugging Face Hub id or local diffusers-layout folder. Hub download is not available yet: "
-        "pass a local folder for now.",
+        help="Hugging Face Hub id or local diffusers-layout folder. A Hub id's needed files (no T5 with "
+        "--no-t5) are downloaded once into the HF cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the "
+        "cache alone). The default repo is gated: accept its licence on huggingface.co and run "
+        "`hf auth login` (or set HF_TOKEN).",
+    ),
+    click.option(
+        "--revision",
+        default=None,
+        show_default=False,
+        help="Branch, tag or commit hash of a Hub --model.  [default: main]",
     ),
     click.option("--negative-prompt", default=_D.negative_prompt, help="What to steer away from."),
     click.option(

@@ -11,9 +11,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .images import from_pil_or_array, to_output
+from .loading import hub
 from .loading.parts import PipelineParts
 from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
+from .quantize import quantize_parts
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.samplers import SAMPLERS, make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
@@ -57,6 +59,7 @@ class StableDiffusion35:
         self.transformer_config = transformer.config
         self.low_memory = False
         self._reload: Callable[[], PipelineParts] | None = None
+        self._prompt_cache: tuple[str, tuple] | None = None
 
     @classmethod
     def from_pretrained(
@@ -66,19 +69,38 @@ class StableDiffusion35:
         *,
         load_t5: bool = True,
         revision: str | None = None,
+        quantize: int | None = None,
+        t5_quantize: int | str | None = None,
+        quantize_group_size: int = 64,
         low_memory: bool | None = None,
     ) -> StableDiffusion35:
-        """Load a model: a local diffusers-layout folder (model_index.json, transformer/, vae/, ...).
+        """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
+        a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
 
-        Weights are mapped lazily and read on first use. `low_memory` runs generation in stages
-        (encode text, release the text encoders, denoise, release the transformer, decode) so the
-        text encoders and the transformer are never resident together; None turns it on when the
-        weights would take more than about 60% of this machine's memory.
+        Weights are mapped lazily and read on first use. `quantize` (4 or 8) quantizes the MMDiT's
+        linear layers as they stream in, `t5_quantize` T5's (default: as `quantize`; "none" keeps
+        T5 in `dtype`). `low_memory` runs generation in stages (encode text, release the text
+        encoders, denoise, release the transformer, decode) so the text encoders and the transformer
+        are never resident together; None turns it on when the weights would take more than about
+        60% of this machine's memory.
         """
         dtype = resolve_dtype(dtype)
+        if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
+            source = hub.download(source, revision=revision, load_t5=load_t5)
+        t5_bits = quantize if t5_quantize is None else (None if t5_quantize == "none" else int(t5_quantize))
+        for name, bits in (("quantize", quantize), ("t5_quantize", t5_bits)):
+            if bits not in (None, 4, 8):
+                raise ValueError(f"{name} must be 4 or 8 bits (or None), got {bits}")
 
-        def load() -> PipelineParts:
-            return load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)
+        def load(component: str | None = None) -> PipelineParts:
+            # Quantize only what the caller will use: quantizing evaluates weights layer by layer.
+            parts = load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)
+            return quantize_parts(
+                parts,
+                transformer_bits=quantize if component in (None, "transformer") else None,
+                t5_bits=t5_bits if component in (None, "prompt_encoder") else None,
+                group_size=quantize_group_size,
+            )
 
         parts = load()
         pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype)
@@ -92,7 +114,7 @@ class StableDiffusion35:
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
         part = getattr(self, name)
         if part is None:
-            part = getattr(self._reload(), name)
+            part = getattr(self._reload(name), name)
             setattr(self, name, part)
         return part
 
@@ -107,6 +129,15 @@ class StableDiffusion35:
         return self._component("prompt_encoder").encode_prompt(
             prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
         )
+
+    def _encode_cached(self, prompt, **kwargs):
+        """encode_prompt, remembering the last result: a new seed for the same prompt (the usual
+        loop) skips the text encoders, and in low_memory mode does not reload them."""
+        key = repr((prompt, sorted(kwargs.items())))
+        if self._prompt_cache is None or self._prompt_cache[0] != key:
+            self._prompt_cache = (key, self.encode_prompt(prompt, **kwargs))
+            self._release("prompt_encoder")
+        return self._prompt_cache[1]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -203,7 +234,7 @@ class StableDiffusion35:
         elif prompt is None:
             raise ValueError("give a prompt (or prompt_embeds and pooled_prompt_embeds)")
         else:
-            cond, uncond, pooled, uncond_pooled = self.encode_prompt(
+            cond, uncond, pooled, uncond_pooled = self._encode_cached(
                 prompt,
                 negative_prompt=negative_prompt,
                 prompt_2=prompt_2,
@@ -212,7 +243,6 @@ class StableDiffusion35:
                 max_sequence_length=max_sequence_length,
                 do_classifier_free_guidance=do_cfg,
             )
-            self._release("prompt_encoder")
         batch = cond.shape[0]
         guidance = GuidanceConfig(
             scale=guidance_scale,

@@ -7,6 +7,18 @@ import time
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_hub_access(monkeypatch, tmp_path_factory):
+    """No test may reach the Hugging Face Hub or a developer's real cache: offline, empty cache."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = str(tmp_path_factory.getbasetemp() / "empty-hf-cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """A tiny SD3.5-Medium-shaped pipeline with random weights, in the diffusers layout."""

@@ -285,7 +285,6 @@ def test_img2img_size_rules():
         (["-o", "x-{size}.png"], "--output: unknown placeholder {size}"),
         (["--max-sequence-length", "600"], "--max-sequence-length must be between 1 and 512"),
         (["--model", "no/such/folder"], "--model no/such/folder: no such folder"),
-        (["--model", "someone/some-model"], "downloading from the Hugging Face Hub is not available yet"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_loading(fake, args, message):
@@ -309,12 +308,6 @@ def test_no_arguments_show_help_and_version_works():
     assert result.exit_code == 0 and result.stdout.startswith("Usage: sd35m-mlx [OPTIONS] [PROMPT]")
     result = CliRunner().invoke(cli, ["--version"], prog_name="sd35m-mlx")
     assert result.exit_code == 0 and result.stdout.startswith("sd35m-mlx, version ")
-
-
-def test_default_model_says_hub_download_is_not_available_yet(fake):
-    result = CliRunner().invoke(cli, ["p"])
-    assert result.exit_code == 2
-    assert "stabilityai/stable-diffusion-3.5-medium: downloading from the Hugging Face Hub" in result.stderr
 
 
 def test_unwritable_output_folder(fake, monkeypatch):

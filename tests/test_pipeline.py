@@ -202,6 +202,27 @@ def test_low_memory_staging_releases_and_reloads_with_identical_pixels(tiny_pipe
     kw = dict(height=H, width=W, num_inference_steps=2, seed=5, output_type="np")
     first = staged.generate("a capybara", **kw)
     assert staged.prompt_encoder is None and staged.transformer is None  # released after their stage
-    second = staged.generate("a capybara", **kw)  # reloads them
-    assert np.array_equal(first, second)
+    second = staged.generate("a capybara", **kw)  # same prompt: cached embeddings, reloads the transformer
+    assert staged.prompt_encoder is None
+    third = staged.generate("a capybara in the rain", **kw)  # reloads the text encoders
+    assert np.array_equal(first, second) and not np.array_equal(first, third)
+    assert np.array_equal(third, ours.generate("a capybara in the rain", **kw))
     assert np.array_equal(first, ours.generate("a capybara", **kw))
+
+
+def test_quantized_load_is_finite_and_keeps_low_memory_reloads_quantized(tiny_pipeline):
+    import mlx.nn as nn
+
+    pipe = StableDiffusion35.from_pretrained(
+        tiny_pipeline, dtype="float32", quantize=8, t5_quantize=4, quantize_group_size=32, low_memory=True
+    )
+    kw = dict(height=H, width=W, num_inference_steps=2, seed=6, output_type="np")
+    out = pipe.generate("a capybara", **kw)
+    assert np.isfinite(out).all()
+    pipe.generate("a heron", **kw)  # reloads both stages
+    assert pipe.transformer is None
+    transformer = pipe._component("transformer")
+    assert isinstance(transformer.transformer_blocks[0].attn.to_q, nn.QuantizedLinear)
+    assert transformer.transformer_blocks[0].attn.to_q.bits == 8
+    with pytest.raises(ValueError, match="4 or 8"):
+        StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", quantize=3)

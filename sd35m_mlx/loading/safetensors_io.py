@@ -112,6 +112,16 @@ def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
         raise WeightsError(f"{path}: invalid JSON ({e})") from None
 
 
+def read_config_as(folder: str | os.PathLike, cls, what: str):
+    """`cls.from_dict(config.json)`, with a one-line WeightsError naming the file when it does not fit."""
+    try:
+        return cls.from_dict(read_config(folder))
+    except WeightsError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{Path(folder) / 'config.json'}: not a supported {what} config ({e})") from None
+
+
 def load_into(
     module: nn.Module,
     weights: Mapping[str, mx.array],

@@ -8,6 +8,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..sampling.schedule import FlowMatchSchedule
+from . import hub, single_file
+from .mlx_format import is_converted_folder, load_converted
 from .parts import PipelineParts
 from .safetensors_io import WeightsError
 from .text_encoders import load_text_encoders
@@ -29,8 +31,14 @@ def load_pipeline_parts(
 ) -> PipelineParts:
     """Local diffusers-layout folder, converted MLX folder, single-file checkpoint, or hub repo id."""
     path = Path(os.path.expanduser(str(source)))
+    if path.is_dir() and is_converted_folder(path):  # written by `sd35m-mlx convert`
+        return load_converted(path, dtype, load_t5=load_t5)
     if path.is_dir() and (path / "model_index.json").exists():
         return load_diffusers_folder(path, dtype, load_t5=load_t5)
+    if single_file.is_single_file_source(path):
+        return single_file.load_single_file(path, dtype, load_t5=load_t5)
     if path.exists():
         raise WeightsError(f"{path}: not a diffusers-layout model folder (no model_index.json)")
+    if hub.is_hub_id(source):  # a local path of the same name has won above
+        return load_pipeline_parts(hub.download(source, revision=revision, load_t5=load_t5), dtype, load_t5=load_t5)
     raise FileNotFoundError(f"{source}: no such model folder or file")

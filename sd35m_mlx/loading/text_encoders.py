@@ -13,7 +13,7 @@ import mlx.core as mx
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.t5 import T5Config, T5EncoderModel
 from ..text_encoding import PromptEncoder
-from .safetensors_io import WeightsError, load_into, load_safetensors, read_config
+from .safetensors_io import WeightsError, load_into, load_safetensors, read_config_as
 
 # tokenizer classes a diffusers model_index.json may name for each slot (first: the default)
 _CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -21,12 +21,7 @@ _T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
 
 
 def _config(folder: Path, cls, what: str):
-    try:
-        return cls.from_dict(read_config(folder))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f"{folder / 'config.json'}: not a supported {what} config ({e})") from None
+    return read_config_as(folder, cls, what)
 
 
 def sanitize_clip_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..models.mmdit import MMDiTConfig, SD3Transformer2DModel
-from .safetensors_io import WeightsError, load_into, load_safetensors, read_config
+from .safetensors_io import load_into, load_safetensors, read_config_as
 
 
 def sanitize_transformer_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -21,12 +21,7 @@ def sanitize_transformer_weights(weights: dict[str, mx.array]) -> dict[str, mx.a
 
 def load_transformer(folder: str | os.PathLike, dtype: mx.Dtype = mx.float32) -> SD3Transformer2DModel:
     folder = Path(folder)
-    try:
-        config = MMDiTConfig.from_dict(read_config(folder))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f"{folder / 'config.json'}: not an SD3 transformer config ({e})") from None
+    config = read_config_as(folder, MMDiTConfig, "SD3 transformer")
     weights, origin = load_safetensors(folder, dtype)
     model = SD3Transformer2DModel(config)
     if dtype != mx.float32:

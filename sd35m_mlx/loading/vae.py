@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..models.vae import AutoencoderKL, VAEConfig
-from .safetensors_io import WeightsError, load_into, load_safetensors, read_config
+from .safetensors_io import load_into, load_safetensors, read_config_as
 
 
 def sanitize_vae_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -26,12 +26,7 @@ def sanitize_vae_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 def load_vae(folder: str | os.PathLike, dtype: mx.Dtype = mx.float32) -> AutoencoderKL:
     folder = Path(folder)
-    try:
-        config = VAEConfig.from_dict(read_config(folder))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f"{folder / 'config.json'}: not a supported AutoencoderKL config ({e})") from None
+    config = read_config_as(folder, VAEConfig, "AutoencoderKL")
     weights, origin = load_safetensors(folder, dtype)
     model = AutoencoderKL(config)
     if dtype != mx.float32:
