@@ -285,6 +285,10 @@ class StableDiffusion35:
             start,
             self.dtype,
         )
+        if self.low_memory and self._reload is not None:
+            velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
+            gc.collect()
+            mx.clear_cache()
         for i in range(start, num_inference_steps):
             x = run.step(i, x, velocity(i, x))
             mx.eval(x)

@@ -122,3 +122,28 @@ def test_schedule_modulations_match_plain_forward(sd35m_transformer):
         expected = model(x, ctx, pooled, t, skip_layers=[2])
         got = model.denoise(x, context, mods[i], skip_layers=[2], pos=pos)
         assert np.abs(np.array(got - expected)).max() <= 1e-5 * np.array(expected).std()
+
+
+def test_released_modulation_weights_leave_denoise_unchanged(sd35m_transformer):
+    model = load_transformer(sd35m_transformer)
+    cfg = model.config
+    x, ctx, pooled, _ = (mx.array(a.numpy()) for a in _inputs(dict(vars(cfg))))
+    x = x.transpose(0, 2, 3, 1)
+    mods = model.schedule_modulations(mx.array([500.0]), pooled)[0]
+    context = model.context_embedder(ctx)
+    before = model.denoise(x, context, mods)
+    mx.eval(before, mods)
+    released = model.release_modulation_weights()
+    expected = sum(
+        v.nbytes
+        for b in load_transformer(sd35m_transformer).transformer_blocks
+        for v in (
+            b.norm1.linear.weight,
+            b.norm1.linear.bias,
+            b.norm1_context.linear.weight,
+            b.norm1_context.linear.bias,
+        )
+    )
+    assert released > expected  # plus the final layer's adaLN and the embedders
+    assert "norm1" not in model.transformer_blocks[0]
+    assert mx.array_equal(model.denoise(x, context, mods), before)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from .mmdit_block import AdaLayerNorm, JointTransformerBlock, layer_norm, modulate
@@ -99,6 +99,19 @@ class SD3Transformer2DModel(nn.Module):
         pooled = mx.tile(pooled_projections, (n, 1))
         mods = self.modulations(self.conditioning(t, pooled))
         return [tree_map(lambda a, i=i: a[i * b : (i + 1) * b], mods) for i in range(n)]
+
+    def release_modulation_weights(self) -> int:
+        """Drop the adaLN and conditioning-embedder weights (~0.5B parameters in SD3.5 Medium) once
+        `schedule_modulations` has run: `denoise` does not use them. Returns the bytes released.
+        The model can no longer compute new modulations; reload it for the next schedule."""
+        owners = [(self, "time_text_embed"), (self, "norm_out")]
+        owners += [(b, name) for b in self.transformer_blocks for name in ("norm1", "norm1_context")]
+        released = 0
+        for owner, name in owners:
+            module = owner.pop(name, None)
+            if module is not None:
+                released += sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+        return released
 
     def denoise(
         self,
