@@ -148,6 +148,8 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             max_sequence_length=int(params["max_sequence_length"]),
             t5=bool(params["t5"]),
             dtype=str(dtype),
+            quantize=int(params["quantize"]) if params["quantize"] is not None else None,
+            t5_quantize=str(params["t5_quantize"]) if params["t5_quantize"] is not None else None,
             model=str(params["model"]),
             image=str(image) if image is not None else None,
             strength=float(params["strength"]) if image is not None else None,
@@ -176,7 +178,14 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     t5 = "" if settings.t5 else ", no T5"
     reporter.say(f"Loading {settings.model} ({settings.dtype}{t5})")
     t0 = time.perf_counter()
-    pipe = model_io.load_pipeline(folder, settings.dtype, settings.t5)
+    pipe = model_io.load_pipeline(
+        folder,
+        settings.dtype,
+        settings.t5,
+        quantize=settings.quantize,
+        t5_quantize=settings.t5_quantize,
+        low_memory=params["low_memory"],
+    )
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
 
     # 3. One generate() per seed, so each seed reproduces its image exactly

@@ -18,10 +18,10 @@ def resolve_model(model: str, *, revision: str | None = None, load_t5: bool = Tr
     path = Path(os.path.expanduser(model))
     if path.exists() and revision is not None:
         raise UsageError(f"--revision applies to a Hugging Face Hub --model, not to the local {model}")
-    if path.is_dir():
+    if path.is_dir() or path.suffix == ".safetensors" and path.is_file():  # folder or single-file checkpoint
         return path
     if path.exists():
-        raise UsageError(f"--model {model}: not a folder (single-file checkpoints are not supported yet)")
+        raise UsageError(f"--model {model}: not a model folder or .safetensors checkpoint")
     if not hub.is_hub_id(model):
         raise UsageError(f"--model {model}: no such folder (nor a Hugging Face Hub id: owner/name)")
     try:
@@ -37,7 +37,8 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
-def load_pipeline(folder: Path, dtype: str, load_t5: bool):
+def load_pipeline(folder: Path, dtype: str, load_t5: bool, **options):
+    """options: quantize, t5_quantize, low_memory (StableDiffusion35.from_pretrained's arguments)."""
     from sd35m_mlx import StableDiffusion35
 
-    return StableDiffusion35.from_pretrained(folder, dtype=dtype, load_t5=load_t5)
+    return StableDiffusion35.from_pretrained(folder, dtype=dtype, load_t5=load_t5, **options)

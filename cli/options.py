@@ -34,6 +34,8 @@ RESTORABLE = {
     "max_sequence_length": "max_sequence_length",
     "t5": "t5",
     "dtype": "dtype",
+    "quantize": "quantize",
+    "t5_quantize": "t5_quantize",
     "model": "model",
     "image": "image",
     "strength": "strength",
@@ -44,7 +46,9 @@ OPTIONS = [
     click.option(
         "--model",
         default=DEFAULT_MODEL,
-        help="Hugging Face Hub id or local diffusers-layout folder. A Hub id's needed files (no T5 with "
+        help="Hugging Face Hub id, a local diffusers-layout folder, a Stability single-file checkpoint "
+        "(sd3.5_medium.safetensors, or its folder with text_encoders/ and tokenizer folders), or a folder "
+        "written by `sd35m-mlx convert`. A Hub id's needed files (no T5 with "
         "--no-t5) are downloaded once into the HF cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the "
         "cache alone). The default repo is gated: accept its licence on huggingface.co and run "
         "`hf auth login` (or set HF_TOKEN).",
@@ -114,6 +118,25 @@ OPTIONS = [
         default=_D.t5,
         help="Use the T5-XXL text encoder. --no-t5 saves about 9 GB (bfloat16) and some load time, "
         "at a cost in prompt following and text rendering.",
+    ),
+    click.option(
+        "--quantize",
+        type=click.Choice(("4", "8")),
+        default=None,
+        help="Quantize the MMDiT's linear layers to 4 or 8 bits as they load (less memory; 8 bits is close "
+        "to bfloat16, 4 bits visibly drifts). On Linux CPU quantized matmul is slow.  [default: off]",
+    ),
+    click.option(
+        "--t5-quantize",
+        type=click.Choice(("4", "8", "none")),
+        default=None,
+        help="Quantize T5's linear layers (4 bits keeps T5-XXL near 2.9 GB).  [default: as --quantize]",
+    ),
+    click.option(
+        "--low-memory/--no-low-memory",
+        default=None,
+        help="Run in stages (text encoders, then transformer, then VAE), never holding the text encoders "
+        "and the transformer together.  [default: on when the weights would fill most of this machine's memory]",
     ),
     click.option(
         "--dtype",

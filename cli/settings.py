@@ -40,6 +40,8 @@ class Settings:
     max_sequence_length: int = 256
     t5: bool = True
     dtype: str = "float32"
+    quantize: int | None = None  # MMDiT linear layers, bits
+    t5_quantize: str | None = None  # "4", "8" or "none"; None: as quantize
     model: str = DEFAULT_MODEL
     image: str | None = None
     strength: float | None = None

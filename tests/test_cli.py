@@ -45,8 +45,9 @@ def fake(monkeypatch, tmp_path):
     pipe = FakePipeline()
     loads = []
 
-    def load(folder, dtype, load_t5):
+    def load(folder, dtype, load_t5, **options):
         loads.append((Path(folder), dtype, load_t5))
+        pipe.load_options = options
         return pipe
 
     monkeypatch.setattr(model_io, "load_pipeline", load)
@@ -413,3 +414,12 @@ def test_console_script_writes_reproducible_png_with_metadata(tiny_pipeline, tmp
     assert (stored["width"], stored["height"], stored["steps"], stored["seed"]) == (64, 96, 2, 7)
     # Same seed, same settings, same process-independent RNG: identical pixels (exact, no tolerance).
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_quantization_and_low_memory_reach_the_loader_and_the_png(fake):
+    result = invoke("p", "--quantize", "8", "--t5-quantize", "4", "--low-memory", "--seed", "1", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert fake.load_options == {"quantize": 8, "t5_quantize": "4", "low_memory": True}
+    result = invoke("--from-image", "sd35m-1.png", "--seed", "2", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert fake.load_options == {"quantize": 8, "t5_quantize": "4", "low_memory": None}
