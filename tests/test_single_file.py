@@ -450,6 +450,18 @@ def test_missing_tokenizers_say_where_they_were_looked_for(single_file_folder, t
         load_single_file(root, mx.float32, load_t5=False)
 
 
+def test_missing_tokenizers_come_from_the_hub_cache(single_file_folder, tiny_pipeline, tmp_path, monkeypatch):
+    from sd35m_mlx.loading import hub
+
+    root = tmp_path / "bare"
+    shutil.copytree(single_file_folder, root, ignore=shutil.ignore_patterns("tokenizer*"))
+    asked = []
+    monkeypatch.setattr(hub, "download_tokenizers", lambda repo, **kw: asked.append(repo) or tiny_pipeline)
+    parts = load_single_file(root, mx.float32)
+    assert asked and asked[0] == "stabilityai/stable-diffusion-3.5-medium"
+    assert parts.prompt_encoder.tokenizer_3 is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Config inference at the real sizes (torch meta tensors: shapes only, no memory)
 

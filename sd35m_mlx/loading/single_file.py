@@ -37,6 +37,7 @@ from ..models.t5 import T5Config, T5EncoderModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..sampling.schedule import FlowMatchSchedule
 from ..text_encoding import PromptEncoder
+from . import hub
 from .keymaps import map_mmdit_weights, map_vae_weights
 from .parts import PipelineParts
 from .safetensors_io import WeightsError, load_into, load_safetensors, read_header
@@ -347,12 +348,18 @@ def _hint(root: Path, folder: str) -> dict | None:
 
 
 def _tokenizer(root: Path, name: str, class_name: str):
-    if not (root / name).is_dir():
-        raise WeightsError(
-            f"no {name}/ folder in {root}: single-file checkpoints carry no tokenizers; "
-            f"copy tokenizer/, tokenizer_2/ and tokenizer_3/ of {_REPO} next to the checkpoint"
-        )
-    return load_tokenizer(root / name, class_name)
+    """The checkpoint's tokenizer folder; else the one of the SD3.5 Medium repo in the HF cache (fetched
+    if allowed: the tokenizer files alone are a few MB)."""
+    folder = root / name
+    if not folder.is_dir():
+        try:
+            folder = hub.download_tokenizers(_REPO) / name
+        except hub.ModelSourceError as e:
+            raise WeightsError(
+                f"no {name}/ folder in {root} (single-file checkpoints carry no tokenizers) and none from the "
+                f"Hub ({e}); copy tokenizer/, tokenizer_2/ and tokenizer_3/ of {_REPO} next to the checkpoint"
+            ) from None
+    return load_tokenizer(folder, class_name)
 
 
 def _text_encoder_weights(
