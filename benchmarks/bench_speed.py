@@ -1,0 +1,489 @@
+"""Where a guided SD3.5 Medium step spends its time: ours (MLX) vs diffusers (PyTorch), one run.
+
+    python benchmarks/bench_speed.py                       # depth 3, 512 and 1024 px, text, VAE
+    python benchmarks/bench_speed.py --quick               # toy sizes: checks the script in ~1 min
+    python benchmarks/bench_speed.py --sizes 512 --skip-diffusers --json out.json
+
+On the same machine, same random weights (built locally, diffusers layout), same dtype:
+  1. the transformer step as the sampler runs it (GuidedDenoiser: batch 2 for CFG, context of 333
+     tokens embedded once, adaLN modulations precomputed, one mx.eval) vs diffusers'
+     SD3Transformer2DModel forward + CFG; full SD3.5 Medium width at reduced depth (default 3:
+     one dual-attention, one plain and the context-pre-only block), 24 blocks extrapolated from
+     per-block times; seconds, ours/diffusers, peak memory;
+  2. prompt encoding (full CLIP-L and CLIP-G, T5-XXL width with --t5-layers layers, extrapolated
+     to 24) and VAE decode (full SD3 VAE) vs diffusers;
+  3. the step by kind of work (linear, attention, norms, elementwise): ours from each kernel timed
+     alone at the real shapes, diffusers from torch.profiler;
+  4. backend efficiency: our real step / sum of the kernels its math requires (target <= 1.10).
+Results: a table on stdout, JSON in --json (default benchmarks/results/speed.json).
+
+Runs as is on macOS (Metal), Linux CPU and Linux CUDA (mlx[cuda]); diffusers runs on CUDA or MPS
+when present (--torch-device). On Linux CPU, run benchmarks (only them, not tests) with
+`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_speed.py ...` so OpenBLAS
+picks its fastest kernels, and benchmark in float32: MLX's CPU backend is slow in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where our helper modules would shadow
+# installed packages of the same names (transformers probes for one called "kernels"): the repo
+# root goes there instead, and the helpers are imported as `benchmarks.*`.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
+
+# isort: split
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import step_kernels as K  # noqa: E402
+from benchmarks import torch_side  # noqa: E402
+from benchmarks.measure import MLXPeak, mlx_param_bytes, time_once_or_warm, time_runs  # noqa: E402
+from benchmarks.speed_report import print_report  # noqa: E402
+from sd35m_mlx._blas import loaded_openblas  # noqa: E402
+from sd35m_mlx.loading.text_encoders import load_text_encoders  # noqa: E402
+from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
+from sd35m_mlx.loading.vae import load_vae  # noqa: E402
+from sd35m_mlx.models.mmdit import MMDiTConfig  # noqa: E402
+from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
+
+DTYPES = ("float32", "bfloat16", "float16")
+PROMPT, GUIDANCE, TIMESTEP = torch_side.PROMPT, torch_side.GUIDANCE, torch_side.TIMESTEP
+LONG_S = 20.0  # text/VAE: a first run longer than this is the measurement (see time_once_or_warm)
+ONCE_RUNS = 3  # text/VAE runs shorter than LONG_S are cheap enough to take the best of at least this many
+
+
+def _gib(n):
+    return None if n is None else n / 2**30
+
+
+def _kind(dual: bool, pre_only: bool) -> str:
+    return {(True, False): "dual", (False, False): "plain", (False, True): "pre_only"}.get((dual, pre_only), "dual_pre")
+
+
+def block_kinds(config: MMDiTConfig) -> list[tuple[bool, bool]]:
+    """(dual attention, context pre-only) of every block."""
+    n = config.num_layers
+    return [(i in config.dual_attention_layers, i == n - 1) for i in range(n)]
+
+
+def _err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / (ref.std() + 1e-12))
+
+
+def _once_runs(args) -> int:
+    return max(args.repeats, ONCE_RUNS)
+
+
+def _free() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+def extrapolate(step_s, block_s: dict[str, float], built: list[str], target: list[str]) -> float | None:
+    """Step time with `target`'s blocks: the measured step plus (or minus) whole blocks by kind."""
+    delta = Counter(target)
+    delta.subtract(Counter(built))
+    total = step_s
+    for kind, n in delta.items():
+        if n:
+            if kind not in block_s:
+                return None
+            total += n * block_s[kind]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# 1, 3, 4: the transformer step
+
+
+class OurStep:
+    """Our guided step at one size: random inputs, the sampler's own denoiser, and timers."""
+
+    def __init__(self, model, size: int, ctx_len: int, dtype, rng):
+        cfg = model.config
+        lat = size // 8
+        self.model, self.dtype = model, dtype
+        self.x = rng.standard_normal((1, lat, lat, cfg.in_channels), dtype=np.float32)
+        self.ctx = rng.standard_normal((2, ctx_len, cfg.joint_attention_dim), dtype=np.float32)
+        self.pooled = rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32)
+        self.xm = mx.array(self.x)
+        mx.eval(self.xm)
+        self.den = None
+        self.v = None
+
+    def per_block(self) -> list[dict]:
+        """Each block on the step's real activations, evaluated alone (also the first warm-up)."""
+        m, dtype = self.model, self.dtype
+        h = m.pos_embed(mx.concatenate([self.xm] * 2).astype(dtype))
+        c = m.context_embedder(mx.array(self.ctx).astype(dtype))
+        mods = m.schedule_modulations(mx.array([TIMESTEP]), mx.array(self.pooled).astype(dtype))[0]
+        mx.eval(h, c, mods)
+        blocks = []
+        for i, (block, kind) in enumerate(zip(m.transformer_blocks, block_kinds(m.config), strict=True)):
+            t0 = time.perf_counter()
+            h, new_c = block(h, c, mods[i])
+            mx.eval(h, new_c if new_c is not None else h)
+            blocks.append({"index": i, "kind": _kind(*kind), "s": time.perf_counter() - t0})
+            c = c if new_c is None else new_c
+        return blocks
+
+    def _step(self) -> None:
+        self.v = self.den(0, self.xm)
+        mx.eval(self.v)
+
+    def warm(self) -> float:
+        """Build the sampler's denoiser (context embedded, modulations precomputed) and run it once."""
+        ctx, pooled = mx.array(self.ctx), mx.array(self.pooled)
+        self.den = GuidedDenoiser(self.model, ctx, pooled, [TIMESTEP], GuidanceConfig(scale=GUIDANCE), 0, self.dtype)
+        return time_runs(self._step, 1)[0]
+
+    def timed(self, runs: int) -> list[float]:
+        return time_runs(self._step, runs)
+
+
+def _mean_by_kind(kinds: list[str], seconds: list[float]) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for k, s in zip(kinds, seconds, strict=True):
+        acc.setdefault(k, []).append(s)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+class TorchRunner:
+    """Runs `torch_side` functions in one spawned process that never loads the system OpenBLAS
+    (see torch_side's docstring), or in this process with isolate=False (quick checks, tests)."""
+
+    def __init__(self, isolate: bool = True):
+        self.isolate = isolate
+        self._pool = None
+
+    def __call__(self, fn, *args):
+        if not self.isolate:
+            return fn(*args)
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            old = os.environ.get("SD35M_MLX_NO_OPENBLAS")
+            os.environ["SD35M_MLX_NO_OPENBLAS"] = "1"  # the child imports this module, hence sd35m_mlx
+            try:
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+                return self._pool.submit(fn, *args).result()  # the first submit starts the child
+            finally:
+                if old is None:
+                    del os.environ["SD35M_MLX_NO_OPENBLAS"]
+                else:
+                    os.environ["SD35M_MLX_NO_OPENBLAS"] = old
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunner | None, device: str) -> list[dict]:
+    """Sections 1, 3 and 4 at every size: ours, then diffusers (same inputs), then the kernels."""
+    dtype = getattr(mx, args.dtype)
+    ours = load_transformer(folder, dtype)
+    mx.eval(ours.parameters())
+    cfg = ours.config
+    kinds = block_kinds(cfg)
+    built = [_kind(*k) for k in kinds]
+    medium = block_kinds(MMDiTConfig())
+    target = [_kind(*k) for k in medium]
+
+    results, velocities, inputs = [], [], []
+    for n_size, size in enumerate(sizes):
+        _log(f"transformer {size}x{size}: ours")
+        step = OurStep(ours, size, args.ctx_len, dtype, np.random.default_rng(args.seed))
+        blocks = step.per_block()
+        _free()
+        first = step.warm()  # includes any compilation
+        with MLXPeak() as peak:
+            times = step.timed(args.repeats)
+        velocities.append(np.array(step.v))
+        inputs.append((step.x, step.ctx, step.pooled))
+
+        _log(f"transformer {size}x{size}: kernels")
+        shape = K.StepShape.of(cfg, 2, size // 8, size // 8, args.ctx_len)
+        counts, counts_24 = K.step_kernels(shape, kinds), K.step_kernels(shape, medium)
+        per_kind = {_kind(*k): K.block_kernels(shape, *k) for k in set(kinds) | set(medium)}
+        seconds = K.time_kernels(set(counts) | set(counts_24), dtype, min_runs=args.repeats)
+        # the real step again after the kernels: on a shared machine both then sample the same period
+        times_after = step.timed(args.repeats)
+        del step
+        _free()
+
+        o = {
+            "step_s": min(times + times_after),
+            "step_runs_s": times + times_after,
+            "first_step_s": first,
+            "blocks": blocks,
+            "block_s": _mean_by_kind(built, [b["s"] for b in blocks]),
+            "peak_gib": _gib(peak.peak),
+            "work_gib": _gib(peak.work),
+            "weights_gib": _gib(mlx_param_bytes(ours)),
+            "peak_method": peak.method,
+        }
+        o["step_24_s"] = extrapolate(o["step_s"], o["block_s"], built, target)
+        total, total_24 = K.summarize(counts, seconds), K.summarize(counts_24, seconds)
+        r = {"size": size, "batch": 2, "context_tokens": args.ctx_len, "depth": cfg.num_layers, "ours": o}
+        r["kernels"] = {
+            **total,
+            "sum_24_s": total_24["sum_s"],
+            "by_kind_24_s": total_24["by_kind_s"],
+            "block_sum_s": {k: K.summarize(c, seconds)["sum_s"] for k, c in per_kind.items()},
+            "table": K.kernel_table(counts, seconds),
+        }
+        r["efficiency"] = o["step_s"] / total["sum_s"]
+        if o["step_24_s"]:
+            r["efficiency_24"] = o["step_24_s"] / total_24["sum_s"]
+        if args.what_if and n_size == 0:
+            _log(f"transformer {size}x{size}: fusion candidates")
+            n_qkv = sum(1 + dual for dual, _ in medium)
+            n_mod = counts_24[K.Kernel("modulate", (2, shape.tokens, shape.dim))]
+            n_gate = counts_24[K.Kernel("gate_residual", (2, shape.tokens, shape.dim))]
+            r["what_if_24_blocks"] = K.fusion_candidates(shape, dtype, n_qkv, n_mod, n_gate, len(medium))
+            r["attention_parts"] = K.attention_parts(shape, dtype)
+            _free()
+        results.append(r)
+    del ours
+    _free()
+
+    if torch_run is not None:
+        _log("transformer: diffusers, every size")
+        for r, v, (d, v_ref) in zip(
+            results,
+            velocities,
+            torch_run(torch_side.transformer_steps, str(folder), inputs, args.dtype, device, args.repeats),
+            strict=True,
+        ):
+            d["block_s"] = _mean_by_kind(built, d["blocks_s"])
+            d["step_24_s"] = extrapolate(d["step_s"], d["block_s"], built, target)
+            r["diffusers"] = d
+            r["ratio"] = r["ours"]["step_s"] / d["step_s"]
+            if r["ours"]["step_24_s"] and d["step_24_s"]:
+                r["ratio_24"] = r["ours"]["step_24_s"] / d["step_24_s"]
+            r["max_abs_err_over_std"] = _err(v, v_ref)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: prompt encoding and VAE decode
+
+
+def _ours_text(folder: Path, args) -> tuple[dict, np.ndarray, np.ndarray, int]:
+    dtype = getattr(mx, args.dtype)
+    enc = load_text_encoders(folder, dtype)
+    encoders = [enc.text_encoder, enc.text_encoder_2, enc.text_encoder_3]
+    mx.eval([e.parameters() for e in encoders])
+    ids = enc.tokenizer_3([PROMPT, ""], padding="max_length", max_length=256, truncation=True, return_tensors="np")
+    ids = ids.input_ids.astype(np.int32)
+    ids_mx = mx.array(ids)
+    out: list = []
+    with MLXPeak() as peak:
+        s, runs, warm = time_once_or_warm(lambda: out.append(enc.encode_prompt(PROMPT)), _once_runs(args), LONG_S)
+    t5_s = time_once_or_warm(lambda: mx.eval(enc.text_encoder_3(ids_mx)), _once_runs(args), LONG_S)[0]
+    r = {
+        "s": s,
+        "runs": runs,
+        "warm": warm,
+        "t5_s": t5_s,
+        "peak_gib": _gib(peak.peak),
+        "work_gib": _gib(peak.work),
+        "weights_gib": _gib(sum(mlx_param_bytes(e) for e in encoders)),
+    }
+    return r, np.array(out[-1][0]), ids, enc.text_encoder_3.config.num_layers
+
+
+def bench_text(folder: Path, args, torch_run: TorchRunner | None, device: str, full_size: bool) -> dict:
+    ours, embeds, ids, t5_layers = _ours_text(folder, args)
+    _free()
+    r = {"full_size": full_size, "t5_layers": t5_layers, "max_sequence_length": 256, "ours": ours}
+    if torch_run is not None:
+        d, ref_embeds = torch_run(
+            torch_side.encode_text, str(folder), ids, args.dtype, device, _once_runs(args), LONG_S
+        )
+        r["diffusers"] = d
+        r["ratio"] = ours["s"] / d["s"]
+        r["max_abs_err_over_std"] = _err(embeds, ref_embeds)
+    if full_size and t5_layers != 24:  # T5 time scales with its layers; CLIP is at full size already
+        for side in ("ours", "diffusers"):
+            if side in r:
+                r[side]["s_t5_24"] = r[side]["s"] + (24 / t5_layers - 1) * r[side]["t5_s"]
+        if "diffusers" in r:
+            r["ratio_t5_24"] = r["ours"]["s_t5_24"] / r["diffusers"]["s_t5_24"]
+    return r
+
+
+def _ours_vae(folder: Path, z: np.ndarray, args) -> tuple[dict, np.ndarray]:
+    dtype = getattr(mx, args.dtype)
+    vae = load_vae(folder, dtype)
+    mx.eval(vae.parameters())
+    zm = mx.array(z)
+    out: list = []
+
+    def decode():  # as the pipeline's step 5
+        img = vae.decode(vae.unscale_latents(zm).astype(dtype))
+        out.append(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        mx.eval(out[-1])
+
+    with MLXPeak() as peak:
+        s, runs, warm = time_once_or_warm(decode, _once_runs(args), LONG_S)
+    r = {
+        "s": s,
+        "runs": runs,
+        "warm": warm,
+        "peak_gib": _gib(peak.peak),
+        "work_gib": _gib(peak.work),
+        "weights_gib": _gib(mlx_param_bytes(vae)),
+    }
+    return r, np.array(out[-1])
+
+
+def bench_vae(folder: Path, size: int, args, torch_run: TorchRunner | None, device: str, full_size: bool) -> dict:
+    z = np.random.default_rng(args.seed).standard_normal((1, size // 8, size // 8, 16), dtype=np.float32)
+    ours, img = _ours_vae(folder, z, args)
+    _free()
+    r = {"full_size": full_size, "size": size, "ours": ours}
+    if torch_run is not None:
+        d, ref_img = torch_run(torch_side.decode_vae, str(folder), z, args.dtype, device, _once_runs(args), LONG_S)
+        r["diffusers"] = d
+        r["ratio"] = ours["s"] / d["s"]
+        r["max_abs_err_over_std"] = _err(img, ref_img)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _meta(args, torch_info: dict) -> dict:
+    from benchmarks.speed_fixtures import medium_dual_layers
+
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_device": str(mx.default_device()),
+        "openblas": loaded_openblas,
+        "openblas_env": env,
+        **torch_info,
+        "dtype": args.dtype,
+        "depth": args.depth,
+        "dual_attention_layers": list(medium_dual_layers(args.depth)),
+        "sizes": args.sizes,
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _guarded(fn, *args) -> dict:
+    """A failing later section is reported, not allowed to discard the transformer's minutes of results."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        _log(f"{fn.__name__} failed: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks built (default 3; --quick: 1)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 512 1024)")
+    p.add_argument("--ctx-len", type=int, default=333, help="context tokens: 77 CLIP + 256 T5 (default 333)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype, both sides (default float32)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up, best kept (default 1)")
+    p.add_argument("--vae-size", type=int, default=None, help="VAE decode px (default 1024; 512 on a CPU device)")
+    p.add_argument("--t5-layers", type=int, default=2, help="T5-XXL layers built (default 2; 24 extrapolated)")
+    p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
+    p.add_argument("--skip-text", action="store_true", help="no prompt-encoding benchmark")
+    p.add_argument("--skip-vae", action="store_true", help="no VAE benchmark")
+    p.add_argument("--no-what-if", dest="what_if", action="store_false", help="skip the fusion candidates")
+    p.add_argument("--torch-device", default="auto", help="diffusers device: auto (cuda, mps, cpu) or a name")
+    p.add_argument(
+        "--torch-in-process",
+        action="store_true",
+        help="run diffusers in this process (faster start; on Linux CPU its attention is then slowed by our OpenBLAS)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="weights and inputs (default 0)")
+    p.add_argument("--quick", action="store_true", help="toy run: depth 1, 256 px, tiny text encoders and VAE")
+    p.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "speed.json", help="(default %(default)s)"
+    )
+    args = p.parse_args(argv)
+    args.depth = args.depth or (1 if args.quick else 3)
+    args.sizes = args.sizes or ([256] if args.quick else [512, 1024])
+    if args.vae_size is None:
+        args.vae_size = 256 if args.quick else (512 if mx.default_device() == mx.cpu else 1024)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from benchmarks.speed_fixtures import build_text_folder, build_transformer_folder, build_vae_folder
+
+    torch_run = None if args.skip_diffusers else TorchRunner(isolate=not args.torch_in_process)
+    try:
+        info = torch_run(torch_side.process_info, args.torch_device) if torch_run else {}
+        device = info.get("torch_device", "cpu")
+        results: dict = {"meta": _meta(args, info)}
+        if results["meta"]["openblas_env"]:
+            _log("note: benchmark with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (OpenBLAS kernel choice)")
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            _log(f"building a full-width transformer, depth {args.depth}")
+            folder = build_transformer_folder(tmp / "transformer", args.depth, args.seed)
+            results["transformer"] = bench_transformer(folder, args.sizes, args, torch_run, device)
+            _free()
+            if args.quick and not (args.skip_text and args.skip_vae):
+                from scripts.build_fixture import build_tiny_pipeline
+
+                _log("building the tiny fixture pipeline")
+                text = build_tiny_pipeline(tmp / "pipe", seed=args.seed)
+                vae_folder = text / "vae"
+            else:
+                if not args.skip_text:
+                    _log(f"building full-width text encoders (T5 with {args.t5_layers} layers)")
+                    text = build_text_folder(tmp / "pipe", args.t5_layers, args.seed)
+                if not args.skip_vae:
+                    vae_folder = build_vae_folder(tmp / "vae", args.seed)
+            if not args.skip_text:
+                _log("prompt encoding")
+                results["text"] = _guarded(bench_text, text, args, torch_run, device, not args.quick)
+            if not args.skip_vae:
+                _log(f"VAE decode {args.vae_size}x{args.vae_size}")
+                results["vae"] = _guarded(bench_vae, vae_folder, args.vae_size, args, torch_run, device, not args.quick)
+    finally:
+        if torch_run is not None:
+            torch_run.close()
+    print_report(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2, default=str))
+    _log(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""The diffusers (PyTorch) side of bench_speed, run in a process of its own.
+
+Why a separate process: `import sd35m_mlx` loads the system OpenBLAS with RTLD_GLOBAL (for MLX's
+matmuls on Linux), and PyTorch's BLAS calls then resolve to it too. Inside PyTorch's own parallel
+loops (its CPU flash attention) that nests OpenBLAS threads in OpenMP threads: measured here,
+scaled_dot_product_attention at (2, 24, 589, 64) takes 2.5-3 s instead of 0.04 s. diffusers is
+timed as users run it, in a process that never loaded that OpenBLAS (SD35M_MLX_NO_OPENBLAS=1).
+
+Functions here take and return plain data (paths, numpy arrays, dicts) so they cross processes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from benchmarks.measure import proc_status_bytes, reset_rss_peak, time_once_or_warm, time_runs
+
+PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed, 8k"
+GUIDANCE = 4.5
+TIMESTEP = 750.0  # sigma 0.75; any value costs the same
+
+
+def _gib(n):
+    return None if n is None else n / 2**30
+
+
+def openblas_loaded() -> bool:
+    """Whether this process has a system OpenBLAS mapped (numpy's private copy does not count)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libopenblas" in line and "scipy_openblas" not in line for line in f)
+    except OSError:
+        return False
+
+
+def process_info(device_name: str) -> dict:
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "torch_device": resolve_device(device_name),
+        "torch_threads": torch.get_num_threads(),
+        "torch_process_openblas": openblas_loaded(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, memory and profiling
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def torch_sync(device: str) -> Callable[[], None]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    if device == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def _paged_in(module):
+    """Read every weight once: transformers and diffusers may map safetensors files lazily, and pages
+    first touched inside a measured run would count as that run's memory."""
+    import torch
+
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.sum()
+    return module
+
+
+def tensor_bytes(module) -> int:
+    """Parameters and buffers (SD3's positional table is a buffer in diffusers)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class TorchPeak:
+    """Peak memory of PyTorch work over a `with` block, above what was in use at its start.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU on Linux: the process's resident-set peak (VmHWM)
+    minus its resident size at the start. Elsewhere (macOS, MPS) no reliable resettable peak
+    exists: `work` stays None.
+    """
+
+    device: str = "cpu"
+    base: int = 0
+    peak: int | None = None
+    method: str = "n/a"
+    _armed: bool = field(default=False, repr=False)
+
+    @property
+    def work(self) -> int | None:
+        return None if self.peak is None else self.peak - self.base
+
+    def __enter__(self) -> TorchPeak:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.method, self._armed = "torch.cuda.max_memory_allocated", True
+        elif self.device == "cpu" and sys.platform.startswith("linux") and reset_rss_peak():
+            self.base = proc_status_bytes("VmRSS")
+            self.method, self._armed = "process RSS peak (VmHWM) minus RSS before", True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._armed:
+            return
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = proc_status_bytes("VmHWM")
+
+
+_TAG = "kind::"
+_MODULE_KINDS = {"Linear": "linear", "Conv2d": "linear", "LayerNorm": "norm", "RMSNorm": "norm", "GroupNorm": "norm"}
+_OP_KINDS = (  # first match on the outermost aten op of an event, in this order
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("linear", ("addmm", "aten::mm", "bmm", "matmul", "linear", "conv")),
+    ("norm", ("layer_norm", "rms_norm", "group_norm")),
+    (
+        "layout",
+        ("cat", "copy", "contiguous", "clone", "_to_copy", "aten::to", "transpose", "permute", "view", "reshape",
+         "split", "chunk", "slice", "select", "flatten", "expand", "empty", "stack", "narrow", "as_strided",
+         "unsqueeze", "squeeze", "zeros", "fill_", "index", "repeat", "pad"),
+    ),
+    (
+        "elementwise",
+        ("mul", "add", "sub", "div", "gelu", "silu", "tanh", "pow", "rsqrt", "sqrt", "mean", "exp", "sigmoid",
+         "neg", "clamp", "where", "softmax", "sin", "cos", "erf", "sum", "abs", "rsub"),
+    ),
+)  # fmt: skip
+
+
+def _op_kind(name: str) -> str:
+    for kind, needles in _OP_KINDS:
+        if any(n in name for n in needles):
+            return kind
+    return "other"
+
+
+def _event_kind(ev) -> str:
+    """The innermost module tag around an event, else the kind of its outermost aten op."""
+    outer, node = None, ev
+    while node is not None:
+        name = node.name
+        if name.startswith(_TAG):
+            return name[len(_TAG) :]
+        if "scaled_dot_product" in name:
+            return "attention"
+        if name.startswith("aten::"):
+            outer = name
+        node = getattr(node, "cpu_parent", None)
+    return _op_kind(outer or ev.name)
+
+
+def torch_kind_breakdown(model, run: Callable[[], object], device: str) -> dict[str, float]:
+    """Seconds by kind of work (linear, attention, norm, elementwise, layout, other) of one `run`.
+
+    torch.profiler self times; each event is attributed to the module kind it runs in (Linear,
+    Conv2d, LayerNorm, RMSNorm, GroupNorm: diffusers' RMSNorm is a chain of elementwise ops and
+    still counts as a norm) or else to the kind of its aten op. On CUDA device times are used;
+    on MPS the profiler sees only host time, so the breakdown is empty there.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    if device == "mps":
+        return {}
+    stack: list = []
+
+    def enter(kind):
+        def hook(module, args):
+            rf = record_function(_TAG + kind)
+            rf.__enter__()
+            stack.append(rf)
+
+        return hook
+
+    def leave(module, args, output):
+        stack.pop().__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        kind = next((k for name, k in _MODULE_KINDS.items() if type(module).__name__.endswith(name)), None)
+        if kind is not None:
+            handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    try:
+        with profile(activities=activities) as prof:
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        us = ev.self_device_time_total if device.startswith("cuda") else ev.self_cpu_time_total
+        if us:
+            kind = _event_kind(ev)
+            out[kind] = out.get(kind, 0.0) + us * 1e-6
+    return out
+
+
+def block_timer(blocks, device: str) -> tuple[list[float], Callable[[], None]]:
+    """Per-block forward seconds of a PyTorch module list, filled on every forward; returns
+    (the list, a function removing the hooks)."""
+    sync = torch_sync(device)
+    times: list[float] = [0.0] * len(blocks)
+    starts: dict[int, float] = {}
+    handles = []
+    for i, block in enumerate(blocks):
+
+        def pre(module, args, kwargs=None, i=i):
+            sync()
+            starts[i] = time.perf_counter()
+
+        def post(module, args, output, i=i):
+            sync()
+            times[i] = time.perf_counter() - starts[i]
+
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    return times, lambda: [h.remove() for h in handles]
+
+
+# ---------------------------------------------------------------------------------------------
+# The three measurements
+
+
+def transformer_steps(folder: str, inputs: list, dtype_name: str, device: str, repeats: int) -> list:
+    """For each (x NHWC (1, h, w, 16), context (2, L, 4096), pooled (2, 2048)): one guided step as
+    StableDiffusion3Pipeline runs it (a forward of [uncond, cond], then CFG), as (result, v NHWC)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    tdtype = getattr(torch, dtype_name)
+    ref = _paged_in(SD3Transformer2DModel.from_pretrained(folder, torch_dtype=tdtype).to(device).eval())
+    with torch.inference_mode():
+        return [_step(ref, *x, tdtype, device, repeats) for x in inputs]
+
+
+def _step(ref, x, ctx, pooled, tdtype, device: str, repeats: int) -> tuple[dict, np.ndarray]:
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).repeat(2, 1, 1, 1).to(device, tdtype)
+    ct, pt = (torch.from_numpy(a).to(device, tdtype) for a in (ctx, pooled))
+    tt = torch.full((2,), TIMESTEP, device=device)
+    sync = torch_sync(device)
+    outs = []
+
+    def run():
+        out = ref(hidden_states=xt, encoder_hidden_states=ct, pooled_projections=pt, timestep=tt, return_dict=False)
+        u, c = out[0].chunk(2)
+        outs.append(u + GUIDANCE * (c - u))
+
+    block_s, remove = block_timer(ref.transformer_blocks, device)
+    t0 = time.perf_counter()
+    breakdown = torch_kind_breakdown(ref, run, device)  # profiled warm-up, also gives per-block times
+    profiled_s = time.perf_counter() - t0
+    remove()
+    with TorchPeak(device) as peak:
+        times = time_runs(run, repeats, sync)
+    result = {
+        "step_s": min(times),
+        "runs": len(times),
+        "blocks_s": list(block_s),
+        "profiled_step_s": profiled_s,
+        "by_kind_s": breakdown,
+        "work_gib": _gib(peak.work),
+        "weights_gib": _gib(tensor_bytes(ref)),
+        "peak_method": peak.method,
+    }
+    return result, outs[-1].float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def encode_text(folder: str, ids: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
+    """encode_prompt(PROMPT) with the "" negative, and T5 alone on `ids`; (result, prompt_embeds)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        folder, transformer=None, vae=None, torch_dtype=getattr(torch, dtype_name)
+    ).to(device)
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        _paged_in(m)
+    ids_t = torch.from_numpy(ids).long().to(device)
+    sync = torch_sync(device)
+    out = []
+
+    def encode():
+        out.append(pipe.encode_prompt(PROMPT, None, None, device=device, max_sequence_length=256))
+
+    with torch.inference_mode():
+        with TorchPeak(device) as peak:
+            s, runs, warm = time_once_or_warm(encode, repeats, long_s, sync)
+        t5_s = time_once_or_warm(lambda: pipe.text_encoder_3(ids_t), repeats, long_s, sync)[0]
+    weights = sum(tensor_bytes(m) for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+    result = {
+        "s": s,
+        "runs": runs,
+        "warm": warm,
+        "t5_s": t5_s,
+        "work_gib": _gib(peak.work),
+        "weights_gib": _gib(weights),
+        "peak_method": peak.method,
+    }
+    return result, out[-1][0].float().cpu().numpy()
+
+
+def decode_vae(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
+    """Decode NHWC latents as the pipeline does (unscale, decode, to [0, 1]); (result, image NHWC)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    tdtype = getattr(torch, dtype_name)
+    ref = _paged_in(AutoencoderKL.from_pretrained(folder, torch_dtype=tdtype).to(device).eval())
+    zt = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))).to(device, tdtype)
+    out = []
+
+    def decode():
+        lat = zt / ref.config.scaling_factor + ref.config.shift_factor
+        out.append((ref.decode(lat, return_dict=False)[0] / 2 + 0.5).clamp(0, 1))
+
+    with torch.inference_mode(), TorchPeak(device) as peak:
+        s, runs, warm = time_once_or_warm(decode, repeats, long_s, torch_sync(device))
+    result = {
+        "s": s,
+        "runs": runs,
+        "warm": warm,
+        "work_gib": _gib(peak.work),
+        "weights_gib": _gib(tensor_bytes(ref)),
+        "peak_method": peak.method,
+    }
+    return result, out[-1].float().cpu().numpy().transpose(0, 2, 3, 1)

@@ -1,0 +1,68 @@
+"""benchmarks/bench_speed.py keeps running: every section at toy size on the tiny fixture.
+
+Timings here mean nothing; what is pinned is that the script's functions run against the current
+model code and diffusers, feed both sides the same inputs (outputs agree), and report every figure.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import bench_speed, torch_side
+from benchmarks.speed_report import print_report
+
+# Same weights and inputs on both sides in float32: only summation order differs (~1e-5 of the
+# output std on the tiny fixture). A wrong input layout or a missing CFG step fails by O(1).
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory):
+    return bench_speed.parse_args(
+        ["--quick", "--sizes", "128", "--ctx-len", "16", "--vae-size", "64", "--torch-in-process",
+         "--json", str(tmp_path_factory.mktemp("bench") / "speed.json")]
+    )  # fmt: skip
+
+
+def test_bench_speed_sections_run_and_agree_with_diffusers(tiny_pipeline, args, capsys):
+    run = bench_speed.TorchRunner(isolate=False)
+    steps = bench_speed.bench_transformer(tiny_pipeline / "transformer", args.sizes, args, run, "cpu")
+    text = bench_speed.bench_text(tiny_pipeline, args, run, "cpu", full_size=False)
+    vae = bench_speed.bench_vae(tiny_pipeline / "vae", args.vae_size, args, run, "cpu", full_size=False)
+
+    (r,) = steps
+    assert r["max_abs_err_over_std"] < TOL
+    assert text["max_abs_err_over_std"] < TOL
+    assert vae["max_abs_err_over_std"] < TOL
+    # the tiny transformer has every block kind (dual, plain, context-pre-only): 24 blocks extrapolate
+    assert set(r["ours"]["block_s"]) == {"dual", "plain", "pre_only"}
+    assert r["ours"]["step_24_s"] > r["ours"]["step_s"] and r["diffusers"]["step_24_s"] > 0
+    assert r["kernels"]["sum_s"] > 0 and r["efficiency"] > 0 and r["efficiency_24"] > 0
+    assert set(r["kernels"]["by_kind_s"]) == {"linear", "attention", "norm", "elementwise"}
+    assert r["diffusers"]["by_kind_s"].get("linear", 0) > 0
+    assert len(r["what_if_24_blocks"]) == 4 and r["attention_parts"]["softmax_s"] > 0
+
+    results = {"meta": bench_speed._meta(args, torch_side.process_info("cpu")), "transformer": steps}
+    results |= {"text": text, "vae": vae}
+    print_report(results)
+    out = capsys.readouterr().out
+    for title in ("Transformer step", "Backend efficiency", "Step by kind of work", "Prompt encoding", "VAE decode"):
+        assert title in out
+    json.dumps(results, default=str)
+
+
+def _openblas_after_importing_sd35m_mlx() -> bool:
+    import sd35m_mlx  # noqa: F401  (as bench_speed's child does when it re-imports the script)
+
+    return torch_side.openblas_loaded()
+
+
+def test_diffusers_side_runs_without_our_openblas():
+    """The spawned diffusers process imports sd35m_mlx yet must not load the system OpenBLAS: with it,
+    torch's CPU attention runs ~60x slower and diffusers' figures would be wrong."""
+    run = bench_speed.TorchRunner(isolate=True)
+    try:
+        assert run(_openblas_after_importing_sd35m_mlx) is False
+        assert run(torch_side.process_info, "cpu")["torch_process_openblas"] is False
+    finally:
+        run.close()
