@@ -294,7 +294,7 @@ class FakePipeline:
 def loads(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(
-        model_io, "load_pipeline", lambda folder, dtype, t5: calls.append((folder, t5)) or FakePipeline()
+        model_io, "load_pipeline", lambda folder, dtype, t5, **options: calls.append((folder, t5)) or FakePipeline()
     )
     monkeypatch.chdir(tmp_path)
     return calls
