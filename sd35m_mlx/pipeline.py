@@ -50,13 +50,14 @@ class StableDiffusion35:
         prompt_encoder: PromptEncoder,
         schedule: FlowMatchSchedule,
         dtype: mx.Dtype = mx.float32,
+        transformer_config=None,
     ):
         self.transformer = transformer
         self.vae = vae
         self.prompt_encoder = prompt_encoder
         self.schedule = schedule
         self.dtype = dtype
-        self.transformer_config = transformer.config
+        self.transformer_config = transformer_config or transformer.config
         self.low_memory = False
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
@@ -102,10 +103,17 @@ class StableDiffusion35:
                 group_size=quantize_group_size,
             )
 
-        parts = load()
-        pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype)
+        parts = load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)  # lazy: nothing read yet
+        config = parts.transformer.config
         if low_memory is None:
             low_memory = parameter_bytes(parts) > 0.6 * physical_memory()
+        if low_memory:
+            # The first stage needs only the text encoders: the transformer loads when denoising starts.
+            parts.transformer = None
+            quantize_parts(parts, t5_bits=t5_bits, group_size=quantize_group_size)
+        else:
+            quantize_parts(parts, transformer_bits=quantize, t5_bits=t5_bits, group_size=quantize_group_size)
+        pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype, config)
         pipe.low_memory = bool(low_memory)
         pipe._reload = load
         return pipe

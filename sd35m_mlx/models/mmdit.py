@@ -101,7 +101,7 @@ class SD3Transformer2DModel(nn.Module):
         return [tree_map(lambda a, i=i: a[i * b : (i + 1) * b], mods) for i in range(n)]
 
     def release_modulation_weights(self) -> int:
-        """Drop the adaLN and conditioning-embedder weights (~0.5B parameters in SD3.5 Medium) once
+        """Drop the adaLN and conditioning-embedder weights (~0.77B parameters in SD3.5 Medium) once
         `schedule_modulations` has run: `denoise` does not use them. Returns the bytes released.
         The model can no longer compute new modulations; reload it for the next schedule."""
         owners = [(self, "time_text_embed"), (self, "norm_out")]
