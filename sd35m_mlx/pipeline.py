@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from .images import from_pil_or_array, to_output
 from .loading import hub
 from .loading.parts import PipelineParts
+from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
 from .quantize import quantize_parts
@@ -78,12 +79,12 @@ class StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
 
-        Weights are mapped lazily and read on first use. `quantize` (4 or 8) quantizes the MMDiT's
-        linear layers as they stream in, `t5_quantize` T5's (default: as `quantize`; "none" keeps
-        T5 in `dtype`). `low_memory` runs generation in stages (encode text, release the text
-        encoders, denoise, release the transformer, decode) so the text encoders and the transformer
-        are never resident together; None turns it on when the weights would take more than about
-        60% of this machine's memory.
+        Weights are read one tensor at a time (largest first) so a dtype cast never holds two copies.
+        `quantize` (4 or 8) quantizes the MMDiT's linear layers as they stream in, `t5_quantize` T5's
+        (default: as `quantize`; "none" keeps T5 in `dtype`). `low_memory` runs generation in stages
+        (encode text, release the text encoders, denoise, release the transformer, decode) so the text
+        encoders and the transformer are never resident together; None turns it on when the weights
+        would take more than about 60% of this machine's memory.
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -113,6 +114,7 @@ class StableDiffusion35:
             quantize_parts(parts, t5_bits=t5_bits, group_size=quantize_group_size)
         else:
             quantize_parts(parts, transformer_bits=quantize, t5_bits=t5_bits, group_size=quantize_group_size)
+        materialize(parts.transformer, parts.vae, *_encoders(parts.prompt_encoder))
         pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype, config)
         pipe.low_memory = bool(low_memory)
         pipe._reload = load
@@ -123,6 +125,7 @@ class StableDiffusion35:
         part = getattr(self, name)
         if part is None:
             part = getattr(self._reload(name), name)
+            materialize(*(_encoders(part) if name == "prompt_encoder" else [part]))
             setattr(self, name, part)
         return part
 
@@ -325,6 +328,11 @@ def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do
     if not do_cfg:
         return cond, None, pooled, None
     return cond, arr(uncond, "negative_prompt_embeds"), pooled, arr(uncond_pooled, "negative_pooled_prompt_embeds")
+
+
+def _encoders(prompt_encoder: PromptEncoder) -> list:
+    e = prompt_encoder
+    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3]
 
 
 def parameter_bytes(parts: PipelineParts) -> int:

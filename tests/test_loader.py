@@ -101,3 +101,39 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(WeightsError, match="pickle checkpoints are never loaded"):
         load_safetensors(tmp_path)
+
+
+def test_materialize_casts_one_tensor_at_a_time(tmp_path):
+    """float32 file loaded as bfloat16: reading tensor by tensor keeps at most one float32 source alive."""
+    import mlx.nn as nn
+    import numpy as np
+
+    from sd35m_mlx.loading.safetensors_io import materialize
+
+    n, shape = 12, (1024, 1024)  # 4 MiB float32 each
+    save_file({f"w{i}": np.full(shape, i, np.float32) for i in range(n)}, tmp_path / "w.safetensors")
+
+    def lazy_module():
+        weights, _ = load_safetensors(tmp_path / "w.safetensors", mx.bfloat16)
+        module = nn.Module()
+        for k, v in weights.items():
+            setattr(module, k, v)
+        return module
+
+    final = n * shape[0] * shape[1] * 2
+    one_source = shape[0] * shape[1] * 4
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    module = lazy_module()
+    materialize(module)
+    streamed = mx.get_peak_memory() - base
+    assert all(v.dtype == mx.bfloat16 for v in module.parameters().values())
+    assert streamed <= final + 2 * one_source, f"{streamed / 2**20:.1f} MiB for {final / 2**20:.1f} MiB of weights"
+    del module
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    together = lazy_module()
+    mx.eval(together.parameters())
+    assert mx.get_peak_memory() - base > streamed  # what materialize avoids
