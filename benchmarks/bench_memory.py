@@ -75,6 +75,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from benchmarks.measure import mlx_param_bytes, reset_rss_peak  # noqa: E402
+from sd35m_mlx.quantize import module_at, set_module  # noqa: E402
+
 GB = 1e9
 TARGET_GB = 6.0
 LOAD_TARGET = 1.15
@@ -99,22 +102,13 @@ def _proc_status(field_name: str) -> int | None:
     return None
 
 
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Window:
     """MLX peak and process resident-set peak over a `with` block, after freeing MLX's cache."""
 
     def __enter__(self) -> Window:
         gc.collect()
         mx.clear_cache()
-        self.rss_reset = _reset_rss_peak()
+        self.rss_reset = reset_rss_peak()
         self.rss_before = _proc_status("VmRSS")
         self.active_before = mx.get_active_memory()
         mx.reset_peak_memory()
@@ -143,12 +137,8 @@ class Window:
         )
 
 
-def param_bytes(module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-
-
 def _quantized_bytes(module) -> int:
-    return sum(param_bytes(m) for _, m in module.named_modules() if isinstance(m, nn.QuantizedLinear))
+    return sum(mlx_param_bytes(m) for _, m in module.named_modules() if isinstance(m, nn.QuantizedLinear))
 
 
 def _folder_bytes(folder) -> int:
@@ -235,7 +225,7 @@ def load(kind: str, folder: str, dtype: str, bits: int | None, group_size: int, 
             _tiny_forward(kind, model, dt)
         mx.eval(model.parameters())  # a no-op unless something was left unread
         phase("rest")
-    loaded = param_bytes(model)
+    loaded = mlx_param_bytes(model)
     peak = max(p["peak"] for p in phases)
     return dict(
         w.as_dict(),
@@ -271,7 +261,7 @@ def pipeline_load(folder: str, quantize: int | None, t5_quantize: int | None, lo
     after_load = w.as_dict()
     with Window() as w2:
         mx.eval([m.parameters() for m in modules.values() if m is not None])
-    loaded = sum(param_bytes(m) for m in modules.values() if m is not None)
+    loaded = sum(mlx_param_bytes(m) for m in modules.values() if m is not None)
     return dict(
         rss_process_before_load=rss_process,
         after_from_pretrained=after_load,
@@ -295,7 +285,7 @@ def text(folder: str, t5_folder: str | None, dtype: str, max_sequence_length: in
         enc.text_encoder_3 = load_t5_encoder(t5_folder, dt)  # the folder's own T5 stays unread
     encoders = [m for m in (enc.text_encoder, enc.text_encoder_2, enc.text_encoder_3) if m is not None]
     mx.eval([m.parameters() for m in encoders])
-    weights = sum(param_bytes(m) for m in encoders)
+    weights = sum(mlx_param_bytes(m) for m in encoders)
     with Window() as w:
         out = enc.encode_prompt(PROMPT, max_sequence_length=max_sequence_length, do_classifier_free_guidance=True)
         mx.eval(out)
@@ -306,9 +296,9 @@ def text(folder: str, t5_folder: str | None, dtype: str, max_sequence_length: in
 
 def _modulation_bytes(model) -> int:
     names = ["time_text_embed", "norm_out"]
-    total = sum(param_bytes(model[n]) for n in names if n in model)
+    total = sum(mlx_param_bytes(model[n]) for n in names if n in model)
     for block in model.transformer_blocks:
-        total += sum(param_bytes(block[n]) for n in ("norm1", "norm1_context") if n in block)
+        total += sum(mlx_param_bytes(block[n]) for n in ("norm1", "norm1_context") if n in block)
     return total
 
 
@@ -326,7 +316,7 @@ def denoise(folder: str, dtype: str, size: int, attention: str, steps: int, ctx_
     model = load_transformer(folder, dt)
     mx.eval(model.parameters())
     cfg = model.config
-    weights = param_bytes(model)
+    weights = mlx_param_bytes(model)
     modulation_weights = _modulation_bytes(model)
     keys = mx.random.split(mx.random.key(0), 3)
     context = mx.random.normal((2, ctx_len, cfg.joint_attention_dim), key=keys[0]).astype(dt)
@@ -367,7 +357,7 @@ def vae(folder: str, dtype: str, size: int) -> dict:
         img = model.decode(model.unscale_latents(z).astype(dt))
         img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
         mx.eval(img)
-    return dict(w.as_dict(), weights=param_bytes(model), output=img.nbytes)
+    return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
 
 
 @case
@@ -572,29 +562,13 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
 # Full-size accounting (main process; lazy modules: shapes only, nothing is allocated)
 
 
-def _module_at(model, path: str):
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if isinstance(m, list) else m[part]
-    return m
-
-
-def _set_module(model, path: str, new) -> None:
-    parent, _, name = path.rpartition(".")
-    owner = _module_at(model, parent) if parent else model
-    if isinstance(owner, list):
-        owner[int(name)] = new
-    else:
-        setattr(owner, name, new)
-
-
 def lazy_quantize(model, bits: int | None, group_size: int):
     """What `quantize_model` makes of `model` (same plan and layers), without evaluating anything."""
     from sd35m_mlx.quantize import quantization_plan
 
     if bits:
         for path, b in quantization_plan(model, bits, group_size).items():
-            _set_module(model, path, nn.QuantizedLinear.from_linear(_module_at(model, path), group_size, b))
+            set_module(model, path, nn.QuantizedLinear.from_linear(module_at(model, path), group_size, b))
     return model
 
 
@@ -612,13 +586,13 @@ def full_size_accounting(group_size: int, steps: int, batch: int = 2, ctx_len: i
     for variant, bits in (("bf16", None), ("q8", 8), ("q4", 4)):
         tr = lazy_quantize(bf16(SD3Transformer2DModel(MMDiTConfig())), bits, group_size)
         out["transformer"][variant] = dict(
-            total=param_bytes(tr),
+            total=mlx_param_bytes(tr),
             modulation_weights=_modulation_bytes(tr),
             quantized_layers=_quantized_bytes(tr),
             pos_embed=tr.pos_embed.pos_embed.size * 2,
         )
         t5 = lazy_quantize(bf16(T5EncoderModel(T5Config())), bits, group_size)
-        out["t5"][variant] = dict(total=param_bytes(t5), quantized_layers=_quantized_bytes(t5))
+        out["t5"][variant] = dict(total=mlx_param_bytes(t5), quantized_layers=_quantized_bytes(t5))
     clip_g = CLIPTextConfig(
         hidden_size=1280,
         intermediate_size=5120,
@@ -627,9 +601,9 @@ def full_size_accounting(group_size: int, steps: int, batch: int = 2, ctx_len: i
         num_attention_heads=20,
         hidden_act="gelu",
     )
-    out["clip_l"] = param_bytes(bf16(CLIPTextModel(CLIPTextConfig())))
-    out["clip_g"] = param_bytes(bf16(CLIPTextModel(clip_g)))
-    out["vae"] = param_bytes(bf16(AutoencoderKL(VAEConfig())))
+    out["clip_l"] = mlx_param_bytes(bf16(CLIPTextModel(CLIPTextConfig())))
+    out["clip_g"] = mlx_param_bytes(bf16(CLIPTextModel(clip_g)))
+    out["vae"] = mlx_param_bytes(bf16(AutoencoderKL(VAEConfig())))
     # adaLN outputs for the whole schedule (GuidedDenoiser keeps them), bfloat16, and the embedded context
     tr = SD3Transformer2DModel(MMDiTConfig())
     chunks = sum(b.norm1.num_chunks + b.norm1_context.num_chunks for b in tr.transformer_blocks)

@@ -94,26 +94,27 @@ class StableDiffusion35:
             if bits not in (None, 4, 8):
                 raise ValueError(f"{name} must be 4 or 8 bits (or None), got {bits}")
 
-        def load(component: str | None = None) -> PipelineParts:
-            # Quantize only what the caller will use: quantizing evaluates weights layer by layer.
-            parts = load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)
+        def lazy_parts() -> PipelineParts:  # nothing is read until evaluated
+            return load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)
+
+        def load(component: str) -> PipelineParts:
+            """Reload for a low_memory stage, quantizing only the component it needs (quantizing reads)."""
             return quantize_parts(
-                parts,
-                transformer_bits=quantize if component in (None, "transformer") else None,
-                t5_bits=t5_bits if component in (None, "prompt_encoder") else None,
+                lazy_parts(),
+                transformer_bits=quantize if component == "transformer" else None,
+                t5_bits=t5_bits if component == "prompt_encoder" else None,
                 group_size=quantize_group_size,
             )
 
-        parts = load_pipeline_parts(source, dtype, load_t5=load_t5, revision=revision)  # lazy: nothing read yet
+        parts = lazy_parts()
         config = parts.transformer.config
         if low_memory is None:
             low_memory = parameter_bytes(parts) > 0.6 * physical_memory()
         if low_memory:
-            # The first stage needs only the text encoders: the transformer loads when denoising starts.
-            parts.transformer = None
-            quantize_parts(parts, t5_bits=t5_bits, group_size=quantize_group_size)
-        else:
-            quantize_parts(parts, transformer_bits=quantize, t5_bits=t5_bits, group_size=quantize_group_size)
+            parts.transformer = None  # the first stage needs only the text encoders; it loads when denoising
+        quantize_parts(
+            parts, transformer_bits=None if low_memory else quantize, t5_bits=t5_bits, group_size=quantize_group_size
+        )
         materialize(parts.transformer, parts.vae, *_encoders(parts.prompt_encoder))
         pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype, config)
         pipe.low_memory = bool(low_memory)

@@ -115,16 +115,16 @@ def quantization_plan(
     }
 
 
-def _module_at(model: nn.Module, path: str) -> nn.Module:
+def module_at(model: nn.Module, path: str) -> nn.Module:
     m = model
     for part in path.split("."):
         m = m[int(part)] if isinstance(m, list) else m[part]
     return m
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
-    owner = _module_at(model, parent) if parent else model
+    owner = module_at(model, parent) if parent else model
     if isinstance(owner, list):
         owner[int(name)] = new
     else:
@@ -184,9 +184,9 @@ def quantize_model(
     for v in sorted(kept, key=lambda a: a.nbytes, reverse=True):
         mx.eval(v)
     for i, (path, layer_bits) in enumerate(plan.items()):
-        q = nn.QuantizedLinear.from_linear(_module_at(model, path), group_size, layer_bits)
+        q = nn.QuantizedLinear.from_linear(module_at(model, path), group_size, layer_bits)
         mx.eval(q.parameters())
-        _set_module(model, path, q)  # the last reference to the Linear (and its weight) goes here
+        set_module(model, path, q)  # the last reference to the Linear (and its weight) goes here
         if progress is not None:
             progress(i + 1, len(plan))
     return model

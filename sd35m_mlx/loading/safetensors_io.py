@@ -131,6 +131,16 @@ def read_config_as(folder: str | os.PathLike, cls, what: str):
         raise WeightsError(f"{Path(folder) / 'config.json'}: not a supported {what} config ({e})") from None
 
 
+def load_component(folder, config_cls, model_cls, dtype: mx.Dtype, what: str, sanitize=lambda w: w) -> nn.Module:
+    """A diffusers component folder: `config.json` into `config_cls`, weights strictly into `model_cls`."""
+    config = read_config_as(folder, config_cls, what)
+    weights, origin = load_safetensors(folder, dtype)
+    model = model_cls(config)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    return load_into(model, sanitize(weights), origin, what=what)
+
+
 def load_into(
     module: nn.Module,
     weights: Mapping[str, mx.array],

@@ -20,10 +20,6 @@ _CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 _T5_TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer")
 
 
-def _config(folder: Path, cls, what: str):
-    return read_config_as(folder, cls, what)
-
-
 def sanitize_clip_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     # transformers derives position ids; some exports still carry the buffer
     return {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
@@ -46,7 +42,7 @@ def load_clip_encoder(
     `text_projection` is used when the checkpoint has it, identity otherwise.
     """
     source = Path(source)
-    config = config or _config(source, CLIPTextConfig, "CLIP text")
+    config = config or read_config_as(source, CLIPTextConfig, "CLIP text")
     weights, origin = load_safetensors(source, dtype)
     weights = sanitize_clip_weights(weights)
     model = CLIPTextModel(config, projection="text_projection.weight" in weights)
@@ -66,7 +62,7 @@ def load_t5_encoder(
         warnings.warn("T5 overflows in float16; loading the T5 text encoder in bfloat16 instead", stacklevel=2)
         dtype = mx.bfloat16
     source = Path(source)
-    config = config or _config(source, T5Config, "T5 encoder")
+    config = config or read_config_as(source, T5Config, "T5 encoder")
     weights, origin = load_safetensors(source, dtype)
     model = T5EncoderModel(config)
     model.set_dtype(dtype)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import mlx.core as mx
 
 from ..models.mmdit import MMDiTConfig, SD3Transformer2DModel
-from .safetensors_io import load_into, load_safetensors, read_config_as
+from .safetensors_io import load_component
 
 
 def sanitize_transformer_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -20,11 +19,6 @@ def sanitize_transformer_weights(weights: dict[str, mx.array]) -> dict[str, mx.a
 
 
 def load_transformer(folder: str | os.PathLike, dtype: mx.Dtype = mx.float32) -> SD3Transformer2DModel:
-    folder = Path(folder)
-    config = read_config_as(folder, MMDiTConfig, "SD3 transformer")
-    weights, origin = load_safetensors(folder, dtype)
-    model = SD3Transformer2DModel(config)
-    if dtype != mx.float32:
-        model.set_dtype(dtype)
-    load_into(model, sanitize_transformer_weights(weights), origin, what="transformer")
-    return model
+    return load_component(
+        folder, MMDiTConfig, SD3Transformer2DModel, dtype, "SD3 transformer", sanitize_transformer_weights
+    )

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import mlx.core as mx
 
 from ..models.vae import AutoencoderKL, VAEConfig
-from .safetensors_io import load_into, load_safetensors, read_config_as
+from .safetensors_io import load_component
 
 
 def sanitize_vae_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -25,11 +24,4 @@ def sanitize_vae_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def load_vae(folder: str | os.PathLike, dtype: mx.Dtype = mx.float32) -> AutoencoderKL:
-    folder = Path(folder)
-    config = read_config_as(folder, VAEConfig, "AutoencoderKL")
-    weights, origin = load_safetensors(folder, dtype)
-    model = AutoencoderKL(config)
-    if dtype != mx.float32:
-        model.set_dtype(dtype)
-    load_into(model, sanitize_vae_weights(weights), origin, what="vae")
-    return model
+    return load_component(folder, VAEConfig, AutoencoderKL, dtype, "AutoencoderKL", sanitize_vae_weights)
