@@ -215,7 +215,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         first = step.warm()  # includes any compilation
         with MLXPeak() as peak:
             times = step.timed(args.repeats)
-        velocities.append(np.array(step.v))
+        velocities.append(np.array(step.v.astype(mx.float32)))
         inputs.append((step.x, step.ctx, step.pooled))
 
         _log(f"transformer {size}x{size}: kernels")
@@ -307,7 +307,7 @@ def _ours_text(folder: Path, args) -> tuple[dict, np.ndarray, np.ndarray, int]:
         "work_gib": _gib(peak.work),
         "weights_gib": _gib(sum(mlx_param_bytes(e) for e in encoders)),
     }
-    return r, np.array(out[-1][0]), ids, enc.text_encoder_3.config.num_layers
+    return r, np.array(out[-1][0].astype(mx.float32)), ids, enc.text_encoder_3.config.num_layers
 
 
 def bench_text(folder: Path, args, torch_run: TorchRunner | None, device: str, full_size: bool) -> dict:
@@ -428,6 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run diffusers in this process (faster start; on Linux CPU its attention is then slowed by our OpenBLAS)",
     )
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default 0)")
+    p.add_argument("--cache", type=Path, default=None, help="build the random weights here once and reuse them")
     p.add_argument("--quick", action="store_true", help="toy run: depth 1, 256 px, tiny text encoders and VAE")
     p.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "speed.json", help="(default %(default)s)"
@@ -438,6 +439,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.vae_size is None:
         args.vae_size = 256 if args.quick else (512 if mx.default_device() == mx.cpu else 1024)
     return args
+
+
+def _cached(cache: Path | None, tmp: Path, name: str, build) -> Path:
+    """build(dir) -> folder, into `tmp`, or once into `cache` and reused by later runs (a marker file
+    says the build finished; an interrupted one is rebuilt)."""
+    if cache is None:
+        return build(tmp / name)
+    out, done = cache / name, cache / f"{name}.complete"
+    if done.exists():
+        _log(f"reusing {out}")
+        return Path(done.read_text())
+    folder = build(out)
+    done.write_text(str(folder))
+    return folder
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -454,7 +469,12 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             _log(f"building a full-width transformer, depth {args.depth}")
-            folder = build_transformer_folder(tmp / "transformer", args.depth, args.seed)
+            folder = _cached(
+                args.cache,
+                tmp,
+                f"transformer-d{args.depth}-s{args.seed}",
+                lambda d: build_transformer_folder(d, args.depth, args.seed),
+            )
             results["transformer"] = bench_transformer(folder, args.sizes, args, torch_run, device)
             _free()
             if args.quick and not (args.skip_text and args.skip_vae):
@@ -466,9 +486,14 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 if not args.skip_text:
                     _log(f"building full-width text encoders (T5 with {args.t5_layers} layers)")
-                    text = build_text_folder(tmp / "pipe", args.t5_layers, args.seed)
+                    text = _cached(
+                        args.cache,
+                        tmp,
+                        f"text-t5x{args.t5_layers}-s{args.seed}",
+                        lambda d: build_text_folder(d, args.t5_layers, args.seed),
+                    )
                 if not args.skip_vae:
-                    vae_folder = build_vae_folder(tmp / "vae", args.seed)
+                    vae_folder = _cached(args.cache, tmp, f"vae-s{args.seed}", lambda d: build_vae_folder(d, args.seed))
             if not args.skip_text:
                 _log("prompt encoding")
                 results["text"] = _guarded(bench_text, text, args, torch_run, device, not args.quick)

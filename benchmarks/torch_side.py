@@ -255,7 +255,8 @@ def transformer_steps(folder: str, inputs: list, dtype_name: str, device: str, r
     from diffusers import SD3Transformer2DModel
 
     tdtype = getattr(torch, dtype_name)
-    ref = _paged_in(SD3Transformer2DModel.from_pretrained(folder, torch_dtype=tdtype).to(device).eval())
+    # explicit .to(dtype): without accelerate installed, diffusers 0.42 loads float32 whatever torch_dtype says
+    ref = _paged_in(SD3Transformer2DModel.from_pretrained(folder, torch_dtype=tdtype).to(device, tdtype).eval())
     with torch.inference_mode():
         return [_step(ref, *x, tdtype, device, repeats) for x in inputs]
 
@@ -299,9 +300,9 @@ def encode_text(folder: str, ids: np.ndarray, dtype_name: str, device: str, repe
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        folder, transformer=None, vae=None, torch_dtype=getattr(torch, dtype_name)
-    ).to(device)
+    tdtype = getattr(torch, dtype_name)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=None, vae=None, torch_dtype=tdtype)
+    pipe = pipe.to(device, tdtype)  # explicit dtype: see transformer_steps
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         _paged_in(m)
     ids_t = torch.from_numpy(ids).long().to(device)
@@ -334,7 +335,7 @@ def decode_vae(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats
     from diffusers import AutoencoderKL
 
     tdtype = getattr(torch, dtype_name)
-    ref = _paged_in(AutoencoderKL.from_pretrained(folder, torch_dtype=tdtype).to(device).eval())
+    ref = _paged_in(AutoencoderKL.from_pretrained(folder, torch_dtype=tdtype).to(device, tdtype).eval())
     zt = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))).to(device, tdtype)
     out = []
 
