@@ -13,23 +13,34 @@ _MAX_UNFOLD = 1 << 24
 
 
 class GroupNorm(nn.GroupNorm):
-    """PyTorch's GroupNorm (eps 1e-6) on channels-last input, from per-group reductions in float32.
+    """PyTorch's GroupNorm (eps 1e-6) on channels-last input, with statistics in float32.
 
     Same parameters and semantics as nn.GroupNorm(pytorch_compatible=True), which transposes the
     input twice (4x its size in temporaries) and, on MLX 0.32's CPU backend, drifts on long groups:
     on a 256x256x256 activation it is 2e-3 away from a float64 reference, this two-pass version
-    3e-5 (torch float32: 2.5e-5).
+    3e-5 (torch float32: 2.5e-5). The statistics come from per-channel means over the pixels (a
+    reduction over one axis of (B, H*W, C)), then averaged within each group: reducing a
+    (B, H*W, groups, C/groups) view over two non-adjacent axes took 808 ms at (1, 1024, 1024, 128)
+    on MLX's CUDA backend, where the 3x3 convolution beside it takes 1.3 ms.
     """
 
     def __init__(self, channels: int, groups: int):
         super().__init__(groups, channels, eps=1e-6, pytorch_compatible=True)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def _group_mean(self, per_channel: mx.array) -> mx.array:
+        """(B, C) per-channel values -> (B, 1, C): the mean of each channel's group, repeated."""
+        b, c = per_channel.shape
         g = self.num_groups
-        xg = x.reshape(x.shape[0], -1, g, x.shape[-1] // g).astype(mx.float32)
-        mean = mx.mean(xg, axis=(1, 3), keepdims=True)
-        scale = mx.rsqrt(mx.var(xg, axis=(1, 3), keepdims=True) + self.eps) * self.weight.reshape(g, -1)
-        y = (xg - mean) * scale + self.bias.reshape(g, -1)
+        means = per_channel.reshape(b, g, c // g).mean(axis=-1, keepdims=True)
+        return mx.broadcast_to(means, (b, g, c // g)).reshape(b, 1, c)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, c = x.shape[0], x.shape[-1]
+        xf = x.reshape(b, -1, c).astype(mx.float32)
+        mean = self._group_mean(mx.mean(xf, axis=1))
+        var = self._group_mean(mx.mean(mx.square(xf - mean), axis=1))
+        scale = mx.rsqrt(var + self.eps) * self.weight
+        y = xf * scale + (self.bias - mean * scale)
         return y.reshape(x.shape).astype(x.dtype)
 
 
