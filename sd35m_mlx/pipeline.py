@@ -18,6 +18,7 @@ from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
 from .quantize import quantize_parts
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
+from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
 from .sampling.samplers import SAMPLERS, make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
@@ -60,6 +61,8 @@ class StableDiffusion35:
         self.dtype = dtype
         self.transformer_config = transformer_config or transformer.config
         self.low_memory = False
+        # bytes a denoising step may hold above the weights on GPU backends (sampling/memory.py); None: no bound
+        self.step_work_budget: int | None = DEFAULT_WORK_BUDGET
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
 
@@ -118,6 +121,8 @@ class StableDiffusion35:
         materialize(parts.transformer, parts.vae, *_encoders(parts.prompt_encoder))
         pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype, config)
         pipe.low_memory = bool(low_memory)
+        if low_memory:
+            pipe.step_work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
         return pipe
 
@@ -283,7 +288,7 @@ class StableDiffusion35:
             x = noise
         mx.eval(x)
 
-        # 4. Denoising loop: one mx.eval per step
+        # 4. Denoising loop: one mx.eval per step, the work in flight bounded (sampling/memory.py)
         run = make_sampler(sampler, sigmas)
         total = num_inference_steps - start
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
@@ -301,11 +306,12 @@ class StableDiffusion35:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
             mx.clear_cache()
-        for i in range(start, num_inference_steps):
-            x = run.step(i, x, velocity(i, x))
-            mx.eval(x)
-            if callback is not None and callback(i - start + 1, total, x) is False:
-                raise GenerationCancelled(f"cancelled after step {i - start + 1} of {total}")
+        with bounded_work(self.step_work_budget):
+            for i in range(start, num_inference_steps):
+                x = run.step(i, x, velocity(i, x))
+                mx.eval(x)
+                if callback is not None and callback(i - start + 1, total, x) is False:
+                    raise GenerationCancelled(f"cancelled after step {i - start + 1} of {total}")
         del velocity
         self._release("transformer")
 

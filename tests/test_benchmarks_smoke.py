@@ -66,3 +66,23 @@ def test_diffusers_side_runs_without_our_openblas():
         assert run(torch_side.process_info, "cpu")["torch_process_openblas"] is False
     finally:
         run.close()
+
+
+def test_bench_step_memory_runs_every_mode_and_restores_the_model(tiny_pipeline):
+    import mlx.core as mx
+    import numpy as np
+
+    from benchmarks import bench_step_memory
+    from sd35m_mlx.loading.transformer import load_transformer
+
+    model = load_transformer(tiny_pipeline / "transformer", mx.float32)
+    cfg, blocks, limit = model.config, list(model.transformer_blocks), mx.get_memory_limit()
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((1, 8, 8, cfg.in_channels), dtype=np.float32))
+    ctx = mx.array(rng.standard_normal((2, 7, cfg.joint_attention_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
+    for mode in bench_step_memory.MODES:
+        r = bench_step_memory.run_mode(model, mode, x, ctx, pooled, mx.float32, 1, 1 << 30)
+        assert r["mode"] == mode and r["step_s"] > 0 and r["work_gib"] >= 0
+        assert all(a is b for a, b in zip(model.transformer_blocks, blocks, strict=True))
+        assert mx.get_memory_limit() == limit

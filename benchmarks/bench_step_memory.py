@@ -1,0 +1,130 @@
+"""Peak memory and time of one guided step under different evaluation schedules (GPU backends).
+
+    python benchmarks/bench_step_memory.py --depth 24 --size 1024 --dtype bfloat16
+
+MLX evaluates a step's whole graph lazily. On a GPU backend the host encodes work far ahead of the
+device, and buffers are kept until the work that used them completes, so the intermediates of many
+blocks can be alive at once. This script measures the step's peak memory above the weights
+("work") and its time for:
+  - step:   one mx.eval per step (what the sampler does by default);
+  - block:  mx.eval after every block (a host sync per block);
+  - async:  mx.async_eval after every block (no host sync);
+  - limit:  one mx.eval per step under sd35m_mlx.sampling.memory.bounded_work(--margin-gib): MLX's
+            memory limit at (active + margin) makes it wait for scheduled work before allocating
+            past it (the pipeline's default: 3 GiB, low_memory 1 GiB);
+  - async_limit: both of the last two.
+Random full-width weights (built once into --cache, or a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import sd35m_mlx  # noqa: E402,F401
+
+# isort: split
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
+from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
+from sd35m_mlx.sampling.memory import bounded_work  # noqa: E402
+
+MODES = ("step", "block", "async", "limit", "async_limit")
+
+
+class _EvalAfter(nn.Module):
+    """A transformer block followed by an evaluation of its outputs."""
+
+    def __init__(self, block, evaluate):
+        super().__init__()
+        self.block = block
+        self._evaluate = evaluate
+
+    def __call__(self, x, context, mods):
+        x, new_context = self.block(x, context, mods)
+        self._evaluate(x, *(() if new_context is None else (new_context,)))
+        return x, new_context
+
+
+def _timed_steps(den, x, repeats: int) -> tuple[list[float], list[int]]:
+    times, peaks = [], []
+    for _ in range(repeats):
+        mx.synchronize()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        mx.eval(den(0, x))
+        times.append(time.perf_counter() - t0)
+        peaks.append(mx.get_peak_memory() - base)
+    return times, peaks
+
+
+def run_mode(model, mode: str, x, ctx, pooled, dtype, repeats: int, margin: int) -> dict:
+    blocks = list(model.transformer_blocks)
+    den = GuidedDenoiser(model, ctx, pooled, [750.0], GuidanceConfig(scale=4.5), 0, dtype)
+    if mode in ("block", "async", "async_limit"):
+        model.transformer_blocks = [_EvalAfter(b, mx.eval if mode == "block" else mx.async_eval) for b in blocks]
+    try:
+        mx.eval(den(0, x))  # warm-up
+        with bounded_work(margin if mode in ("limit", "async_limit") else None):
+            times, peaks = _timed_steps(den, x, repeats)
+    finally:
+        model.transformer_blocks = blocks
+    return {"mode": mode, "step_s": min(times), "work_gib": max(peaks) / 2**30, "runs_s": times}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=24)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--margin-gib", type=float, default=1.0, help="'limit' mode: headroom above the weights")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--cache", type=Path, default=None, help="folder for the random weights (built once)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    from benchmarks.speed_fixtures import build_transformer_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.cache or Path(tmp)
+        folder, done = root / f"transformer-d{args.depth}-s0", root / f"transformer-d{args.depth}-s0.complete"
+        if done.exists():
+            folder = Path(done.read_text())
+        else:
+            folder = build_transformer_folder(folder, args.depth, 0)
+            done.write_text(str(folder))
+        dtype = getattr(mx, args.dtype)
+        model = load_transformer(folder, dtype)
+        mx.eval(model.parameters())
+        rng = np.random.default_rng(0)
+        lat = args.size // 8
+        x = mx.array(rng.standard_normal((1, lat, lat, 16), dtype=np.float32))
+        ctx = mx.array(rng.standard_normal((2, 333, 4096), dtype=np.float32))
+        pooled = mx.array(rng.standard_normal((2, 2048), dtype=np.float32))
+        print(f"# mlx {mx.__version__} {mx.default_device()} {args.dtype} depth {args.depth} {args.size}px batch 2")
+        results = []
+        for mode in args.modes:
+            r = run_mode(model, mode, x, ctx, pooled, dtype, args.repeats, int(args.margin_gib * 2**30))
+            results.append(r)
+            ms, work = r["step_s"] * 1e3, r["work_gib"]
+            print(f"{mode:>11} (margin {args.margin_gib} GiB): step {ms:9.2f} ms   work {work:6.2f} GiB", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
+    return results
+
+
+if __name__ == "__main__":
+    main()
