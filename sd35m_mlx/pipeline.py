@@ -61,8 +61,9 @@ class StableDiffusion35:
         self.dtype = dtype
         self.transformer_config = transformer_config or transformer.config
         self.low_memory = False
-        # bytes a denoising step may hold above the weights on GPU backends (sampling/memory.py); None: no bound
-        self.step_work_budget: int | None = DEFAULT_WORK_BUDGET
+        # bytes a denoising step or the VAE decode may hold in flight above what is resident, on GPU
+        # backends (sampling/memory.py); None: no bound
+        self.work_budget: int | None = DEFAULT_WORK_BUDGET
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
 
@@ -122,7 +123,7 @@ class StableDiffusion35:
         pipe = cls(parts.transformer, parts.vae, parts.prompt_encoder, parts.schedule, dtype, config)
         pipe.low_memory = bool(low_memory)
         if low_memory:
-            pipe.step_work_budget = LOW_MEMORY_WORK_BUDGET
+            pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
         return pipe
 
@@ -306,7 +307,7 @@ class StableDiffusion35:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
             mx.clear_cache()
-        with bounded_work(self.step_work_budget):
+        with bounded_work(self.work_budget):
             for i in range(start, num_inference_steps):
                 x = run.step(i, x, velocity(i, x))
                 mx.eval(x)
@@ -318,9 +319,10 @@ class StableDiffusion35:
         # 5. Decode
         if output_type == "latent":
             return x
-        images = self.vae.decode(self.vae.unscale_latents(x).astype(self.dtype))
-        images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        mx.eval(images)
+        with bounded_work(self.work_budget):
+            images = self.vae.decode(self.vae.unscale_latents(x).astype(self.dtype))
+            images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+            mx.eval(images)
         return to_output(images, output_type)
 
 

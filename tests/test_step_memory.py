@@ -1,4 +1,4 @@
-"""The denoising loop bounds the work MLX may hold in flight (sd35m_mlx/sampling/memory.py).
+"""Denoising and decoding bound the work MLX may hold in flight (sd35m_mlx/sampling/memory.py).
 
 The bound is MLX's memory limit, lowered for the loop and restored after it: these tests pin that
 the loop runs under it, that it is only ever lowered, and that it is put back (also on
@@ -37,19 +37,26 @@ def test_bounded_work_never_raises_a_lower_limit_and_none_is_no_bound():
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_generate_denoises_under_the_budget_and_restores_the_limit(tiny_pipeline, low_memory):
+def test_generate_denoises_and_decodes_under_the_budget_and_restores_the_limit(tiny_pipeline, low_memory):
     pipe = StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", low_memory=low_memory)
     budget = LOW_MEMORY_WORK_BUDGET if low_memory else DEFAULT_WORK_BUDGET
-    assert pipe.step_work_budget == budget
+    assert pipe.work_budget == budget
     before = mx.get_memory_limit()
     seen = []
+    decode = pipe.vae.decode
+
+    def recording_decode(z):
+        seen.append(mx.get_memory_limit())
+        return decode(z)
+
+    pipe.vae.decode = recording_decode
     out = pipe.generate("a red cube", callback=lambda i, n, x: seen.append(mx.get_memory_limit()), **KW)
-    assert len(seen) == 3 and all(limit < before for limit in seen)
+    assert len(seen) == 4 and all(limit < before for limit in seen)  # 3 steps, then the decode
     # the bound sits `budget` above what the loop started with (weights, context, latents)
     assert all(0 < limit - budget <= mx.get_peak_memory() for limit in seen)
     assert mx.get_memory_limit() == before
 
-    pipe.step_work_budget = None
+    pipe.work_budget = None
     unbounded = pipe.generate("a red cube", callback=lambda i, n, x: seen.append(mx.get_memory_limit()), **KW)
     assert seen[-1] == before
     np.testing.assert_array_equal(out, unbounded)  # the bound changes scheduling, never results
