@@ -505,6 +505,11 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
             Job("pipeline load q8 t5q4 staged", "pipeline_load",
                 dict(folder=str(f["pipeline"]), quantize=8, t5_quantize=4, low_memory=True), mem_gb=6 * q, est_s=40 * q)
         )  # fmt: skip
+        jobs.append(  # float32 files cast to bfloat16 by from_pretrained itself (every tensor cast, nothing quantized)
+            Job("pipeline load bf16", "pipeline_load",
+                dict(folder=str(f["pipeline"]), quantize=None, t5_quantize=None, low_memory=False),
+                mem_gb=8 * q, est_s=40 * q)
+        )  # fmt: skip
         jobs.append(Job("qcheck", "qcheck", dict(rows=16, dims=(4096, 10240), group_size=gs), mem_gb=1, est_s=10 * q))
     if "text" in args.sections:
         t_lo = min(args.t5_layers)
@@ -673,10 +678,12 @@ def activations(jobs: dict[str, Job], args) -> dict:
     return acts
 
 
-def derive(acc: dict, acts: dict, args) -> list[dict]:
+def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> list[dict]:
     """Stage peaks of the full-size pipeline per configuration (steady state: a new prompt on a pipeline
     that has generated before, so the VAE weights are resident; low_memory has released the text
-    encoders after encoding and the transformer after denoising, and reloads them when needed)."""
+    encoders after encoding and the transformer after denoising, and reloads them when needed).
+    `transformer_at_load`: from_pretrained(low_memory=True) was measured holding the quantized
+    transformer, so the first image's text stage has it beside the text encoders."""
     rows = []
     vae, clip = acc["vae"], acc["clip_l"] + acc["clip_g"]
     mods, inputs = acc["modulations"], acc["inputs"]
@@ -717,7 +724,7 @@ def derive(acc: dict, acts: dict, args) -> list[dict]:
                 peak_cpu=None if cpu is None else res + extra[stage] + cpu,
             )
             rows.append(row)
-        if c.staged and c.transformer != "bf16":
+        if transformer_at_load and c.staged and c.transformer != "bf16":
             # first image: from_pretrained quantized (so evaluated) the transformer's layers at load, and they
             # are still resident while the text encoders run; the VAE has not been read yet
             text = rows[-4]
@@ -838,6 +845,15 @@ def print_report(results: dict) -> None:
                 f"{_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB (evaluated by quantize_model; "
                 f"the rest stays lazy); everything evaluated: {_gb(p['loaded'])} GB, peak/loaded {p['ratio']:.3f}. "
                 f"Process RSS before loading (interpreter, MLX, sd35m_mlx): {_gb(p['rss_process_before_load'])} GB."
+            )
+        p = results["measured"].get("pipeline load bf16")
+        if p:
+            a = p["after_from_pretrained"]
+            print(
+                f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full CLIP-L/G "
+                f"and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, "
+                f"peak during from_pretrained {_gb(a['peak'])} GB, peak/loaded {p['ratio']:.3f} "
+                f"(target {LOAD_TARGET})."
             )
         qc = results["measured"].get("qcheck")
         if qc:
@@ -1027,7 +1043,9 @@ def main(argv=None) -> None:
     by_name = {j.name: j for j in jobs}
     acc = full_size_accounting(args.group_size, args.steps, ctx_len=CLIP_TOKENS + args.t5_tokens)
     acts = activations(by_name, args)
-    stages = derive(acc, acts, args)
+    # since the lazy-transformer fix, from_pretrained(low_memory=True) reads no transformer weight
+    p = _r(by_name, "pipeline load q8 t5q4 staged")
+    stages = derive(acc, acts, args, transformer_at_load=bool(p and p["quantized_layer_bytes"].get("transformer")))
     config_peaks = {}
     for c in CONFIGS:
         rows = [r for r in stages if r["config"] == c.name]
