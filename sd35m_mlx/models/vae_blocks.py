@@ -36,12 +36,23 @@ class GroupNorm(nn.GroupNorm):
 
     def __call__(self, x: mx.array) -> mx.array:
         b, c = x.shape[0], x.shape[-1]
-        xf = x.reshape(b, -1, c).astype(mx.float32)
-        mean = self._group_mean(mx.mean(xf, axis=1))
-        var = self._group_mean(mx.mean(mx.square(xf - mean), axis=1))
+        x3 = x.reshape(b, -1, c)
+        mean = self._group_mean(mx.mean(x3.astype(mx.float32), axis=1))
+        var = self._group_mean(mx.mean(_centered_square(x3, mean), axis=1))
         scale = mx.rsqrt(var + self.eps) * self.weight
-        y = xf * scale + (self.bias - mean * scale)
-        return y.reshape(x.shape).astype(x.dtype)
+        return _scale_shift(x3, scale, self.bias - mean * scale).reshape(x.shape)
+
+
+# Fused elementwise passes (one kernel, one output buffer, on every backend): unfused, GroupNorm held
+# about four float32 copies of a bfloat16 activation at once.
+@mx.compile
+def _centered_square(x: mx.array, mean: mx.array) -> mx.array:
+    return mx.square(x.astype(mx.float32) - mean)
+
+
+@mx.compile
+def _scale_shift(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    return (x.astype(mx.float32) * scale + shift).astype(x.dtype)
 
 
 class Conv2d(nn.Conv2d):
