@@ -75,7 +75,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from benchmarks.measure import mlx_param_bytes, reset_rss_peak  # noqa: E402
+from benchmarks.measure import build_once, mlx_param_bytes, reset_rss_peak  # noqa: E402
 from sd35m_mlx.quantize import module_at, set_module  # noqa: E402
 
 GB = 1e9
@@ -464,12 +464,8 @@ def build_fixtures(root: Path, args) -> dict[str, Path]:
     folders = {}
     for name, build in wanted.items():
         path = root / name
-        if not (path / ".complete").exists():
-            t0 = time.perf_counter()
-            if path.exists():
-                shutil.rmtree(path)
-            build(path)
-            (path / ".complete").write_text("")
+        t0 = time.perf_counter()
+        if build_once(path, build):
             print(f"#  built {name} ({_folder_bytes(path) / GB:.2f} GB) in {time.perf_counter() - t0:.0f}s", flush=True)
         folders[name] = path
     folders[f"transformer_d{d_lo}"] = folders["pipeline"] / "transformer"

@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import step_kernels as K  # noqa: E402
 from benchmarks import torch_side  # noqa: E402
-from benchmarks.measure import MLXPeak, mlx_param_bytes, time_once_or_warm, time_runs  # noqa: E402
+from benchmarks.measure import MLXPeak, build_once, mlx_param_bytes, time_once_or_warm, time_runs  # noqa: E402
 from benchmarks.speed_report import print_report  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
 from sd35m_mlx.loading.text_encoders import load_text_encoders  # noqa: E402
@@ -444,17 +444,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _cached(cache: Path | None, tmp: Path, name: str, build) -> Path:
-    """build(dir) -> folder, into `tmp`, or once into `cache` and reused by later runs (a marker file
-    says the build finished; an interrupted one is rebuilt)."""
-    if cache is None:
-        return build(tmp / name)
-    out, done = cache / name, cache / f"{name}.complete"
-    if done.exists():
-        _log(f"reusing {out}")
-        return Path(done.read_text())
-    folder = build(out)
-    done.write_text(str(folder))
-    return folder
+    """The folder build(dir) writes: in `tmp`, or built once in `cache` and reused by later runs."""
+    path = (cache or tmp) / name
+    if not build_once(path, build):
+        _log(f"reusing {path}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

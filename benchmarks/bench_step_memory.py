@@ -36,6 +36,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.measure import build_once  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import bounded_work  # noqa: E402
@@ -99,13 +100,8 @@ def main(argv=None) -> list[dict]:
     from benchmarks.speed_fixtures import build_transformer_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.cache or Path(tmp)
-        folder, done = root / f"transformer-d{args.depth}-s0", root / f"transformer-d{args.depth}-s0.complete"
-        if done.exists():
-            folder = Path(done.read_text())
-        else:
-            folder = build_transformer_folder(folder, args.depth, 0)
-            done.write_text(str(folder))
+        folder = (args.cache or Path(tmp)) / f"transformer-d{args.depth}-s0"
+        build_once(folder, lambda d: build_transformer_folder(d, args.depth, 0))
         dtype = getattr(mx, args.dtype)
         model = load_transformer(folder, dtype)
         mx.eval(model.parameters())

@@ -7,9 +7,11 @@ imported only inside the MLX probes, so the PyTorch side can use this module in 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
 # Timing
@@ -106,3 +108,19 @@ def reset_rss_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Built weights
+
+
+def build_once(path: Path, build: Callable[[Path], object]) -> bool:
+    """Run build(path) unless an earlier build there finished (a `.complete` file inside says so); an
+    interrupted build is removed and redone. Returns whether it built."""
+    if (path / ".complete").exists():
+        return False
+    if path.exists():
+        shutil.rmtree(path)
+    build(path)
+    (path / ".complete").write_text("")
+    return True
