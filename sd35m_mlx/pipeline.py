@@ -18,16 +18,13 @@ from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
 from .quantize import quantize_parts
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
+from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
 from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
 from .sampling.samplers import SAMPLERS, make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-class GenerationCancelled(Exception):
-    """Raised by `generate` when the step callback returns False."""
 
 
 def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
@@ -289,9 +286,7 @@ class StableDiffusion35:
             x = noise
         mx.eval(x)
 
-        # 4. Denoising loop: one mx.eval per step, the work in flight bounded (sampling/memory.py)
-        run = make_sampler(sampler, sigmas)
-        total = num_inference_steps - start
+        # 4. Denoising loop: per-step extras (callback, ...) plug in as StepExtras (sampling/loop.py)
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
         velocity = GuidedDenoiser(
@@ -307,12 +302,10 @@ class StableDiffusion35:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
             mx.clear_cache()
-        with bounded_work(self.work_budget):
-            for i in range(start, num_inference_steps):
-                x = run.step(i, x, velocity(i, x))
-                mx.eval(x)
-                if callback is not None and callback(i - start + 1, total, x) is False:
-                    raise GenerationCancelled(f"cancelled after step {i - start + 1} of {total}")
+        extras: list[StepExtra] = []
+        if callback is not None:
+            extras.append(StepCallback(callback))
+        x = denoise(x, sigmas, start, make_sampler(sampler, sigmas), velocity, extras, self.work_budget)
         del velocity
         self._release("transformer")
 
