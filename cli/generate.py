@@ -18,11 +18,11 @@ import sd35m_mlx
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
-from .metadata import png_info, read_settings
+from .metadata import png_info, read_settings_noting
 from .options import RESTORABLE, generate_options
 from .output import check_writable, plan_paths, write_png
 from .progress import Reporter, format_seconds, peak_memory
-from .settings import MAX_SEED, MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN, Settings, check
+from .settings import MAX_SEED, MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN, Settings, check, fit_to_model
 
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 
@@ -56,6 +56,10 @@ def generate(ctx: click.Context, quiet: bool, verbose: bool, **params) -> None:
         reporter.interrupted()
         ctx.exit(130)
     except Exception as e:
+        from sd35m_mlx.validation import InvalidInput  # numpy: not for --help
+
+        if isinstance(e, InvalidInput):  # a generate() argument this model cannot take
+            raise UsageError(str(e)) from None
         if verbose:
             traceback.print_exc()
         raise RunError(one_line(e) + ("" if verbose else " (--verbose shows the traceback)")) from None
@@ -65,15 +69,16 @@ def given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
 
 
-def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict]:
-    """params with the PNG's stored settings in place of defaults; plus the stored fields with no option."""
-    stored = read_settings(png)
+def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, list[str]]:
+    """params with the PNG's stored settings in place of defaults; the stored fields with no option; notes
+    on stored values left out as invalid."""
+    stored, invalid = read_settings_noting(png)
     params = dict(params)
     for name, field in RESTORABLE.items():
         if stored.get(field) is not None and not given(ctx, name):
             params[name] = (stored[field],) if name == "seeds" else stored[field]
     extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop") if k in stored}
-    return params, extra
+    return params, extra, [f"Note: --from-image {png}: {note}" for note in invalid]
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -115,10 +120,10 @@ def plan_seeds(seeds: tuple[int, ...], n: int) -> list[int]:
 
 def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str]]:
     """The checked settings, one seed per image, and notes to print once every check has passed."""
-    extra = {}
+    extra, notes = {}, []
     from_image = params.pop("from_image")
     if from_image:
-        params, extra = restore(ctx, params, from_image)
+        params, extra, notes = restore(ctx, params, from_image)
     if params["num_images"] < 1:
         raise UsageError(f"--num-images must be at least 1, got {params['num_images']}")
     if not params["prompt"]:
@@ -127,7 +132,6 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")
     width, height = params["width"], params["height"]
-    notes = []
     if image is not None:
         w, h = image_size(image)
         width, height = size_for_image(w, h, width, height)
@@ -187,6 +191,11 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         low_memory=params["low_memory"],
     )
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
+    limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
+    if limits is not None:
+        settings, notes = fit_to_model(settings, limits)
+        for note in notes:
+            reporter.say(note)
 
     # 3. One generate() per seed, so each seed reproduces its image exactly
     written: list[tuple[Path, int]] = []

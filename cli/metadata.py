@@ -1,23 +1,29 @@
-"""Generation parameters in PNG text chunks: A1111-style `parameters` for viewers, JSON for exact re-runs."""
+"""Generation parameters in PNG text chunks: A1111-style `parameters` for viewers, JSON for exact re-runs.
+
+PNGs come from strangers: what is read is capped (MAX_FIELD_CHARS), parsed in one linear pass, and every
+field taken is checked with the generation rules (sd35m_mlx.validation); invalid fields are ignored and
+reported, unknown ones ignored.
+"""
 
 from __future__ import annotations
 
 import json
-import re
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import UsageError
-from .settings import Settings
+from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS, Settings
 
 JSON_KEY = "sd35m-mlx"
 PARAMETERS_KEY = "parameters"  # what AUTOMATIC1111, Civitai and most image viewers read
 SAMPLER_NAMES = {"euler": "Euler", "dpmpp_2m": "DPM++ 2M"}  # A1111's display names
-
-# A1111's own pattern for the `Key: value, Key: "quoted, value"` line.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# Our own chunks are a few KB (prompts are capped at 10,000 characters); A1111's rarely pass 10 KB.
+MAX_FIELD_CHARS = 64 * 1024
+MAX_PATH_CHARS = 4096
 
 
 def _quote(value: str) -> str:
@@ -53,29 +59,104 @@ def parameters_text(s: Settings, version: str) -> str:
 def png_info(s: Settings, version: str) -> PngInfo:
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters_text(s, version))  # PIL switches to iTXt for non-Latin-1 text
-    info.add_text(JSON_KEY, json.dumps({**s.to_json(), "version": version}, ensure_ascii=True))
+    # allow_nan=False: strict JSON readers reject NaN / Infinity (settings are validated before this anyway)
+    info.add_text(JSON_KEY, json.dumps({**s.to_json(), "version": version}, ensure_ascii=True, allow_nan=False))
     return info
 
 
+class KeyValueLine:
+    """The items of A1111's `Key: value, Key: "quoted, value"` line, read left to right in one pass.
+
+    A1111's own regex backtracks quadratically on long lines without that shape (80,000 characters took
+    33 s). Here every character is examined at most twice; `steps` counts the examinations (tests pin it
+    linear). A quoted value is a JSON string; an unterminated one takes the rest of the line.
+    """
+
+    def __init__(self, line: str):
+        self.line = line
+        self.steps = 0
+        self.items: list[tuple[str, str]] = []
+        self._parse()
+
+    def _until(self, i: int, stops: str) -> int:
+        """The first index at or after i holding one of `stops`, or len(line)."""
+        line, n = self.line, len(self.line)
+        while i < n and line[i] not in stops:
+            i += 1
+            self.steps += 1
+        return i
+
+    def _spaces(self, i: int) -> int:
+        line, n = self.line, len(self.line)
+        while i < n and line[i] in " \t":
+            i += 1
+            self.steps += 1
+        return i
+
+    def _closing_quote(self, i: int) -> int:
+        """The index of the quote closing a string opened at i, or len(line)."""
+        line, n = self.line, len(self.line)
+        i += 1
+        while i < n and line[i] != '"':
+            i += 2 if line[i] == "\\" else 1
+            self.steps += 1
+        return min(i, n)
+
+    def _parse(self) -> None:
+        line, n, i = self.line, len(self.line), 0
+        while i < n:
+            colon = self._until(i, ",:")
+            if colon == n:
+                return
+            if line[colon] == ",":  # an item without a key
+                i = colon + 1
+                continue
+            key = line[i:colon].strip()
+            start = self._spaces(colon + 1)
+            value = None
+            if start < n and line[start] == '"':
+                close = self._closing_quote(start)
+                if close == n:  # unterminated: the rest of the line
+                    self.items.append((key, line[start:].strip()))
+                    return
+                after = self._spaces(close + 1)
+                if after == n or line[after] == ",":
+                    try:
+                        value = json.loads(line[start : close + 1])
+                    except ValueError:
+                        value = line[start + 1 : close]
+                    end = after
+                else:  # text after the closing quote: a plain value up to the next comma
+                    end = self._until(after, ",")
+            else:
+                end = self._until(start, ",")
+            self.items.append((key, (line[start:end] if value is None else value).strip()))
+            i = end + 1
+
+
 def parse_parameters(text: str) -> dict:
-    """Settings fields from A1111-style `parameters` text (ours, A1111's or another tool's)."""
+    """Settings fields from A1111-style `parameters` text (ours, A1111's or another tool's); invalid ones left out."""
+    return parse_parameters_noting(text)[0]
+
+
+def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
+    """parse_parameters, and one note for each field that was present but invalid (and left out)."""
     lines = text.strip().split("\n")
-    kv_line = lines.pop() if lines and len(_PARAM.findall(lines[-1])) >= 3 else ""
+    kv_line = KeyValueLine(lines[-1]) if lines else None
+    items = kv_line.items if kv_line is not None and len([k for k, _ in kv_line.items if k]) >= 3 else None
+    if items is not None:
+        lines.pop()
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    out: dict = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
-    kv = {}
-    for key, value in _PARAM.findall(kv_line):
-        if value.startswith('"'):
-            value = json.loads(value)
-        kv[key.strip()] = value.strip()
-    sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", ""))
-    if sampler:
-        out["sampler"] = sampler
+    raw: dict = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
+    kv = dict(items or [])
+    if sampler := {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", "")):
+        raw["sampler"] = sampler
+    notes = []
     for key, name, kind in (
         ("Steps", "steps", int),
         ("CFG scale", "cfg", float),
@@ -83,27 +164,104 @@ def parse_parameters(text: str) -> dict:
         ("Denoising strength", "strength", float),
         ("SLG scale", "slg_scale", float),
     ):
-        try:
-            out[name] = kind(kv[key])
-        except (KeyError, ValueError):
-            pass
-    if m := re.fullmatch(r"(\d+)x(\d+)", kv.get("Size", "")):
-        out["width"], out["height"] = int(m[1]), int(m[2])
-    return out
+        if key in kv:
+            try:
+                raw[name] = kind(kv[key])
+            except ValueError:  # int() also refuses more than 4,300 digits
+                notes.append(f"{key} {_short(kv[key])} is not a number")
+    if "Size" in kv:
+        w, _, h = kv["Size"].partition("x")
+        if w.isdigit() and h.isdigit() and len(w) < 6 and len(h) < 6:
+            raw["width"], raw["height"] = int(w), int(h)
+        else:
+            notes.append(f"Size {_short(kv['Size'])} is not WIDTHxHEIGHT")
+    fields, invalid = checked_fields(raw)
+    return fields, [f"ignored a stored value ({note})" for note in notes + invalid]
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def _field_rules() -> dict:
+    """Field name -> check(value, name) for everything --from-image may take from a PNG."""
+    from sd35m_mlx import validation as v
+
+    def optional(rule):
+        return lambda x, n: None if x is None else rule(x, n)
+
+    def side(x, n):
+        return v.integer(x, n, MIN_SIDE, MAX_SIDE)
+
+    return {
+        "prompt": v.text,
+        "negative_prompt": v.text,
+        "width": side,
+        "height": side,
+        "steps": lambda x, n: v.integer(x, n, 1, v.MAX_STEPS),
+        "cfg": lambda x, n: v.real(x, n, 0.0, v.MAX_GUIDANCE),
+        "seed": lambda x, n: v.integer(x, n, 0, v.MAX_SEED),
+        "sampler": lambda x, n: v.choice(x, n, SAMPLERS),
+        "slg": v.boolean,
+        "slg_layers": lambda x, n: v.layer_indices(x, n, None) or (),
+        "slg_scale": lambda x, n: v.real(x, n, 0.0, v.MAX_GUIDANCE),
+        "slg_start": lambda x, n: v.real(x, n, 0.0, 1.0),
+        "slg_stop": lambda x, n: v.real(x, n, 0.0, 1.0),
+        "max_sequence_length": lambda x, n: v.integer(x, n, 1, v.MAX_SEQUENCE_LENGTH),
+        "t5": v.boolean,
+        "dtype": lambda x, n: v.choice(x, n, DTYPES),
+        "quantize": optional(lambda x, n: v.choice(x, n, (4, 8))),
+        "t5_quantize": optional(lambda x, n: v.choice(x, n, ("4", "8", "none"))),
+        "model": lambda x, n: v.text(x, n, MAX_PATH_CHARS),
+        "image": optional(lambda x, n: v.text(x, n, MAX_PATH_CHARS)),
+        "strength": optional(lambda x, n: v.real(x, n, 0.0, 1.0, open_low=True)),
+    }
+
+
+def checked_fields(raw: dict) -> tuple[dict, list[str]]:
+    """The entries of `raw` that name a Settings field and pass its check; messages for those that fail."""
+    from sd35m_mlx.validation import InvalidInput
+
+    fields, invalid = {}, []
+    for name, rule in _field_rules().items():
+        if name in raw:
+            try:
+                fields[name] = rule(raw[name], name)
+            except InvalidInput as e:
+                invalid.append(str(e))
+    return fields, invalid
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_settings(path: str | Path) -> dict:
     """The settings stored in a PNG: our JSON chunk when present, else parsed `parameters` text."""
+    return read_settings_noting(path)[0]
+
+
+def read_settings_noting(path: str | Path) -> tuple[dict, list[str]]:
+    """read_settings, and one note for each stored value that was invalid (and left out)."""
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}) or {})
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError) as e:
         raise UsageError(f"--from-image: cannot read {path}: {e}") from None
+    for key in (JSON_KEY, PARAMETERS_KEY):
+        if len(text.get(key, "")) > MAX_FIELD_CHARS:
+            raise UsageError(
+                f"--from-image: {path}'s {key!r} text is {len(text[key]):,} characters; "
+                f"at most {MAX_FIELD_CHARS:,} are read"
+            )
     if JSON_KEY in text:
         try:
-            return Settings.known_fields(json.loads(text[JSON_KEY]))
-        except (ValueError, AttributeError):
-            pass  # damaged JSON: fall back to the human-readable chunk
+            stored = json.loads(text[JSON_KEY], parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            stored = None  # damaged JSON: fall back to the human-readable chunk
+        if isinstance(stored, dict):
+            fields, invalid = checked_fields(stored)
+            return fields, [f"ignored a stored value ({note})" for note in invalid]
     if PARAMETERS_KEY in text:
-        return parse_parameters(text[PARAMETERS_KEY])
+        return parse_parameters_noting(text[PARAMETERS_KEY])
     raise UsageError(f"--from-image: {path} holds no generation parameters")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .errors import UsageError
 
@@ -72,15 +72,6 @@ class Settings:
         d["slg_layers"] = list(self.slg_layers)
         return d
 
-    @staticmethod
-    def known_fields(d: dict) -> dict:
-        """The entries of a stored JSON dict that name a field, with lists back to tuples."""
-        names = {f.name for f in fields(Settings)}
-        out = {k: v for k, v in d.items() if k in names}
-        if isinstance(out.get("slg_layers"), list):
-            out["slg_layers"] = tuple(out["slg_layers"])
-        return out
-
 
 def nearest_multiple(v: int) -> int:
     return min(max(int(v / MULTIPLE + 0.5) * MULTIPLE, MIN_SIDE), MAX_SIDE)
@@ -93,26 +84,42 @@ def check_side(name: str, v: int) -> None:
         raise UsageError(f"--{name} must be a multiple of {MULTIPLE}, got {v} (try {nearest_multiple(v)})")
 
 
-def check(s: Settings) -> list[str]:
-    """Raise UsageError for settings the model cannot run; return warnings for ones it was not trained on."""
+# generate()'s argument names as this CLI calls them, for messages from sd35m_mlx.validation
+OPTION_NAMES = {
+    "prompt": "PROMPT",
+    "negative_prompt": "--negative-prompt",
+    "height": "--height",
+    "width": "--width",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--cfg",
+    "seed": "--seed",
+    "max_sequence_length": "--max-sequence-length",
+    "sampler": "--sampler",
+    "skip_guidance_layers": "SLG layers",
+    "skip_layer_guidance_scale": "--slg-scale",
+    "skip_layer_guidance_start": "SLG start",
+    "skip_layer_guidance_stop": "SLG stop",
+    "image": "--image",
+    "strength": "--strength",
+}
+
+
+def check(s: Settings, limits=None) -> list[str]:
+    """Raise UsageError for settings the model cannot run; return warnings for ones it was not trained on.
+
+    The rules are generate()'s own (sd35m_mlx.validation), plus this CLI's size range; `limits` (the
+    loaded model's `pipe.limits`) adds the checks that depend on the model.
+    """
+    from sd35m_mlx.validation import InvalidInput, validate_generation  # numpy: not for --help
+
     check_side("width", s.width)
     check_side("height", s.height)
-    if s.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {s.steps}")
-    if s.cfg < 0:
-        raise UsageError(f"--cfg must be >= 0, got {s.cfg}")
-    if s.image is not None and not (s.strength is not None and 0 < s.strength <= 1):
-        raise UsageError(f"--strength must be in (0, 1], got {s.strength}")
-    if not 1 <= s.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-        raise UsageError(
-            f"--max-sequence-length must be between 1 and {MAX_SEQUENCE_LENGTH}, got {s.max_sequence_length}"
-        )
-    if s.sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if s.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {s.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if not 0 <= s.seed <= MAX_SEED:
-        raise UsageError(f"seeds must be between 0 and {MAX_SEED}, got {s.seed}")
+    try:
+        validate_generation(limits, names=OPTION_NAMES, prompt=s.prompt, **s.generate_kwargs())
+    except InvalidInput as e:
+        raise UsageError(str(e)) from None
     warnings = []
     if not (TRAINED_MIN <= s.width <= TRAINED_MAX and TRAINED_MIN <= s.height <= TRAINED_MAX):
         warnings.append(
@@ -120,3 +127,23 @@ def check(s: Settings) -> list[str]:
             "expect weaker images"
         )
     return warnings
+
+
+def fit_to_model(s: Settings, limits) -> tuple[Settings, list[str]]:
+    """The settings for the loaded model, checked against it, and notes to print.
+
+    The default SLG layers (the model card's 7, 8, 9) apply only where the model has those blocks: the
+    missing ones are dropped, with a note. Other layers (restored from a PNG) must exist.
+    """
+    notes = []
+    if s.slg and s.slg_layers == Settings.slg_layers and any(i >= limits.num_layers for i in s.slg_layers):
+        kept = tuple(i for i in s.slg_layers if i < limits.num_layers)
+        missing = ", ".join(str(i) for i in s.slg_layers if i >= limits.num_layers)
+        then = f"SLG runs on layer(s) {', '.join(map(str, kept))}" if kept else "SLG is off"
+        notes.append(
+            f"Note: this model has {limits.num_layers} transformer blocks; the default SLG layer(s) {missing} "
+            f"are not among them, so {then}"
+        )
+        s = dataclasses.replace(s, slg_layers=kept) if kept else dataclasses.replace(s, slg=False)
+    check(s, limits)
+    return s, notes

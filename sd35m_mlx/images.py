@@ -36,7 +36,8 @@ def from_pil_or_array(image, height: int | None, width: int | None, multiple: in
                 [
                     np.asarray(
                         Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)).resize(
-                            (width or a.shape[1], height or a.shape[0]), Image.Resampling.LANCZOS
+                            (width or a.shape[1] // multiple * multiple, height or a.shape[0] // multiple * multiple),
+                            Image.Resampling.LANCZOS,
                         ),
                         dtype=np.float32,
                     )

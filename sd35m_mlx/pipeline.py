@@ -20,9 +20,10 @@ from .quantize import quantize_parts
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
 from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
-from .sampling.samplers import SAMPLERS, make_sampler
+from .sampling.samplers import make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
+from .validation import ARGUMENTS, ModelLimits, validate_generation
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -158,35 +159,26 @@ class StableDiffusion35:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _check(self, height, width, num_inference_steps, strength, image, sampler, guidance_scale):
-        multiple = self.vae_scale_factor * self.transformer_config.patch_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
-                lo = max(multiple, (int(v) // multiple) * multiple) if isinstance(v, (int, float)) else 1024
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v} (try {lo})")
-        max_px = self.transformer_config.pos_embed_max_size * multiple
-        if height > max_px or width > max_px:
-            raise ValueError(f"height and width must be at most {max_px} for this model, got {height}x{width}")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        if image is not None and not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    @property
+    def limits(self) -> ModelLimits:
+        """What this model accepts (sizes, block indices, latent shape), for `validate_generation`."""
+        c = self.transformer_config
+        multiple = self.vae_scale_factor * c.patch_size
+        return ModelLimits(
+            size_multiple=multiple,
+            max_side=c.pos_embed_max_size * multiple,
+            num_layers=c.num_layers,
+            latent_channels=c.in_channels,
+            vae_scale_factor=self.vae_scale_factor,
+            context_width=c.joint_attention_dim,
+            pooled_width=c.pooled_projection_dim,
+        )
 
     def _initial_noise(self, latents, shape, seed) -> mx.array:
         if latents is None:
             key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
             return mx.random.normal(shape, key=key).astype(mx.float32)
-        latents = mx.array(np.asarray(latents)) if not isinstance(latents, mx.array) else latents
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(
-                f"latents must have shape {tuple(shape)} (batch, height/8, width/8, channels; NHWC), "
-                f"got {tuple(latents.shape)}"
-            )
-        return latents.astype(mx.float32)
+        return (latents if isinstance(latents, mx.array) else mx.array(latents)).astype(mx.float32)
 
     def generate(
         self,
@@ -224,16 +216,13 @@ class StableDiffusion35:
         returning False raises GenerationCancelled. Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         """
-        # 1. Inputs
+        # 1. Inputs: every argument checked (and normalised) before any work, in validation.py
+        checked = validate_generation(self.limits, **{k: v for k, v in locals().items() if k in ARGUMENTS})
         init_image = None
         if image is not None:
-            init_image = from_pil_or_array(image, height, width, multiple=16)
-            height, width = init_image.shape[1:3]
-        height = height or 1024
-        width = width or 1024
-        self._check(height, width, num_inference_steps, strength, image, sampler, guidance_scale)
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+            init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
+        height, width, seed, latents = checked.height, checked.width, checked.seed, checked.latents
+        skip_guidance_layers, guidance_scale = checked.skip_guidance_layers, checked.guidance_scale
         do_cfg = guidance_scale > 1
 
         # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)
@@ -246,8 +235,6 @@ class StableDiffusion35:
                 num_images_per_prompt,
                 do_cfg,
             )
-        elif prompt is None:
-            raise ValueError("give a prompt (or prompt_embeds and pooled_prompt_embeds)")
         else:
             cond, uncond, pooled, uncond_pooled = self._encode_cached(
                 prompt,
