@@ -242,3 +242,18 @@ def test_generate_then_decode_with_taesd_matches_diffusers_with_autoencoder_tiny
     assert expected.std() > 0.02, "reference image is flat; the comparison would be meaningless"
     err = np.abs(out - expected).max()
     assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} > {PIXEL_TOL}"
+
+
+def test_bench_taesd_runs_and_agrees_with_diffusers(tiny_pipeline, taesd_folder, ours, tmp_path):
+    """benchmarks/bench_taesd.py keeps running (timings here mean nothing): both sides decode the same latents."""
+    from benchmarks import bench_taesd
+    from benchmarks.bench_speed import TorchRunner
+    from sd35m_mlx.loading.vae import load_vae
+
+    args = bench_taesd.parse_args(["--sizes", "64", "--repeats", "1", "--json", str(tmp_path / "taesd.json")])
+    args.device = "cpu"
+    folders = {"taesd": taesd_folder, "vae": tiny_pipeline / "vae"}
+    r = bench_taesd.bench_size(64, ours, load_vae(folders["vae"]), folders, args, TorchRunner(isolate=False))
+    assert r["max_abs_pixel_err"] < PIXEL_TOL
+    assert r["taesd"]["s"] > 0 and r["vae"]["work_gib"] > 0 and r["taesd_over_vae_s"] > 0
+    bench_taesd.print_report({"dtype": "float32", "device": "cpu", "sizes": [r]})

@@ -57,11 +57,10 @@ class TAESDConfig:
             raise ValueError(f"it describes a {d['_class_name']}, not an AutoencoderTiny (TAESD)")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        for key in ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
-        if "num_decoder_blocks" in kwargs:
-            kwargs["num_decoder_blocks"] = tuple(kwargs["num_decoder_blocks"])
+        for side in ("encoder", "decoder"):
+            for key in (f"{side}_block_out_channels", f"num_{side}_blocks"):
+                if key in kwargs:
+                    kwargs[key] = tuple(kwargs[key])
         if kwargs.get("shift_factor") is None:  # configs written before diffusers had the key
             kwargs["shift_factor"] = 0.0
         config = cls(**kwargs)
