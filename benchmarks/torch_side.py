@@ -354,3 +354,30 @@ def decode_vae(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats
         "peak_method": peak.method,
     }
     return result, out[-1].float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def decode_tiny(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
+    """decode_vae with diffusers' AutoencoderTiny (TAESD): the SD3 pipeline's decode with vae=AutoencoderTiny."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    tdtype = getattr(torch, dtype_name)
+    ref = _paged_in(AutoencoderTiny.from_pretrained(folder, torch_dtype=tdtype).to(device, tdtype).eval())
+    zt = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))).to(device, tdtype)
+    out = []
+
+    def decode():
+        lat = zt / ref.config.scaling_factor + ref.config.shift_factor
+        out.append((ref.decode(lat, return_dict=False)[0] / 2 + 0.5).clamp(0, 1))
+
+    with torch.inference_mode(), TorchPeak(device) as peak:
+        s, runs, warm = time_once_or_warm(decode, repeats, long_s, torch_sync(device))
+    result = {
+        "s": s,
+        "runs": runs,
+        "warm": warm,
+        "work_gib": _gib(peak.work),
+        "weights_gib": _gib(tensor_bytes(ref)),
+        "peak_method": peak.method,
+    }
+    return result, out[-1].float().cpu().numpy().transpose(0, 2, 3, 1)

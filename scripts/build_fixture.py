@@ -424,6 +424,43 @@ def _write_t5_tokenizer(out_dir: Path, corpus: str, vocab_size: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# TAESD3
+
+# madebyollin/taesd3's config.json (diffusers AutoencoderTiny). TAESD decodes the latents the
+# transformer sees, so its scaling_factor is 1.0 and shift_factor 0.0, not the SD3 VAE's.
+TAESD3 = dict(
+    in_channels=3,
+    out_channels=3,
+    encoder_block_out_channels=(64, 64, 64, 64),
+    decoder_block_out_channels=(64, 64, 64, 64),
+    act_fn="relu",
+    upsample_fn="nearest",
+    latent_channels=16,
+    upsampling_scaling_factor=2,
+    num_encoder_blocks=(1, 3, 3, 3),
+    num_decoder_blocks=(3, 3, 3, 1),
+    latent_magnitude=3,
+    latent_shift=0.5,
+    force_upcast=False,
+    scaling_factor=1.0,
+    shift_factor=0.0,
+)
+
+
+def build_taesd(out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Path:
+    """A random-weight diffusers AutoencoderTiny (TAESD3's config unless overridden) saved as safetensors."""
+    from diffusers import AutoencoderTiny
+
+    out_dir = Path(out_dir)
+    model = _randomise_(AutoencoderTiny(**{**TAESD3, **config_overrides}), seed, salt=7)
+    with torch.no_grad():  # pixels are the last conv's output: centre them in [0, 1], as a trained TAESD's
+        model.decoder.layers[-1].weight.mul_(0.5)
+        model.decoder.layers[-1].bias.add_(0.5)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
 # Pipeline
 
 

@@ -84,6 +84,12 @@ def download_tokenizers(repo_id: str = DEFAULT_REPO, *, revision: str | None = N
     return _snapshot(repo_id, revision, ["model_index.json", *tokenizer_patterns()], load_t5=False)
 
 
+def download_component(repo_id: str, files: list[str], *, revision: str | None = None) -> Path:
+    """The local snapshot folder of a single-component repo (such as madebyollin/taesd3), fetching only
+    `files` (glob patterns); the same one-line errors as `download`."""
+    return _snapshot(repo_id, revision, files, load_t5=False)
+
+
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str], *, load_t5: bool) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
