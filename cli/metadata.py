@@ -232,10 +232,6 @@ def checked_fields(raw: dict) -> tuple[dict, list[str]]:
     return fields, invalid
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def read_settings(path: str | Path) -> dict:
     """The settings stored in a PNG: our JSON chunk when present, else parsed `parameters` text."""
     return read_settings_noting(path)[0]
@@ -256,7 +252,7 @@ def read_settings_noting(path: str | Path) -> tuple[dict, list[str]]:
             )
     if JSON_KEY in text:
         try:
-            stored = json.loads(text[JSON_KEY], parse_constant=_reject_constant)
+            stored = json.loads(text[JSON_KEY])  # NaN / Infinity load as floats; the field checks refuse them
         except (ValueError, RecursionError):
             stored = None  # damaged JSON: fall back to the human-readable chunk
         if isinstance(stored, dict):

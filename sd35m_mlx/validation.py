@@ -346,11 +346,9 @@ class _Validator:
             if v % multiple:
                 lo = max(multiple, v // multiple * multiple)
                 raise InvalidValue(f"{self.n(name)} must be a positive multiple of {multiple}, got {v} (try {lo})")
-        if self.limits and max(size.values()) > self.limits.max_side:
-            raise InvalidValue(
-                f"{self.n('height')} and {self.n('width')} must be at most {self.limits.max_side} for this model, "
-                f"got {size['height']}x{size['width']}"
-            )
+        for name, v in size.items():
+            if self.limits and v > self.limits.max_side:
+                raise InvalidValue(f"{self.n(name)} must be at most {self.limits.max_side} for this model, got {v}")
         return size["height"], size["width"]
 
     def _latents(self, latents, batch: int, height: int, width: int):
