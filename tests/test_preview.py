@@ -261,3 +261,12 @@ def test_cli_bad_preview_options_fail_in_one_line_before_loading(recorded, args,
     result = cli_run(*args)
     assert result.exit_code == 2 and message in result.output
     assert recorded.load_options is None
+
+
+def test_bench_preview_runs_on_the_tiny_transformer(tiny_pipeline):
+    from benchmarks import bench_preview
+    from sd35m_mlx.loading.transformer import load_transformer
+
+    model = load_transformer(tiny_pipeline / "transformer")
+    row = bench_preview.bench(64, model, None, mx.float32, 1, np.random.default_rng(0))
+    assert row["size"] == 64 and row["step_s"] > 0 and row["rgb_s"] > 0 and row["rgb_cli_s"] > 0
