@@ -255,6 +255,7 @@ def test_cli_draft_and_taesd_previews_reach_the_loader_and_generate(recorded):
         (("--preview", "live.jpg"), "--preview must be a .png file"),
         (("--preview", "missing/live.png"), "does not exist"),
         (("--preview", "p.png", "--preview-every", "0"), "--preview-every must be at least 1"),
+        (("--preview-method", "taesd"), "--preview-method only applies with --preview"),
     ],
 )
 def test_cli_bad_preview_options_fail_in_one_line_before_loading(recorded, args, message):
