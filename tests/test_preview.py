@@ -255,9 +255,19 @@ def test_cli_draft_and_taesd_previews_reach_the_loader_and_generate(recorded):
         (("--preview", "live.jpg"), "--preview must be a .png file"),
         (("--preview", "missing/live.png"), "does not exist"),
         (("--preview", "p.png", "--preview-every", "0"), "--preview-every must be at least 1"),
+        (("--preview-method", "taesd"), "--preview-method only applies with --preview"),
     ],
 )
 def test_cli_bad_preview_options_fail_in_one_line_before_loading(recorded, args, message):
     result = cli_run(*args)
     assert result.exit_code == 2 and message in result.output
     assert recorded.load_options is None
+
+
+def test_bench_preview_runs_on_the_tiny_transformer(tiny_pipeline):
+    from benchmarks import bench_preview
+    from sd35m_mlx.loading.transformer import load_transformer
+
+    model = load_transformer(tiny_pipeline / "transformer")
+    row = bench_preview.bench(64, model, None, mx.float32, 1, np.random.default_rng(0))
+    assert row["size"] == 64 and row["step_s"] > 0 and row["rgb_s"] > 0 and row["rgb_cli_s"] > 0
