@@ -15,6 +15,7 @@ from .loading import hub
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
+from .lora import LoraMixin
 from .models.mmdit import SD3Transformer2DModel
 from .quantize import quantize_parts
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
@@ -36,7 +37,7 @@ def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
 
 
-class StableDiffusion35:
+class StableDiffusion35(LoraMixin):
     """SD3.5 Medium (and other SD3-family MMDiT checkpoints) in MLX.
 
     `transformer`, `vae` and `prompt_encoder` stay public for users who compose their own loops.
@@ -76,6 +77,7 @@ class StableDiffusion35:
         t5_quantize: int | str | None = None,
         quantize_group_size: int = 64,
         low_memory: bool | None = None,
+        loras: Sequence | None = None,
     ) -> StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
@@ -85,7 +87,8 @@ class StableDiffusion35:
         (default: as `quantize`; "none" keeps T5 in `dtype`). `low_memory` runs generation in stages
         (encode text, release the text encoders, denoise, release the transformer, decode) so the text
         encoders and the transformer are never resident together; None turns it on when the weights
-        would take more than about 60% of this machine's memory.
+        would take more than about 60% of this machine's memory. `loras`: LoRA files or Hub ids, each
+        alone (weight 1.0) or as (source, weight); see `load_lora_weights`.
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -122,6 +125,7 @@ class StableDiffusion35:
         if low_memory:
             pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
+        pipe._load_loras(loras)
         return pipe
 
     def _component(self, name: str):
@@ -130,6 +134,7 @@ class StableDiffusion35:
         if part is None:
             part = getattr(self._reload(name), name)
             materialize(*(_encoders(part) if name == "prompt_encoder" else [part]))
+            self._lora_attach(name, part)  # adapters live on the pipeline: re-applied to every reload
             setattr(self, name, part)
         return part
 
