@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from . import lora
 from .errors import UsageError
 from .settings import Settings
 
@@ -42,8 +43,10 @@ def parameters_text(s: Settings, version: str) -> str:
         items["SLG layers"] = ",".join(map(str, s.slg_layers))
     if not s.t5:
         items["T5"] = "off"
+    if s.loras:
+        items["Lora hashes"] = lora.hashes_text(s.loras)
     items["Version"] = version
-    lines = [s.prompt]
+    lines = [s.prompt + lora.prompt_tags(s.loras)]
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in items.items()))
@@ -67,7 +70,8 @@ def parse_parameters(text: str) -> dict:
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    out: dict = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
+    text_prompt, _ = lora.strip_tags("\n".join(prompt))  # the LoRA files are named in our JSON only
+    out: dict = {"prompt": text_prompt, "negative_prompt": "\n".join(negative).strip()}
     kv = {}
     for key, value in _PARAM.findall(kv_line):
         if value.startswith('"'):

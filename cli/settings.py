@@ -45,6 +45,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     image: str | None = None
     strength: float | None = None
+    loras: tuple[tuple[str, float, str], ...] = ()  # (source, weight, short sha256); cli/lora.py
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""
@@ -79,6 +80,8 @@ class Settings:
         out = {k: v for k, v in d.items() if k in names}
         if isinstance(out.get("slg_layers"), list):
             out["slg_layers"] = tuple(out["slg_layers"])
+        if isinstance(out.get("loras"), list):
+            out["loras"] = tuple(tuple(entry) for entry in out["loras"])
         return out
 
 
