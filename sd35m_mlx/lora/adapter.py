@@ -18,7 +18,7 @@ class LoraError(ValueError):
 class Factor:
     """One adapter on one layer: delta W = scale * (up @ down) (+ dense `delta`, + `bias` on the output).
 
-    down (rank, in), up (out, rank), float32. `scale` is alpha / rank (or what the format's alpha rule
+    down (rank, in), up (out, rank), in the file's float dtype. `scale` is alpha / rank (or what the format's alpha rule
     says); the user's adapter weight multiplies it later. LyCORIS LoKr / LoHa products, which are not
     low rank, come as a dense (out, in) `delta` instead of down / up.
     """

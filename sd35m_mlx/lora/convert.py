@@ -188,6 +188,11 @@ def _f32(a: mx.array) -> mx.array:
     return a.astype(mx.float32)
 
 
+def _float(a: mx.array) -> mx.array:
+    """Low-rank factors stay in the file's float dtype (memory = the file's size); others become float32."""
+    return a if a.dtype in (mx.float32, mx.float16, mx.bfloat16) else _f32(a)
+
+
 def _kron(a: mx.array, b: mx.array) -> mx.array:
     return mx.kron(a, b)
 
@@ -213,7 +218,7 @@ def make_factor(parts: dict[str, mx.array], alpha: float | None, rslora: bool, w
         a = float(rank) if alpha is None else alpha
         scale = a / math.sqrt(rank) if rslora else a / rank
         bias = _f32(parts["up_bias"]) if "up_bias" in parts else None
-        return Factor(down=_f32(down), up=_f32(up), scale=scale, bias=bias)
+        return Factor(down=_float(down), up=_float(up), scale=scale, bias=bias)
     if any(k.startswith("lokr_") for k in parts):
         dim = None
         w1 = parts.get("lokr_w1")

@@ -65,7 +65,11 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         message = hub.explain(e, repo_id, revision, load_t5=False)
         if message is None:
             raise
-        raise LoraError(f"LoRA {message}") from e
+        raise LoraError(_for_lora(message)) from e
+
+
+def _for_lora(message: str) -> str:
+    return "LoRA " + message.replace("a local diffusers-layout folder", "a local LoRA .safetensors file")
 
 
 def _download(repo_id: str, filename: str, revision: str | None) -> Path:
@@ -80,7 +84,7 @@ def _download(repo_id: str, filename: str, revision: str | None) -> Path:
         message = hub.explain(e, repo_id, revision, load_t5=False)
         if message is None:
             raise
-        raise LoraError(f"LoRA {message}") from e
+        raise LoraError(_for_lora(message)) from e
 
 
 def read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:

@@ -25,6 +25,7 @@ class SidePath:
     base_class: type
     down_t: mx.array | None = None  # (in, R)
     up_t: mx.array | None = None  # (R, out)
+    scale: float = 1.0  # multiplies (x @ down_t) @ up_t (1.0 when it is folded into up_t)
     dense_t: mx.array | None = None  # (in, out)
     bias: mx.array | None = None  # (out,)
     original_weight: mx.array | None = None  # the base weight while a fused delta replaces it
@@ -45,7 +46,8 @@ class _LoraLayer:
         y = super().__call__(x)
         side: SidePath = self._lora
         if side.down_t is not None:
-            y = y + (x @ side.down_t) @ side.up_t
+            lora = (x @ side.down_t) @ side.up_t
+            y = y + (lora if side.scale == 1.0 else side.scale * lora)
         if side.dense_t is not None:
             y = y + x @ side.dense_t
         if side.bias is not None:
@@ -113,7 +115,11 @@ def _module_at(model: nn.Module, path: str) -> nn.Module:
 def _compose(items: list[tuple[float, Factor]], dtype: mx.Dtype) -> SidePath:
     side = SidePath(base_class=object)
     low = [(w * f.scale, f) for w, f in items if f.down is not None and w * f.scale != 0]
-    if low:
+    if len(low) == 1 and low[0][1].down.dtype == dtype and low[0][1].up.dtype == dtype:
+        # one adapter in the compute dtype: transposed views of its own factors, no copy
+        side.scale, f = low[0]
+        side.down_t, side.up_t = f.down.T, f.up.T
+    elif low:
         side.down_t = mx.concatenate([f.down.astype(mx.float32) for _, f in low]).T.astype(dtype)
         side.up_t = mx.concatenate([s * f.up.astype(mx.float32) for s, f in low], axis=1).T.astype(dtype)
     dense = [(w * f.scale, f) for w, f in items if f.delta is not None and w * f.scale != 0]
