@@ -46,7 +46,7 @@ def random_factors(table, rank: int, count: int, dtype, seed: int) -> dict[str, 
     key = mx.random.key(seed)
     targets = {}
     for path, shape in table.items():
-        if shape is None:
+        if shape is None or len(shape) != 2:
             continue
         out, inp = shape
         items = []
@@ -60,14 +60,10 @@ def random_factors(table, rank: int, count: int, dtype, seed: int) -> dict[str, 
     return targets
 
 
-def time_steps(model, x, context, mods, repeats: int) -> float:
-    mx.eval(model.denoise(x, context, mods))  # warm-up (and graph build)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(model.denoise(x, context, mods))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_step(model, x, context, mods) -> float:
+    t0 = time.perf_counter()
+    mx.eval(model.denoise(x, context, mods))
+    return time.perf_counter() - t0
 
 
 def write_lora_file(path: Path, table, rank: int) -> int:
@@ -76,7 +72,7 @@ def write_lora_file(path: Path, table, rank: int) -> int:
     rng = np.random.default_rng(0)
     tensors = {}
     for name, shape in table.items():
-        if shape is None:
+        if shape is None or len(shape) != 2:
             continue
         out, inp = shape
         tensors[f"transformer.{name}.lora_A.weight"] = rng.standard_normal((rank, inp), dtype=np.float32)
@@ -107,22 +103,32 @@ def main() -> None:
     context = mx.random.normal((2, 333, config.hidden_size)).astype(dtype)
     mods = model.modulations(model.conditioning(mx.array([500.0, 500.0]), mx.random.normal((2, 2048)).astype(dtype)))
     mx.eval(x, context, mods)
-    print(f"{platform.node()} {mx.default_device()} depth {args.depth}, {args.size} px, {args.dtype}", flush=True)
+    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
+    print(
+        f"{platform.node()} {mx.default_device()} depth {args.depth}, {args.size} px, {args.dtype}, load {load}",
+        flush=True,
+    )
 
     results = {"depth": args.depth, "size": args.size, "dtype": args.dtype, "steps": {}, "load": {}}
-    base = time_steps(model, x, context, mods, args.repeats)
-    results["steps"]["none"] = base
-    print(f"no LoRA: {base * 1e3:.1f} ms / step", flush=True)
+    configs = {"none": {}}
     for rank in args.ranks:
         for count in (1, 3):
-            targets = random_factors(table, rank, count, dtype, seed=rank * 10 + count)
+            configs[f"{count} x rank {rank}"] = random_factors(table, rank, count, dtype, seed=rank * 10 + count)
+    times: dict[str, list[float]] = {label: [] for label in configs}
+    for targets in configs.values():  # warm-up: one step each
+        apply(model, targets)
+        time_step(model, x, context, mods)
+    for _ in range(args.repeats):  # interleaved, so load drift on a shared machine hits every setting alike
+        for label, targets in configs.items():
             apply(model, targets)
-            t = time_steps(model, x, context, mods, args.repeats)
-            detach_all(model)
-            label = f"{count} x rank {rank}"
-            results["steps"][label] = t
-            print(f"{label}: {t * 1e3:.1f} ms / step ({t / base:.3f}x)", flush=True)
-            del targets
+            times[label].append(time_step(model, x, context, mods))
+    detach_all(model)
+    base = statistics.median(times["none"])
+    for label, ts in times.items():
+        t = statistics.median(ts)
+        results["steps"][label] = t
+        print(f"{label}: {t * 1e3:.1f} ms / step ({t / base:.3f}x)", flush=True)
+    del configs
 
     full = SD3Transformer2DModel(MMDiTConfig())  # all 24 blocks; lazy arrays: only the module tree is used
     full_table = {"transformer": layer_table(full)}

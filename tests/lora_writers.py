@@ -30,6 +30,7 @@ TRANSFORMER_TARGETS = [
     "linear_1",
     "linear_2",
     "proj_out",
+    "pos_embed.proj",  # the patch-embedding Conv2d: peft writes a conv LoRA
 ]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 

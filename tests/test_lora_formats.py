@@ -44,6 +44,7 @@ TOP = {
     "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
+    "x_embedder.proj": "pos_embed.proj",  # a Conv2d: conv LoRA factors, PyTorch layout
 }
 
 
@@ -74,6 +75,11 @@ def lora(ours):
                 down, up = factor(out * len(names), inp)
                 mmdit[f"joint_blocks.{i}.{stream}.{stab}"] = (down, up, names)
     for stab, target in TOP.items():
+        if len(table[target]) == 4:
+            out, kh, kw, inp = table[target]
+            down = rng.standard_normal((RANK, inp, kh, kw)) / (inp * kh * kw) ** 0.5
+            mmdit[stab] = (down, rng.standard_normal((out, RANK, 1, 1)) * 0.05, [target])
+            continue
         out, inp = table[target]
         mmdit[stab] = (*factor(out, inp), [target])
     te = {}

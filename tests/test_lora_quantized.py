@@ -19,7 +19,7 @@ def _lora_file(pipe, path, seed=0):
     rng = np.random.default_rng(seed)
     t = {}
     for name, shape in layer_table(pipe.transformer).items():
-        if shape is None:
+        if shape is None or len(shape) != 2:
             continue
         out, inp = shape
         t[f"transformer.{name}.lora_A.weight"] = rng.standard_normal((4, inp)) / inp**0.5

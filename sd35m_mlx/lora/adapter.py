@@ -34,17 +34,19 @@ class Factor:
         return 0 if self.down is None else self.down.shape[0]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in) of the layer this factor adapts."""
+    def shape(self) -> tuple[int, ...]:
+        """The weight shape of the layer this factor adapts: (out, in), or (out, kh, kw, in) for a Conv2d
+        (whose `down` is the (rank, kh, kw, in) convolution, MLX layout)."""
         if self.delta is not None:
             return tuple(self.delta.shape)
-        return (self.up.shape[0], self.down.shape[1])
+        return (self.up.shape[0], *self.down.shape[1:])
 
     def dense(self) -> mx.array:
-        """scale * delta W as one (out, in) float32 matrix (for fusing)."""
+        """scale * delta W as one float32 array of the layer's weight shape (for fusing)."""
         w = mx.zeros(self.shape, dtype=mx.float32)
         if self.down is not None:
-            w = w + self.up.astype(mx.float32) @ self.down.astype(mx.float32)
+            down = self.down.astype(mx.float32).reshape(self.rank, -1)
+            w = w + (self.up.astype(mx.float32) @ down).reshape(self.shape)
         if self.delta is not None:
             w = w + self.delta.astype(mx.float32)
         return self.scale * w

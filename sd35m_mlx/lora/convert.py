@@ -210,8 +210,11 @@ def make_factor(parts: dict[str, mx.array], alpha: float | None, rslora: bool, w
         if not ("down" in parts and "up" in parts):
             raise LoraError(f"{where}: has lora_{'down' if 'down' in parts else 'up'} but not its partner")
         down, up = parts["down"], parts["up"]
-        if down.ndim != 2 or up.ndim != 2:
-            raise LoraError(f"{where}: a convolution LoRA (factor shape {tuple(down.shape)}); only Linear layers")
+        if down.ndim == 4 and up.ndim == 4 and up.shape[2:] == (1, 1):
+            # a convolution LoRA (PyTorch layout): down (r, in, kh, kw) -> ours (r, kh, kw, in), up 1x1
+            down, up = down.transpose(0, 2, 3, 1), up.reshape(up.shape[:2])
+        if down.ndim not in (2, 4) or up.ndim != 2:
+            raise LoraError(f"{where}: unsupported LoRA factor shapes {tuple(down.shape)} / {tuple(up.shape)}")
         rank = down.shape[0]
         if up.shape[1] != rank:
             raise LoraError(f"{where}: lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}")
@@ -336,7 +339,7 @@ def convert(
         factor = make_factor(parts, alpha, bool(config and config.use_rslora), where)
         if component == "stability":
             shape = tables.layers["transformer"][tables.stability[name][0]]
-            if shape is None or factor.shape[1] != shape[1] or factor.shape[0] % len(tables.stability[name]):
+            if shape is None or factor.shape[1:] != shape[1:] or factor.shape[0] % len(tables.stability[name]):
                 _wrong_shape(source, name, factor.shape, shape, len(tables.stability[name]))
             placed = [("transformer", t, f) for t, f in _split_stability(factor, name, alpha, tables.num_layers)]
         else:

@@ -17,13 +17,13 @@ import mlx.nn as nn
 
 from .adapter import Factor
 
-LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, nn.Conv2d)
 
 
 @dataclass
 class SidePath:
     base_class: type
-    down_t: mx.array | None = None  # (in, R)
+    down_t: mx.array | None = None  # (in, R); for a Conv2d the down convolution, (R, kh, kw, in)
     up_t: mx.array | None = None  # (R, out)
     scale: float = 1.0  # multiplies (x @ down_t) @ up_t (1.0 when it is folded into up_t)
     dense_t: mx.array | None = None  # (in, out)
@@ -46,13 +46,18 @@ class _LoraLayer:
         y = super().__call__(x)
         side: SidePath = self._lora
         if side.down_t is not None:
-            lora = (x @ side.down_t) @ side.up_t
+            lora = (self._lora_down(x, side.down_t)) @ side.up_t
             y = y + (lora if side.scale == 1.0 else side.scale * lora)
         if side.dense_t is not None:
-            y = y + x @ side.dense_t
+            y = y + self._lora_down(x, side.dense_t)
         if side.bias is not None:
             y = y + side.bias
         return y
+
+    def _lora_down(self, x: mx.array, w: mx.array) -> mx.array:
+        if isinstance(self, nn.Conv2d):  # kohya / peft: the down factor is a conv like the base one
+            return mx.conv2d(x, w, self.stride, self.padding, self.dilation, getattr(self, "groups", 1))
+        return x @ w
 
 
 _CLASSES: dict[type, type] = {}
@@ -68,8 +73,11 @@ def is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, _LoraLayer)
 
 
-def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(out, in) of a Linear or QuantizedLinear (packed weights report the unpacked width); else None."""
+def linear_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """(out, in) of a Linear or QuantizedLinear (packed weights report the unpacked width), (out, kh, kw, in)
+    of a Conv2d; else None."""
+    if isinstance(module, nn.Conv2d) and getattr(module, "groups", 1) == 1:
+        return tuple(module.weight.shape)
     if isinstance(module, nn.QuantizedLinear):
         return (module.weight.shape[0], module.scales.shape[-1] * module.group_size)
     if isinstance(module, nn.Linear):
@@ -82,8 +90,8 @@ def compute_dtype(module: nn.Module) -> mx.Dtype:
 
 
 def layer_table(model: nn.Module) -> dict[str, tuple[int, int] | None]:
-    """Module path -> (out, in) for every Linear / QuantizedLinear; None for other leaf layers with a
-    weight (convolutions, embeddings, norms), which a LoRA cannot adapt here."""
+    """Module path -> shape (`linear_shape`) of every layer a LoRA can adapt; None for other leaf layers with
+    a weight (embeddings, norms), which it cannot."""
     table = {}
     for path, m in model.named_modules():
         shape = linear_shape(m)
@@ -115,16 +123,22 @@ def _module_at(model: nn.Module, path: str) -> nn.Module:
 def _compose(items: list[tuple[float, Factor]], dtype: mx.Dtype) -> SidePath:
     side = SidePath(base_class=object)
     low = [(w * f.scale, f) for w, f in items if f.down is not None and w * f.scale != 0]
+    conv = bool(low) and low[0][1].down.ndim == 4
+
+    def t(a):  # a Linear's factors are used transposed, a Conv2d's down convolution as it is
+        return a if conv else a.T
+
     if len(low) == 1 and low[0][1].down.dtype == dtype and low[0][1].up.dtype == dtype:
         # one adapter in the compute dtype: transposed views of its own factors, no copy
         side.scale, f = low[0]
-        side.down_t, side.up_t = f.down.T, f.up.T
+        side.down_t, side.up_t = t(f.down), f.up.T
     elif low:
-        side.down_t = mx.concatenate([f.down.astype(mx.float32) for _, f in low]).T.astype(dtype)
+        side.down_t = t(mx.concatenate([f.down.astype(mx.float32) for _, f in low])).astype(dtype)
         side.up_t = mx.concatenate([s * f.up.astype(mx.float32) for s, f in low], axis=1).T.astype(dtype)
     dense = [(w * f.scale, f) for w, f in items if f.delta is not None and w * f.scale != 0]
     if dense:
-        side.dense_t = sum(s * f.delta.astype(mx.float32) for s, f in dense).T.astype(dtype)
+        delta = sum(s * f.delta.astype(mx.float32) for s, f in dense)
+        side.dense_t = (delta if delta.ndim == 4 else delta.T).astype(dtype)
     biased = [(w * f.scale, f) for w, f in items if f.bias is not None and w * f.scale != 0]
     if biased:
         side.bias = sum(s * f.bias.astype(mx.float32) for s, f in biased).astype(dtype)
