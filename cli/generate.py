@@ -191,7 +191,10 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         **({"loras": [(src, w) for src, w, _ in settings.loras]} if settings.loras else {}),
     )
     if settings.loras:
-        settings = dataclasses.replace(settings, loras=lora.with_hashes(settings.loras, pipe.lora_info()))
+        loras, lora_notes = lora.with_hashes(settings.loras, pipe.lora_info())
+        settings = dataclasses.replace(settings, loras=loras)
+        for note in lora_notes:
+            reporter.say(note)
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
 
     # 3. One generate() per seed, so each seed reproduces its image exactly

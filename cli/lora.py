@@ -70,9 +70,15 @@ def _available(source: str) -> bool:
     return hub.is_hub_id(source)
 
 
-def with_hashes(loras: Loras, info: list[dict]) -> Loras:
-    """The loaded pipeline's short sha256 of each LoRA (same order)."""
-    return tuple((src, w, item["sha256"]) for (src, w, _), item in zip(loras, info, strict=True))
+def with_hashes(loras: Loras, info: list[dict]) -> tuple[Loras, list[str]]:
+    """The loaded pipeline's short sha256 of each LoRA (same order), and a warning for each file that is
+    not the one a --from-image PNG recorded."""
+    notes = [
+        f"Warning: LoRA {src} has sha256 {item['sha256']}, not {sha} as recorded in the image; using it anyway"
+        for (src, _, sha), item in zip(loras, info, strict=True)
+        if sha and item["sha256"] and sha != item["sha256"]
+    ]
+    return tuple((src, w, item["sha256"]) for (src, w, _), item in zip(loras, info, strict=True)), notes
 
 
 def display_name(source: str) -> str:

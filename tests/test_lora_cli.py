@@ -50,6 +50,19 @@ def test_lora_options_apply_record_and_reapply(tiny_pipeline, lora_file, tmp_pat
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(styled))
 
+    changed = save(
+        tmp_path / "changed.safetensors",
+        {
+            "transformer.proj_out.lora_A.weight": np.ones((1, 32)),
+            "transformer.proj_out.lora_B.weight": np.ones((64, 1)),
+        },
+    )
+    original = lora_file.read_bytes()
+    lora_file.write_bytes(changed.read_bytes())
+    result = CliRunner().invoke(cli, ["--from-image", "lora.png", "-o", "changed.png"], catch_exceptions=False)
+    assert result.exit_code == 0 and f"not {short} as recorded in the image" in result.output
+    lora_file.write_bytes(original)
+
     lora_file.rename(tmp_path / "moved.safetensors")
     result = CliRunner().invoke(cli, ["--from-image", "lora.png", "-o", "missing.png"], catch_exceptions=False)
     assert result.exit_code == 0 and f"LoRA {lora_file} (sha256 {short}, scale 0.7)" in result.output
