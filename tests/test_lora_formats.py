@@ -192,6 +192,9 @@ WRITERS = {
     "kohya_split_qkv": lambda lora, p: write_kohya(lora, p, split_qkv=True),
     "stability_comfyui": write_stability,
     "simpletuner_comfyui": lambda lora, p: write_ours_named(lora, p, "transformer.", "lora_A.weight", "lora_B.weight"),
+    "comfyui_diffusers_names": lambda lora, p: write_ours_named(
+        lora, p, "diffusion_model.", "lora_A.weight", "lora_B.weight"
+    ),
     "onetrainer_legacy": lambda lora, p: write_ours_named(
         lora, p, "lora_transformer_", "lora_down.weight", "lora_up.weight", flat=True
     ),
@@ -202,7 +205,13 @@ WRITERS = {
         lora, p, "transformer.", "lora_linear_layer.down.weight", "lora_linear_layer.up.weight"
     ),
 }
-TE_FREE = {"simpletuner_comfyui", "onetrainer_legacy", "peft_prefix_lora_dot", "lora_linear_layer"}
+TE_FREE = {
+    "simpletuner_comfyui",
+    "comfyui_diffusers_names",
+    "onetrainer_legacy",
+    "peft_prefix_lora_dot",
+    "lora_linear_layer",
+}
 
 
 @pytest.mark.parametrize("fmt", list(WRITERS))

@@ -10,6 +10,7 @@ Layouts (a file may mix them; each tensor is routed on its own):
 - kohya sd-scripts: `lora_unet_<single-file name with _>`, `lora_te1_` / `lora_te2_` / `lora_te3_` (CLIP-L,
   CLIP-G, T5); OneTrainer legacy `lora_transformer_<diffusers name with _>`. The `_`-joined names are looked
   up in tables built from our module tree and the single-file key map, never unflattened by guessing.
+- ComfyUI prefix on diffusers names: `diffusion_model.transformer_blocks.N.attn.to_q.lora_A.weight`.
 - suffixes lora_A/lora_B, lora_down/lora_up, lora.down/lora.up, lora_linear_layer.down/up, `.alpha`;
   LyCORIS LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) and LoHa (hada_w{1,2}_{a,b}); full `.diff` / `.diff_b`.
 
@@ -129,6 +130,8 @@ def route(prefix: str, tables: KeyTables) -> tuple[str, str, str] | None:
     for head in ("model.diffusion_model.", "diffusion_model.", ""):
         if p.startswith(head) and p[len(head) :] in tables.stability:
             return "stability", "stability", p[len(head) :]
+        if head and p.startswith(head) and p[len(head) :] in tables.layers.get("transformer", {}):
+            return "comfyui", "transformer", p[len(head) :]  # ComfyUI's prefix on diffusers names (ai-toolkit)
     for name, component in _STABILITY_TE.items():
         head = f"text_encoders.{name}.transformer."
         if p.startswith(head) and p[len(head) :] in tables.layers.get(component, {}):
