@@ -15,7 +15,7 @@ from PIL import Image
 
 import sd35m_mlx
 
-from . import live
+from . import live, lora
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
@@ -78,7 +78,7 @@ def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, lis
     for name, field in RESTORABLE.items():
         if stored.get(field) is not None and not given(ctx, name):
             params[name] = (stored[field],) if name == "seeds" else stored[field]
-    extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop") if k in stored}
+    extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop", "loras") if k in stored}
     return params, extra, [f"Note: --from-image {png}: {note}" for note in invalid]
 
 
@@ -125,6 +125,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     from_image = params.pop("from_image")
     if from_image:
         params, extra, notes = restore(ctx, params, from_image)
+    loras, lora_notes = lora.plan(given(ctx, "loras"), params, extra.pop("loras", None))
     if params["num_images"] < 1:
         raise UsageError(f"--num-images must be at least 1, got {params['num_images']}")
     if not params["prompt"]:
@@ -158,6 +159,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             model=str(params["model"]),
             image=str(image) if image is not None else None,
             strength=float(params["strength"]) if image is not None else None,
+            loras=loras,
             **extra,
         )
         seeds = [int(s) for s in plan_seeds(tuple(params["seeds"]), params["num_images"])]
@@ -166,7 +168,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     warnings = check(settings)
     for seed in seeds:
         check(dataclasses.replace(settings, seed=seed))
-    return settings, seeds, notes + [f"Warning: {w}" for w in warnings]
+    return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings]
 
 
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
@@ -192,7 +194,13 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         t5_quantize=settings.t5_quantize,
         low_memory=params["low_memory"],
         **live.loader_options(params),
+        **({"loras": [(src, w) for src, w, _ in settings.loras]} if settings.loras else {}),
     )
+    if settings.loras:
+        loras, lora_notes = lora.with_hashes(settings.loras, pipe.lora_info())
+        settings = dataclasses.replace(settings, loras=loras)
+        for note in lora_notes:
+            reporter.say(note)
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
     limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
     if limits is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from . import lora
 from .errors import UsageError
 from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS, Settings
 
@@ -48,8 +49,10 @@ def parameters_text(s: Settings, version: str) -> str:
         items["SLG layers"] = ",".join(map(str, s.slg_layers))
     if not s.t5:
         items["T5"] = "off"
+    if s.loras:
+        items["Lora hashes"] = lora.hashes_text(s.loras)
     items["Version"] = version
-    lines = [s.prompt]
+    lines = [s.prompt + lora.prompt_tags(s.loras)]
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in items.items()))
@@ -152,7 +155,8 @@ def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    raw: dict = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
+    text_prompt, _ = lora.strip_tags("\n".join(prompt))  # the LoRA files are named in our JSON only
+    raw: dict = {"prompt": text_prompt, "negative_prompt": "\n".join(negative).strip()}
     kv = dict(items or [])
     if sampler := {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", "")):
         raw["sampler"] = sampler
@@ -215,7 +219,32 @@ def _field_rules() -> dict:
         "model": lambda x, n: v.text(x, n, MAX_PATH_CHARS),
         "image": optional(lambda x, n: v.text(x, n, MAX_PATH_CHARS)),
         "strength": optional(lambda x, n: v.real(x, n, 0.0, 1.0, open_low=True)),
+        "loras": stored_loras,
     }
+
+
+MAX_LORAS = 64
+
+
+def stored_loras(value, name: str) -> tuple:
+    """[[source, weight, sha256], ...] from our JSON chunk, each part checked (cli/lora.py re-finds the files)."""
+    from sd35m_mlx import validation as v
+
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_LORAS:
+        raise v.InvalidValue(f"{name} must be a list of at most {MAX_LORAS} [source, weight, sha256] entries")
+    out = []
+    for entry in value:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise v.InvalidValue(f"{name} entries must be [source, weight, sha256], got {_short(repr(entry))}")
+        source, weight, sha = entry
+        out.append(
+            (
+                v.text(source, name, MAX_PATH_CHARS),
+                v.real(weight, name, -v.MAX_GUIDANCE, v.MAX_GUIDANCE),
+                v.text(sha, name, 64),
+            )
+        )
+    return tuple(out)
 
 
 def checked_fields(raw: dict) -> tuple[dict, list[str]]:

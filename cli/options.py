@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from . import lora
 from .live import OPTIONS as LIVE_OPTIONS
 from .output import DEFAULT_TEMPLATE
 from .settings import (
@@ -158,6 +159,7 @@ OPTIONS = [
         default=0.6,
         help="img2img: how far to move away from --image, in (0, 1]; 1 keeps nothing of it.",
     ),
+    *lora.OPTIONS,
     click.option(
         "-o",
         "--output",

@@ -45,6 +45,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     image: str | None = None
     strength: float | None = None
+    loras: tuple[tuple[str, float, str], ...] = ()  # (source, weight, short sha256); cli/lora.py
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""

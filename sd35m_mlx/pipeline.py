@@ -16,8 +16,9 @@ from .loading import hub
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
+from .lora import LoraMixin
 from .models.mmdit import SD3Transformer2DModel
-from .preview import Preview, check_preview_args, latent_rgb, taesd_rgb
+from .preview import Preview, latent_rgb, taesd_rgb
 from .quantize import quantize_parts
 from .sampling.cancel import Cancellation, cancellable
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
@@ -31,7 +32,6 @@ from .validation import ARGUMENTS, ModelLimits, validate_generation
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEFAULT_TAESD = "madebyollin/taesd3"  # loaded on first use by preview="taesd" / decoder="taesd"
-DECODERS = ("vae", "taesd")
 
 
 def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
@@ -43,7 +43,7 @@ def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
 
 
-class StableDiffusion35:
+class StableDiffusion35(LoraMixin):
     """SD3.5 Medium (and other SD3-family MMDiT checkpoints) in MLX.
 
     `transformer`, `vae` and `prompt_encoder` stay public for users who compose their own loops.
@@ -90,6 +90,7 @@ class StableDiffusion35:
         quantize_group_size: int = 64,
         low_memory: bool | None = None,
         taesd: str | os.PathLike | None = None,
+        loras: Sequence | None = None,
     ) -> StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
@@ -101,7 +102,8 @@ class StableDiffusion35:
         encoders and the transformer are never resident together; None turns it on when the weights
         would take more than about 60% of this machine's memory. `taesd` (a Hub id, folder or
         .safetensors file) loads the TAESD3 decoder for preview="taesd" and decoder="taesd"; None
-        loads DEFAULT_TAESD when first needed.
+        loads DEFAULT_TAESD when first needed. `loras`: LoRA files or Hub ids, each
+        alone (weight 1.0) or as (source, weight); see `load_lora_weights`.
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -140,6 +142,7 @@ class StableDiffusion35:
         pipe._reload = load
         if taesd is not None:
             pipe.taesd = _load_taesd(taesd, dtype)
+        pipe._load_loras(loras)
         return pipe
 
     def cancel(self) -> bool:
@@ -159,6 +162,7 @@ class StableDiffusion35:
         if part is None:
             part = getattr(self._reload(name), name)
             materialize(*(_encoders(part) if name == "prompt_encoder" else [part]))
+            self._lora_attach(name, part)  # adapters live on the pipeline: re-applied to every reload
             setattr(self, name, part)
         return part
 
@@ -264,9 +268,7 @@ class StableDiffusion35:
             init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
         height, width, seed, latents = checked.height, checked.width, checked.seed, checked.latents
         skip_guidance_layers, guidance_scale = checked.skip_guidance_layers, checked.guidance_scale
-        check_preview_args(preview, preview_every, on_preview)
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be 'vae' or 'taesd', got {decoder!r}")
+        preview_every = checked.preview_every
         do_cfg = guidance_scale > 1
 
         # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)

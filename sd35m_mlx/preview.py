@@ -68,17 +68,6 @@ def to_pil(rgb: mx.array) -> Image.Image:
     return Image.fromarray((np.array(rgb) * 255).round().astype(np.uint8))
 
 
-def check_preview_args(preview, preview_every, on_preview) -> None:
-    if preview is None:
-        return
-    if preview not in PREVIEW_METHODS:
-        raise ValueError(f"preview must be one of {', '.join(map(repr, PREVIEW_METHODS))} or None, got {preview!r}")
-    if not callable(on_preview):
-        raise TypeError(f"preview={preview!r} needs on_preview, a callable(step, total, PIL.Image)")
-    if isinstance(preview_every, bool) or not isinstance(preview_every, (int, np.integer)) or preview_every < 1:
-        raise ValueError(f"preview_every must be an integer >= 1, got {preview_every!r}")
-
-
 def is_preview_step(count: int, total: int, every: int) -> bool:
     """Every `every`-th step of the run (1-based), and the run's last step."""
     return count % every == 0 or count == total

@@ -89,6 +89,10 @@ class GenerationSettings:
     negative_prompt_embeds: Any = None
     pooled_prompt_embeds: Any = None
     negative_pooled_prompt_embeds: Any = None
+    preview: Any = None
+    preview_every: Any = 1
+    on_preview: Any = None
+    decoder: Any = "vae"
 
     def validated(self, limits: ModelLimits | None = None, names: Mapping[str, str] | None = None):
         """A copy with every value checked and normalised; raises InvalidValue / InvalidType."""
@@ -287,7 +291,17 @@ class _Validator:
             )
         if s.callback is not None and not callable(s.callback):
             raise InvalidType(f"{n('callback')} must be callable, got {_show(s.callback)}")
+        out = replace(out, decoder=choice(s.decoder, n("decoder"), ("vae", "taesd")), **self._preview(s))
         return replace(out, latents=self._latents(s.latents, batch * images_per_prompt, height, width))
+
+    def _preview(self, s: GenerationSettings) -> dict:
+        n = self.n
+        if s.preview is None:
+            return {}
+        preview = choice(s.preview, n("preview"), ("rgb", "taesd"))
+        if not callable(s.on_preview):
+            raise InvalidType(f"{n('preview')}={preview!r} needs {n('on_preview')}, a callable(step, total, PIL.Image)")
+        return {"preview": preview, "preview_every": integer(s.preview_every, n("preview_every"), 1, MAX_STEPS)}
 
     def _prompt(self, s: GenerationSettings, cfg: bool) -> tuple[str | tuple[str, ...] | None, int]:
         """The prompt and the number of prompts (the batch before num_images_per_prompt)."""

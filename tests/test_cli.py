@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+
 from sd35m_mlx_cli import model as model_io
 from sd35m_mlx_cli import output
 from sd35m_mlx_cli.main import cli

@@ -12,7 +12,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sd35m_mlx_cli.main import cli
 
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.loading import mlx_format
@@ -20,6 +19,7 @@ from sd35m_mlx.loading.mlx_format import convert, is_converted_folder, load_conv
 from sd35m_mlx.loading.safetensors_io import WeightsError
 from sd35m_mlx.loading.sources import load_pipeline_parts
 from sd35m_mlx.quantize import Quantization, quantization_of, quantize_parts
+from sd35m_mlx_cli.main import cli
 
 GROUP = 32  # the tiny fixture is 32 wide (see tests/test_quantize.py)
 KW = dict(height=64, width=96, num_inference_steps=3, seed=11, guidance_scale=4.5, output_type="np")

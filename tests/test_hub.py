@@ -22,11 +22,11 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, hf_raise_for_status
 from PIL import Image
-from sd35m_mlx_cli import model as model_io
-from sd35m_mlx_cli.main import cli
 
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.loading import hub
+from sd35m_mlx_cli import model as model_io
+from sd35m_mlx_cli.main import cli
 
 REPO = "stabilityai/stable-diffusion-3.5-medium"
 COMMIT = "b940f670f0eda2d07fbb75229e779da1ad11eb80"

@@ -168,10 +168,10 @@ def test_a_failing_preview_callback_surfaces_and_the_pipeline_stays_usable(pipe)
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(preview="jpeg", on_preview=print), ValueError, "preview must be one of 'rgb', 'taesd' or None"),
+        (dict(preview="jpeg", on_preview=print), ValueError, "unknown preview 'jpeg'; choose one of rgb, taesd"),
         (dict(preview="rgb"), TypeError, "needs on_preview"),
-        (dict(preview="rgb", on_preview=print, preview_every=0), ValueError, "preview_every must be an integer"),
-        (dict(decoder="tiny"), ValueError, "decoder must be 'vae' or 'taesd'"),
+        (dict(preview="rgb", on_preview=print, preview_every=0), ValueError, "preview_every must be at least 1"),
+        (dict(decoder="tiny"), ValueError, "unknown decoder 'tiny'; choose one of vae, taesd"),
     ],
 )
 def test_bad_preview_arguments_fail_in_one_line(pipe, kwargs, error, message):

@@ -50,6 +50,13 @@ _MMDIT_BLOCK = {
 }
 
 
+def mmdit_module_names(num_layers: int) -> list[str]:
+    """Every single-file MMDiT module name `map_mmdit_weights` knows for a model of this depth (LoRA
+    loaders build their key tables from it)."""
+    blocks = [f"joint_blocks.{i}.{stream}.{inner}" for i in range(num_layers) for stream, inner in _MMDIT_BLOCK]
+    return [*_MMDIT_TOP, *blocks]
+
+
 def split_qkv(value: mx.array) -> list[mx.array]:
     """A fused q|k|v projection (rows stacked on axis 0) as three lazy slices."""
     n = value.shape[0] // 3

@@ -1,0 +1,101 @@
+"""--lora / --lora-scale: which LoRAs to apply, their PNG metadata, and re-applying them from --from-image."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from .errors import UsageError
+
+# (source as given, weight, short sha256 once loaded) per LoRA, in command-line order
+Loras = tuple[tuple[str, float, str], ...]
+
+OPTIONS = [
+    click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="PATH_OR_REPO",
+        help="A LoRA to apply (repeatable): a .safetensors file, a Hub id owner/repo (its one LoRA file) or "
+        "owner/repo/file.safetensors. Every SD3.5 layout is read (diffusers/PEFT, kohya, ComfyUI/Stability, "
+        "SimpleTuner, OneTrainer, LyCORIS LoKr/LoHa); pickle files (.pt, .ckpt, .bin) are refused.",
+    ),
+    click.option(
+        "--lora-scale",
+        "lora_scales",
+        multiple=True,
+        type=float,
+        help="Weight of each --lora, in the same order (repeatable).  [default: 1.0 each]",
+    ),
+]
+
+_TAG = re.compile(r"<lora:([^:>]+):([-+0-9.eE]+)>")  # no leading \s*: that would rescan long blank runs
+
+
+def plan(given: bool, params: dict, stored: Loras | None) -> tuple[Loras, list[str]]:
+    """The LoRAs to apply and notes: the command line's, else (with --from-image) the stored ones that
+    are found; a missing stored LoRA is named and left out."""
+    sources, scales = params.pop("loras", ()), params.pop("lora_scales", ())
+    if not given and stored:
+        found = [entry for entry in stored if _available(entry[0])]
+        notes = [
+            f"Warning: LoRA {src} (sha256 {sha or '?'}, scale {w}) from the image is not found; generating without it"
+            for src, w, sha in stored
+            if not _available(src)
+        ]
+        return tuple((src, float(w), str(sha)) for src, w, sha in found), notes
+    if len(scales) > len(sources):
+        raise UsageError(f"{len(scales)} --lora-scale values for {len(sources)} --lora; give one scale per LoRA")
+    out = []
+    for i, source in enumerate(sources):
+        if Path(source).suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+            raise UsageError(f"--lora {source}: pickle files can run code and are never loaded; use .safetensors")
+        if not _available(source):
+            raise UsageError(f"--lora {source}: no such file (nor a Hugging Face Hub id owner/repo[/file])")
+        out.append((source, float(scales[i]) if i < len(scales) else 1.0, ""))
+    return tuple(out), []
+
+
+def _available(source: str) -> bool:
+    from sd35m_mlx.loading import hub
+
+    if Path(os.path.expanduser(source)).exists():
+        return True
+    parts = source.split("/")
+    if len(parts) >= 3 and source.endswith(".safetensors") and not source.startswith(("/", ".", "~")):
+        return hub.is_hub_id("/".join(parts[:2]))
+    return hub.is_hub_id(source)
+
+
+def with_hashes(loras: Loras, info: list[dict]) -> tuple[Loras, list[str]]:
+    """The loaded pipeline's short sha256 of each LoRA (same order), and a warning for each file that is
+    not the one a --from-image PNG recorded."""
+    notes = [
+        f"Warning: LoRA {src} has sha256 {item['sha256']}, not {sha} as recorded in the image; using it anyway"
+        for (src, _, sha), item in zip(loras, info, strict=True)
+        if sha and item["sha256"] and sha != item["sha256"]
+    ]
+    return tuple((src, w, item["sha256"]) for (src, w, _), item in zip(loras, info, strict=True)), notes
+
+
+def display_name(source: str) -> str:
+    return Path(source).stem
+
+
+def prompt_tags(loras: Loras) -> str:
+    """A1111's `<lora:name:scale>` tags, appended to the prompt line of the `parameters` text."""
+    return "".join(f" <lora:{display_name(src)}:{w:g}>" for src, w, _ in loras)
+
+
+def hashes_text(loras: Loras) -> str:
+    """A1111 / Civitai's `Lora hashes` value: `name: hash, name: hash`."""
+    return ", ".join(f"{display_name(src)}: {sha}" for src, _, sha in loras)
+
+
+def strip_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(prompt without `<lora:...>` tags, [(name, scale), ...])."""
+    tags = [(m[1], float(m[2])) for m in _TAG.finditer(prompt)]
+    return _TAG.sub("", prompt).strip(), tags
