@@ -142,3 +142,34 @@ def test_saved_lora_changes_diffusers_and_ours_the_same_way(tiny_pipeline, pipe,
     assert np.abs(loaded - trained).max() <= 1e-5 * np.abs(trained).max()
     err = np.abs(out - expected).max()
     assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} vs diffusers"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_trains_lora_beside_quantized_linear(tiny_pipeline, dataset, bits):
+    import mlx.nn as nn
+
+    q = StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", quantize=bits, quantize_group_size=32)
+    layer = q.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, nn.QuantizedLinear)
+    trainer = _trainer(q, dataset, steps=4, learning_rate=1e-2)
+    before = {k: np.array(v) for k, v in trainer.lora.state_dict().items()}
+    trainer.run("unused")
+    after = trainer.lora.state_dict()
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
+    assert np.abs(np.array(after[key]) - before[key]).max() > 1e-3, "the LoRA beside a QuantizedLinear must learn"
+    assert isinstance(layer, nn.QuantizedLinear) and layer.weight.dtype == mx.uint32  # the base stays frozen
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(pipe, dataset, tmp_path):
+    trainer = _trainer(pipe, dataset)
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run(tmp_path, progress=interrupt)
+    finally:
+        trainer.lora.detach()
+    assert json.loads((tmp_path / "checkpoint-3" / "state.json").read_text())["step"] == 3
