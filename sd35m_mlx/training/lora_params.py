@@ -45,21 +45,22 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str] = DEFAULT_TAR
     as peft's `target_modules` (`attn.to_q`, `ff.net.2`, `proj_out`), comma-separated or a list."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    names: list[str] = []
+    names: dict[str, bool] = {}  # name -> must match (a preset's names need not: SD3 Medium has no attn2)
     for t in targets:
-        names.extend(PRESETS.get(t, (t,)))
-    if not names:
-        raise ValueError(f"targets: none given (presets: {', '.join(PRESETS)}, or module names like attn.to_q)")
+        for name in PRESETS.get(t, (t,)):
+            names[name] = names.get(name, False) or t not in PRESETS
     linear = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
     paths = []
-    for name in dict.fromkeys(names):
+    for name, required in names.items():
         hits = [p for p in linear if p == name or p.endswith("." + name)]
-        if not hits:
+        if required and not hits:
             raise ValueError(
                 f"targets: {name!r} names no Linear layer of the transformer "
                 f"(presets: {', '.join(PRESETS)}, or module names like attn.to_q, ff.net.2)"
             )
         paths.extend(hits)
+    if not paths:
+        raise ValueError(f"targets: {targets!r} adapt no layer (presets: {', '.join(PRESETS)})")
     return sorted(set(paths), key=_natural)
 
 
