@@ -36,7 +36,7 @@ def test_train_writes_lora_checkpoints_validation_and_config(tiny_pipeline, data
     out = tmp_path / "out"
     args = ["--data", str(data), "--output", str(out), "--model", str(tiny_pipeline), "--dtype", "float32"]
     args += ["--config", str(cfg), "--steps", "3", "--resolution", "64", "--save-every", "2", "-q"]
-    result = _train(*args, "--validation-prompt", "zxq, a fox", "--validation-every", "2")
+    result = _train(*args, "--validation-prompt", "zxq, a fox", "--validation-every", "2", "--gradient-checkpointing")
     assert result.exit_code == 0, result.output
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())

@@ -130,11 +130,13 @@ def build_cache(
         if progress is not None:
             progress(n + 1, len(examples))
     (cache_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return CachedDataset(cache_dir)
+    return CachedDataset(cache_dir, pipe.dtype)
 
 
 class CachedDataset:
-    """Items read from the cache folder per batch (nothing but the current batch in memory)."""
+    """Items read from the cache folder per batch (nothing but the current batch in memory), in the compute
+    dtype (as diffusers casts the model input to the weight dtype): a float32 input would promote every
+    activation of a bfloat16 model."""
 
     def __init__(self, cache_dir: str | os.PathLike, dtype: mx.Dtype = mx.float32):
         self.folder = Path(cache_dir)
