@@ -1,5 +1,6 @@
 """LoRA training step: time and peak memory at the real SD3.5 Medium width, reduced depth, extrapolated
-linearly to 24 blocks; bfloat16 / 8-bit / 4-bit frozen base, with and without per-block checkpointing.
+linearly to 24 blocks; full-precision (bfloat16 by default) / 8-bit / 4-bit frozen base, with and without
+per-block checkpointing.
 
     python -m benchmarks.bench_training                                  # 512 and 1024 px, depths 2 and 4
     python -m benchmarks.bench_training --sizes 512 --bases bf16 q8 --json training.json
@@ -38,14 +39,15 @@ from sd35m_mlx.training.lora_params import checkpoint_blocks  # noqa: E402
 from sd35m_mlx.training.optim import clip_gradients, make_optimizer  # noqa: E402
 from sd35m_mlx.training.step import Batch, loss_and_grads  # noqa: E402
 
-BASES = {"bf16": None, "q8": 8, "q4": 4}
+BASES = {"full": None, "q8": 8, "q4": 4}
+DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def measure(depth: int, size: int, base: str, checkpointing: bool, rank: int) -> tuple[float, int]:
+def measure(depth: int, size: int, base: str, checkpointing: bool, rank: int, dtype) -> tuple[float, int]:
     """(seconds, peak bytes) of the second training step of a fresh model."""
     config = MMDiTConfig(num_layers=depth, dual_attention_layers=medium_dual_layers(depth))
     model = SD3Transformer2DModel(config)
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(dtype)
     mx.eval(model.parameters())
     if BASES[base] is not None:
         quantize_model(model, BASES[base])
@@ -55,11 +57,11 @@ def measure(depth: int, size: int, base: str, checkpointing: bool, rank: int) ->
     optimizer = make_optimizer(1e-4, 1000)
     lat = size // 8
     batch = Batch(
-        mx.random.normal((1, lat, lat, 16)).astype(mx.bfloat16),
-        mx.random.normal((1, 333, config.joint_attention_dim)).astype(mx.bfloat16),
-        mx.random.normal((1, config.pooled_projection_dim)).astype(mx.bfloat16),
+        mx.random.normal((1, lat, lat, 16)).astype(dtype),
+        mx.random.normal((1, 333, config.joint_attention_dim)).astype(dtype),
+        mx.random.normal((1, config.pooled_projection_dim)).astype(dtype),
     )
-    noise = mx.random.normal(batch.latents.shape).astype(mx.bfloat16)
+    noise = mx.random.normal(batch.latents.shape).astype(dtype)
     sigmas, timesteps = sample_sigmas([0.5], FlowMatchSchedule())
     mx.eval(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds, noise)
 
@@ -85,19 +87,21 @@ def main() -> None:
     ap.add_argument("--depths", type=int, nargs=2, default=[2, 4], help="two depths to extrapolate from")
     ap.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES), help="frozen base precision")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (CPU: float32, fast kernels)")
     ap.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     d1, d2 = args.depths
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(f"{platform.node()} {mx.default_device()} depths {d1},{d2} -> {MEDIUM_DEPTH}, load {load}", flush=True)
+    device = f"{platform.node()} {mx.default_device()} {args.dtype}"
+    print(f"{device} depths {d1},{d2} -> {MEDIUM_DEPTH}, load {load}", flush=True)
     results = []
     for size in args.sizes:
         mx.clear_cache()
         for base in args.bases:
             for ckpt in modes:
-                (t1, p1), (t2, p2) = (measure(d, size, base, ckpt, args.rank) for d in (d1, d2))
+                (t1, p1), (t2, p2) = (measure(d, size, base, ckpt, args.rank, DTYPES[args.dtype]) for d in (d1, d2))
                 t24 = t2 + (MEDIUM_DEPTH - d2) * (t2 - t1) / (d2 - d1)
                 p24 = p2 + (MEDIUM_DEPTH - d2) * (p2 - p1) / (d2 - d1)
                 row = dict(size=size, base=base, checkpointing=ckpt, step_s=[t1, t2], peak_bytes=[p1, p2])
