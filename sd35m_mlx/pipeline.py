@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .editing.inpaint import InpaintBlend, prepare_inpaint
 from .images import from_pil_or_array, to_output
 from .loading import hub
 from .loading.parts import PipelineParts
@@ -210,6 +211,8 @@ class StableDiffusion35:
         skip_layer_guidance_stop: float = 0.2,
         image=None,
         strength: float = 0.6,
+        mask_image=None,
+        padding_mask_crop: int | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int, mx.array], bool | None] | None = None,
         prompt_embeds=None,
@@ -221,11 +224,16 @@ class StableDiffusion35:
 
         height/width default to 1024, or to the input image's size for img2img. `latents` is the
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
-        returning False raises GenerationCancelled. Precomputed `prompt_embeds` (and the other three,
+        returning False raises GenerationCancelled. `mask_image` (white = repaint) with `image` inpaints as
+        diffusers' StableDiffusion3InpaintPipeline; `padding_mask_crop` (px) repaints only a crop around the
+        mask at full size and pastes it back (see editing/inpaint.py). Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         """
-        # 1. Inputs
-        init_image = None
+        # 1. Inputs (inpainting: the mask, and with padding_mask_crop the crop around it; editing/inpaint.py)
+        init_image = inpaint = None
+        if mask_image is not None:
+            inpaint = prepare_inpaint(image, mask_image, height, width, padding_mask_crop, self.vae_scale_factor)
+            image, height, width = inpaint.image, inpaint.height, inpaint.width
         if image is not None:
             init_image = from_pil_or_array(image, height, width, multiple=16)
             height, width = init_image.shape[1:3]
@@ -272,7 +280,7 @@ class StableDiffusion35:
         c = self.transformer_config.in_channels
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, c)
         noise = self._initial_noise(latents, shape, seed)
-        start = 0
+        start, z = 0, None
         if init_image is not None:
             start = img2img_start_index(num_inference_steps, strength)
             z = self.vae.scale_latents(self.vae.encode(init_image.astype(self.dtype)).astype(mx.float32))
@@ -303,6 +311,8 @@ class StableDiffusion35:
             gc.collect()
             mx.clear_cache()
         extras: list[StepExtra] = []
+        if inpaint is not None:  # re-imposes the unmasked region after every step
+            extras.append(InpaintBlend(z, noise, inpaint.latent_mask))
         if callback is not None:
             extras.append(StepCallback(callback))
         x = denoise(x, sigmas, start, make_sampler(sampler, sigmas), velocity, extras, self.work_budget)
@@ -316,6 +326,9 @@ class StableDiffusion35:
             images = self.vae.decode(self.vae.unscale_latents(x).astype(self.dtype))
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(images)
+        if inpaint is not None and inpaint.crop is not None:  # paste the crop back over the original (8-bit)
+            pasted = inpaint.paste_back(to_output(images, "pil"))
+            return pasted if output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
         return to_output(images, output_type)
 
 
