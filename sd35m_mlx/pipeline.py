@@ -10,9 +10,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .editing.control import ControlNetResiduals, check_control, check_fits, control_units
 from .editing.inpaint import InpaintBlend, prepare_inpaint
 from .images import from_pil_or_array, to_output
 from .loading import hub
+from .loading.controlnet import load_controlnet
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
@@ -62,6 +64,7 @@ class StableDiffusion35:
         # bytes a denoising step or the VAE decode may hold in flight above what is resident, on GPU
         # backends (sampling/memory.py); None: no bound
         self.work_budget: int | None = DEFAULT_WORK_BUDGET
+        self.controlnets: list = []  # SD3ControlNetModels used when generate() gets control_image(s)
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
 
@@ -77,6 +80,7 @@ class StableDiffusion35:
         t5_quantize: int | str | None = None,
         quantize_group_size: int = 64,
         low_memory: bool | None = None,
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
@@ -86,7 +90,8 @@ class StableDiffusion35:
         (default: as `quantize`; "none" keeps T5 in `dtype`). `low_memory` runs generation in stages
         (encode text, release the text encoders, denoise, release the transformer, decode) so the text
         encoders and the transformer are never resident together; None turns it on when the weights
-        would take more than about 60% of this machine's memory.
+        would take more than about 60% of this machine's memory. `controlnet`: one or several ControlNets
+        to load (see `load_controlnet`).
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -123,7 +128,19 @@ class StableDiffusion35:
         if low_memory:
             pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
+        single = controlnet is None or isinstance(controlnet, (str, os.PathLike))
+        for source in ([controlnet] if controlnet is not None else []) if single else controlnet:
+            pipe.load_controlnet(source, revision=revision if hub.is_hub_id(source) else None)
         return pipe
+
+    def load_controlnet(self, source: str | os.PathLike, *, revision: str | None = None):
+        """Add an SD3 ControlNet (diffusers folder, single safetensors file or Hub repo id), in the pipeline's
+        dtype; a ControlNet made for another transformer width is refused. Returns the model."""
+        net = load_controlnet(source, self.dtype, revision=revision)
+        check_fits(net, self.transformer_config, str(source))
+        materialize(net)
+        self.controlnets.append(net)
+        return net
 
     def _component(self, name: str):
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
@@ -213,6 +230,10 @@ class StableDiffusion35:
         strength: float = 0.6,
         mask_image=None,
         padding_mask_crop: int | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
         output_type: str = "pil",
         callback: Callable[[int, int, mx.array], bool | None] | None = None,
         prompt_embeds=None,
@@ -226,7 +247,9 @@ class StableDiffusion35:
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
         returning False raises GenerationCancelled. `mask_image` (white = repaint) with `image` inpaints as
         diffusers' StableDiffusion3InpaintPipeline; `padding_mask_crop` (px) repaints only a crop around the
-        mask at full size and pastes it back (see editing/inpaint.py). Precomputed `prompt_embeds` (and the other three,
+        mask at full size and pastes it back (see editing/inpaint.py). `control_image` (one per loaded
+        ControlNet) conditions on edge/depth maps as diffusers' StableDiffusion3ControlNetPipeline
+        (editing/control.py). Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         """
         # 1. Inputs (inpainting: the mask, and with padding_mask_crop the crop around it; editing/inpaint.py)
@@ -237,6 +260,17 @@ class StableDiffusion35:
         if image is not None:
             init_image = from_pil_or_array(image, height, width, multiple=16)
             height, width = init_image.shape[1:3]
+        control = None
+        if control_image is not None:  # ControlNets: checked against the transformer before any work
+            control = check_control(
+                self.controlnets,
+                self.transformer_config,
+                control_image,
+                controlnet_conditioning_scale,
+                control_guidance_start,
+                control_guidance_end,
+            )
+            height, width = (height, width) if height and width else control.default_size()
         height = height or 1024
         width = width or 1024
         self._check(height, width, num_inference_steps, strength, image, sampler, guidance_scale)
@@ -311,6 +345,10 @@ class StableDiffusion35:
             gc.collect()
             mx.clear_cache()
         extras: list[StepExtra] = []
+        if control is not None:  # the ControlNets' block residuals, as a model input of every step
+            units = control_units(self.controlnets, control, self.vae, height, width, batch, do_cfg, self.dtype)
+            timesteps, embed = self.schedule.timesteps(num_inference_steps), velocity.transformer.pos_embed
+            extras.append(ControlNetResiduals(units, context, pooled_all, timesteps, start, do_cfg, self.dtype, embed))
         if inpaint is not None:  # re-imposes the unmasked region after every step
             extras.append(InpaintBlend(z, noise, inpaint.latent_mask))
         if callback is not None:
