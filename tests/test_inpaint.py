@@ -164,3 +164,17 @@ def test_mask_of_another_size_is_resized(ours):
     small = _soft_mask().resize((W // 2, H // 2), Image.Resampling.NEAREST)
     out = ours.generate("a lake", image=_image(), mask_image=small, **kw)
     assert out.shape == (1, H // 8, W // 8, 16)
+
+
+def test_outpaint_helper_end_to_end_keeps_the_original_inside(ours):
+    from sd35m_mlx.editing.outpaint import outpaint
+
+    image = _image(48, 64, seed=6)
+    job = outpaint(image, (16, 0, 16, 16), fill="blur", feather=8)
+    kw = dict(num_inference_steps=2, strength=1.0, seed=3)
+    result = ours.generate("a wide landscape", image=job.image, mask_image=job.mask, **kw)
+    (final,) = job.composite(result)
+    assert final.size == (96, 64)
+    a = np.asarray(final)
+    assert np.array_equal(a[:40, 24:72], np.asarray(image)[:40, 8:56])
+    assert np.abs(a[:, :16].astype(int) - np.asarray(job.image)[:, :16]).max() > 10
