@@ -109,9 +109,9 @@ class Editing:
     strength: float | None = None  # replaces the default --strength (outpainting: 1.0)
     notes: list[str] = field(default_factory=list)
 
-    def load(self, pipe) -> None:
+    def load(self, pipe, quantize: int | None = None) -> None:
         for source in self.controlnets:
-            pipe.load_controlnet(source)
+            pipe.load_controlnet(source, quantize=quantize)
 
     def finish(self, images: list) -> list:
         return self.outpaint.composite(images) if self.outpaint is not None else images

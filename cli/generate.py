@@ -192,7 +192,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         t5_quantize=settings.t5_quantize,
         low_memory=params["low_memory"],
     )
-    edit.load(pipe)
+    edit.load(pipe, settings.quantize)
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
 
     # 3. One generate() per seed, so each seed reproduces its image exactly

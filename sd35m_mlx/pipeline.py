@@ -14,12 +14,14 @@ from .editing.control import ControlNetResiduals, check_control, check_fits, con
 from .editing.inpaint import InpaintBlend, prepare_inpaint
 from .images import from_pil_or_array, to_output
 from .loading import hub
+from .loading.controlnet import QUANTIZATION_POLICY as CONTROLNET_QUANTIZATION
 from .loading.controlnet import load_controlnet
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
+from .models.controlnet import SD3ControlNetModel
 from .models.mmdit import SD3Transformer2DModel
-from .quantize import quantize_parts
+from .quantize import quantize_model, quantize_parts
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
 from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
@@ -128,16 +130,26 @@ class StableDiffusion35:
         if low_memory:
             pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
-        single = controlnet is None or isinstance(controlnet, (str, os.PathLike))
-        for source in ([controlnet] if controlnet is not None else []) if single else controlnet:
-            pipe.load_controlnet(source, revision=revision if hub.is_hub_id(source) else None)
+        controlnets = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
+        for source in controlnets:  # `revision` is the model's, not theirs
+            pipe.load_controlnet(source, quantize=quantize, quantize_group_size=quantize_group_size)
         return pipe
 
-    def load_controlnet(self, source: str | os.PathLike, *, revision: str | None = None):
+    def load_controlnet(
+        self,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        quantize: int | None = None,
+        quantize_group_size: int = 64,
+    ) -> SD3ControlNetModel:
         """Add an SD3 ControlNet (diffusers folder, single safetensors file or Hub repo id), in the pipeline's
-        dtype; a ControlNet made for another transformer width is refused. Returns the model."""
+        dtype, its linear layers quantized to `quantize` bits if given; a ControlNet made for another
+        transformer width is refused. Returns the model."""
         net = load_controlnet(source, self.dtype, revision=revision)
         check_fits(net, self.transformer_config, str(source))
+        if quantize is not None:
+            quantize_model(net, quantize, quantize_group_size, policy=CONTROLNET_QUANTIZATION)
         materialize(net)
         self.controlnets.append(net)
         return net

@@ -237,3 +237,22 @@ def test_bad_control_arguments_raise_value_error(ours, nets, kwargs, message):
         ours.controlnets = []
     with pytest.raises(ValueError, match="needs a ControlNet"):
         ours.generate("a cat", control_image=_control(0), height=H, width=W, num_inference_steps=1)
+
+
+def test_quantized_controlnet_stays_close(ours, nets):
+    import mlx.nn as nn
+
+    net = ours.load_controlnet(nets["sd35m"], quantize=8, quantize_group_size=32)
+    ours.controlnets = []
+    full = load_controlnet(nets["sd35m"], mx.float32)
+    assert isinstance(net.transformer_blocks[0].attn.to_q, nn.QuantizedLinear)
+    assert isinstance(net.controlnet_blocks[0], nn.QuantizedLinear)
+    assert isinstance(net.time_text_embed.timestep_embedder.linear_1, nn.Linear)  # kept in full precision
+    rng = np.random.default_rng(0)
+    args = [mx.array(rng.standard_normal(s, dtype=np.float32)) for s in ((1, 8, 12, 16), (1, 8, 12, 16), (1, 7, 128))]
+    pooled = mx.array(rng.standard_normal((1, 96), dtype=np.float32))
+    a = net(*args[:2], 1.0, args[2], pooled, 500.0)
+    b = full(*args[:2], 1.0, args[2], pooled, 500.0)
+    for x, y in zip(a, b, strict=True):
+        rel = float(mx.abs(x - y).max() / mx.abs(y).max())
+        assert rel < 0.05, f"8-bit ControlNet residual off by {rel:.3f} of its range"

@@ -63,8 +63,8 @@ class FakePipeline:
     def __init__(self):
         self.calls, self.controlnets = [], []
 
-    def load_controlnet(self, source):
-        self.controlnets.append(source)
+    def load_controlnet(self, source, quantize=None):
+        self.controlnets.append((source, quantize))
 
     def generate(self, prompt, *, callback=None, **kwargs):
         self.calls.append(kwargs)
@@ -113,10 +113,10 @@ def test_outpaint_extends_the_canvas_with_strength_one(fake):
 def test_controlnets_load_and_reach_generate(fake):
     result = invoke(
         "--controlnet", "a/cn", "--control-image", "edges.png", "--controlnet", "b", "--control-image", "edges.png",
-        "--control-scale", "0.5", "--control-end", "0.8", "--control-preprocess", "canny",
+        "--control-scale", "0.5", "--control-end", "0.8", "--control-preprocess", "canny", "--quantize", "8",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert fake.controlnets == ["a/cn", "b"]
+    assert fake.controlnets == [("a/cn", 8), ("b", 8)]
     (call,) = fake.calls
     assert (call["width"], call["height"]) == (384, 256)  # the control image's size
     assert call["controlnet_conditioning_scale"] == [0.5, 0.5] and call["control_guidance_end"] == 0.8

@@ -12,10 +12,16 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..models.controlnet import ControlNetConfig, SD3ControlNetModel
+from ..quantize import LayerPolicy
 from . import hub
 from .safetensors_io import WeightsError, load_component, load_into, load_safetensors, read_config_as, read_header
 
 WHAT = "SD3 ControlNet"
+# as the transformer's: the conditioning embedders stay in full precision, adaLN layers at 8 bits or more
+QUANTIZATION_POLICY = LayerPolicy(
+    keep=("time_text_embed.*", "context_embedder"),
+    at_least_8_bits=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear"),
+)
 _HUB_FILES = [
     "config.json",
     "diffusion_pytorch_model.safetensors",
