@@ -256,3 +256,45 @@ def test_quantized_controlnet_stays_close(ours, nets):
     for x, y in zip(a, b, strict=True):
         rel = float(mx.abs(x - y).max() / mx.abs(y).max())
         assert rel < 0.05, f"8-bit ControlNet residual off by {rel:.3f} of its range"
+
+
+def test_controlnet_without_context_stream_matches_diffusers_model(tmp_path):
+    """Stability's SD3.5 Large ControlNet layout in diffusers: no context_embedder (image-only blocks) and the
+    transformer's patch embedding (use_pos_embed=False)."""
+    from diffusers.models.embeddings import PatchEmbed as RefPatchEmbed
+
+    from scripts.build_fixture import _randomise_
+    from sd35m_mlx.models.embeddings import PatchEmbed
+
+    torch.manual_seed(0)
+    ref = RefControlNet(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=None, caption_projection_dim=32, pooled_projection_dim=96, pos_embed_max_size=None,
+        use_pos_embed=False, extra_conditioning_channels=1,
+    )  # fmt: skip
+    _randomise_(ref, 0, salt=7).save_pretrained(tmp_path / "cn", safe_serialization=True)
+    ref_embed = _randomise_(RefPatchEmbed(32, 32, 2, 16, 32, pos_embed_max_size=24), 0, salt=8).eval()
+    embed = PatchEmbed(16, 32, 2, 24)
+    w = ref_embed.proj.weight.detach().permute(0, 2, 3, 1).numpy()
+    embed.load_weights(
+        [
+            ("proj.weight", mx.array(w)),
+            ("proj.bias", mx.array(ref_embed.proj.bias.detach().numpy())),
+            ("pos_embed", mx.array(ref_embed.pos_embed.numpy())),
+        ]
+    )
+    net = load_controlnet(tmp_path / "cn", mx.float32)
+    assert not net.joint and "pos_embed" not in net
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 8, 12, 16), dtype=np.float32)
+    cond = rng.standard_normal((1, 8, 12, 17), dtype=np.float32)
+    pooled = rng.standard_normal((1, 96), dtype=np.float32)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.no_grad():
+        expected = ref(
+            ref_embed(nchw(x)), nchw(cond), 0.5, None, torch.from_numpy(pooled), torch.tensor([400.0])
+        ).controlnet_block_samples
+    got = net(mx.array(x), mx.array(cond), 0.5, None, mx.array(pooled), 400.0, patch_embed=embed)
+    for g, e in zip(got, expected, strict=True):
+        e = e.numpy()
+        assert np.abs(np.asarray(g) - e).max() <= 1e-4 * e.std()
