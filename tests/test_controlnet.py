@@ -298,3 +298,28 @@ def test_controlnet_without_context_stream_matches_diffusers_model(tmp_path):
     for g, e in zip(got, expected, strict=True):
         e = e.numpy()
         assert np.abs(np.asarray(g) - e).max() <= 1e-4 * e.std()
+
+
+def test_skip_layer_guidance_pass_gets_the_cond_half_of_the_residuals(ours, nets, monkeypatch):
+    """diffusers' ControlNet pipeline has no SLG; ours runs the skip pass (cond batch only) with the cond half
+    of the residuals, added after every block as diffusers' transformer does, skipped blocks included."""
+    ours.controlnets = [load_controlnet(nets["sd35m"], mx.float32)]
+    seen = []
+    real = type(ours.transformer).denoise
+
+    def record(self, x, context, mods, skip_layers=None, pos=None, block_residuals=None):
+        seen.append((x.shape[0], skip_layers, [r.shape[0] for r in block_residuals or []]))
+        return real(self, x, context, mods, skip_layers, pos=pos, block_residuals=block_residuals)
+
+    monkeypatch.setattr(type(ours.transformer), "denoise", record)
+    kw = dict(height=H, width=W, num_inference_steps=4, seed=0, output_type="np", control_image=_control(5))
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.6)
+    try:
+        with_slg = ours.generate("a barn", **kw, **slg)
+        without = ours.generate("a barn", **kw)
+    finally:
+        ours.controlnets = []
+    skip_calls = [s for s in seen if s[1]]
+    assert len(skip_calls) == 2 and all(b == 1 and res == [1, 1, 1] for b, _, res in skip_calls)
+    assert all(res == [2, 2, 2] for b, skip, res in seen if not skip)
+    assert np.abs(with_slg - without).max() > 1e-2
