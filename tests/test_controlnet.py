@@ -217,6 +217,23 @@ def test_controlnet_sources_fail_with_one_line_errors(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"\0" * 16)
     with pytest.raises(WeightsError, match="pickle"):
         load_controlnet(tmp_path / "x.ckpt")
+    from safetensors.numpy import save_file
+
+    stability = {"controlnet_blocks.0.weight": np.zeros((8, 8), np.float32)}
+    stability["transformer_blocks.0.adaLN_modulation.1.weight"] = np.zeros((48, 8), np.float32)
+    save_file(stability, tmp_path / "sd3.5_large_controlnet_canny.safetensors")
+    with pytest.raises(WeightsError, match="SD3.5 Large ControlNet format"):
+        load_controlnet(tmp_path / "sd3.5_large_controlnet_canny.safetensors")
+    save_file({"x": np.zeros(2, np.float32)}, tmp_path / "other.safetensors")
+    with pytest.raises(WeightsError, match="not an SD3 ControlNet"):
+        load_controlnet(tmp_path / "other.safetensors")
+
+
+def test_from_pretrained_loads_several_controlnets(tiny_pipeline, nets):
+    pipe = StableDiffusion35.from_pretrained(
+        tiny_pipeline, dtype="float32", load_t5=False, controlnet=[nets["sd35m"], str(nets["sd35m_b"])]
+    )
+    assert [n.config.num_layers for n in pipe.controlnets] == [3, 3]
 
 
 @pytest.mark.parametrize(
