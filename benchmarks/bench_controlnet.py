@@ -7,7 +7,8 @@
 Full SD3.5 Medium width (hidden 1536, 24 heads, 384x384 table) for the transformer and a tensorart-style
 SD3.5M ControlNet (same width, dual attention, RMS qk-norm), both at reduced depth with one dual-attention
 block in two (the real models: 13 of 24, and 13 of 23). A guided (CFG, batch 2) step through the pipeline's
-own GuidedDenoiser, with and without the ControlNetResiduals extra; the per-block costs extrapolate to 24
+own GuidedDenoiser, with and without the ControlNetResiduals extra, timed interleaved (best wall time; the
+process CPU time too, steadier on a loaded machine); the per-block costs extrapolate to 24
 transformer blocks plus 23 ControlNet blocks, as bench_transformer.py extrapolates. Weights of the full-depth
 models are counted from their (lazy, never evaluated) parameters, quantized or not. On Linux unset
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (see DEVELOPERS.md).
@@ -20,6 +21,7 @@ import json
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +34,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from benchmarks.measure import build_once, time_kernel  # noqa: E402
+from benchmarks.measure import build_once  # noqa: E402
 from scripts.build_fixture import FULL_WIDTH_CONTROLNET, FULL_WIDTH_TRANSFORMER  # noqa: E402
 from scripts.build_fixture import _stream_transformer as stream_weights  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
@@ -87,7 +89,9 @@ def full_depth_weights(bits: int | None, dtype: mx.Dtype) -> dict:
     }
 
 
-def bench(t_folder: Path, c_folder: Path, size: int, dtype: mx.Dtype, bits: int | None, ctx_len: int) -> dict:
+def bench(
+    t_folder: Path, c_folder: Path, size: int, dtype: mx.Dtype, bits: int | None, ctx_len: int, warmup: int, rep: int
+) -> dict:
     transformer = load_transformer(t_folder, dtype)
     net = load_controlnet(c_folder, dtype)
     if bits is not None:
@@ -113,14 +117,20 @@ def bench(t_folder: Path, c_folder: Path, size: int, dtype: mx.Dtype, bits: int 
         return velocity(3, x, **extra.model_inputs(step, x))
 
     base = mx.get_active_memory()
-    plain_s = time_kernel(plain, min_s=1.0, max_runs=3)
-    mx.reset_peak_memory()
-    mx.eval(plain())
-    plain_peak = mx.get_peak_memory() - base
-    cn_s = time_kernel(controlled, min_s=1.0, max_runs=3)
-    mx.reset_peak_memory()
-    mx.eval(controlled())
-    cn_peak = mx.get_peak_memory() - base
+    runs = {"plain": [], "controlnet": []}
+    peaks = {}
+    for r in range(warmup + rep):  # interleaved, so load from other work on the machine hits both alike
+        for name, fn in (("plain", plain), ("controlnet", controlled)):
+            mx.reset_peak_memory()
+            wall, cpu = time.perf_counter(), time.process_time()
+            mx.eval(fn())
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            peaks[name] = max(peaks.get(name, 0), mx.get_peak_memory() - base)
+            if r >= warmup:
+                runs[name].append((wall, cpu))
+    plain_s, cn_s = (min(w for w, _ in runs[k]) for k in ("plain", "controlnet"))
+    plain_cpu, cn_cpu = (min(c for _, c in runs[k]) for k in ("plain", "controlnet"))
+    plain_peak, cn_peak = peaks["plain"], peaks["controlnet"]
     t_block = plain_s / transformer.config.num_layers
     c_block = (cn_s - plain_s) / net.config.num_layers
     full_plain = t_block * FULL_TRANSFORMER_DEPTH
@@ -136,6 +146,9 @@ def bench(t_folder: Path, c_folder: Path, size: int, dtype: mx.Dtype, bits: int 
         "plain_step_s": plain_s,
         "controlnet_step_s": cn_s,
         "measured_ratio": cn_s / plain_s,
+        "plain_step_cpu_s": plain_cpu,
+        "controlnet_step_cpu_s": cn_cpu,
+        "measured_cpu_time_ratio": cn_cpu / plain_cpu,
         "extrapolated_plain_step_s": full_plain,
         "extrapolated_controlnet_step_s": full_cn,
         "extrapolated_ratio": full_cn / full_plain,
@@ -154,6 +167,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="both models' linear layers")
     p.add_argument("--ctx-len", type=int, default=333)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each step first (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved; the best counts")
     p.add_argument("--cache", type=Path, default=None, help="build the weights here once and reuse them")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     args = p.parse_args()
@@ -175,13 +190,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t_folder, c_folder = build(args.cache or Path(tmp), args.depth, cn_depth)
         for size in args.sizes:
-            r = bench(t_folder, c_folder, size, dtype, args.quantize, args.ctx_len)
+            r = bench(t_folder, c_folder, size, dtype, args.quantize, args.ctx_len, args.warmup, args.repeats)
             results["steps"].append(r)
             print(
                 f"{size}px {args.dtype}{f' q{args.quantize}' if args.quantize else ''} depth {r['depth']}+"
                 f"{r['controlnet_depth']}: plain {r['plain_step_s']:.3f}s, "
                 f"with ControlNet {r['controlnet_step_s']:.3f}s "
-                f"(x{r['measured_ratio']:.2f}) | 24+23 blocks: plain {r['extrapolated_plain_step_s']:.2f}s, "
+                f"(x{r['measured_ratio']:.2f}; CPU time x{r['measured_cpu_time_ratio']:.2f}) | "
+                f"24+23 blocks: plain {r['extrapolated_plain_step_s']:.2f}s, "
                 f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}) | "
                 f"step work {r['plain_step_work_bytes'] / 2**30:.2f} -> {r['controlnet_step_work_bytes'] / 2**30:.2f} "
                 f"GiB, 23 residuals {r['residuals_bytes_23_blocks'] / 2**30:.2f} GiB",
