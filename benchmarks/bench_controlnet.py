@@ -100,8 +100,9 @@ def bench(
     mx.eval(transformer.parameters(), net.parameters())
     rng = np.random.default_rng(0)
     lat = size // 8
-    context = mx.array(rng.standard_normal((2, ctx_len, 4096), dtype=np.float32))
-    pooled = mx.array(rng.standard_normal((2, 2048), dtype=np.float32))
+    cfg = transformer.config
+    context = mx.array(rng.standard_normal((2, ctx_len, cfg.joint_attention_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
     x = mx.array(rng.standard_normal((1, lat, lat, 16), dtype=np.float32))
     control = mx.array(rng.standard_normal((2, lat, lat, 16), dtype=np.float32)).astype(dtype)
     timesteps = FlowMatchSchedule().timesteps(28)
@@ -136,7 +137,7 @@ def bench(
     full_plain = t_block * FULL_TRANSFORMER_DEPTH
     full_cn = full_plain + c_block * FULL_CONTROLNET_DEPTH
     tokens = (lat // 2) ** 2
-    residual_bytes = FULL_CONTROLNET_DEPTH * 2 * tokens * 1536 * mx.zeros((), dtype).itemsize
+    residual_bytes = FULL_CONTROLNET_DEPTH * 2 * tokens * cfg.hidden_size * mx.zeros((), dtype).itemsize
     return {
         "size": size,
         "dtype": str(dtype),
