@@ -15,7 +15,7 @@ from PIL import Image
 
 import sd35m_mlx
 
-from . import live, lora
+from . import editing, live, lora
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
@@ -30,6 +30,7 @@ VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 
 @click.command("generate", cls=DefaultCommand)
 @generate_options
+@editing.editing_options
 @click.version_option(sd35m_mlx.__version__, prog_name="sd35m-mlx")
 @click.pass_context
 def generate(ctx: click.Context, quiet: bool, verbose: bool, **params) -> None:
@@ -82,13 +83,13 @@ def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, lis
     return params, extra, [f"Note: --from-image {png}: {note}" for note in invalid]
 
 
-def image_size(path: str) -> tuple[int, int]:
+def image_size(path: str, option: str = "--image") -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             im.load()
             return im.size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"--image {path}: cannot read it as an image ({one_line(e)})") from None
+        raise UsageError(f"{option} {path}: cannot read it as an image ({one_line(e)})") from None
 
 
 def size_for_image(w: int, h: int, width: int | None, height: int | None) -> tuple[int, int]:
@@ -134,11 +135,12 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")
     width, height = params["width"], params["height"]
-    if image is not None:
-        w, h = image_size(image)
+    source = editing.size_source(params)  # --image (extended by --outpaint), else the first --control-image
+    if source is not None:
+        w, h = editing.canvas_size(params, *image_size(source[1], source[0]))
         width, height = size_for_image(w, h, width, height)
         if not (given(ctx, "width") and given(ctx, "height")) and (width, height) != (w, h):
-            notes.append(f"--image is {w}x{h}; generating at {width}x{height} (--width/--height choose)")
+            notes.append(f"{source[0]} is {w}x{h}; generating at {width}x{height} (--width/--height choose)")
     dtype = params["dtype"] if params["dtype"] != "auto" else model_io.default_dtype()
     try:
         settings = Settings(
@@ -174,6 +176,9 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     # 1. Everything that can fail fast fails before the model loads: nothing is written on failure.
     settings, seeds, notes = build_settings(ctx, params)
+    edit = editing.prepare(params, given(ctx, "strength"))  # --mask, --outpaint, --controlnet: read and checked
+    settings = dataclasses.replace(settings, strength=edit.strength) if edit.strength else settings
+    notes += edit.notes
     paths = plan_paths(params["output"], seeds)
     for folder in {p.parent for p in paths}:
         check_writable(folder)
@@ -201,6 +206,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         settings = dataclasses.replace(settings, loras=loras)
         for note in lora_notes:
             reporter.say(note)
+    edit.load(pipe, settings.quantize)
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
     limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
     if limits is not None:
@@ -217,8 +223,9 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         steps = f"{s.steps} step{'s' * (s.steps != 1)}"
         steps += f", img2img strength {s.strength}" if s.image else ""
         reporter.say(f"{label} seed {seed}, {s.width}x{s.height}, {steps}: encoding prompt")
-        extra = live.generate_kwargs(params, preview, s.width, s.height)
-        images = pipe.generate(s.prompt, callback=reporter.steps(label), **s.generate_kwargs(), **extra)
+        extra = live.generate_kwargs(params, preview, s.width, s.height) | edit.kwargs
+        images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
+        images = edit.finish(images)
         final = write_png(images[0], path, png_info(s, VERSION), overwrite=params["overwrite"], taken=taken)
         if final != path:
             reporter.say(f"{label} {path} exists; wrote {final} instead (--overwrite replaces)")

@@ -11,15 +11,20 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .editing.control import ControlNetResiduals, check_control, check_fits, control_units
+from .editing.inpaint import InpaintBlend, prepare_inpaint
 from .images import from_pil_or_array, to_output
 from .loading import hub
+from .loading.controlnet import QUANTIZATION_POLICY as CONTROLNET_QUANTIZATION
+from .loading.controlnet import load_controlnet
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
 from .lora import LoraMixin
+from .models.controlnet import SD3ControlNetModel
 from .models.mmdit import SD3Transformer2DModel
 from .preview import Preview, latent_rgb, taesd_rgb
-from .quantize import quantize_parts
+from .quantize import quantize_model, quantize_parts
 from .sampling.cancel import Cancellation, cancellable
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
@@ -70,6 +75,7 @@ class StableDiffusion35(LoraMixin):
         # bytes a denoising step or the VAE decode may hold in flight above what is resident, on GPU
         # backends (sampling/memory.py); None: no bound
         self.work_budget: int | None = DEFAULT_WORK_BUDGET
+        self.controlnets: list = []  # SD3ControlNetModels used when generate() gets control_image(s)
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
         self.taesd = None  # TAESD3 decoder for previews and drafts; loaded from DEFAULT_TAESD on first use
@@ -91,6 +97,7 @@ class StableDiffusion35(LoraMixin):
         low_memory: bool | None = None,
         taesd: str | os.PathLike | None = None,
         loras: Sequence | None = None,
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
@@ -103,7 +110,8 @@ class StableDiffusion35(LoraMixin):
         would take more than about 60% of this machine's memory. `taesd` (a Hub id, folder or
         .safetensors file) loads the TAESD3 decoder for preview="taesd" and decoder="taesd"; None
         loads DEFAULT_TAESD when first needed. `loras`: LoRA files or Hub ids, each
-        alone (weight 1.0) or as (source, weight); see `load_lora_weights`.
+        alone (weight 1.0) or as (source, weight); see `load_lora_weights`. `controlnet`: one or several
+        ControlNets to load (see `load_controlnet`).
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -143,6 +151,9 @@ class StableDiffusion35(LoraMixin):
         if taesd is not None:
             pipe.taesd = _load_taesd(taesd, dtype)
         pipe._load_loras(loras)
+        controlnets = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
+        for source in controlnets:  # `revision` is the model's, not theirs
+            pipe.load_controlnet(source, quantize=quantize, quantize_group_size=quantize_group_size)
         return pipe
 
     def cancel(self) -> bool:
@@ -155,6 +166,25 @@ class StableDiffusion35(LoraMixin):
         if self.taesd is None:
             self.taesd = _load_taesd(DEFAULT_TAESD, self.dtype)
         return self.taesd
+
+    def load_controlnet(
+        self,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        quantize: int | None = None,
+        quantize_group_size: int = 64,
+    ) -> SD3ControlNetModel:
+        """Add an SD3 ControlNet (diffusers folder, single safetensors file or Hub repo id), in the pipeline's
+        dtype, its linear layers quantized to `quantize` bits if given; a ControlNet made for another
+        transformer width is refused. Returns the model."""
+        net = load_controlnet(source, self.dtype, revision=revision)
+        check_fits(net, self.transformer_config, str(source))
+        if quantize is not None:
+            quantize_model(net, quantize, quantize_group_size, policy=CONTROLNET_QUANTIZATION)
+        materialize(net)
+        self.controlnets.append(net)
+        return net
 
     def _component(self, name: str):
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
@@ -239,6 +269,12 @@ class StableDiffusion35(LoraMixin):
         skip_layer_guidance_stop: float = 0.2,
         image=None,
         strength: float = 0.6,
+        mask_image=None,
+        padding_mask_crop: int | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
         output_type: str = "pil",
         callback: Callable[[int, int, mx.array], bool | None] | None = None,
         prompt_embeds=None,
@@ -254,16 +290,35 @@ class StableDiffusion35(LoraMixin):
 
         height/width default to 1024, or to the input image's size for img2img. `latents` is the
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
-        returning False raises GenerationCancelled. Precomputed `prompt_embeds` (and the other three,
+        returning False raises GenerationCancelled. `mask_image` (white = repaint) with `image` inpaints as
+        diffusers' StableDiffusion3InpaintPipeline; `padding_mask_crop` (px) repaints only a crop around the
+        mask at full size and pastes it back (see editing/inpaint.py). `control_image` (one per loaded
+        ControlNet) conditions on edge/depth maps as diffusers' StableDiffusion3ControlNetPipeline
+        (editing/control.py). Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         `preview` ("rgb" or "taesd") calls `on_preview(step, total, PIL.Image)` with the current
         estimate of the first image every `preview_every` steps and on the last (preview.py).
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
         """
-        # 1. Inputs: every argument checked (and normalised) before any work, in validation.py
+        # 1. Inputs: every argument checked before any work (validation.py); inpainting's crop and the
+        #    control images decide the canvas first (editing/)
+        init_image = inpaint = control = None
+        if mask_image is not None:
+            inpaint = prepare_inpaint(image, mask_image, height, width, padding_mask_crop, self.vae_scale_factor)
+            image, height, width = inpaint.image, inpaint.height, inpaint.width
+        if control_image is not None:  # ControlNets: checked against the transformer before any work
+            control = check_control(
+                self.controlnets,
+                self.transformer_config,
+                control_image,
+                controlnet_conditioning_scale,
+                control_guidance_start,
+                control_guidance_end,
+            )
+            if image is None and not (height and width):
+                height, width = control.default_size()
         checked = validate_generation(self.limits, **{k: v for k, v in locals().items() if k in ARGUMENTS})
-        init_image = None
         if image is not None:
             init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
         height, width, seed, latents = checked.height, checked.width, checked.seed, checked.latents
@@ -305,7 +360,7 @@ class StableDiffusion35(LoraMixin):
         c = self.transformer_config.in_channels
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, c)
         noise = self._initial_noise(latents, shape, seed)
-        start = 0
+        start, z = 0, None
         if init_image is not None:
             start = img2img_start_index(num_inference_steps, strength)
             z = self.vae.scale_latents(self.vae.encode(init_image.astype(self.dtype)).astype(mx.float32))
@@ -336,6 +391,12 @@ class StableDiffusion35(LoraMixin):
             gc.collect()
             mx.clear_cache()
         extras: list[StepExtra] = [self._cancellation.check]
+        if control is not None:  # the ControlNets' block residuals, as a model input of every step
+            units = control_units(self.controlnets, control, self.vae, height, width, batch, do_cfg, self.dtype)
+            timesteps, embed = self.schedule.timesteps(num_inference_steps), velocity.transformer.pos_embed
+            extras.append(ControlNetResiduals(units, context, pooled_all, timesteps, start, do_cfg, self.dtype, embed))
+        if inpaint is not None:  # re-imposes the unmasked region after every step
+            extras.append(InpaintBlend(z, noise, inpaint.latent_mask))
         if callback is not None:
             extras.append(StepCallback(callback))
         if preview is not None:
@@ -355,6 +416,9 @@ class StableDiffusion35(LoraMixin):
             images = vae.decode(vae.unscale_latents(x).astype(self.dtype))
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(images)
+        if inpaint is not None and inpaint.crop is not None:  # paste the crop back over the original (8-bit)
+            pasted = inpaint.paste_back(to_output(images, "pil"))
+            return pasted if output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
         return to_output(images, output_type)
 
 
