@@ -15,6 +15,7 @@ from PIL import Image
 
 import sd35m_mlx
 
+from . import live
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
@@ -170,6 +171,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     paths = plan_paths(params["output"], seeds)
     for folder in {p.parent for p in paths}:
         check_writable(folder)
+    preview = live.check(params)
     folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
     for note in notes:
         reporter.say(note)
@@ -185,6 +187,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         quantize=settings.quantize,
         t5_quantize=settings.t5_quantize,
         low_memory=params["low_memory"],
+        **live.loader_options(params),
     )
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
 
@@ -197,7 +200,8 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         steps = f"{s.steps} step{'s' * (s.steps != 1)}"
         steps += f", img2img strength {s.strength}" if s.image else ""
         reporter.say(f"{label} seed {seed}, {s.width}x{s.height}, {steps}: encoding prompt")
-        images = pipe.generate(s.prompt, callback=reporter.steps(label), **s.generate_kwargs())
+        extra = live.generate_kwargs(params, preview, s.width, s.height)
+        images = pipe.generate(s.prompt, callback=reporter.steps(label), **s.generate_kwargs(), **extra)
         final = write_png(images[0], path, png_info(s, VERSION), overwrite=params["overwrite"], taken=taken)
         if final != path:
             reporter.say(f"{label} {path} exists; wrote {final} instead (--overwrite replaces)")

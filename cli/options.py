@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .live import OPTIONS as LIVE_OPTIONS
 from .output import DEFAULT_TEMPLATE
 from .settings import (
     DEFAULT_MODEL,
@@ -177,6 +178,7 @@ OPTIONS = [
         help="Re-run the settings stored in a PNG (ours, or A1111-style parameters). "
         "Options given on the command line take precedence.",
     ),
+    *LIVE_OPTIONS,
     click.option("-q", "--quiet", is_flag=True, help="Print only the output paths."),
     click.option("-v", "--verbose", is_flag=True, help="Print every step, and tracebacks on errors."),
 ]

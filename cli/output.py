@@ -106,3 +106,16 @@ def write_png(image: Image.Image, path: Path, info: PngInfo, *, overwrite: bool,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_preview(image: Image.Image, path: Path) -> None:
+    """Replace `path` atomically (temp file in the same folder, then a rename): a viewer never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", compress_level=1)  # fast: rewritten every few steps
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

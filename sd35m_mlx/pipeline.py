@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
@@ -16,15 +17,20 @@ from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
 from .models.mmdit import SD3Transformer2DModel
+from .preview import Preview, check_preview_args, latent_rgb, taesd_rgb
 from .quantize import quantize_parts
+from .sampling.cancel import Cancellation, cancellable
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
 from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
 from .sampling.samplers import SAMPLERS, make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
+from .threads import any_thread, serialized
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DEFAULT_TAESD = "madebyollin/taesd3"  # loaded on first use by preview="taesd" / decoder="taesd"
+DECODERS = ("vae", "taesd")
 
 
 def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
@@ -40,6 +46,8 @@ class StableDiffusion35:
     """SD3.5 Medium (and other SD3-family MMDiT checkpoints) in MLX.
 
     `transformer`, `vae` and `prompt_encoder` stay public for users who compose their own loops.
+    Any method may be called from any thread; `generate` and `encode_prompt` run one at a time per
+    pipeline (threads.py), and `cancel()` stops a running `generate` from another thread.
     """
 
     def __init__(
@@ -63,8 +71,12 @@ class StableDiffusion35:
         self.work_budget: int | None = DEFAULT_WORK_BUDGET
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
+        self.taesd = None  # TAESD3 decoder for previews and drafts; loaded from DEFAULT_TAESD on first use
+        self._lock = threading.RLock()
+        self._cancellation = Cancellation()
 
     @classmethod
+    @any_thread
     def from_pretrained(
         cls,
         source: str | os.PathLike,
@@ -76,6 +88,7 @@ class StableDiffusion35:
         t5_quantize: int | str | None = None,
         quantize_group_size: int = 64,
         low_memory: bool | None = None,
+        taesd: str | os.PathLike | None = None,
     ) -> StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
@@ -85,7 +98,9 @@ class StableDiffusion35:
         (default: as `quantize`; "none" keeps T5 in `dtype`). `low_memory` runs generation in stages
         (encode text, release the text encoders, denoise, release the transformer, decode) so the text
         encoders and the transformer are never resident together; None turns it on when the weights
-        would take more than about 60% of this machine's memory.
+        would take more than about 60% of this machine's memory. `taesd` (a Hub id, folder or
+        .safetensors file) loads the TAESD3 decoder for preview="taesd" and decoder="taesd"; None
+        loads DEFAULT_TAESD when first needed.
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -122,7 +137,20 @@ class StableDiffusion35:
         if low_memory:
             pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
+        if taesd is not None:
+            pipe.taesd = _load_taesd(taesd, dtype)
         return pipe
+
+    def cancel(self) -> bool:
+        """Stop the `generate` running now (on any thread) at its next step boundary: it raises
+        GenerationCancelled, and the pipeline stays usable. With no generate running this does nothing
+        (it never cancels a later call). True if a run was there to stop."""
+        return self._cancellation.cancel()
+
+    def _taesd_decoder(self):
+        if self.taesd is None:
+            self.taesd = _load_taesd(DEFAULT_TAESD, self.dtype)
+        return self.taesd
 
     def _component(self, name: str):
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
@@ -139,11 +167,14 @@ class StableDiffusion35:
             gc.collect()
             mx.clear_cache()
 
+    @serialized
     def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""
-        return self._component("prompt_encoder").encode_prompt(
+        embeds = self._component("prompt_encoder").encode_prompt(
             prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
         )
+        mx.eval([e for e in embeds if e is not None])  # evaluated: usable from any thread (threads.py)
+        return embeds
 
     def _encode_cached(self, prompt, **kwargs):
         """encode_prompt, remembering the last result: a new seed for the same prompt (the usual
@@ -188,6 +219,8 @@ class StableDiffusion35:
             )
         return latents.astype(mx.float32)
 
+    @serialized
+    @cancellable
     def generate(
         self,
         prompt: str | Sequence[str] | None = None,
@@ -216,6 +249,10 @@ class StableDiffusion35:
         negative_prompt_embeds=None,
         pooled_prompt_embeds=None,
         negative_pooled_prompt_embeds=None,
+        preview: str | None = None,
+        preview_every: int = 1,
+        on_preview: Callable | None = None,
+        decoder: str = "vae",
     ):
         """Generate images; a list of PIL images, or with output_type="np" a (B, H, W, 3) float32 array.
 
@@ -223,6 +260,10 @@ class StableDiffusion35:
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
         returning False raises GenerationCancelled. Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
+        `preview` ("rgb" or "taesd") calls `on_preview(step, total, PIL.Image)` with the current
+        estimate of the first image every `preview_every` steps and on the last (preview.py).
+        `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
+        `cancel()` from another thread raises GenerationCancelled at the next step boundary.
         """
         # 1. Inputs
         init_image = None
@@ -234,6 +275,9 @@ class StableDiffusion35:
         self._check(height, width, num_inference_steps, strength, image, sampler, guidance_scale)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        check_preview_args(preview, preview_every, on_preview)
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be 'vae' or 'taesd', got {decoder!r}")
         do_cfg = guidance_scale > 1
 
         # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)
@@ -302,21 +346,36 @@ class StableDiffusion35:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
             mx.clear_cache()
-        extras: list[StepExtra] = []
+        extras: list[StepExtra] = [self._cancellation.check]
         if callback is not None:
             extras.append(StepCallback(callback))
-        x = denoise(x, sigmas, start, make_sampler(sampler, sigmas), velocity, extras, self.work_budget)
-        del velocity
-        self._release("transformer")
+        if preview is not None:
+            render = latent_rgb if preview == "rgb" else taesd_rgb(self._taesd_decoder(), self.dtype)
+            extras.append(Preview(render, preview_every, on_preview))
+        try:
+            x = denoise(x, sigmas, start, make_sampler(sampler, sigmas), velocity, extras, self.work_budget)
+        finally:  # also when cancelled or a callback raised: the pipeline stays usable
+            del velocity
+            self._release("transformer")
 
         # 5. Decode
         if output_type == "latent":
             return x
+        vae = self._taesd_decoder() if decoder == "taesd" else self.vae
         with bounded_work(self.work_budget):
-            images = self.vae.decode(self.vae.unscale_latents(x).astype(self.dtype))
+            images = vae.decode(vae.unscale_latents(x).astype(self.dtype))
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(images)
         return to_output(images, output_type)
+
+
+def _load_taesd(source, dtype: mx.Dtype):
+    """The TAESD3 decoder from a Hub id, folder or file, evaluated (usable from any thread)."""
+    from .loading.taesd import load_taesd
+
+    taesd = load_taesd(source, dtype)
+    materialize(taesd)
+    return taesd
 
 
 def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):
