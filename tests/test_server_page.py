@@ -23,7 +23,7 @@ from sd35m_mlx import StableDiffusion35  # noqa: E402
 from sd35m_mlx.server.spec import Limits  # noqa: E402
 from tests.server_helpers import RunningServer, pixels, png, wait_until  # noqa: E402
 
-LONG = 5000
+LONG = 1000
 
 
 def chromium_path() -> str | None:
@@ -100,6 +100,7 @@ def test_cancel_a_long_run(page, server):
     page.fill("#prompt", "a long run")
     page.click("#generate")
     page.wait_for_function("document.getElementById('bar').value > 0")  # the live progress bar moves
+    page.wait_for_selector("#preview:not([hidden])")  # and the live preview shows
     assert "step" in page.inner_text("#status") and page.is_enabled("#cancel")
     page.click("#cancel")
     page.wait_for_function("document.getElementById('status').textContent.includes('Cancelled')")

@@ -23,11 +23,17 @@ from . import a1111_api, openai_api
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit
 from .jobs import CANCELLED, FAILED, Job, Worker
-from .spec import Limits, ModelInfo, Spec, check
+from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
 from .uploads import DEFAULT_MAX_PIXELS
+
+try:  # generate()'s own argument checks in one place (issue 11), where this tree has them
+    from sd35m_mlx.validation import InvalidInput, validate_generation
+except ImportError:  # pragma: no cover - older trees: generate() raises the same ValueError, only later
+    InvalidInput, validate_generation = (), None
 
 log = logging.getLogger("sd35m_mlx.server")
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
+API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale"}  # as both dialects' messages say
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 
 
@@ -47,6 +53,7 @@ class Server:
     """What the routes share: the worker, the model's description, the output folder."""
 
     def __init__(self, pipe, config: ServerConfig):
+        self.pipe = pipe
         self.config = config
         self.model = ModelInfo.of(pipe, config.model_name, **config.load_options)
         self.worker = Worker(pipe, self.model, VERSION, config.max_queue)
@@ -59,7 +66,14 @@ class Server:
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def check(self, spec: Spec) -> Spec:
+        """The server's limits, then generate()'s own checks: a bad request fails now, not after the queue."""
         check(spec, self.config.limits, self.model.max_side)
+        if validate_generation is not None and hasattr(self.pipe, "limits"):
+            kwargs = generate_kwargs(spec, spec.seeds[0], self.model)
+            try:
+                validate_generation(self.pipe.limits, names=API_NAMES, **kwargs)
+            except InvalidInput as e:
+                raise RequestError(str(e).splitlines()[0], str(e).split()[0]) from None
         return spec
 
     async def run(self, spec: Spec, request: Request) -> Job:
