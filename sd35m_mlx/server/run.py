@@ -4,6 +4,7 @@ running job and exit 0 (uvicorn alone would wait for the job to finish and re-ra
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from collections.abc import Callable
 
@@ -29,6 +30,21 @@ def open_warning(host: str, api_key: str | None) -> str | None:
         f"serving on {host} with no API key: anyone who can reach this machine can use it. "
         "Set --api-key (or SD35M_MLX_API_KEY), or bind 127.0.0.1."
     )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Made with proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on each connection
+    (uvicorn's own bind_socket leaves proto 0: then every keep-alive response waited ~40 ms for a
+    delayed ACK, measured in benchmarks/bench_server.py)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def serve(
@@ -67,7 +83,7 @@ def serve(
         timeout_graceful_shutdown=30,
         lifespan="on",
     )
-    sock = uv_config.bind_socket()
+    sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if warning := open_warning(host, config.api_key):
