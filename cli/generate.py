@@ -15,6 +15,7 @@ from PIL import Image
 
 import sd35m_mlx
 
+from . import distributed
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
@@ -165,6 +166,10 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
 
 
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
+    split = params.pop("split")
+    if (ranks := distributed.join(split)) is not None:  # started by mlx.launch: cli/distributed.py
+        return distributed.run(ctx, reporter, params, ranks, split)
+
     # 1. Everything that can fail fast fails before the model loads: nothing is written on failure.
     settings, seeds, notes = build_settings(ctx, params)
     paths = plan_paths(params["output"], seeds)
