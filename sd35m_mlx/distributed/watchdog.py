@@ -66,12 +66,8 @@ def _child_main(parent: int) -> None:
         if not ready:  # deadline passed
             sys.stderr.write(f"Error: {message}\n")
             sys.stderr.flush()
-            os.kill(parent, signal.SIGTERM)
-            time.sleep(KILL_GRACE_S)
-            try:
-                os.kill(parent, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.close(2)  # the parent's stderr: whoever reads it sees its end when the parent ends
+            _end(parent)
             return
         data = os.read(sys.stdin.fileno(), 65536)
         if not data:  # the parent has gone
@@ -85,6 +81,19 @@ def _child_main(parent: int) -> None:
                 deadline = time.monotonic() + float(seconds)
             elif command == "disarm":
                 deadline = None
+
+
+def _end(parent: int) -> None:
+    """SIGTERM, then SIGKILL if the parent is still there after KILL_GRACE_S."""
+    os.kill(parent, signal.SIGTERM)
+    end = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < end:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    os.kill(parent, signal.SIGKILL)
 
 
 if __name__ == "__main__":
