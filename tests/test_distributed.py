@@ -78,9 +78,9 @@ def one_process(args, cwd):
 class Rank:
     """One rank started by hand (as mlx.launch would: MLX_RANK and a hostfile), its stderr read live."""
 
-    def __init__(self, rank, hostfile, args, cwd, code=CLI):
+    def __init__(self, rank, hostfile, args, cwd, code=CLI, **extra_env):
         self.p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, text=True,
-                                  env=env(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile)),
+                                  env=env(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), **extra_env),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         self.err_lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.err_lines.extend(self.p.stderr), daemon=True)
@@ -94,10 +94,11 @@ class Rank:
         return self
 
 
-def ranks(tmp_path, args_per_rank, cwds, code=CLI) -> list[Rank]:
+def ranks(tmp_path, args_per_rank, cwds, code=CLI, **extra_env) -> list[Rank]:
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(len(cwds))]))
-    return [Rank(r, hostfile, a, c, code) for r, (a, c) in enumerate(zip(args_per_rank, cwds, strict=True))]
+    pairs = zip(args_per_rank, cwds, strict=True)
+    return [Rank(r, hostfile, a, c, code, **extra_env) for r, (a, c) in enumerate(pairs)]
 
 
 def pixels(path):
@@ -228,19 +229,29 @@ def test_split_cfg_with_skip_layer_guidance_is_exact(tiny_pipeline, tmp_path):
     np.testing.assert_array_equal(split, one)  # bit for bit: same float32 arithmetic (see module docstring)
 
 
-def test_killed_rank_stops_the_other_naming_it_and_nothing_is_written(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("kill", "lost the connection to rank 1 while making images 1-2"),  # its sockets close: at once
+        ("freeze", "no answer from rank 1 for 10 s while making images 1-2"),  # sockets open: the watchdog
+    ],
+    ids=["kill", "freeze"],
+)
+def test_rank_that_dies_or_hangs_stops_the_other_naming_it_and_nothing_is_written(tiny_pipeline, tmp_path, how,
+                                                                                   message):  # fmt: skip
     args = [*COMMON[:-1], "--steps", "20", "--seed", "1", "-n", "2"]  # rank 0 reports progress
     cwds = [workdir(tmp_path / f"rank{r}", tiny_pipeline) for r in range(2)]
-    r0, r1 = ranks(tmp_path, [args, args], cwds)
+    r0, r1 = ranks(tmp_path, [args, args], cwds, SD35M_MLX_PEER_TIMEOUT="10")
     deadline = time.monotonic() + TIMEOUT
     while not any("denoising" in line for line in r0.err_lines):  # both ranks are making their image
         assert r0.p.poll() is None and time.monotonic() < deadline, "".join(r0.err_lines)
         time.sleep(0.05)
-    r1.p.kill()
+    r1.p.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     t0 = time.monotonic()
     r0.wait()
-    assert r0.rc == 1 and time.monotonic() - t0 < 60
-    assert "Error: rank 0: lost the connection to rank 1 while making images 1-2" in r0.err
+    r1.p.kill()
+    assert r0.rc == (1 if how == "kill" else -signal.SIGTERM) and time.monotonic() - t0 < 60
+    assert f"Error: rank 0: {message}" in r0.err
     assert pngs(cwds[0]) == [] and leftovers(cwds[0]) == []
 
 
