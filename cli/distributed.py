@@ -31,6 +31,8 @@ def join(split: str):
     ranks = Ranks.join() if launched_backend() is not None else None
     if ranks is not None and ranks.size > 1:
         return ranks
+    if ranks is not None:  # launched as one process
+        ranks.close()
     if split == "cfg":
         raise UsageError(f"--split cfg shares each image between two processes, but this one runs alone: {LAUNCH_HINT}")
     return None
@@ -142,7 +144,7 @@ def generate_seeds(reporter, pipe, settings, seeds, paths, ranks, overwrite, ver
                 image = pipe.generate(s.prompt, callback=reporter.steps(label), **s.generate_kwargs())[0]
             except Exception as e:
                 error = e
-        what = f"making images {round_[0] + 1}-{round_[-1] + 1}" if len(round_) > 1 else f"making image {n}"
+        what = f"making images {round_[0] + 1}-{round_[-1] + 1}" if len(round_) > 1 else f"making image {round_[0] + 1}"
         ranks.check(error, what, _describe)
         images = gather_images(ranks, image, (settings.width, settings.height), len(round_), "collecting images")
         if ranks.primary:

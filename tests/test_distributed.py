@@ -129,6 +129,39 @@ def test_rounds_spread_uneven_counts_in_order():
     assert [list(r) for r in rounds(2, 3)] == [[0, 1]]
 
 
+def test_a_single_process_is_a_group_of_one(monkeypatch):
+    import mlx.core as mx
+
+    from sd35m_mlx.distributed import Ranks, launched_backend
+
+    for name in ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_backend() is None
+    ranks = Ranks.join()
+    assert (ranks.rank, ranks.size, ranks.primary) == (0, 1, True)
+    assert ranks.check(None, "loading", seeds=[1]) == [{"error": None, "seeds": [1]}]
+    assert ranks.all_gather(mx.ones((2, 3)), "x").shape == (1, 2, 3)
+    with pytest.raises(ValueError, match="boom"):
+        ranks.check(ValueError("boom"), "loading")
+    assert ranks.sent_bytes == 0
+
+
+def test_cfg_split_needs_two_ranks_and_guidance():
+    from types import SimpleNamespace
+
+    from sd35m_mlx.distributed import CfgSplitDenoiser
+    from sd35m_mlx.sampling.guidance import GuidanceConfig
+
+    def make(size, scale):
+        ranks = SimpleNamespace(size=size, rank=0)
+        return CfgSplitDenoiser(None, None, None, [1.0], GuidanceConfig(scale=scale), 0, None, ranks=ranks)
+
+    with pytest.raises(ValueError, match="exactly 2 ranks, got 3"):
+        make(3, 4.5)
+    with pytest.raises(ValueError, match="needs guidance_scale > 1"):
+        make(2, 1.0)
+
+
 def test_watchdog_ends_a_process_stuck_past_its_limit():
     code = (
         "import time\nfrom sd35m_mlx.distributed.watchdog import Watchdog\n"

@@ -66,6 +66,9 @@ class Ranks:
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self._watchdog = watchdog or Watchdog()
+        # bytes this rank has put into collectives; in a ring all_gather each rank sends (and receives)
+        # its share to each of the size - 1 others, forwarded round the ring
+        self.sent_bytes = 0
 
     @classmethod
     def join(cls) -> Ranks:
@@ -117,6 +120,7 @@ class Ranks:
         if self.size == 1:
             return x[None]
         mx.eval(x)  # this rank's own work is not part of the wait
+        self.sent_bytes += x.nbytes * (self.size - 1)
         with self.waiting(what):
             out = mx.distributed.all_gather(x[None], group=self.group)
             mx.eval(out)
