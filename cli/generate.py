@@ -15,7 +15,7 @@ from PIL import Image
 
 import sd35m_mlx
 
-from . import editing, live, lora
+from . import distributed, editing, live, lora
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
@@ -173,64 +173,107 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings]
 
 
+@dataclasses.dataclass
+class Job:
+    """What one command makes, checked before the model loads: the settings, a seed and a path per image,
+    the editing inputs (--mask, --outpaint, --controlnet), the live preview file and the model folder."""
+
+    settings: Settings
+    seeds: list[int]
+    paths: list[Path]
+    notes: list[str]
+    edit: editing.Editing
+    preview: Path | None
+    folder: str
+
+
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
+    split = params.pop("split")
+    if (ranks := distributed.join(split)) is not None:  # started by mlx.launch: cli/distributed.py
+        return distributed.run(ctx, reporter, params, ranks, split)
+
     # 1. Everything that can fail fast fails before the model loads: nothing is written on failure.
-    settings, seeds, notes = build_settings(ctx, params)
-    edit = editing.prepare(params, given(ctx, "strength"))  # --mask, --outpaint, --controlnet: read and checked
-    settings = dataclasses.replace(settings, strength=edit.strength) if edit.strength else settings
-    notes += edit.notes
-    paths = plan_paths(params["output"], seeds)
-    for folder in {p.parent for p in paths}:
-        check_writable(folder)
-    preview = live.check(params, lambda name: given(ctx, name))
-    folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
-    for note in notes:
+    job = plan(ctx, params)
+    for note in job.notes:
         reporter.say(note)
 
     # 2. Load
-    t5 = "" if settings.t5 else ", no T5"
-    reporter.say(f"Loading {settings.model} ({settings.dtype}{t5})")
+    t5 = "" if job.settings.t5 else ", no T5"
+    reporter.say(f"Loading {job.settings.model} ({job.settings.dtype}{t5})")
     t0 = time.perf_counter()
-    pipe = model_io.load_pipeline(
-        folder,
-        settings.dtype,
-        settings.t5,
-        quantize=settings.quantize,
-        t5_quantize=settings.t5_quantize,
-        low_memory=params["low_memory"],
-        **live.loader_options(params),
-        **({"loras": [(src, w) for src, w, _ in settings.loras]} if settings.loras else {}),
-    )
-    if settings.loras:
-        loras, lora_notes = lora.with_hashes(settings.loras, pipe.lora_info())
-        settings = dataclasses.replace(settings, loras=loras)
-        for note in lora_notes:
-            reporter.say(note)
-    edit.load(pipe, settings.quantize)
+    pipe = load(job, params, reporter)
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
-    limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
-    if limits is not None:
-        settings, notes = fit_to_model(settings, limits)
-        for note in notes:
-            reporter.say(note)
 
     # 3. One generate() per seed, so each seed reproduces its image exactly
     written: list[tuple[Path, int]] = []
     taken: set[Path] = set()
-    for i, (seed, path) in enumerate(zip(seeds, paths, strict=True)):
-        s = dataclasses.replace(settings, seed=seed)
-        label = f"[{i + 1}/{len(seeds)}]"
-        steps = f"{s.steps} step{'s' * (s.steps != 1)}"
-        steps += f", img2img strength {s.strength}" if s.image else ""
-        reporter.say(f"{label} seed {seed}, {s.width}x{s.height}, {steps}: encoding prompt")
-        extra = live.generate_kwargs(params, preview, s.width, s.height) | edit.kwargs
-        images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
-        images = edit.finish(images)
-        final = write_png(images[0], path, png_info(s, VERSION), overwrite=params["overwrite"], taken=taken)
-        if final != path:
-            reporter.say(f"{label} {path} exists; wrote {final} instead (--overwrite replaces)")
-        reporter.result(final)
-        written.append((final, seed))
+    for i in range(len(job.seeds)):
+        image = make_image(pipe, job, params, reporter, i)
+        written.append(write(reporter, job, image, i, params["overwrite"], taken))
 
     # 4. Summary
     reporter.summary(written, peak_memory())
+
+
+def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
+    """Every check that needs no model; `writer`: this process writes the files (their folders are checked)."""
+    settings, seeds, notes = build_settings(ctx, params)
+    edit = editing.prepare(params, given(ctx, "strength"))  # --mask, --outpaint, --controlnet: read and checked
+    settings = dataclasses.replace(settings, strength=edit.strength) if edit.strength else settings
+    paths = plan_paths(params["output"], seeds)
+    if writer:
+        for folder in {p.parent for p in paths}:
+            check_writable(folder)
+    preview = live.check(params, lambda name: given(ctx, name)) if writer else None
+    folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
+    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder)
+
+
+def load(job: Job, params: dict, reporter: Reporter):
+    """The pipeline with the job's LoRAs and ControlNets; job.settings fitted to what the model accepts."""
+    s = job.settings
+    pipe = model_io.load_pipeline(
+        job.folder,
+        s.dtype,
+        s.t5,
+        quantize=s.quantize,
+        t5_quantize=s.t5_quantize,
+        low_memory=params["low_memory"],
+        **live.loader_options(params),
+        **({"loras": [(src, w) for src, w, _ in s.loras]} if s.loras else {}),
+    )
+    notes = []
+    if s.loras:
+        loras, notes = lora.with_hashes(s.loras, pipe.lora_info())
+        s = dataclasses.replace(s, loras=loras)
+    job.edit.load(pipe, s.quantize)
+    limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
+    if limits is not None:
+        s, fitted = fit_to_model(s, limits)
+        notes += fitted
+    for note in notes:
+        reporter.say(note)
+    job.settings = s
+    return pipe
+
+
+def make_image(pipe, job: Job, params: dict, reporter: Reporter, i: int, *, label: str | None = None, **overrides):
+    """Image i of the job (its seed); `overrides` go to generate() (output_type="latent" returns latents)."""
+    s = dataclasses.replace(job.settings, seed=job.seeds[i])
+    label = label or f"[{i + 1}/{len(job.seeds)}]"
+    steps = f"{s.steps} step{'s' * (s.steps != 1)}"
+    steps += f", img2img strength {s.strength}" if s.image else ""
+    reporter.say(f"{label} seed {s.seed}, {s.width}x{s.height}, {steps}: encoding prompt")
+    extra = live.generate_kwargs(params, job.preview, s.width, s.height) | job.edit.kwargs | overrides
+    images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
+    return images if overrides.get("output_type") == "latent" else job.edit.finish(images)[0]
+
+
+def write(reporter: Reporter, job: Job, image, i: int, overwrite: bool, taken: set[Path]) -> tuple[Path, int]:
+    """Write image i (never over another file unless --overwrite); (path written, seed)."""
+    s, path = dataclasses.replace(job.settings, seed=job.seeds[i]), job.paths[i]
+    final = write_png(image, path, png_info(s, VERSION), overwrite=overwrite, taken=taken)
+    if final != path:
+        reporter.say(f"[{i + 1}/{len(job.seeds)}] {path} exists; wrote {final} instead (--overwrite replaces)")
+    reporter.result(final)
+    return final, s.seed

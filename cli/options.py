@@ -181,6 +181,14 @@ OPTIONS = [
         "Options given on the command line take precedence.",
     ),
     *LIVE_OPTIONS,
+    click.option(
+        "--split",
+        type=click.Choice(("seeds", "cfg")),
+        default="seeds",
+        help="Under mlx.launch (several processes or Macs): seeds gives each rank different images of "
+        "the -n (data parallel); cfg splits every image's guidance batch over exactly 2 ranks (one image "
+        "faster). Rank 0 writes all files. Ignored in a single process, except that cfg needs 2 ranks.",
+    ),
     click.option("-q", "--quiet", is_flag=True, help="Print only the output paths."),
     click.option("-v", "--verbose", is_flag=True, help="Print every step, and tracebacks on errors."),
 ]

@@ -76,6 +76,8 @@ class StableDiffusion35(LoraMixin):
         # backends (sampling/memory.py); None: no bound
         self.work_budget: int | None = DEFAULT_WORK_BUDGET
         self.controlnets: list = []  # SD3ControlNetModels used when generate() gets control_image(s)
+        # builds the per-step velocity function; distributed/cfg_split.py swaps in a two-rank variant
+        self.velocity_factory = GuidedDenoiser
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
         self.taesd = None  # TAESD3 decoder for previews and drafts; loaded from DEFAULT_TAESD on first use
@@ -377,7 +379,7 @@ class StableDiffusion35(LoraMixin):
         # 4. Denoising loop: per-step extras (callback, ...) plug in as StepExtras (sampling/loop.py)
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
-        velocity = GuidedDenoiser(
+        velocity = self.velocity_factory(
             self._component("transformer"),
             context,
             pooled_all,
