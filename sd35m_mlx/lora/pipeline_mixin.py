@@ -98,7 +98,9 @@ class LoraMixin:
         return name
 
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
-        """Activate exactly these adapters with these weights (default 1.0 each); others stay loaded, off."""
+        """Activate exactly these adapters with these weights (default 1.0 each); others stay loaded, off.
+
+        Weight 0 is exactly no adapter, DoRA included (peft would still rescale a DoRA layer's rows)."""
         state = self._loras
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
