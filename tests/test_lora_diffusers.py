@@ -142,6 +142,11 @@ def test_from_pretrained_loras_and_low_memory_reapply(tiny_pipeline, lora_files,
     first, second = _gen(low, noise), _gen(low, noise)
     assert np.abs(first - expected).max() <= 1e-5
     assert np.array_equal(first, second)
+    # loading after the text encoders were released still maps their LoRA keys (key tables read no weights)
+    low._loras.tables = None
+    assert low.prompt_encoder is None
+    name = low.load_lora_weights(lora_files["a"], adapter_name="again")
+    assert {"transformer", "text_encoder", "text_encoder_2"} <= set(low._loras.adapters[name].factors)
 
 
 def test_lora_factors_follow_the_compute_dtype(tiny_pipeline, lora_files):

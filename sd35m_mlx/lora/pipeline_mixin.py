@@ -246,7 +246,8 @@ class LoraMixin:
                 transformer = SD3Transformer2DModel(self.transformer_config)
             encoder = self.prompt_encoder
             if encoder is None and self._reload is not None:
-                encoder = self._reload("prompt_encoder").prompt_encoder  # lazy arrays: only the module tree
+                # released (low_memory): a reload for no stage quantizes nothing, so it reads nothing either
+                encoder = self._reload("lora key tables").prompt_encoder
             tables = {"transformer": layers.layer_table(transformer)}
             for component, model in self._lora_models("prompt_encoder", encoder).items():
                 tables[component] = layers.layer_table(model)
