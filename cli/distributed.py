@@ -20,7 +20,6 @@ from .metadata import png_info
 from .output import check_writable, plan_paths, write_png
 from .progress import format_seconds, peak_memory
 
-SPLITS = ("seeds", "cfg")
 LAUNCH_HINT = "start it with mlx.launch on two hosts (README: Several Macs)"
 
 
