@@ -17,7 +17,6 @@ from .errors import RunError, UsageError, one_line
 from .output import plan_paths
 from .progress import format_seconds, peak_memory
 
-SPLITS = ("seeds", "cfg")
 LAUNCH_HINT = "start it with mlx.launch on two hosts (README: Several Macs)"
 
 

@@ -188,7 +188,7 @@ class Job:
 
 
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
-    split = params.pop("split")
+    split = params.pop("split", "seeds")
     if (ranks := distributed.join(split)) is not None:  # started by mlx.launch: cli/distributed.py
         return distributed.run(ctx, reporter, params, ranks, split)
 
