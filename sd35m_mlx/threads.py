@@ -13,6 +13,7 @@ under a stream made on, and cached for, that thread (what mflux #503 and mlx-lm 
 so the call never depends on a stream the caller set. Before 0.31.2 streams were global and
 `mx.stream` set a process-wide default (mlx #2133: not safe from several threads), so there nothing
 is entered. (3) One model, one device: a pipeline runs one call at a time (`serialized`).
+(4) A worker's streams are destroyed as the worker ends (`_ThreadStreams`), not at process exit.
 """
 
 from __future__ import annotations
