@@ -9,7 +9,7 @@ mflux #502 (generate from a ThreadPoolExecutor), mlx-lm #1181 / #1256, mlx #3727
 the CPU backend with mlx 0.32.4: `encode_prompt` on the main thread, `generate(prompt_embeds=...)`
 on a worker. So (1) whatever outlives a call is evaluated before the call returns (weights in
 `from_pretrained`, `encode_prompt`'s result, generate's output); (2) a call off the main thread runs
-under a stream made on, and cached for, that thread (what mflux #503 and mlx-lm #1275 settled on),
+under a stream made on, and cached for, that thread (as proposed in mflux #503 and mlx-lm #1275),
 so the call never depends on a stream the caller set. Before 0.31.2 streams were global and
 `mx.stream` set a process-wide default (mlx #2133: not safe from several threads), so there nothing
 is entered. (3) One model, one device: a pipeline runs one call at a time (`serialized`).
