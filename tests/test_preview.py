@@ -172,6 +172,7 @@ def test_a_failing_preview_callback_surfaces_and_the_pipeline_stays_usable(pipe)
         (dict(preview="rgb"), TypeError, "needs on_preview"),
         (dict(preview="rgb", on_preview=print, preview_every=0), ValueError, "preview_every must be an integer"),
         (dict(decoder="tiny"), ValueError, "decoder must be 'vae' or 'taesd'"),
+        (dict(on_preview=print), ValueError, "on_preview needs preview='rgb' or preview='taesd'"),
     ],
 )
 def test_bad_preview_arguments_fail_in_one_line(pipe, kwargs, error, message):
