@@ -323,6 +323,8 @@ class _Validator:
     def _preview(self, s: GenerationSettings) -> dict:
         n = self.n
         if s.preview is None:
+            if s.on_preview is not None:
+                raise InvalidValue(f"{n('on_preview')} needs {n('preview')}='rgb' or {n('preview')}='taesd'")
             return {}
         preview = choice(s.preview, n("preview"), ("rgb", "taesd"))
         if not callable(s.on_preview):
