@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import tempfile
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ log = logging.getLogger("sd35m_mlx.server")
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale"}  # as both dialects' messages say
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+URL_LIFETIME_S = 3600
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,15 @@ class Server:
         return job
 
     def save(self, png: bytes) -> str:
-        """Store an image for response_format="url"; its unguessable name is all a URL reveals."""
+        """Store an image for response_format="url"; its unguessable name is all a URL reveals. Images
+        older than URL_LIFETIME_S are removed (as OpenAI's URLs expire after an hour), only ours."""
+        now = time.time()
+        for old in self.output_dir.iterdir():
+            try:
+                if _FILE_NAME.match(old.name) and now - old.stat().st_mtime > URL_LIFETIME_S:
+                    old.unlink()
+            except OSError:  # removed meanwhile, or not ours to remove
+                pass
         name = f"{uuid.uuid4().hex}.png"
         (self.output_dir / name).write_bytes(png)
         return name
