@@ -171,7 +171,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     paths = plan_paths(params["output"], seeds)
     for folder in {p.parent for p in paths}:
         check_writable(folder)
-    preview = live.check(params)
+    preview = live.check(params, lambda name: given(ctx, name))
     folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
     for note in notes:
         reporter.say(note)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -44,11 +45,15 @@ OPTIONS = [
 ]
 
 
-def check(params: dict) -> Path | None:
-    """The preview file's absolute path (its folder writable), after the option checks; None if off."""
+def check(params: dict, given: Callable[[str], bool]) -> Path | None:
+    """The preview file's absolute path (its folder writable), after the option checks; None if off.
+    `given(name)`: whether the option was on the command line."""
     if params["preview_every"] < 1:
         raise UsageError(f"--preview-every must be at least 1, got {params['preview_every']}")
     if params["preview"] is None:
+        for name in ("preview_every", "preview_method"):
+            if given(name):
+                raise UsageError(f"--{name.replace('_', '-')} only applies with --preview FILE.png")
         return None
     path = Path(os.path.abspath(os.path.expanduser(params["preview"])))
     if path.suffix.lower() != ".png":

@@ -205,3 +205,69 @@ def test_cli_preview_file_is_rewritten_atomically_as_png(tiny_pipeline, tmp_path
     with Image.open(tmp_path / "live.png") as im:
         assert im.format == "PNG" and im.size == (64, 96)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.png", "sd35m-1.png"]  # no temp files left
+
+
+class RecordingPipeline:
+    def __init__(self):
+        self.calls, self.load_options = [], None
+
+    def generate(self, prompt, *, callback=None, **kwargs):
+        self.calls.append(kwargs)
+        return [Image.new("RGB", (kwargs["width"], kwargs["height"]))]
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    from sd35m_mlx_cli import model as model_io
+
+    pipe = RecordingPipeline()
+
+    def load(folder, dtype, load_t5, **options):
+        pipe.load_options = options
+        return pipe
+
+    monkeypatch.setattr(model_io, "load_pipeline", load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    return pipe
+
+
+def cli_run(*args):
+    from sd35m_mlx_cli.main import cli
+
+    return CliRunner().invoke(cli, ["p", "--model", "model", "--seed", "1", "--steps", "2", *args])
+
+
+def test_cli_draft_and_taesd_previews_reach_the_loader_and_generate(recorded):
+    assert cli_run().exit_code == 0
+    assert "taesd" not in recorded.load_options and "decoder" not in recorded.calls[-1]  # nothing loaded unasked
+    assert cli_run("--draft").exit_code == 0
+    assert recorded.load_options["taesd"] == "madebyollin/taesd3" and recorded.calls[-1]["decoder"] == "taesd"
+    result = cli_run("--preview", "p.png", "--preview-method", "taesd", "--preview-every", "3", "--taesd", "t3")
+    assert result.exit_code == 0, result.output
+    assert recorded.load_options["taesd"] == "t3"
+    assert (recorded.calls[-1]["preview"], recorded.calls[-1]["preview_every"]) == ("taesd", 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--preview", "live.jpg"), "--preview must be a .png file"),
+        (("--preview", "missing/live.png"), "does not exist"),
+        (("--preview", "p.png", "--preview-every", "0"), "--preview-every must be at least 1"),
+        (("--preview-method", "taesd"), "--preview-method only applies with --preview"),
+    ],
+)
+def test_cli_bad_preview_options_fail_in_one_line_before_loading(recorded, args, message):
+    result = cli_run(*args)
+    assert result.exit_code == 2 and message in result.output
+    assert recorded.load_options is None
+
+
+def test_bench_preview_runs_on_the_tiny_transformer(tiny_pipeline):
+    from benchmarks import bench_preview
+    from sd35m_mlx.loading.transformer import load_transformer
+
+    model = load_transformer(tiny_pipeline / "transformer")
+    row = bench_preview.bench(64, model, None, mx.float32, 1, np.random.default_rng(0))
+    assert row["size"] == 64 and row["step_s"] > 0 and row["rgb_s"] > 0 and row["rgb_cli_s"] > 0

@@ -18,7 +18,7 @@ from .memory import bounded_work
 
 
 class GenerationCancelled(Exception):
-    """Raised by `generate` when it is cancelled (the step callback returned False)."""
+    """Raised by `generate` when it is cancelled: `pipe.cancel()`, or the step callback returned False."""
 
 
 @dataclass(frozen=True)
