@@ -92,7 +92,8 @@ class Server:
         if job.state == FAILED:
             if isinstance(job.error, RequestError):
                 raise job.error
-            raise RequestError(f"generation failed: {type(job.error).__name__}: {job.error}", status=500)
+            # the details (paths, traceback) stay in the server's log
+            raise RequestError(f"generation failed ({type(job.error).__name__}); see the server's log", status=500)
         if job.state == CANCELLED and job.cancel_reason == "server shutting down":
             raise ShuttingDown()
         return job
