@@ -144,7 +144,8 @@ class StableDiffusion35:
     def cancel(self) -> bool:
         """Stop the `generate` running now (on any thread) at its next step boundary: it raises
         GenerationCancelled, and the pipeline stays usable. With no generate running this does nothing
-        (it never cancels a later call). True if a run was there to stop."""
+        (it never cancels a later call); one arriving during the final decode lets the image finish.
+        True if a run was there to receive it."""
         return self._cancellation.cancel()
 
     def _taesd_decoder(self):

@@ -70,6 +70,8 @@ def to_pil(rgb: mx.array) -> Image.Image:
 
 def check_preview_args(preview, preview_every, on_preview) -> None:
     if preview is None:
+        if on_preview is not None:
+            raise ValueError("on_preview needs preview='rgb' or preview='taesd'")
         return
     if preview not in PREVIEW_METHODS:
         raise ValueError(f"preview must be one of {', '.join(map(repr, PREVIEW_METHODS))} or None, got {preview!r}")
