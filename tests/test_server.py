@@ -12,9 +12,11 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,14 @@ def test_openai_client_edit_equals_pipeline_img2img(server, pipe):
     assert np.array_equal(pixels(r.data[0].b64_json), pixels(want))
 
 
+def test_edits_without_size_generate_at_the_image_size(server, http):
+    source = Image.new("RGB", (256, 272), (10, 200, 30))  # in the trained range: its own size (pixels: test above)
+    r = http.post("/v1/images/edits", data={"prompt": "p", "steps": "1", "seed": "4"},
+                  files=[("image", ("in.png", png(source), "image/png"))])  # fmt: skip
+    assert r.json()["size"] == "256x272"
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (256, 272)
+
+
 def test_webuiapi_default_payload_equals_pipeline(server, pipe):
     webuiapi = pytest.importorskip("webuiapi")
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # default sampler "Euler a", scheduler automatic
@@ -200,6 +210,25 @@ def test_progress_during_a_run_and_interrupt(server, http):
     assert http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
+def test_an_interrupted_openai_request_is_409(server, http):
+    t, out = start_in_thread(http.post, "/v1/images/generations", json={"prompt": "p", "size": "64x64", "steps": LONG})
+    wait_until(lambda: running_step(http) >= 1, what="the job to run")
+    http.post("/sdapi/v1/interrupt")
+    t.join(60)
+    r = out["result"]
+    assert r.status_code == 409 and "interrupted" in r.json()["error"]["message"]
+
+
+def test_url_images_expire_after_an_hour_and_only_ours(server, http):
+    folder = server.app.state.server.output_dir
+    old, other = folder / ("a" * 32 + ".png"), folder / "notes.txt"
+    old.write_bytes(b"x"), other.write_text("keep")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    r = http.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "steps": 1, "response_format": "url"})
+    assert http.get(r.json()["data"][0]["url"]).status_code == 200
+    assert not old.exists() and other.exists()
+
+
 def test_queue_full_is_503_with_retry_after(pipe):
     s = RunningServer(pipe, max_queue=1, limits=Limits(max_steps=LONG))
     try:
@@ -277,15 +306,15 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def bomb_png() -> bytes:
-    """A valid PNG header claiming 100000 x 100000 pixels: a few bytes that would decode to 30 GB."""
+def bomb_png(side: int = 100_000) -> bytes:
+    """A valid PNG header claiming side x side pixels: a few bytes that would decode to 3 x side^2 bytes."""
     import struct
     import zlib
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
@@ -317,6 +346,7 @@ EDITS_BAD = [
     ({"prompt": "p", "strength": "0"}, [("image", GOOD_PNG)], 400, "strength must be in (0, 1]"),
     ({"prompt": "p"}, [("image", b"not an image at all")], 400, "not an image"),
     ({"prompt": "p"}, [("image", bomb_png())], 413, "too large"),
+    ({"prompt": "p"}, [("image", bomb_png(5000))], 413, "too large"),  # under Pillow's own limit, over ours
     ({"prompt": "p"}, [], 400, "image is required"),
     ({"prompt": "p"}, [("image", GOOD_PNG), ("mask", GOOD_PNG)], 400, "inpainting"),
     ({"prompt": "p", "size": "72x64"}, [("image", GOOD_PNG)], 400, "multiple of 16"),
@@ -340,6 +370,7 @@ A1111_BAD = [
     ("img2img", {"init_images": ["%%% not base64 %%%"]}, 400, "not valid base64"),
     ("img2img", {"init_images": [b64(b"hello")]}, 400, "not an image"),
     ("img2img", {"init_images": ["data:image/png;base64," + b64(bomb_png())]}, 413, "too large"),
+    ("img2img", {"init_images": [b64(bomb_png(5000))]}, 413, "5000x5000 pixels"),
     ("img2img", {}, 400, "init_images is required"),
     ("img2img", {"init_images": [b64(GOOD_PNG)], "mask": b64(GOOD_PNG)}, 400, "inpainting"),
 ]
@@ -409,6 +440,22 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch):
     result = CliRunner().invoke(cli, ["serve", "--model", "x"])
     assert result.exit_code == 1
     assert 'pip install "sd35m-mlx[server]"' in result.output and "Traceback" not in result.output
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from sd35m_mlx_cli import model as model_io
+    from sd35m_mlx_cli.main import cli
+
+    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: object())  # never used: binding fails first
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_open_bind_without_key_warns():

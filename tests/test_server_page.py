@@ -128,3 +128,22 @@ def test_drop_an_image_for_img2img(page, pipe):
     want = pipe.generate("a fox", image=source, strength=0.6, width=64, height=64, num_inference_steps=2, seed=3)[0]
     assert np.array_equal(card_pixels(page), pixels(want))
     assert "img2img" in page.inner_text(".card .meta")
+
+
+def test_with_an_api_key_the_page_asks_for_it(browser, pipe):
+    s = RunningServer(pipe, api_key="s3cret")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(s.url + "/")
+        page.wait_for_selector("#key-box.on")  # its first API call got 401
+        assert "API key" in page.inner_text("#status")
+        page.fill("#key", "s3cret")
+        fill_settings(page, steps=1, seed=2)
+        page.fill("#prompt", "a key")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".card img")
+    finally:
+        context.close()
+        s.stop()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import tempfile
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 import sd35m_mlx
 
+from ..validation import InvalidInput, validate_generation
 from . import a1111_api, openai_api
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit
@@ -26,15 +28,11 @@ from .jobs import CANCELLED, FAILED, Job, Worker
 from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
 from .uploads import DEFAULT_MAX_PIXELS
 
-try:  # generate()'s own argument checks in one place (issue 11), where this tree has them
-    from sd35m_mlx.validation import InvalidInput, validate_generation
-except ImportError:  # pragma: no cover - older trees: generate() raises the same ValueError, only later
-    InvalidInput, validate_generation = (), None
-
 log = logging.getLogger("sd35m_mlx.server")
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale"}  # as both dialects' messages say
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+URL_LIFETIME_S = 3600
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class Server:
     def check(self, spec: Spec) -> Spec:
         """The server's limits, then generate()'s own checks: a bad request fails now, not after the queue."""
         check(spec, self.config.limits, self.model.max_side)
-        if validate_generation is not None and hasattr(self.pipe, "limits"):
+        if hasattr(self.pipe, "limits"):  # test doubles have none
             kwargs = generate_kwargs(spec, spec.seeds[0], self.model)
             try:
                 validate_generation(self.pipe.limits, names=API_NAMES, **kwargs)
@@ -90,13 +88,22 @@ class Server:
         if job.state == FAILED:
             if isinstance(job.error, RequestError):
                 raise job.error
-            raise RequestError(f"generation failed: {type(job.error).__name__}: {job.error}", status=500)
+            # the details (paths, traceback) stay in the server's log
+            raise RequestError(f"generation failed ({type(job.error).__name__}); see the server's log", status=500)
         if job.state == CANCELLED and job.cancel_reason == "server shutting down":
             raise ShuttingDown()
         return job
 
     def save(self, png: bytes) -> str:
-        """Store an image for response_format="url"; its unguessable name is all a URL reveals."""
+        """Store an image for response_format="url"; its unguessable name is all a URL reveals. Images
+        older than URL_LIFETIME_S are removed (as OpenAI's URLs expire after an hour), only ours."""
+        now = time.time()
+        for old in self.output_dir.iterdir():
+            try:
+                if _FILE_NAME.match(old.name) and now - old.stat().st_mtime > URL_LIFETIME_S:
+                    old.unlink()
+            except OSError:  # removed meanwhile, or not ours to remove
+                pass
         name = f"{uuid.uuid4().hex}.png"
         (self.output_dir / name).write_bytes(png)
         return name

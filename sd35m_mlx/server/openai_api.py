@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RequestError
-from .jobs import Job
+from .jobs import CANCELLED, Job
 from .spec import Limits, Spec, parse_size, seeds_for
 from .uploads import open_image
 
@@ -74,6 +74,8 @@ def router(server) -> APIRouter:
     r = APIRouter()
 
     def answer(job: Job, body: GenerationsBody, request: Request) -> dict:
+        if job.state == CANCELLED and not job.results:  # another client's POST /sdapi/v1/interrupt
+            raise RequestError("the job was interrupted before an image was done", status=409)
         data = []
         for result in job.results:
             if body.response_format == "url":

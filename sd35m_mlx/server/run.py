@@ -63,6 +63,7 @@ def serve(
     from .app import ServerConfig, create_app
 
     config = config or ServerConfig()
+    sock = bind(host, port)  # first: a taken port fails before anything starts
     app = create_app(pipe, config)
     worker = app.state.server.worker
 
@@ -83,7 +84,6 @@ def serve(
         timeout_graceful_shutdown=30,
         lifespan="on",
     )
-    sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if warning := open_warning(host, config.api_key):

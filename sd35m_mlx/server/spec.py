@@ -18,7 +18,7 @@ from sd35m_mlx_cli.settings import MAX_SEED, MIN_SIDE, MULTIPLE, Settings
 
 from .errors import RequestError
 
-MAX_PROMPT_CHARS = 20_000  # far above what CLIP (77 tokens) and T5 (512 tokens) read; bounds the work per request
+MAX_PROMPT_CHARS = 10_000  # far above what CLIP (77 tokens) and T5 (512 tokens) read; bounds the work per request
 
 
 @dataclass(frozen=True)
