@@ -108,6 +108,7 @@ BAD = [
     (dict(callback=5), TypeError, "callback must be callable"),
     (dict(image=IMG, strength=NAN), ValueError, "strength must be in (0, 1], got nan"),
     (dict(image=IMG, strength=0.0), ValueError, "strength must be in (0, 1], got 0.0"),
+    (dict(image=IMG, strength=1e-320), ValueError, "strength 1e-320 is too small: no step would run"),
     (dict(image=_with(IMG, (0, 0, 0), NAN)), ValueError, "image must hold only finite numbers"),
     (dict(image=IMG * 255), ValueError, "image array must hold values in [0, 1] (or uint8)"),
     (dict(image=IMG[..., :2]), ValueError, "image array must be (H, W, 3) or (B, H, W, 3) RGB"),
@@ -202,7 +203,7 @@ class _Recorder:
         self.calls = []
 
     def generate(self, prompt, **kwargs):
-        self.calls.append(kwargs)
+        self.calls.append({"prompt": prompt, **kwargs})
         return [Image.new("RGB", (kwargs["width"], kwargs["height"]))]
 
 
@@ -320,6 +321,20 @@ def test_from_image_caps_what_it_reads(fake, key):
     _png_with("big.png", **{key: "a, " * (MAX_FIELD_CHARS // 3 + 1)})
     result = invoke("--from-image", "big.png")
     assert_usage_error(result, f"--from-image: big.png's '{key}' text is 65,538 characters; at most 65,536 are read")
+
+
+def test_from_image_long_parameters_lines(fake):
+    """The issue's case: one 80,000-character line (33 s for the old regex) is over the cap, a clear error;
+    a 60,000-character line under it parses in one pass (and a prompt over 10,000 characters is left out)."""
+    _png_with("long.png", parameters="a tree\n" + "lorem ipsum " * 6_667)
+    assert_usage_error(invoke("--from-image", "long.png"), "'parameters' text is 80,011 characters")
+    _png_with("long.png", parameters="a tree\nSteps: 2, Seed: 5, Size: 64x64, " + "Junk: x, " * 6_600)
+    result = invoke("--from-image", "long.png")
+    assert result.exit_code == 0, result.output
+    assert fake.calls[0]["seed"] == 5 and fake.calls[0]["prompt"] == "a tree"
+    _png_with("long.png", parameters="lorem ipsum " * 5_000 + "\nSteps: 2, Seed: 5, Size: 64x64")
+    assert_usage_error(invoke("--from-image", "long.png"), "missing PROMPT")
+    assert "ignored a stored value (prompt is 59,999 characters long" in invoke("--from-image", "long.png", "p").stderr
 
 
 def test_from_image_survives_hostile_chunks(fake):
