@@ -255,7 +255,7 @@ class _Validator:
         if s.image is not None:
             strength = real(s.strength, n("strength"), 0.0, 1.0, open_low=True)
             if steps - min(steps * strength, steps) >= steps:  # img2img's start index, as diffusers rounds it
-                raise InvalidValue(f"{n('strength')} {strength:g} is too small: no step would run (at least 1e-15)")
+                raise InvalidValue(f"{n('strength')} {strength} is too small: no step would run (at least 1e-15)")
         height, width = self._size(s, batch * images_per_prompt)
         from .sampling.samplers import SAMPLERS  # lazily: the samplers module imports mlx
 

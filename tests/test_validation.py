@@ -108,7 +108,7 @@ BAD = [
     (dict(callback=5), TypeError, "callback must be callable"),
     (dict(image=IMG, strength=NAN), ValueError, "strength must be in (0, 1], got nan"),
     (dict(image=IMG, strength=0.0), ValueError, "strength must be in (0, 1], got 0.0"),
-    (dict(image=IMG, strength=1e-320), ValueError, "strength 1e-320 is too small: no step would run"),
+    (dict(image=IMG, strength=1e-320), ValueError, "strength 1e-320 is too small: no step would run (at least 1e-15)"),
     (dict(image=_with(IMG, (0, 0, 0), NAN)), ValueError, "image must hold only finite numbers"),
     (dict(image=IMG * 255), ValueError, "image array must hold values in [0, 1] (or uint8)"),
     (dict(image=IMG[..., :2]), ValueError, "image array must be (H, W, 3) or (B, H, W, 3) RGB"),
@@ -304,9 +304,8 @@ def test_from_image_stored_layers_outside_the_model_exit_2(real):
     stored = {"prompt": "a fox", "steps": 1, "seed": 1, "width": 64, "height": 64, "slg_layers": [2, 99]}
     _png_with("in.png", **{JSON_KEY: json.dumps(stored)})
     result = invoke("--from-image", "in.png")
-    assert_usage_error(
-        result, "SLG layers must be block indices in 0..3 for this model (4 transformer blocks)", loaded=True
-    )
+    message = "the --from-image PNG's SLG layers must be block indices in 0..3 for this model (4 transformer blocks)"
+    assert_usage_error(result, message, loaded=True)
     assert pngs() == ["in.png"]
 
 
