@@ -334,8 +334,8 @@ def test_from_image_long_parameters_lines(fake):
     assert result.exit_code == 0, result.output
     assert fake.calls[0]["seed"] == 5 and fake.calls[0]["prompt"] == "a tree"
     _png_with("long.png", parameters="lorem ipsum " * 5_000 + "\nSteps: 2, Seed: 5, Size: 64x64")
-    assert_usage_error(invoke("--from-image", "long.png"), "missing PROMPT")
-    assert "ignored a stored value (prompt is 59,999 characters long" in invoke("--from-image", "long.png", "p").stderr
+    message = "missing PROMPT (or --from-image PNG); its stored prompt is unusable (prompt is 59,999 characters long"
+    assert_usage_error(invoke("--from-image", "long.png"), message)
 
 
 def test_from_image_survives_hostile_chunks(fake):
@@ -371,11 +371,11 @@ def test_parser_reads_a1111_lines_as_a1111_does():
 
 
 def test_parser_leaves_out_and_reports_invalid_values():
-    fields, notes = parse_parameters_noting("p\nSteps: 9999, CFG scale: nan, Seed: 1" + "0" * 5000 + ", Size: 9x9")
+    fields, invalid = parse_parameters_noting("p\nSteps: 9999, CFG scale: nan, Seed: 1" + "0" * 5000 + ", Size: 9x9")
     assert fields == {"prompt": "p", "negative_prompt": ""}
-    named = sorted(n[n.index("(") + 1 : n.index(" ", n.index("("))] for n in notes)
-    assert named == ["Seed", "cfg", "height", "steps", "width"]  # Seed: over 4,300 digits, int() refuses it
-    assert "ignored a stored value (cfg must be in [0, 100], got nan)" in notes
+    assert sorted(invalid) == ["cfg", "height", "seed", "steps", "width"]
+    assert invalid["cfg"] == "cfg must be in [0, 100], got nan"
+    assert invalid["seed"].startswith("Seed '10000") and invalid["seed"].endswith("is not a number")  # > 4,300 digits
 
 
 @given(st.dictionaries(st.from_regex(r"[A-Za-z][A-Za-z ]{0,10}[A-Za-z]", fullmatch=True), st.text(max_size=30)))
