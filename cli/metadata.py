@@ -139,7 +139,7 @@ def parse_parameters(text: str) -> dict:
     return parse_parameters_noting(text)[0]
 
 
-def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
+def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
     """parse_parameters, and why each field that was present but invalid was left out (field -> message)."""
     lines = text.strip().split("\n")
     kv_line = KeyValueLine(lines[-1]) if lines else None
@@ -171,7 +171,7 @@ def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
                 invalid[name] = f"{key} {_short(kv[key])} is not a number"
     if "Size" in kv:
         w, _, h = kv["Size"].partition("x")
-        if w.isdigit() and h.isdigit() and len(w) < 6 and len(h) < 6:
+        if w.isdecimal() and h.isdecimal() and len(w) < 6 and len(h) < 6:  # (isdigit takes "²", int does not)
             raw["width"], raw["height"] = int(w), int(h)
         else:
             invalid["width"] = f"Size {_short(kv['Size'])} is not WIDTHxHEIGHT"
