@@ -418,6 +418,23 @@ def test_parser_never_fails_and_stays_linear(text):
     parse_parameters(text)
 
 
+_numeric = st.text(st.characters(categories=["N"]), min_size=1, max_size=4)  # digits, but also "²", "½", "Ⅻ"
+_a1111_value = st.one_of(
+    st.text(st.characters(exclude_characters=",\n"), max_size=12),
+    _numeric,
+    st.builds("{}x{}".format, _numeric, _numeric),
+)
+
+
+@given(st.text(max_size=60), st.lists(st.tuples(st.sampled_from(["Steps", "Seed", "Size", "CFG scale", "Sampler",
+       "Denoising strength", "SLG scale"]), _a1111_value), max_size=6))  # fmt: skip
+@settings(max_examples=200, deadline=None)
+def test_parser_takes_any_values_without_failing(prompt, items):
+    """Any Unicode in prompts and values: fields parse, are left out with a reason, or are absent; never an error."""
+    fields, invalid = parse_parameters_noting(prompt + "\n" + ", ".join(f"{k}: {val}" for k, val in items))
+    assert set(fields).isdisjoint(invalid)
+
+
 # -- properties: every drawn combination runs to finite pixels or fails with our one-line error ---------
 
 
