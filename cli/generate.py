@@ -71,16 +71,16 @@ def given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
 
 
-def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, list[str]]:
-    """params with the PNG's stored settings in place of defaults; the stored fields with no option; notes
-    on stored values left out as invalid."""
+def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, dict[str, str]]:
+    """params with the PNG's stored settings in place of defaults; the stored fields with no option; why
+    stored values were left out as invalid (field -> message)."""
     stored, invalid = read_settings_noting(png)
     params = dict(params)
     for name, field in RESTORABLE.items():
         if stored.get(field) is not None and not given(ctx, name):
             params[name] = (stored[field],) if name == "seeds" else stored[field]
     extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop", "loras") if k in stored}
-    return params, extra, [f"Note: --from-image {png}: {note}" for note in invalid]
+    return params, extra, invalid
 
 
 def image_size(path: str, option: str = "--image") -> tuple[int, int]:
@@ -122,15 +122,17 @@ def plan_seeds(seeds: tuple[int, ...], n: int) -> list[int]:
 
 def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str]]:
     """The checked settings, one seed per image, and notes to print once every check has passed."""
-    extra, notes = {}, []
+    extra, invalid = {}, {}
     from_image = params.pop("from_image")
     if from_image:
-        params, extra, notes = restore(ctx, params, from_image)
+        params, extra, invalid = restore(ctx, params, from_image)
+    notes = [f"Note: --from-image {from_image}: ignored a stored value ({why})" for why in invalid.values()]
     loras, lora_notes = lora.plan(given(ctx, "loras"), params, extra.pop("loras", None))
     if params["num_images"] < 1:
         raise UsageError(f"--num-images must be at least 1, got {params['num_images']}")
     if not params["prompt"]:
-        raise UsageError("missing PROMPT (or --from-image PNG)")
+        why = f"; its stored prompt is unusable ({invalid['prompt']})" if "prompt" in invalid else ""
+        raise UsageError("missing PROMPT (or --from-image PNG)" + why)
     image = params["image"]
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")

@@ -78,12 +78,12 @@ OPTIONS = [
         show_default=False,
         help=f"Image height in px, as --width.  [default: {_D.height}; with --image as --width]",
     ),
-    click.option("--steps", type=int, default=_D.steps, help="Denoising steps (at least 1)."),
+    click.option("--steps", type=int, default=_D.steps, help="Denoising steps (1-1000)."),
     click.option(
         "--cfg",
         type=float,
         default=_D.cfg,
-        help="Classifier-free guidance scale; 1 or less turns guidance (and SLG) off.",
+        help="Classifier-free guidance scale (0-100); 1 or less turns guidance (and SLG) off.",
     ),
     click.option(
         "--seed",
@@ -108,7 +108,7 @@ OPTIONS = [
         help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the model card "
         "recommends (needs --cfg above 1).",
     ),
-    click.option("--slg-scale", type=float, default=_D.slg_scale, help="Skip Layer Guidance scale."),
+    click.option("--slg-scale", type=float, default=_D.slg_scale, help="Skip Layer Guidance scale (0-100)."),
     click.option(
         "--max-sequence-length",
         type=int,

@@ -96,10 +96,10 @@ OPTION_NAMES = {
     "seed": "--seed",
     "max_sequence_length": "--max-sequence-length",
     "sampler": "--sampler",
-    "skip_guidance_layers": "SLG layers",
+    "skip_guidance_layers": "the --from-image PNG's SLG layers",  # the CLI takes them only from a PNG
     "skip_layer_guidance_scale": "--slg-scale",
-    "skip_layer_guidance_start": "SLG start",
-    "skip_layer_guidance_stop": "SLG stop",
+    "skip_layer_guidance_start": "the --from-image PNG's SLG start",
+    "skip_layer_guidance_stop": "the --from-image PNG's SLG stop",
     "image": "--image",
     "strength": "--strength",
 }

@@ -261,7 +261,11 @@ class _Validator:
                 f"{n('prompt')} x {n('num_images_per_prompt')} gives {batch * images_per_prompt} images; "
                 f"at most {MAX_BATCH} per call"
             )
-        strength = real(s.strength, n("strength"), 0.0, 1.0, open_low=True) if s.image is not None else s.strength
+        strength = s.strength
+        if s.image is not None:
+            strength = real(s.strength, n("strength"), 0.0, 1.0, open_low=True)
+            if steps - min(steps * strength, steps) >= steps:  # img2img's start index, as diffusers rounds it
+                raise InvalidValue(f"{n('strength')} {strength} is too small: no step would run (at least 1e-15)")
         height, width = self._size(s, batch * images_per_prompt)
         from .sampling.samplers import SAMPLERS  # lazily: the samplers module imports mlx
 
