@@ -173,6 +173,11 @@ def bench(
         "extrapolated_plain_step_s": full_plain,
         "extrapolated_controlnet_step_s": full_cn,
         "extrapolated_ratio": full_cn / full_plain,
+        "extrapolated_cpu_time_ratio": 1
+        + (cn_cpu - plain_cpu)
+        / net.config.num_layers
+        * FULL_CONTROLNET_DEPTH
+        / (plain_cpu / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH),
         "flop_ratio_24_23_blocks": flop_ratio(size, ctx_len, cfg.hidden_size),
         "weights_bytes_measured": base,
         "plain_step_work_bytes": plain_peak,
@@ -220,8 +225,8 @@ def main() -> None:
                 f"with ControlNet {r['controlnet_step_s']:.3f}s "
                 f"(x{r['measured_ratio']:.2f}; CPU time x{r['measured_cpu_time_ratio']:.2f}) | "
                 f"24+23 blocks: plain {r['extrapolated_plain_step_s']:.2f}s, "
-                f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}; "
-                f"FLOPs x{r['flop_ratio_24_23_blocks']:.2f}) | "
+                f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}; CPU time "
+                f"x{r['extrapolated_cpu_time_ratio']:.2f}; FLOPs x{r['flop_ratio_24_23_blocks']:.2f}) | "
                 f"step work {r['plain_step_work_bytes'] / 2**30:.2f} -> {r['controlnet_step_work_bytes'] / 2**30:.2f} "
                 f"GiB, 23 residuals {r['residuals_bytes_23_blocks'] / 2**30:.2f} GiB",
                 flush=True,
