@@ -89,6 +89,26 @@ def full_depth_weights(bits: int | None, dtype: mx.Dtype) -> dict:
     }
 
 
+def block_flops(n: int, m: int, d: int, dual: bool, context_out: bool) -> float:
+    """Multiply-add FLOPs of one joint block for n image and m context tokens, width d (batch 1)."""
+    f = 2 * 3 * (n + m) * d * d + 4 * (n + m) ** 2 * d + 2 * n * d * d + 16 * n * d * d  # qkv, attention, out, MLP
+    if context_out:
+        f += 2 * m * d * d + 16 * m * d * d  # context output projection and MLP
+    if dual:
+        f += 2 * 4 * n * d * d + 4 * n * n * d  # attn2: qkv, out, attention
+    return f
+
+
+def flop_ratio(size: int, ctx_len: int, d: int = 1536) -> float:
+    """(24-block transformer + 23-block ControlNet) / transformer, counted: the cost a machine running the
+    step at one efficiency would see (13 dual-attention blocks in each, the transformer's last block
+    context-pre-only, every ControlNet block with its residual Linear)."""
+    n = (size // 16) ** 2
+    transformer = sum(block_flops(n, ctx_len, d, i < 13, i < 23) for i in range(24))
+    controlnet = sum(block_flops(n, ctx_len, d, i < 13, True) + 2 * n * d * d for i in range(23))
+    return (transformer + controlnet) / transformer
+
+
 def bench(
     t_folder: Path, c_folder: Path, size: int, dtype: mx.Dtype, bits: int | None, ctx_len: int, warmup: int, rep: int
 ) -> dict:
@@ -153,6 +173,12 @@ def bench(
         "extrapolated_plain_step_s": full_plain,
         "extrapolated_controlnet_step_s": full_cn,
         "extrapolated_ratio": full_cn / full_plain,
+        "extrapolated_cpu_time_ratio": 1
+        + (cn_cpu - plain_cpu)
+        / net.config.num_layers
+        * FULL_CONTROLNET_DEPTH
+        / (plain_cpu / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH),
+        "flop_ratio_24_23_blocks": flop_ratio(size, ctx_len, cfg.hidden_size),
         "weights_bytes_measured": base,
         "plain_step_work_bytes": plain_peak,
         "controlnet_step_work_bytes": cn_peak,
@@ -199,7 +225,8 @@ def main() -> None:
                 f"with ControlNet {r['controlnet_step_s']:.3f}s "
                 f"(x{r['measured_ratio']:.2f}; CPU time x{r['measured_cpu_time_ratio']:.2f}) | "
                 f"24+23 blocks: plain {r['extrapolated_plain_step_s']:.2f}s, "
-                f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}) | "
+                f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}; CPU time "
+                f"x{r['extrapolated_cpu_time_ratio']:.2f}; FLOPs x{r['flop_ratio_24_23_blocks']:.2f}) | "
                 f"step work {r['plain_step_work_bytes'] / 2**30:.2f} -> {r['controlnet_step_work_bytes'] / 2**30:.2f} "
                 f"GiB, 23 residuals {r['residuals_bytes_23_blocks'] / 2**30:.2f} GiB",
                 flush=True,

@@ -6,7 +6,6 @@ call and finishes the images (the outpainting composite). These inputs are not s
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import click
@@ -223,7 +222,7 @@ def _margins(text: str) -> tuple[int, int, int, int]:
 
 def _read(path: str, option: str) -> Image.Image:
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
+        with Image.open(path) as im:
             im.load()
             return im.copy()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
