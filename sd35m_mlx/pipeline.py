@@ -23,6 +23,7 @@ from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounde
 from .sampling.samplers import SAMPLERS, make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
+from .vae_tiling import VAETiling
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -63,6 +64,7 @@ class StableDiffusion35:
         self.work_budget: int | None = DEFAULT_WORK_BUDGET
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
+        self.vae_tiling = VAETiling()  # None: automatic (vae_tiling.py)
 
     @classmethod
     def from_pretrained(
@@ -153,6 +155,22 @@ class StableDiffusion35:
             self._prompt_cache = (key, self.encode_prompt(prompt, **kwargs))
             self._release("prompt_encoder")
         return self._prompt_cache[1]
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Decode and encode in overlapping tiles of tile_size px (default 512; 25% overlap), GroupNorm
+        statistics shared across tiles: memory bounded by one tile for any size, twice the VAE time.
+        Without a call, tiling turns on by itself in low_memory mode or when the decode would not fit."""
+        self.vae_tiling.enable(tile_size)
+
+    def disable_vae_tiling(self) -> None:
+        """Never tile the VAE (also not automatically)."""
+        self.vae_tiling.disable()
+
+    def _decode(self, z: mx.array) -> mx.array:
+        return self.vae_tiling.decode(self.vae, z, self.low_memory)
+
+    def _encode(self, images: mx.array) -> mx.array:
+        return self.vae_tiling.encode(self.vae, images, self.low_memory)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -275,7 +293,7 @@ class StableDiffusion35:
         start = 0
         if init_image is not None:
             start = img2img_start_index(num_inference_steps, strength)
-            z = self.vae.scale_latents(self.vae.encode(init_image.astype(self.dtype)).astype(mx.float32))
+            z = self.vae.scale_latents(self._encode(init_image.astype(self.dtype)).astype(mx.float32))
             if z.shape[0] != batch:
                 if batch % z.shape[0]:
                     raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
@@ -313,7 +331,7 @@ class StableDiffusion35:
         if output_type == "latent":
             return x
         with bounded_work(self.work_budget):
-            images = self.vae.decode(self.vae.unscale_latents(x).astype(self.dtype))
+            images = self._decode(self.vae.unscale_latents(x).astype(self.dtype))
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(images)
         return to_output(images, output_type)
