@@ -43,7 +43,7 @@ def test_tiles_cover_the_axis_overlap_enough_and_own_a_partition(size, tile, ove
     spans = vt.tile_spans(size, tile, overlap)
     assert spans[0].start == 0 and spans[-1].end == size
     assert all(s.end - s.start == min(tile, size) for s in spans)
-    assert all(a.end - b.start >= overlap for a, b in zip(spans, spans[1:]))
+    assert all(a.end - b.start >= overlap for a, b in zip(spans, spans[1:], strict=False))
     assert [s.core_start for s in spans[1:]] == [s.core_end for s in spans[:-1]]
     assert spans[0].core_start == 0 and spans[-1].core_end == size
     assert all(s.start <= s.core_start < s.core_end <= s.end for s in spans)
