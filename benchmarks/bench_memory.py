@@ -249,12 +249,12 @@ def pipeline_load(folder: str, quantize: int | None, t5_quantize: int | None, lo
         pipe = StableDiffusion35.from_pretrained(
             folder, "bfloat16", quantize=quantize, t5_quantize=t5_quantize, low_memory=low_memory
         )
-    enc = pipe.prompt_encoder
+    enc = pipe.prompt_encoder  # None in low_memory: the text encoders load for their stage
     modules = dict(
         transformer=pipe.transformer,
-        text_encoder=enc.text_encoder,
-        text_encoder_2=enc.text_encoder_2,
-        text_encoder_3=enc.text_encoder_3,
+        text_encoder=getattr(enc, "text_encoder", None),
+        text_encoder_2=getattr(enc, "text_encoder_2", None),
+        text_encoder_3=getattr(enc, "text_encoder_3", None),
         vae=pipe.vae,
     )
     quantized = {k: _quantized_bytes(m) for k, m in modules.items() if m is not None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -113,8 +114,8 @@ class StableDiffusion35:
         config = parts.transformer.config
         if low_memory is None:
             low_memory = parameter_bytes(parts) > 0.6 * physical_memory()
-        if low_memory:
-            parts.transformer = None  # the first stage needs only the text encoders; it loads when denoising
+        if low_memory:  # each component loads for its own stage (the text encoders one at a time)
+            parts.transformer = parts.prompt_encoder = None
         quantize_parts(
             parts, transformer_bits=None if low_memory else quantize, t5_bits=t5_bits, group_size=quantize_group_size
         )
@@ -142,8 +143,15 @@ class StableDiffusion35:
             mx.clear_cache()
 
     def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
-        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""
-        return self._component("prompt_encoder").encode_prompt(
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them.
+
+        In low_memory mode with the encoders released, T5 loads and runs alone, then the two CLIPs."""
+        if self.low_memory and self._reload is not None and self.prompt_encoder is None:
+            encoder = self._reload("prompt_encoder").prompt_encoder  # lazy: each stage reads its encoders
+            kwargs["stage"] = _loaded_for_stage(encoder)
+        else:
+            encoder = self._component("prompt_encoder")
+        return encoder.encode_prompt(
             prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
         )
 
@@ -350,9 +358,26 @@ def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do
     return cond, arr(uncond, "negative_prompt_embeds"), pooled, arr(uncond_pooled, "negative_pooled_prompt_embeds")
 
 
-def _encoders(prompt_encoder: PromptEncoder) -> list:
+def _encoders(prompt_encoder: PromptEncoder | None) -> list:
     e = prompt_encoder
-    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3]
+    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3] if e is not None else []
+
+
+def _loaded_for_stage(encoder: PromptEncoder):
+    """A `stage` for PromptEncoder.encode_prompt: reads the named encoders on entry, drops them on exit."""
+
+    @contextmanager
+    def stage(names):
+        materialize(*(getattr(encoder, n) for n in names))
+        try:
+            yield
+        finally:
+            for n in names:
+                setattr(encoder, n, None)
+            gc.collect()
+            mx.clear_cache()
+
+    return stage
 
 
 def parameter_bytes(parts: PipelineParts) -> int:
