@@ -17,6 +17,7 @@ import sd35m_mlx
 
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
+from .family import apply_family_defaults
 from .group import DefaultCommand
 from .metadata import png_info, read_settings
 from .options import RESTORABLE, generate_options
@@ -166,6 +167,8 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
 
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     # 1. Everything that can fail fast fails before the model loads: nothing is written on failure.
+    restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
+    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
     settings, seeds, notes = build_settings(ctx, params)
     paths = plan_paths(params["output"], seeds)
     for folder in {p.parent for p in paths}:
@@ -187,6 +190,9 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         low_memory=params["low_memory"],
     )
     reporter.say(f"Loaded in {format_seconds(time.perf_counter() - t0)}")
+    settings, defaults = apply_family_defaults(settings, pipe, explicit)
+    if defaults:
+        reporter.say(defaults)
 
     # 3. One generate() per seed, so each seed reproduces its image exactly
     written: list[tuple[Path, int]] = []

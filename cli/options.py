@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .family import FAMILY_HELP
 from .output import DEFAULT_TEMPLATE
 from .settings import (
     DEFAULT_MODEL,
@@ -14,6 +15,7 @@ from .settings import (
     SAMPLERS,
     TRAINED_MAX,
     TRAINED_MIN,
+    TRAINED_MP,
     Settings,
 )
 
@@ -65,8 +67,9 @@ OPTIONS = [
         type=int,
         default=None,
         show_default=False,
-        help=f"Image width in px: a multiple of 16, {MIN_SIDE}-{MAX_SIDE} (trained on {TRAINED_MIN}-"
-        f"{TRAINED_MAX}; other sizes warn).  [default: {_D.width}; with --image its size, or about 1 "
+        help=f"Image width in px: a multiple of 16, {MIN_SIDE} up to the model's positional table ({MAX_SIDE} "
+        f"for SD3.5 Medium, 3072 for SD3 Medium and SD3.5 Large); outside the trained {TRAINED_MP[0]}-"
+        f"{TRAINED_MP[1]} megapixels a warning.  [default: {_D.width}; with --image its size, or about 1 "
         f"megapixel if outside {TRAINED_MIN}-{TRAINED_MAX}, keeping its aspect]",
     ),
     click.option(
@@ -76,12 +79,20 @@ OPTIONS = [
         show_default=False,
         help=f"Image height in px, as --width.  [default: {_D.height}; with --image as --width]",
     ),
-    click.option("--steps", type=int, default=_D.steps, help="Denoising steps (at least 1)."),
+    click.option(
+        "--steps",
+        type=int,
+        default=_D.steps,
+        show_default=False,
+        help=f"Denoising steps (at least 1).  [default: per model, printed: {FAMILY_HELP}]",
+    ),
     click.option(
         "--cfg",
         type=float,
         default=_D.cfg,
-        help="Classifier-free guidance scale; 1 or less turns guidance (and SLG) off.",
+        show_default=False,
+        help="Classifier-free guidance scale; 1 or less turns guidance (and SLG) off.  [default: per model, "
+        "as --steps]",
     ),
     click.option(
         "--seed",
@@ -103,8 +114,9 @@ OPTIONS = [
     click.option(
         "--slg/--no-slg",
         default=_D.slg,
-        help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the model card "
-        "recommends (needs --cfg above 1).",
+        show_default=False,
+        help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the SD3.5 Medium model "
+        "card recommends (needs --cfg above 1).  [default: on for SD3.5 Medium, off for the other models]",
     ),
     click.option("--slg-scale", type=float, default=_D.slg_scale, help="Skip Layer Guidance scale."),
     click.option(
