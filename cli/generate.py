@@ -24,6 +24,7 @@ from .options import RESTORABLE, generate_options
 from .output import check_writable, plan_paths, write_png
 from .progress import Reporter, format_seconds, peak_memory
 from .settings import MAX_SEED, MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN, Settings, check
+from .upscale import second_model_loader, two_pass
 
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 
@@ -127,6 +128,9 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     image = params["image"]
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")
+    for name in ("upscale_strength", "upscale_steps", "upscale_model"):
+        if params["upscale"] is None and given(ctx, name):
+            raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
     width, height = params["width"], params["height"]
     notes = []
     if image is not None:
@@ -154,6 +158,10 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             model=str(params["model"]),
             image=str(image) if image is not None else None,
             strength=float(params["strength"]) if image is not None else None,
+            upscale=float(params["upscale"]) if params["upscale"] is not None else None,
+            upscale_strength=float(params["upscale_strength"]),
+            upscale_steps=int(params["upscale_steps"]) if params["upscale_steps"] is not None else None,
+            upscale_model=str(params["upscale_model"]) if params["upscale_model"] is not None else None,
             **extra,
         )
         seeds = [int(s) for s in plan_seeds(tuple(params["seeds"]), params["num_images"])]
@@ -194,6 +202,8 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     if defaults:
         reporter.say(defaults)
 
+    second_model = second_model_loader(settings, params["revision"], params["low_memory"])
+
     # 3. One generate() per seed, so each seed reproduces its image exactly
     written: list[tuple[Path, int]] = []
     taken: set[Path] = set()
@@ -203,7 +213,10 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
         steps = f"{s.steps} step{'s' * (s.steps != 1)}"
         steps += f", img2img strength {s.strength}" if s.image else ""
         reporter.say(f"{label} seed {seed}, {s.width}x{s.height}, {steps}: encoding prompt")
-        images = pipe.generate(s.prompt, callback=reporter.steps(label), **s.generate_kwargs())
+        if s.upscale is None:
+            images = pipe.generate(s.prompt, callback=reporter.steps(label), **s.generate_kwargs())
+        else:
+            images = two_pass(pipe, s, reporter, label, second_model)
         final = write_png(images[0], path, png_info(s, VERSION), overwrite=params["overwrite"], taken=taken)
         if final != path:
             reporter.say(f"{label} {path} exists; wrote {final} instead (--overwrite replaces)")

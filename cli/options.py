@@ -41,6 +41,10 @@ RESTORABLE = {
     "model": "model",
     "image": "image",
     "strength": "strength",
+    "upscale": "upscale",
+    "upscale_strength": "upscale_strength",
+    "upscale_steps": "upscale_steps",
+    "upscale_model": "upscale_model",
 }
 
 OPTIONS = [
@@ -168,6 +172,36 @@ OPTIONS = [
         type=float,
         default=0.6,
         help="img2img: how far to move away from --image, in (0, 1]; 1 keeps nothing of it.",
+    ),
+    click.option(
+        "--upscale",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="Two passes: generate at --width x --height, enlarge by FACTOR (Lanczos, in pixels; 1-4), then "
+        "refine with img2img at the larger size, same seed; the VAE runs in tiles when the size needs it. "
+        "Both passes are recorded in the PNG.  [default: off]",
+    ),
+    click.option(
+        "--upscale-strength",
+        type=float,
+        default=_D.upscale_strength,
+        help="How far the second pass moves from the enlarged image, in (0, 1].",
+    ),
+    click.option(
+        "--upscale-steps",
+        type=int,
+        default=None,
+        show_default=False,
+        help="Steps of the second pass (it runs the last strength x steps of them).  [default: as --steps]",
+    ),
+    click.option(
+        "--upscale-model",
+        metavar="MODEL",
+        default=None,
+        show_default=False,
+        help="Another SD3-family checkpoint for the second pass (e.g. SD3.5 Medium after SD3.5 Large), any "
+        "--model form; with --low-memory the first model is released before it loads.  [default: --model]",
     ),
     click.option(
         "-o",

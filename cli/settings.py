@@ -48,6 +48,18 @@ class Settings:
     model: str = DEFAULT_MODEL
     image: str | None = None
     strength: float | None = None
+    upscale: float | None = None  # two-pass upscale factor (sd35m_mlx/upscale.py); None: one pass
+    upscale_strength: float = 0.35
+    upscale_steps: int | None = None  # None: as steps
+    upscale_model: str | None = None  # None: the same model
+
+    @property
+    def upscale_size(self) -> tuple[int, int] | None:
+        """(width, height) of the second pass, or None without --upscale."""
+        if self.upscale is None:
+            return None
+        # as sd35m_mlx.upscale.target_size (a test pins it), without importing mlx for --help
+        return tuple(max(MULTIPLE, round(v * self.upscale / MULTIPLE) * MULTIPLE) for v in (self.width, self.height))
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""
@@ -116,6 +128,15 @@ def check(s: Settings) -> list[str]:
         raise UsageError(f"unknown dtype {s.dtype!r}; choose one of {', '.join(DTYPES)}")
     if not 0 <= s.seed <= MAX_SEED:
         raise UsageError(f"seeds must be between 0 and {MAX_SEED}, got {s.seed}")
+    if s.upscale is not None:
+        if not 1 <= s.upscale <= 4:
+            raise UsageError(f"--upscale must be between 1 and 4, got {s.upscale}")
+        if not 0 < s.upscale_strength <= 1:
+            raise UsageError(f"--upscale-strength must be in (0, 1], got {s.upscale_strength}")
+        if s.upscale_steps is not None and s.upscale_steps < 1:
+            raise UsageError(f"--upscale-steps must be at least 1, got {s.upscale_steps}")
+        if max(s.upscale_size) > MAX_SIDE:
+            raise UsageError(f"--upscale {s.upscale} makes {s.upscale_size[0]}x{s.upscale_size[1]}, over {MAX_SIDE} px")
     warnings = []
     megapixels = s.width * s.height / 2**20
     if not TRAINED_MP[0] <= megapixels <= TRAINED_MP[1]:
