@@ -201,7 +201,8 @@ OPTIONS = [
         default=None,
         show_default=False,
         help="Another SD3-family checkpoint for the second pass (e.g. SD3.5 Medium after SD3.5 Large), any "
-        "--model form; with --low-memory the first model is released before it loads.  [default: --model]",
+        "--model form, run with the first pass's guidance settings; with --low-memory the first model is released "
+        "before it loads.  [default: --model]",
     ),
     click.option(
         "-o",
