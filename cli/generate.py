@@ -7,6 +7,7 @@ import secrets
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -18,12 +19,14 @@ import sd35m_mlx
 from . import distributed, editing, live, lora
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
+from .family import apply_family_defaults
 from .group import DefaultCommand
 from .metadata import png_info, read_settings_noting
 from .options import RESTORABLE, generate_options
 from .output import check_writable, plan_paths, write_png
 from .progress import Reporter, format_seconds, peak_memory
 from .settings import MAX_SEED, MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN, Settings, check, fit_to_model
+from .upscale import second_model_loader, two_pass
 
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 
@@ -136,6 +139,9 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     image = params["image"]
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")
+    for name in ("upscale_strength", "upscale_steps", "upscale_model"):
+        if params["upscale"] is None and given(ctx, name):
+            raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
     width, height = params["width"], params["height"]
     source = editing.size_source(params)  # --image (extended by --outpaint), else the first --control-image
     if source is not None:
@@ -164,6 +170,10 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             image=str(image) if image is not None else None,
             strength=float(params["strength"]) if image is not None else None,
             loras=loras,
+            upscale=float(params["upscale"]) if params["upscale"] is not None else None,
+            upscale_strength=float(params["upscale_strength"]),
+            upscale_steps=int(params["upscale_steps"]) if params["upscale_steps"] is not None else None,
+            upscale_model=str(params["upscale_model"]) if params["upscale_model"] is not None else None,
             **extra,
         )
         seeds = [int(s) for s in plan_seeds(tuple(params["seeds"]), params["num_images"])]
@@ -187,6 +197,8 @@ class Job:
     edit: editing.Editing
     preview: Path | None
     folder: str
+    explicit: set[str]  # steps / cfg / slg the user chose (or the PNG stored): no per-model default for them
+    second_model: Callable | None = None  # --upscale-model's loader (cli/upscale.py)
 
 
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
@@ -219,8 +231,12 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
 
 def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
     """Every check that needs no model; `writer`: this process writes the files (their folders are checked)."""
+    restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
+    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
     settings, seeds, notes = build_settings(ctx, params)
     edit = editing.prepare(params, given(ctx, "strength"))  # --mask, --outpaint, --controlnet: read and checked
+    if settings.upscale is not None and edit.kwargs:
+        raise UsageError("--upscale does not combine with --mask, --outpaint or --controlnet yet")
     settings = dataclasses.replace(settings, strength=edit.strength) if edit.strength else settings
     paths = plan_paths(params["output"], seeds)
     if writer:
@@ -228,7 +244,7 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
             check_writable(folder)
     preview = live.check(params, lambda name: given(ctx, name)) if writer else None
     folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
-    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder)
+    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit)
 
 
 def load(job: Job, params: dict, reporter: Reporter):
@@ -249,6 +265,8 @@ def load(job: Job, params: dict, reporter: Reporter):
         loras, notes = lora.with_hashes(s.loras, pipe.lora_info())
         s = dataclasses.replace(s, loras=loras)
     job.edit.load(pipe, s.quantize)
+    s, defaults = apply_family_defaults(s, pipe, job.explicit)  # steps, guidance, SLG per model (cli/family.py)
+    notes += [defaults] if defaults else []
     limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
     if limits is not None:
         s, fitted = fit_to_model(s, limits)
@@ -256,6 +274,7 @@ def load(job: Job, params: dict, reporter: Reporter):
     for note in notes:
         reporter.say(note)
     job.settings = s
+    job.second_model = second_model_loader(s, params["revision"], params["low_memory"])
     return pipe
 
 
@@ -267,7 +286,10 @@ def make_image(pipe, job: Job, params: dict, reporter: Reporter, i: int, *, labe
     steps += f", img2img strength {s.strength}" if s.image else ""
     reporter.say(f"{label} seed {s.seed}, {s.width}x{s.height}, {steps}: encoding prompt")
     extra = live.generate_kwargs(params, job.preview, s.width, s.height) | job.edit.kwargs | overrides
-    images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
+    if s.upscale is not None:  # two passes (cli/upscale.py): plan() refused editing inputs with it
+        images = two_pass(pipe, s, reporter, label, job.second_model, **extra)
+    else:
+        images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
     return images if overrides.get("output_type") == "latent" else job.edit.finish(images)[0]
 
 

@@ -47,6 +47,15 @@ def parameters_text(s: Settings, version: str) -> str:
     if s.slg and s.cfg > 1:
         items["SLG scale"] = s.slg_scale
         items["SLG layers"] = ",".join(map(str, s.slg_layers))
+    if s.upscale is not None:  # A1111's names for its two-pass ("hires fix") settings
+        items["Hires upscale"] = s.upscale
+        items["Hires resize"] = "{}x{}".format(*s.upscale_size)
+        items["Hires steps"] = s.upscale_steps or s.steps
+        items["Hires upscaler"] = "Lanczos"
+        items["Hires denoising strength"] = s.upscale_strength
+        if s.upscale_model is not None:
+            model = s.upscale_model
+            items["Hires checkpoint"] = Path(model).name if Path(model).is_absolute() else model
     if not s.t5:
         items["T5"] = "off"
     if s.loras:

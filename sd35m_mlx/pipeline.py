@@ -6,6 +6,7 @@ import gc
 import os
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -33,6 +34,7 @@ from .sampling.samplers import make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
 from .threads import any_thread, serialized
+from .vae_tiling import VAETiling
 from .validation import ARGUMENTS, ModelLimits, validate_generation
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -83,6 +85,7 @@ class StableDiffusion35(LoraMixin):
         self.taesd = None  # TAESD3 decoder for previews and drafts; loaded from DEFAULT_TAESD on first use
         self._lock = threading.RLock()
         self._cancellation = Cancellation()
+        self.vae_tiling = VAETiling()  # None: automatic (vae_tiling.py)
 
     @classmethod
     @any_thread
@@ -139,8 +142,8 @@ class StableDiffusion35(LoraMixin):
         config = parts.transformer.config
         if low_memory is None:
             low_memory = parameter_bytes(parts) > 0.6 * physical_memory()
-        if low_memory:
-            parts.transformer = None  # the first stage needs only the text encoders; it loads when denoising
+        if low_memory:  # each component loads for its own stage (the text encoders one at a time)
+            parts.transformer = parts.prompt_encoder = None
         quantize_parts(
             parts, transformer_bits=None if low_memory else quantize, t5_bits=t5_bits, group_size=quantize_group_size
         )
@@ -207,8 +210,15 @@ class StableDiffusion35(LoraMixin):
 
     @serialized
     def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
-        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""
-        embeds = self._component("prompt_encoder").encode_prompt(
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them.
+
+        In low_memory mode with the encoders released, T5 loads and runs alone, then the two CLIPs."""
+        if self.low_memory and self._reload is not None and self.prompt_encoder is None:
+            encoder = self._reload("prompt_encoder").prompt_encoder  # lazy: each stage reads its encoders
+            kwargs["stage"] = _loaded_for_stage(encoder)
+        else:
+            encoder = self._component("prompt_encoder")
+        embeds = encoder.encode_prompt(
             prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
         )
         mx.eval([e for e in embeds if e is not None])  # evaluated: usable from any thread (threads.py)
@@ -222,6 +232,22 @@ class StableDiffusion35(LoraMixin):
             self._prompt_cache = (key, self.encode_prompt(prompt, **kwargs))
             self._release("prompt_encoder")
         return self._prompt_cache[1]
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Decode and encode in overlapping tiles of tile_size px (default 512; 25% overlap), GroupNorm
+        statistics shared across tiles: memory bounded by one tile for any size, twice the VAE time.
+        Without a call, tiling turns on by itself in low_memory mode or when the decode would not fit."""
+        self.vae_tiling.enable(tile_size)
+
+    def disable_vae_tiling(self) -> None:
+        """Never tile the VAE (also not automatically)."""
+        self.vae_tiling.disable()
+
+    def _decode(self, z: mx.array) -> mx.array:
+        return self.vae_tiling.decode(self.vae, z, self.low_memory)
+
+    def _encode(self, images: mx.array) -> mx.array:
+        return self.vae_tiling.encode(self.vae, images, self.low_memory)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -366,7 +392,7 @@ class StableDiffusion35(LoraMixin):
         start, z = 0, None
         if init_image is not None:
             start = img2img_start_index(num_inference_steps, strength)
-            z = self.vae.scale_latents(self.vae.encode(init_image.astype(self.dtype)).astype(mx.float32))
+            z = self.vae.scale_latents(self._encode(init_image.astype(self.dtype)).astype(mx.float32))
             if z.shape[0] != batch:
                 if batch % z.shape[0]:
                     raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
@@ -416,7 +442,8 @@ class StableDiffusion35(LoraMixin):
             return x
         vae = self._taesd_decoder() if decoder == "taesd" else self.vae
         with bounded_work(self.work_budget):
-            images = vae.decode(vae.unscale_latents(x).astype(self.dtype))
+            decode = self._decode if decoder == "vae" else vae.decode  # the VAE tiles when needed
+            images = decode(vae.unscale_latents(x).astype(self.dtype))
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(images)
         if inpaint is not None and inpaint.crop is not None:  # paste the crop back over the original (8-bit)
@@ -447,9 +474,26 @@ def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do
     return cond, arr(uncond, "negative_prompt_embeds"), pooled, arr(uncond_pooled, "negative_pooled_prompt_embeds")
 
 
-def _encoders(prompt_encoder: PromptEncoder) -> list:
+def _encoders(prompt_encoder: PromptEncoder | None) -> list:
     e = prompt_encoder
-    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3]
+    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3] if e is not None else []
+
+
+def _loaded_for_stage(encoder: PromptEncoder):
+    """A `stage` for PromptEncoder.encode_prompt: reads the named encoders on entry, drops them on exit."""
+
+    @contextmanager
+    def stage(names):
+        materialize(*(getattr(encoder, n) for n in names))
+        try:
+            yield
+        finally:
+            for n in names:
+                setattr(encoder, n, None)
+            gc.collect()
+            mx.clear_cache()
+
+    return stage
 
 
 def parameter_bytes(parts: PipelineParts) -> int:
