@@ -215,6 +215,7 @@ class StableDiffusion35(LoraMixin):
         In low_memory mode with the encoders released, T5 loads and runs alone, then the two CLIPs."""
         if self.low_memory and self._reload is not None and self.prompt_encoder is None:
             encoder = self._reload("prompt_encoder").prompt_encoder  # lazy: each stage reads its encoders
+            self._lora_attach("prompt_encoder", encoder)  # text encoder LoRAs, on the lazy weights
             kwargs["stage"] = _loaded_for_stage(encoder)
         else:
             encoder = self._component("prompt_encoder")
