@@ -138,6 +138,20 @@ def test_a1111_whole_picture_inpaint_and_other_fills_are_said_in_info(server, pi
     assert "mask" not in r.json()["parameters"]  # the mask is not echoed back (as init_images)
 
 
+def test_a1111_mask_blur_per_axis_and_its_default(server, pipe, http):
+    """mask_blur_x / mask_blur_y (A1111 >= 1.4) blur each axis; without any, A1111's default 4 px."""
+    mask = white_mask((16, 20, 48, 44))
+    body = {"prompt": "a cat", "init_images": [b64(png(SOURCE))], "mask": b64(png(mask)), "inpaint_full_res": True,
+            "inpaint_full_res_padding": 4, "inpainting_fill": 1, "width": 64, "height": 64, "steps": 2, "seed": 2,
+            "denoising_strength": 0.9}  # fmt: skip
+    for blur, extra in (((5, 1), {"mask_blur_x": 5, "mask_blur_y": 1}), (4, {})):
+        r = http.post("/sdapi/v1/img2img", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        want = pipe.generate("a cat", image=SOURCE, mask_image=mask.filter(ImageFilter.GaussianBlur(blur)),
+                             padding_mask_crop=4, strength=0.9, seed=2, **SMALL)[0]  # fmt: skip
+        assert np.array_equal(pixels(r.json()["images"][0]), pixels(want)), blur
+
+
 # --- bad masks: 4xx in each dialect's shape, and the server goes on -----------------------------------
 
 RGBA_TINY = alpha_mask((3, 3, 4, 4))  # one transparent pixel: no 8x8 latent cell samples it (generate's own check)

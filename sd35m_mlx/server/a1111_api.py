@@ -59,9 +59,9 @@ class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] | None = None
     denoising_strength: float | None = None
     mask: str | None = None  # inpainting: base64, white = repaint (server/masks.py)
-    mask_blur: int | None = 4  # A1111's default; px of Gaussian blur on the mask
-    mask_blur_x: int | None = None  # A1111 >= 1.4 splits mask_blur; when only these are sent, the larger is used
-    mask_blur_y: int | None = None
+    mask_blur: int | None = None  # px of Gaussian blur on the mask; sets both of A1111's axes below
+    mask_blur_x: int | None = 4  # A1111's defaults
+    mask_blur_y: int | None = 4
     inpainting_mask_invert: int | None = 0  # 1: repaint what is black
     inpaint_full_res: bool | None = True  # "only masked": repaint a crop around the mask (our padding_mask_crop)
     inpaint_full_res_padding: int | None = 0
@@ -160,14 +160,14 @@ def router(server) -> APIRouter:
 
     async def inpainting(body: Img2ImgBody, spec: Spec) -> None:
         """A1111's inpainting fields -> spec.mask (white = repaint) and padding_mask_crop."""
-        blur = body.mask_blur
-        if body.mask_blur_x is not None or body.mask_blur_y is not None:
-            blur = max(body.mask_blur_x or 0, body.mask_blur_y or 0)
-        if body.mask_blur_x is not None and body.mask_blur_y is not None and body.mask_blur_x != body.mask_blur_y:
-            spec.notes.append(f"mask_blur_x != mask_blur_y: blurred the mask by {blur} px both ways")
+        if body.mask_blur is not None:  # A1111's mask_blur setter: both axes
+            blur = (body.mask_blur, body.mask_blur)
+        else:
+            blur = (body.mask_blur_x if body.mask_blur_x is not None else 4,
+                    body.mask_blur_y if body.mask_blur_y is not None else 4)  # fmt: skip
         data = decode_base64(body.mask, "mask")
         spec.mask = await asyncio.to_thread(a1111_mask, data, spec.image.size, bool(body.inpainting_mask_invert),
-                                            blur or 0, server.config.max_upload_pixels)  # fmt: skip
+                                            blur, server.config.max_upload_pixels)  # fmt: skip
         if body.inpaint_full_res:
             padding = body.inpaint_full_res_padding or 0
             if padding < 0:

@@ -6,8 +6,8 @@
   mean transparency, diffusers/A1111-style ones mean white), and guessing would repaint the wrong region.
 - A1111 (`/sdapi/v1/img2img`, base64 `mask`): white = repaint (a mask with transparency: its alpha, as A1111's
   `create_binary_mask`), binarised at 128, inverted with `inpainting_mask_invert`, then blurred by
-  `mask_blur` px (Gaussian). generate() binarises the latent mask again at 0.5; the blur softens the
-  paste-back edge of `inpaint_full_res` (our `padding_mask_crop`).
+  `mask_blur` px (Gaussian; or `mask_blur_x` / `mask_blur_y`). generate() binarises the latent mask again
+  at 0.5; the blur softens the paste-back edge of `inpaint_full_res` (our `padding_mask_crop`).
 
 A mask of another size than its image is a 400 in both dialects; one with nothing to repaint too.
 """
@@ -61,10 +61,11 @@ def a1111_mask(
     data: bytes,
     image_size: tuple[int, int],
     invert: bool = False,
-    blur: int = 0,
+    blur: tuple[int, int] = (0, 0),
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """A1111's mask (white = repaint, or its alpha where it has transparency) -> binarised, inverted, blurred."""
+    """A1111's mask (white = repaint, or its alpha where it has transparency) -> binarised, inverted, blurred
+    by `blur` = (x, y) px (Gaussian standard deviations, as A1111's mask_blur_x / mask_blur_y)."""
     im = open_upload(data, "mask", max_pixels)
     _same_size(im, image_size, "mask", "init_images[0]")
     if im.mode == "RGBA" and im.getextrema()[-1] != (255, 255):  # A1111's create_binary_mask
@@ -75,8 +76,9 @@ def a1111_mask(
     if invert:
         mask = ImageOps.invert(mask)
     _something_to_paint(mask, "mask", "it is all black" + (" after inpainting_mask_invert" if invert else ""))
-    if not 0 <= blur <= MAX_BLUR:
-        raise RequestError(f"mask_blur must be between 0 and {MAX_BLUR} px, got {blur}", "mask_blur")
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    for v in blur:
+        if not 0 <= v <= MAX_BLUR:
+            raise RequestError(f"mask_blur must be between 0 and {MAX_BLUR} px, got {v}", "mask_blur")
+    if max(blur) > 0:  # A1111 blurs x and y separately (cv2); Pillow takes both radii (sigmas) at once
+        mask = mask.filter(ImageFilter.GaussianBlur(blur[0] if blur[0] == blur[1] else blur))
     return mask
