@@ -154,23 +154,37 @@ def test_a1111_mask_blur_per_axis_and_its_default(server, pipe, http):
 
 # --- bad masks: 4xx in each dialect's shape, and the server goes on -----------------------------------
 
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A valid PNG header claiming side x side RGBA pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 RGBA_TINY = alpha_mask((3, 3, 4, 4))  # one transparent pixel: no 8x8 latent cell samples it (generate's own check)
 OPENAI_BAD = [
-    (png(alpha_mask((0, 0, 8, 8), size=(32, 64))), "same size as the image"),
-    (b"not an image", "not an image"),
-    (png(white_mask((0, 0, 32, 32))), "no alpha channel"),  # white = repaint: not OpenAI's convention
-    (png(alpha_mask(None)), "marks nothing to repaint"),  # fully opaque: nothing to edit
-    (png(RGBA_TINY), "latent cell"),
+    (png(alpha_mask((0, 0, 8, 8), size=(32, 64))), 400, "same size as the image"),
+    (b"not an image", 400, "not an image"),
+    (png(white_mask((0, 0, 32, 32))), 400, "no alpha channel"),  # white = repaint: not OpenAI's convention
+    (png(alpha_mask(None)), 400, "marks nothing to repaint"),  # fully opaque: nothing to edit
+    (png(RGBA_TINY), 400, "latent cell"),
+    (bomb_png(), 413, "too large"),
 ]
 
 
-@pytest.mark.parametrize("mask,message", OPENAI_BAD, ids=[c[1] for c in OPENAI_BAD])
-def test_openai_bad_mask(server, http, mask, message):
+@pytest.mark.parametrize("mask,status,message", OPENAI_BAD, ids=[c[2] for c in OPENAI_BAD])
+def test_openai_bad_mask(server, http, mask, status, message):
     files = [("image", ("in.png", png(SOURCE), "image/png")), ("mask", ("mask.png", mask, "image/png"))]
     r = http.post("/v1/images/edits", data={"prompt": "p", "size": "64x64", "steps": "1"}, files=files)
-    assert r.status_code == 400, r.text
+    assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert message in err["message"] and err["type"] == "invalid_request_error"
+    assert message in err["message"] and err["param"] == "mask"
     assert http.get("/health").json()["status"] == "ok"
 
 
@@ -188,6 +202,7 @@ A1111_BAD = [
     ({"mask": b64(png(white_mask((0, 0, 64, 64)))), "inpainting_mask_invert": 1}, "after inpainting_mask_invert"),
     ({"mask": b64(png(white_mask((0, 0, 8, 8)))), "mask_blur": -1}, "mask_blur must be between"),
     ({"mask": b64(png(white_mask((0, 0, 8, 8)))), "inpaint_full_res_padding": -4}, "inpaint_full_res_padding"),
+    ({"mask": b64(png(white_mask((0, 0, 8, 8)))), "inpaint_full_res_padding": 10**6}, "inpaint_full_res_padding"),
 ]
 
 
@@ -215,6 +230,28 @@ def test_the_server_inpaints_after_bad_masks(server, http):
         )
     r = http.post("/v1/images/edits", data={"prompt": "p", "size": "64x64", "steps": "1"}, files=files)
     assert r.status_code == 200 and len(r.json()["data"]) == 1
+
+
+# --- the conversions themselves ----------------------------------------------------------------------
+
+
+def test_mask_conversions_read_every_kind_of_transparency():
+    from sd35m_mlx.server.masks import a1111_mask, openai_mask
+
+    want = np.asarray(white_mask((8, 16, 40, 56)))
+    la = alpha_mask((8, 16, 40, 56)).convert("LA")
+    palette = Image.fromarray(np.where(want == 255, 0, 1).astype(np.uint8), "P")  # index 0 is transparent
+    palette.putpalette([0, 0, 0, 255, 255, 255])
+    palette.info["transparency"] = 0
+    for im in (alpha_mask((8, 16, 40, 56)), la, palette):
+        assert np.array_equal(np.asarray(openai_mask(png(im), (64, 64))), want), im.mode
+    # A1111: white repaints; a mask with transparency repaints where it is opaque (Gradio's sketch layer)
+    assert np.array_equal(np.asarray(a1111_mask(png(white_mask((8, 16, 40, 56))), (64, 64))), want)
+    strokes = np.zeros((64, 64, 4), np.uint8)
+    strokes[16:56, 8:40] = (255, 0, 0, 255)  # opaque red strokes on a transparent canvas
+    assert np.array_equal(np.asarray(a1111_mask(png(Image.fromarray(strokes, "RGBA")), (64, 64))), want)
+    inverted = a1111_mask(png(white_mask((8, 16, 40, 56))), (64, 64), invert=True)
+    assert np.array_equal(np.asarray(inverted), 255 - want)
 
 
 # --- generate()'s own argument checks run before a job is queued --------------------------------------
