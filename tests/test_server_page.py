@@ -130,6 +130,41 @@ def test_drop_an_image_for_img2img(page, pipe):
     assert "img2img" in page.inner_text(".card .meta")
 
 
+def drop_file(page, target: str, data: bytes, name: str) -> None:
+    """A real drop event carrying a PNG file on `target` (a CSS id), as a drag from the desktop delivers it."""
+    page.evaluate(
+        """async ([target, b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+            document.getElementById(target).dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true }));
+        }""",
+        [target, base64.b64encode(data).decode(), name],
+    )
+
+
+def test_drop_a_mask_next_to_the_image_to_inpaint(page, pipe):
+    from PIL import ImageFilter
+
+    source = Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 24, 40, 56))
+    drop_file(page, "drop", png(source), "photo.png")
+    page.wait_for_selector("#init-controls.on")
+    drop_file(page, "mask-box", png(mask), "mask.png")  # on the mask box: the mask, not a new image
+    page.wait_for_selector("#mask-thumb:not([hidden])")
+    assert page.get_attribute("#init-thumb", "src") != page.get_attribute("#mask-thumb", "src")
+    fill_settings(page, steps=2, seed=5)
+    page.fill("#prompt", "a fox")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".card img")
+    # the page sends A1111's default mask_blur (4 px) over the whole picture
+    want = pipe.generate("a fox", image=source, mask_image=mask.filter(ImageFilter.GaussianBlur(4)), strength=0.6,
+                         width=64, height=64, num_inference_steps=2, seed=5)[0]  # fmt: skip
+    assert np.array_equal(card_pixels(page), pixels(want))
+    assert "inpaint" in page.inner_text(".card .meta")
+
+
 def test_with_an_api_key_the_page_asks_for_it(browser, pipe):
     s = RunningServer(pipe, api_key="s3cret")
     context = browser.new_context()

@@ -20,6 +20,7 @@ from sd35m_mlx_cli.metadata import parameters_text
 
 from .errors import RequestError
 from .jobs import Job
+from .masks import a1111_mask
 from .spec import Spec, sampler_label, seeds_for, settings_for
 from .uploads import decode_base64, open_image
 
@@ -32,6 +33,7 @@ SAMPLER_ALIASES = {
     "k_dpmpp_2m": "dpmpp_2m",
 }
 DEFAULT_SAMPLER = "euler"
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
 
 class Txt2ImgBody(BaseModel):
@@ -56,7 +58,14 @@ class Txt2ImgBody(BaseModel):
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] | None = None
     denoising_strength: float | None = None
-    mask: str | None = None
+    mask: str | None = None  # inpainting: base64, white = repaint (server/masks.py)
+    mask_blur: int | None = None  # px of Gaussian blur on the mask; sets both of A1111's axes below
+    mask_blur_x: int | None = 4  # A1111's defaults
+    mask_blur_y: int | None = 4
+    inpainting_mask_invert: int | None = 0  # 1: repaint what is black
+    inpaint_full_res: bool | None = True  # "only masked": repaint a crop around the mask (our padding_mask_crop)
+    inpaint_full_res_padding: int | None = 0
+    inpainting_fill: int | None = None  # 0 fill, 1 original, 2 latent noise, 3 latent nothing: we run 1
 
 
 def map_sampler(name: str | None) -> tuple[str, str | None]:
@@ -138,16 +147,36 @@ def router(server) -> APIRouter:
     async def img2img(body: Img2ImgBody, request: Request):
         if not body.init_images:
             raise RequestError("init_images is required: a list with one base64-encoded image", "init_images")
-        if body.mask:
-            raise RequestError("mask: inpainting is not available in this server yet", "mask")
         spec = spec_from(body, server.config.limits)
         if len(body.init_images) > 1:
             spec.notes.append("several init_images: used the first for every image")
         data = decode_base64(body.init_images[0], "init_images")
         spec.image = await asyncio.to_thread(open_image, data, "init_images", server.config.max_upload_pixels)
+        if body.mask:
+            await inpainting(body, spec)
         spec.strength = body.denoising_strength if body.denoising_strength is not None else 0.75  # A1111's default
         job = await server.run(spec, request)
         return answer(job, body)
+
+    async def inpainting(body: Img2ImgBody, spec: Spec) -> None:
+        """A1111's inpainting fields -> spec.mask (white = repaint) and padding_mask_crop."""
+        if body.mask_blur is not None:  # A1111's mask_blur setter: both axes
+            blur = (body.mask_blur, body.mask_blur)
+        else:
+            blur = (body.mask_blur_x if body.mask_blur_x is not None else 4,
+                    body.mask_blur_y if body.mask_blur_y is not None else 4)  # fmt: skip
+        data = decode_base64(body.mask, "mask")
+        spec.mask = await asyncio.to_thread(a1111_mask, data, spec.image.size, bool(body.inpainting_mask_invert),
+                                            blur, server.config.max_upload_pixels)  # fmt: skip
+        if body.inpaint_full_res:
+            padding = body.inpaint_full_res_padding or 0
+            if padding < 0:
+                message = f"inpaint_full_res_padding must be >= 0 px, got {padding}"
+                raise RequestError(message, "inpaint_full_res_padding")
+            spec.padding_mask_crop = padding
+        if body.inpainting_fill not in (None, 1):
+            name = FILLS.get(body.inpainting_fill, str(body.inpainting_fill))
+            spec.notes.append(f"inpainting_fill {name!r} is not available; ran 'original' (starts from the image)")
 
     @r.get("/progress")
     async def progress(skip_current_image: bool = False):

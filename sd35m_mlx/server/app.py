@@ -30,7 +30,9 @@ from .uploads import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("sd35m_mlx.server")
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
-API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale"}  # as both dialects' messages say
+# as both dialects' messages say (only A1111 sets padding_mask_crop)
+API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale",
+             "padding_mask_crop": "inpaint_full_res_padding"}  # fmt: skip
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 URL_LIFETIME_S = 3600
 

@@ -26,6 +26,7 @@ from .spec import ModelInfo, Spec, generate_kwargs, png_bytes
 log = logging.getLogger("sd35m_mlx.server")
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
+PARAMS = {"mask_image": "mask", "image": "image"}  # generate()'s argument a message starts with -> the request's
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,8 @@ class Worker:
         except GenerationCancelled:
             job.finish(CANCELLED)
         except (ValueError, TypeError) as e:  # generate's own argument checks: a request the spec let through
-            job.finish(FAILED, RequestError(str(e).splitlines()[0] if str(e) else type(e).__name__))
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            job.finish(FAILED, RequestError(message, PARAMS.get(message.split()[0])))
         except Exception as e:  # our fault: logged with its traceback, answered 500, the worker goes on
             log.exception("generation failed")
             job.finish(FAILED, e)

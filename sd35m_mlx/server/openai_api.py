@@ -1,8 +1,8 @@
-"""OpenAI's Images API: /v1/images/generations, /v1/images/edits (img2img), /v1/models.
+"""OpenAI's Images API: /v1/images/generations, /v1/images/edits (img2img; inpainting with `mask`), /v1/models.
 
 Unknown fields are ignored (clients send `quality`, `style`, `user`, ...); `model` is echoed and never
 loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, and
-`strength` for edits.
+`strength` for edits. An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit (server/masks.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RequestError
 from .jobs import CANCELLED, Job
+from .masks import openai_mask
 from .spec import Limits, Spec, parse_size, seeds_for
 from .uploads import open_image
 
@@ -105,14 +106,15 @@ def router(server) -> APIRouter:
         async with request.form(max_files=8, max_fields=64) as form:
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             files = [f for key in ("image", "image[]") for f in form.getlist(key) if not isinstance(f, str)]
-            masks = [f for f in form.getlist("mask") if not isinstance(f, str)] + (["x"] if fields.get("mask") else [])
+            masks = [f for f in form.getlist("mask") if not isinstance(f, str)]
             if not files:
                 raise RequestError("image is required: upload it as the multipart file field `image`", "image")
             if len(files) > 1:
                 raise RequestError("send one image: img2img starts from a single input image", "image")
-            if masks:
-                raise RequestError("mask: inpainting is not available in this server yet", "mask")
+            if fields.get("mask") or len(masks) > 1:
+                raise RequestError("mask must be one PNG file, uploaded as the multipart file field `mask`", "mask")
             data = await files[0].read()
+            mask_data = await masks[0].read() if masks else None
         try:
             body = EditsBody.model_validate(fields)
         except ValidationError as e:
@@ -120,6 +122,9 @@ def router(server) -> APIRouter:
             param = ".".join(str(p) for p in err.get("loc", ())) or None
             raise RequestError(f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param) from None
         image = await asyncio.to_thread(open_image, data, "image", server.config.max_upload_pixels)
+        mask = None
+        if mask_data is not None:  # inpainting: alpha 0 = edit (OpenAI's convention) -> white = repaint
+            mask = await asyncio.to_thread(openai_mask, mask_data, image.size, server.config.max_upload_pixels)
         if body.size in (None, "auto"):
             from sd35m_mlx_cli.generate import size_for_image
 
@@ -127,9 +132,11 @@ def router(server) -> APIRouter:
         else:
             size = parse_size(body.size)
         spec = spec_from(body, size, server.config.limits)
-        spec.image = image
+        spec.image, spec.mask = image, mask
         if body.strength is not None:
             spec.strength = body.strength
+        elif mask is not None:  # OpenAI repaints the transparent region from scratch (its pixels are often
+            spec.strength = 1.0  # blank): full strength unless asked otherwise
         job = await server.run(spec, request)
         return answer(job, body, request)
 

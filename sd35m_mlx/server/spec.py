@@ -42,6 +42,8 @@ class Spec:
     seeds: list[int] = field(default_factory=lambda: [random_seed()])
     image: Image.Image | None = None  # img2img input, already decoded and checked
     strength: float = 0.6
+    mask: Image.Image | None = None  # inpainting: "L", white = repaint, the image's size (server/masks.py)
+    padding_mask_crop: int | None = None  # inpainting: repaint a crop around the mask (px of padding)
     notes: list[str] = field(default_factory=list)  # what we ran differently from what was asked
 
 
@@ -152,6 +154,8 @@ def generate_kwargs(spec: Spec, seed: int, model: ModelInfo) -> dict:
     kwargs = settings_for(spec, seed, model).generate_kwargs()
     if spec.image is not None:
         kwargs.update(image=spec.image, strength=spec.strength)
+    if spec.mask is not None:
+        kwargs.update(mask_image=spec.mask, padding_mask_crop=spec.padding_mask_crop)
     return {"prompt": spec.prompt, **kwargs}
 
 

@@ -30,6 +30,12 @@ def decode_base64(text, param: str) -> bytes:
 def open_image(data: bytes, param: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an uploaded image to RGB, refusing more than `max_pixels` from the header alone (decompression
     bombs: a few KB of PNG can claim gigapixels) and anything Pillow cannot read."""
+    im = open_upload(data, param, max_pixels)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def open_upload(data: bytes, param: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_image` keeping the file's own mode (a mask's alpha channel)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,8 +44,7 @@ def open_image(data: bytes, param: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             if w * h > max_pixels:
                 raise RequestError(f"{param} is too large: {w}x{h} pixels (at most {max_pixels} pixels)", param, 413)
             im.load()
-            frame = im.convert("RGB") if im.mode != "RGB" else im
-            return frame
+            return im
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
