@@ -12,6 +12,7 @@ from .convert import convert
 from .generate import generate
 from .group import DefaultGroup
 from .serve import serve
+from .train import train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -24,6 +25,7 @@ def cli() -> None:
 cli.add_command(generate)
 cli.add_command(convert)
 cli.add_command(serve)
+cli.add_command(train)
 
 
 def main() -> None:
