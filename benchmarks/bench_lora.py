@@ -82,6 +82,27 @@ def write_lora_file(path: Path, table, rank: int) -> int:
     return path.stat().st_size
 
 
+def step_flops(table, tokens_img: int, tokens_ctx: int, hidden: int, rank: int = 0, count: int = 0) -> float:
+    """Multiply-adds x 2 of one step's matmuls at batch 2 (base, or the LoRA side paths alone when rank > 0).
+    adaLN, time/text embedders and context_embedder run once per schedule (precomputed), not per step."""
+    total = 0.0
+    for path, shape in table.items():
+        if shape is None or len(shape) != 2 or not path.startswith(("transformer_blocks.", "proj_out")):
+            continue
+        if ".norm1" in path:
+            continue
+        out, inp = shape
+        context = any(k in path for k in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context."))
+        t = 2 * (tokens_ctx if context else tokens_img)
+        total += 2 * t * (count * rank * (inp + out) if rank else inp * out)
+    if not rank:
+        blocks = {p.split(".")[1] for p in table if p.startswith("transformer_blocks.")}
+        dual = {p.split(".")[1] for p in table if ".attn2." in p}
+        joint = tokens_img + tokens_ctx
+        total += len(blocks) * 2 * 4 * joint**2 * hidden + len(dual) * 2 * 4 * tokens_img**2 * hidden
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depth", type=int, default=2, help="transformer blocks for the step timing (default 2)")
@@ -127,7 +148,15 @@ def main() -> None:
     for label, ts in times.items():
         t = statistics.median(ts)
         results["steps"][label] = t
-        print(f"{label}: {t * 1e3:.1f} ms / step ({t / base:.3f}x)", flush=True)
+        extra = ""
+        if label != "none":
+            count, rank = int(label.split()[0]), int(label.split()[-1])
+            tokens = (lat // 2) ** 2
+            added = step_flops(table, tokens, 333, config.hidden_size, rank, count)
+            flops = step_flops(table, tokens, 333, config.hidden_size)
+            results.setdefault("flops_added", {})[label] = added / flops
+            extra = f"; matmul work +{100 * added / flops:.1f}%"
+        print(f"{label}: {t * 1e3:.1f} ms / step ({t / base:.3f}x{extra})", flush=True)
     del configs
 
     full = SD3Transformer2DModel(MMDiTConfig())  # all 24 blocks; lazy arrays: only the module tree is used

@@ -79,7 +79,7 @@ from benchmarks.measure import build_once, mlx_param_bytes, reset_rss_peak  # no
 from sd35m_mlx.quantize import module_at, set_module  # noqa: E402
 
 GB = 1e9
-TARGET_GB = 6.0
+TARGET_GB = 3.5  # issue 16: 1024 px on an 8 GB Mac (was 6 GB)
 LOAD_TARGET = 1.15
 PROMPT = "a photo of a cat sitting on a wooden table next to a window with soft morning light"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -249,12 +249,12 @@ def pipeline_load(folder: str, quantize: int | None, t5_quantize: int | None, lo
         pipe = StableDiffusion35.from_pretrained(
             folder, "bfloat16", quantize=quantize, t5_quantize=t5_quantize, low_memory=low_memory
         )
-    enc = pipe.prompt_encoder
+    enc = pipe.prompt_encoder  # None in low_memory: the text encoders load for their stage
     modules = dict(
         transformer=pipe.transformer,
-        text_encoder=enc.text_encoder,
-        text_encoder_2=enc.text_encoder_2,
-        text_encoder_3=enc.text_encoder_3,
+        text_encoder=getattr(enc, "text_encoder", None),
+        text_encoder_2=getattr(enc, "text_encoder_2", None),
+        text_encoder_3=getattr(enc, "text_encoder_3", None),
         vae=pipe.vae,
     )
     quantized = {k: _quantized_bytes(m) for k, m in modules.items() if m is not None}
@@ -355,6 +355,24 @@ def vae(folder: str, dtype: str, size: int) -> dict:
     mx.eval(z)
     with Window() as w:
         img = model.decode(model.unscale_latents(z).astype(dt))
+        img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        mx.eval(img)
+    return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
+
+
+@case
+def vae_tiled(folder: str, dtype: str, size: int) -> dict:
+    """The decode `generate` runs in low_memory: tiled (512 px tiles, 25% overlap, shared statistics)."""
+    from sd35m_mlx.loading.vae import load_vae
+    from sd35m_mlx.models.vae_tiling import decode_tiled
+
+    dt = DTYPES[dtype]
+    model = load_vae(folder, dt)
+    mx.eval(model.parameters())
+    z = mx.random.normal((1, size // 8, size // 8, model.config.latent_channels), key=mx.random.key(0))
+    mx.eval(z)
+    with Window() as w:
+        img = decode_tiled(model, model.unscale_latents(z).astype(dt), 64, 16)
         img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
         mx.eval(img)
     return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
@@ -556,6 +574,11 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
             Job("vae bf16", "vae", dict(folder=str(f["pipeline"] / "vae"), dtype="bfloat16", size=args.vae_size),
                 mem_gb=6.5 * q * (args.vae_size / 1024) ** 2, est_s=240 * q * (args.vae_size / 1024) ** 2)
         )  # fmt: skip
+        jobs.append(
+            Job("vae tiled bf16", "vae_tiled",
+                dict(folder=str(f["pipeline"] / "vae"), dtype="bfloat16", size=args.vae_size),
+                mem_gb=2 * q, est_s=480 * q * (args.vae_size / 1024) ** 2)
+        )  # fmt: skip
     return jobs
 
 
@@ -671,6 +694,9 @@ def activations(jobs: dict[str, Job], args) -> dict:
     r = _r(jobs, "vae bf16")
     if r:
         pick("vae", r["work"], f"measured: bfloat16 decode at {args.vae_size} px")
+    r = _r(jobs, "vae tiled bf16")
+    if r:
+        pick("vae_tiled", r["work"], f"measured: bfloat16 tiled decode (512 px tiles) at {args.vae_size} px")
     return acts
 
 
@@ -690,7 +716,10 @@ def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> li
         text_work = acts.get("text_t5" if c.t5 else "text_no_t5")
         stage_res = {
             # resident weights in the stage, and what they are
-            "text": (t5 + clip + vae, "text encoders + VAE") if c.staged else (everything, "all weights"),
+            # low_memory runs T5 alone, then both CLIPs, reading each for its turn and releasing it after
+            "text": (max(t5, clip) + vae, "T5 or CLIP-L + CLIP-G (one at a time) + VAE")
+            if c.staged
+            else (everything, "all weights"),
             # GuidedDenoiser set-up: the whole transformer (a quantized reload evaluates every quantized layer)
             "denoise set-up": (tr["total"] + vae, "transformer + VAE") if c.staged else (everything, "all weights"),
             # low_memory drops the adaLN/embedder weights once the modulations are computed
@@ -703,7 +732,8 @@ def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> li
             "text": (text_work, text_work),
             "denoise set-up": (acts.get("init_transient"), acts.get("init_transient")),
             "denoise step": (acts.get("step_Metal"), acts.get("step_CPU")),
-            "VAE decode": (acts.get("vae"), acts.get("vae")),
+            # low_memory decodes in tiles (sd35m_mlx/vae_tiling.py)
+            "VAE decode": (acts.get("vae_tiled"),) * 2 if c.staged and "vae_tiled" in acts else (acts.get("vae"),) * 2,
         }
         extra = {"text": inputs, "denoise set-up": mods + inputs, "denoise step": mods + inputs, "VAE decode": inputs}
         for stage, (res, what) in stage_res.items():
@@ -943,11 +973,11 @@ def checks_and_verdict(results: dict, jobs: dict[str, Job], args) -> tuple[list[
     peaks = results["config_peaks"]
     b_staged = peaks.get("(b) T5 4 bit + MMDiT 8 bit, staged")
     if b_staged and b_staged["metal"] is not None:
-        ok = b_staged["metal"] < TARGET_GB * GB
+        ok = b_staged["metal"] <= TARGET_GB * GB
         worst = max((r for r in results["stages"] if r["config"].startswith("(b)") and "not staged" not in r["config"]),
                     key=lambda r: r["peak_metal"] or 0)  # fmt: skip
         verdict.append(
-            f"Target (quantized staged < {TARGET_GB:.0f} GB, Metal): {'HOLDS' if ok else 'MISSED'}: peak "
+            f"Target (quantized staged <= {TARGET_GB:g} GB, Metal): {'HOLDS' if ok else 'MISSED'}: peak "
             f"{_gb(b_staged['metal'])} GB in stage '{worst['stage']}' "
             f"({_gb(worst['resident'])} GB weights: {worst['resident_what']})."
         )

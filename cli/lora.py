@@ -28,7 +28,8 @@ OPTIONS = [
         "lora_scales",
         multiple=True,
         type=float,
-        help="Weight of each --lora, in the same order (repeatable).  [default: 1.0 each]",
+        help="Weight of each --lora, in the same order (repeatable); with --from-image alone, re-weights "
+        "the image's LoRAs.  [default: 1.0 each]",
     ),
 ]
 
@@ -40,6 +41,10 @@ def plan(given: bool, params: dict, stored: Loras | None) -> tuple[Loras, list[s
     are found; a missing stored LoRA is named and left out."""
     sources, scales = params.pop("loras", ()), params.pop("lora_scales", ())
     if not given and stored:
+        if len(scales) > len(stored):
+            raise UsageError(f"{len(scales)} --lora-scale values for the image's {len(stored)} LoRAs")
+        # --lora-scale alone re-weights the image's LoRAs, in their stored order
+        stored = tuple((src, scales[i] if i < len(scales) else w, sha) for i, (src, w, sha) in enumerate(stored))
         found = [entry for entry in stored if _available(entry[0])]
         notes = [
             f"Warning: LoRA {src} (sha256 {sha or '?'}, scale {w}) from the image is not found; generating without it"

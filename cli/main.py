@@ -11,6 +11,7 @@ import click
 from .convert import convert
 from .generate import generate
 from .group import DefaultGroup
+from .serve import serve
 from .train import train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -23,6 +24,7 @@ def cli() -> None:
 
 cli.add_command(generate)
 cli.add_command(convert)
+cli.add_command(serve)
 cli.add_command(train)
 
 

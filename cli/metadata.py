@@ -47,6 +47,15 @@ def parameters_text(s: Settings, version: str) -> str:
     if s.slg and s.cfg > 1:
         items["SLG scale"] = s.slg_scale
         items["SLG layers"] = ",".join(map(str, s.slg_layers))
+    if s.upscale is not None:  # A1111's names for its two-pass ("hires fix") settings
+        items["Hires upscale"] = s.upscale
+        items["Hires resize"] = "{}x{}".format(*s.upscale_size)
+        items["Hires steps"] = s.upscale_steps or s.steps
+        items["Hires upscaler"] = "Lanczos"
+        items["Hires denoising strength"] = s.upscale_strength
+        if s.upscale_model is not None:
+            model = s.upscale_model
+            items["Hires checkpoint"] = Path(model).name if Path(model).is_absolute() else model
     if not s.t5:
         items["T5"] = "off"
     if s.loras:
@@ -142,8 +151,8 @@ def parse_parameters(text: str) -> dict:
     return parse_parameters_noting(text)[0]
 
 
-def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
-    """parse_parameters, and one note for each field that was present but invalid (and left out)."""
+def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
+    """parse_parameters, and why each field that was present but invalid was left out (field -> message)."""
     lines = text.strip().split("\n")
     kv_line = KeyValueLine(lines[-1]) if lines else None
     items = kv_line.items if kv_line is not None and len([k for k, _ in kv_line.items if k]) >= 3 else None
@@ -160,7 +169,7 @@ def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
     kv = dict(items or [])
     if sampler := {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", "")):
         raw["sampler"] = sampler
-    notes = []
+    invalid = {}
     for key, name, kind in (
         ("Steps", "steps", int),
         ("CFG scale", "cfg", float),
@@ -172,15 +181,15 @@ def parse_parameters_noting(text: str) -> tuple[dict, list[str]]:
             try:
                 raw[name] = kind(kv[key])
             except ValueError:  # int() also refuses more than 4,300 digits
-                notes.append(f"{key} {_short(kv[key])} is not a number")
+                invalid[name] = f"{key} {_short(kv[key])} is not a number"
     if "Size" in kv:
         w, _, h = kv["Size"].partition("x")
-        if w.isdigit() and h.isdigit() and len(w) < 6 and len(h) < 6:
+        if w.isdecimal() and h.isdecimal() and len(w) < 6 and len(h) < 6:  # (isdigit takes "²", int does not)
             raw["width"], raw["height"] = int(w), int(h)
         else:
-            notes.append(f"Size {_short(kv['Size'])} is not WIDTHxHEIGHT")
-    fields, invalid = checked_fields(raw)
-    return fields, [f"ignored a stored value ({note})" for note in notes + invalid]
+            invalid["width"] = f"Size {_short(kv['Size'])} is not WIDTHxHEIGHT"
+    fields, unchecked = checked_fields(raw)
+    return fields, invalid | unchecked
 
 
 def _short(text: str) -> str:
@@ -247,17 +256,17 @@ def stored_loras(value, name: str) -> tuple:
     return tuple(out)
 
 
-def checked_fields(raw: dict) -> tuple[dict, list[str]]:
+def checked_fields(raw: dict) -> tuple[dict, dict[str, str]]:
     """The entries of `raw` that name a Settings field and pass its check; messages for those that fail."""
     from sd35m_mlx.validation import InvalidInput
 
-    fields, invalid = {}, []
+    fields, invalid = {}, {}
     for name, rule in _field_rules().items():
         if name in raw:
             try:
                 fields[name] = rule(raw[name], name)
             except InvalidInput as e:
-                invalid.append(str(e))
+                invalid[name] = str(e)
     return fields, invalid
 
 
@@ -266,8 +275,8 @@ def read_settings(path: str | Path) -> dict:
     return read_settings_noting(path)[0]
 
 
-def read_settings_noting(path: str | Path) -> tuple[dict, list[str]]:
-    """read_settings, and one note for each stored value that was invalid (and left out)."""
+def read_settings_noting(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """read_settings, and why each stored value that was invalid was left out (field -> message)."""
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}) or {})
@@ -285,8 +294,7 @@ def read_settings_noting(path: str | Path) -> tuple[dict, list[str]]:
         except (ValueError, RecursionError):
             stored = None  # damaged JSON: fall back to the human-readable chunk
         if isinstance(stored, dict):
-            fields, invalid = checked_fields(stored)
-            return fields, [f"ignored a stored value ({note})" for note in invalid]
+            return checked_fields(stored)
     if PARAMETERS_KEY in text:
         return parse_parameters_noting(text[PARAMETERS_KEY])
     raise UsageError(f"--from-image: {path} holds no generation parameters")

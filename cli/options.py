@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from . import lora
+from .family import FAMILY_HELP
 from .live import OPTIONS as LIVE_OPTIONS
 from .output import DEFAULT_TEMPLATE
 from .settings import (
@@ -16,6 +17,7 @@ from .settings import (
     SAMPLERS,
     TRAINED_MAX,
     TRAINED_MIN,
+    TRAINED_MP,
     Settings,
 )
 
@@ -41,6 +43,10 @@ RESTORABLE = {
     "model": "model",
     "image": "image",
     "strength": "strength",
+    "upscale": "upscale",
+    "upscale_strength": "upscale_strength",
+    "upscale_steps": "upscale_steps",
+    "upscale_model": "upscale_model",
 }
 
 OPTIONS = [
@@ -67,8 +73,9 @@ OPTIONS = [
         type=int,
         default=None,
         show_default=False,
-        help=f"Image width in px: a multiple of 16, {MIN_SIDE}-{MAX_SIDE} (trained on {TRAINED_MIN}-"
-        f"{TRAINED_MAX}; other sizes warn).  [default: {_D.width}; with --image its size, or about 1 "
+        help=f"Image width in px: a multiple of 16, {MIN_SIDE} up to the model's positional table ({MAX_SIDE} "
+        f"for SD3.5 Medium, 3072 for SD3 Medium and SD3.5 Large); outside the trained {TRAINED_MP[0]}-"
+        f"{TRAINED_MP[1]} megapixels a warning.  [default: {_D.width}; with --image its size, or about 1 "
         f"megapixel if outside {TRAINED_MIN}-{TRAINED_MAX}, keeping its aspect]",
     ),
     click.option(
@@ -78,12 +85,20 @@ OPTIONS = [
         show_default=False,
         help=f"Image height in px, as --width.  [default: {_D.height}; with --image as --width]",
     ),
-    click.option("--steps", type=int, default=_D.steps, help="Denoising steps (at least 1)."),
+    click.option(
+        "--steps",
+        type=int,
+        default=_D.steps,
+        show_default=False,
+        help=f"Denoising steps (1-1000).  [default: per model, printed: {FAMILY_HELP}]",
+    ),
     click.option(
         "--cfg",
         type=float,
         default=_D.cfg,
-        help="Classifier-free guidance scale; 1 or less turns guidance (and SLG) off.",
+        show_default=False,
+        help="Classifier-free guidance scale (0-100); 1 or less turns guidance (and SLG) off.  [default: per model, "
+        "as --steps]",
     ),
     click.option(
         "--seed",
@@ -105,10 +120,11 @@ OPTIONS = [
     click.option(
         "--slg/--no-slg",
         default=_D.slg,
-        help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the model card "
-        "recommends (needs --cfg above 1).",
+        show_default=False,
+        help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the SD3.5 Medium model "
+        "card recommends (needs --cfg above 1).  [default: on for SD3.5 Medium, off for the other models]",
     ),
-    click.option("--slg-scale", type=float, default=_D.slg_scale, help="Skip Layer Guidance scale."),
+    click.option("--slg-scale", type=float, default=_D.slg_scale, help="Skip Layer Guidance scale (0-100)."),
     click.option(
         "--max-sequence-length",
         type=int,
@@ -161,6 +177,37 @@ OPTIONS = [
     ),
     *lora.OPTIONS,
     click.option(
+        "--upscale",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="Two passes: generate at --width x --height, enlarge by FACTOR (Lanczos, in pixels; 1-4), then "
+        "refine with img2img at the larger size, same seed; the VAE runs in tiles when the size needs it. "
+        "Both passes are recorded in the PNG.  [default: off]",
+    ),
+    click.option(
+        "--upscale-strength",
+        type=float,
+        default=_D.upscale_strength,
+        help="How far the second pass moves from the enlarged image, in (0, 1].",
+    ),
+    click.option(
+        "--upscale-steps",
+        type=int,
+        default=None,
+        show_default=False,
+        help="Steps of the second pass (it runs the last strength x steps of them).  [default: as --steps]",
+    ),
+    click.option(
+        "--upscale-model",
+        metavar="MODEL",
+        default=None,
+        show_default=False,
+        help="Another SD3-family checkpoint for the second pass (e.g. SD3.5 Medium after SD3.5 Large), any "
+        "--model form, run with the first pass's guidance settings; with --low-memory the first model is released "
+        "before it loads.  [default: --model]",
+    ),
+    click.option(
         "-o",
         "--output",
         default=DEFAULT_TEMPLATE,
@@ -181,6 +228,14 @@ OPTIONS = [
         "Options given on the command line take precedence.",
     ),
     *LIVE_OPTIONS,
+    click.option(
+        "--split",
+        type=click.Choice(("seeds", "cfg")),
+        default="seeds",
+        help="Under mlx.launch (several processes or Macs): seeds gives each rank different images of "
+        "the -n (data parallel); cfg splits every image's guidance batch over exactly 2 ranks (one image "
+        "faster). Rank 0 writes all files. Ignored in a single process, except that cfg needs 2 ranks.",
+    ),
     click.option("-q", "--quiet", is_flag=True, help="Print only the output paths."),
     click.option("-v", "--verbose", is_flag=True, help="Print every step, and tracebacks on errors."),
 ]

@@ -13,11 +13,14 @@ SAMPLERS = ("euler", "dpmpp_2m")
 DTYPES = ("float32", "bfloat16", "float16")
 
 MULTIPLE = 16  # VAE factor 8 x patch size 2
-# Hard limits for the CLI; the model card's trained range (TRAINED_*) only warns. Small sizes stay
-# allowed for tests and previews; above 2048 px the 2-megapixel-trained model repeats its subjects
-# and memory grows quadratically (the model itself accepts up to pos_embed_max_size * 16 px).
-MIN_SIDE, MAX_SIDE = 64, 2048
+# Hard limits for the CLI: MAX_SIDE is SD3.5 Medium's positional table (384 patches x 16 px); the
+# pipeline refuses more than a smaller table allows (192 x 16 = 3072 px for SD3 Medium and SD3.5
+# Large). The model card's trained range only warns: 0.25-2 megapixels (TRAINED_MP, 2^20 px each)
+# and sides of TRAINED_MIN-TRAINED_MAX px (what an --image is fitted to). Small sizes stay allowed for
+# tests and previews; far above 2 MP the model repeats its subjects (the two-pass --upscale is the way up).
+MIN_SIDE, MAX_SIDE = 64, 6144
 TRAINED_MIN, TRAINED_MAX = 256, 1440
+TRAINED_MP = (0.25, 2.0)
 MAX_SEQUENCE_LENGTH = 512  # T5's limit in diffusers
 MAX_SEED = 2**64 - 1  # mx.random.key takes a uint64
 
@@ -46,6 +49,18 @@ class Settings:
     image: str | None = None
     strength: float | None = None
     loras: tuple[tuple[str, float, str], ...] = ()  # (source, weight, short sha256); cli/lora.py
+    upscale: float | None = None  # two-pass upscale factor (sd35m_mlx/upscale.py); None: one pass
+    upscale_strength: float = 0.35
+    upscale_steps: int | None = None  # None: as steps
+    upscale_model: str | None = None  # None: the same model
+
+    @property
+    def upscale_size(self) -> tuple[int, int] | None:
+        """(width, height) of the second pass, or None without --upscale."""
+        if self.upscale is None:
+            return None
+        # as sd35m_mlx.upscale.target_size (a test pins it), without importing mlx for --help
+        return tuple(max(MULTIPLE, round(v * self.upscale / MULTIPLE) * MULTIPLE) for v in (self.width, self.height))
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""
@@ -96,10 +111,10 @@ OPTION_NAMES = {
     "seed": "--seed",
     "max_sequence_length": "--max-sequence-length",
     "sampler": "--sampler",
-    "skip_guidance_layers": "SLG layers",
+    "skip_guidance_layers": "the --from-image PNG's SLG layers",  # the CLI takes them only from a PNG
     "skip_layer_guidance_scale": "--slg-scale",
-    "skip_layer_guidance_start": "SLG start",
-    "skip_layer_guidance_stop": "SLG stop",
+    "skip_layer_guidance_start": "the --from-image PNG's SLG start",
+    "skip_layer_guidance_stop": "the --from-image PNG's SLG stop",
     "image": "--image",
     "strength": "--strength",
 }
@@ -121,11 +136,21 @@ def check(s: Settings, limits=None) -> list[str]:
         validate_generation(limits, names=OPTION_NAMES, prompt=s.prompt, **s.generate_kwargs())
     except InvalidInput as e:
         raise UsageError(str(e)) from None
+    if s.upscale is not None:
+        if not 1 <= s.upscale <= 4:
+            raise UsageError(f"--upscale must be between 1 and 4, got {s.upscale}")
+        if not 0 < s.upscale_strength <= 1:
+            raise UsageError(f"--upscale-strength must be in (0, 1], got {s.upscale_strength}")
+        if s.upscale_steps is not None and s.upscale_steps < 1:
+            raise UsageError(f"--upscale-steps must be at least 1, got {s.upscale_steps}")
+        if max(s.upscale_size) > MAX_SIDE:
+            raise UsageError(f"--upscale {s.upscale} makes {s.upscale_size[0]}x{s.upscale_size[1]}, over {MAX_SIDE} px")
     warnings = []
-    if not (TRAINED_MIN <= s.width <= TRAINED_MAX and TRAINED_MIN <= s.height <= TRAINED_MAX):
+    megapixels = s.width * s.height / 2**20
+    if not TRAINED_MP[0] <= megapixels <= TRAINED_MP[1]:
         warnings.append(
-            f"{s.width}x{s.height} is outside the trained range ({TRAINED_MIN}-{TRAINED_MAX} px a side); "
-            "expect weaker images"
+            f"{s.width}x{s.height} ({megapixels:.2f} MP) is outside the trained range ({TRAINED_MP[0]}-"
+            f"{TRAINED_MP[1]} megapixels); expect weaker images"
         )
     return warnings
 

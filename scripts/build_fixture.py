@@ -267,13 +267,13 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def _stream_transformer(out_dir: Path, config: dict, seed: int, dtype: torch.dtype) -> Path:
+def _stream_transformer(out_dir: Path, config: dict, seed: int, dtype: torch.dtype, model_class=None) -> Path:
     """Like build_transformer, but one tensor in memory at a time (the model is built on meta)."""
     from diffusers import SD3Transformer2DModel
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
-        model = SD3Transformer2DModel(**config)
+        model = (model_class or SD3Transformer2DModel)(**config)
     model.save_config(out_dir)
     plan = _tensor_plan(model)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -302,6 +302,58 @@ def build_full_width_transformer(
         dual_attention_layers=tuple(i for i in FULL_WIDTH_DUAL_ATTENTION_LAYERS if i < depth),
     )
     return _stream_transformer(Path(out_dir), config, seed, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNets
+
+# In the tiny transformer's shapes. SD3.5M-style (tensorart SD3.5M ControlNets: dual attention, RMS qk-norm, the
+# transformer's table size, pooled text used) with 3 blocks for the 4-block transformer, so the residual interval
+# 4/3 is exercised; InstantX-style (SD3 Medium ControlNets: plain blocks, zero pooled text, no VAE shift).
+CONTROLNET_SD35M = dict(
+    {k: v for k, v in TRANSFORMER.items() if k != "out_channels"},
+    num_layers=3,
+    dual_attention_layers=(0, 1),
+    force_zeros_for_pooled_projection=False,
+)
+CONTROLNET_INSTANTX = dict(
+    CONTROLNET_SD35M,
+    num_layers=2,
+    dual_attention_layers=(),
+    qk_norm=None,
+    pos_embed_max_size=16,
+    force_zeros_for_pooled_projection=True,
+)
+FULL_WIDTH_CONTROLNET = dict(
+    {k: v for k, v in FULL_WIDTH_TRANSFORMER.items() if k != "out_channels"},
+    force_zeros_for_pooled_projection=False,
+)
+
+
+def build_controlnet(out_dir: str | Path, *, seed: int = 0, style: str = "sd35m", **config_overrides) -> Path:
+    """A random SD3ControlNetModel folder; every weight random, the zero-initialised controlnet_blocks and
+    pos_embed_input included, so the residuals are O(1)."""
+    from diffusers import SD3ControlNetModel
+
+    config = {**(CONTROLNET_SD35M if style == "sd35m" else CONTROLNET_INSTANTX), **config_overrides}
+    config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
+    model = SD3ControlNetModel(**config)
+    _randomise_(model, seed, salt=6).save_pretrained(Path(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def build_full_width_controlnet(
+    out_dir: str | Path, *, depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A ControlNet of SD3.5 Medium's width (tensorart SD3.5M layout: dual attention in 0-12) at reduced depth."""
+    from diffusers import SD3ControlNetModel
+
+    config = dict(
+        FULL_WIDTH_CONTROLNET,
+        num_layers=depth,
+        dual_attention_layers=tuple(i for i in FULL_WIDTH_DUAL_ATTENTION_LAYERS if i < depth),
+    )
+    return _stream_transformer(Path(out_dir), config, seed, dtype, SD3ControlNetModel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,20 +6,26 @@ import gc
 import os
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .editing.control import ControlNetResiduals, check_control, check_fits, control_units
+from .editing.inpaint import InpaintBlend, prepare_inpaint
 from .images import from_pil_or_array, to_output
 from .loading import hub
+from .loading.controlnet import QUANTIZATION_POLICY as CONTROLNET_QUANTIZATION
+from .loading.controlnet import load_controlnet
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
 from .lora import LoraMixin
+from .models.controlnet import SD3ControlNetModel
 from .models.mmdit import SD3Transformer2DModel
 from .preview import Preview, latent_rgb, taesd_rgb
-from .quantize import quantize_parts
+from .quantize import quantize_model, quantize_parts
 from .sampling.cancel import Cancellation, cancellable
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
@@ -28,6 +34,7 @@ from .sampling.samplers import make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
 from .text_encoding import PromptEncoder
 from .threads import any_thread, serialized
+from .vae_tiling import VAETiling
 from .validation import ARGUMENTS, ModelLimits, validate_generation
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -70,11 +77,15 @@ class StableDiffusion35(LoraMixin):
         # bytes a denoising step or the VAE decode may hold in flight above what is resident, on GPU
         # backends (sampling/memory.py); None: no bound
         self.work_budget: int | None = DEFAULT_WORK_BUDGET
+        self.controlnets: list = []  # SD3ControlNetModels used when generate() gets control_image(s)
+        # builds the per-step velocity function; distributed/cfg_split.py swaps in a two-rank variant
+        self.velocity_factory = GuidedDenoiser
         self._reload: Callable[[], PipelineParts] | None = None
         self._prompt_cache: tuple[str, tuple] | None = None
         self.taesd = None  # TAESD3 decoder for previews and drafts; loaded from DEFAULT_TAESD on first use
         self._lock = threading.RLock()
         self._cancellation = Cancellation()
+        self.vae_tiling = VAETiling()  # None: automatic (vae_tiling.py)
 
     @classmethod
     @any_thread
@@ -91,6 +102,7 @@ class StableDiffusion35(LoraMixin):
         low_memory: bool | None = None,
         taesd: str | os.PathLike | None = None,
         loras: Sequence | None = None,
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> StableDiffusion35:
         """Load a model: a Hugging Face repo id (diffusers layout), a local diffusers-layout folder,
         a Stability single-file checkpoint (or its folder), or a folder from `sd35m-mlx convert`.
@@ -103,7 +115,8 @@ class StableDiffusion35(LoraMixin):
         would take more than about 60% of this machine's memory. `taesd` (a Hub id, folder or
         .safetensors file) loads the TAESD3 decoder for preview="taesd" and decoder="taesd"; None
         loads DEFAULT_TAESD when first needed. `loras`: LoRA files or Hub ids, each
-        alone (weight 1.0) or as (source, weight); see `load_lora_weights`.
+        alone (weight 1.0) or as (source, weight); see `load_lora_weights`. `controlnet`: one or several
+        ControlNets to load (see `load_controlnet`).
         """
         dtype = resolve_dtype(dtype)
         if hub.is_hub_id(source):  # resolve once: stage reloads must not go back to the network
@@ -129,8 +142,8 @@ class StableDiffusion35(LoraMixin):
         config = parts.transformer.config
         if low_memory is None:
             low_memory = parameter_bytes(parts) > 0.6 * physical_memory()
-        if low_memory:
-            parts.transformer = None  # the first stage needs only the text encoders; it loads when denoising
+        if low_memory:  # each component loads for its own stage (the text encoders one at a time)
+            parts.transformer = parts.prompt_encoder = None
         quantize_parts(
             parts, transformer_bits=None if low_memory else quantize, t5_bits=t5_bits, group_size=quantize_group_size
         )
@@ -143,18 +156,41 @@ class StableDiffusion35(LoraMixin):
         if taesd is not None:
             pipe.taesd = _load_taesd(taesd, dtype)
         pipe._load_loras(loras)
+        controlnets = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
+        for source in controlnets:  # `revision` is the model's, not theirs
+            pipe.load_controlnet(source, quantize=quantize, quantize_group_size=quantize_group_size)
         return pipe
 
     def cancel(self) -> bool:
         """Stop the `generate` running now (on any thread) at its next step boundary: it raises
         GenerationCancelled, and the pipeline stays usable. With no generate running this does nothing
-        (it never cancels a later call). True if a run was there to stop."""
+        (it never cancels a later call); one arriving during the final decode lets the image finish.
+        True if a run was there to receive it."""
         return self._cancellation.cancel()
 
     def _taesd_decoder(self):
         if self.taesd is None:
             self.taesd = _load_taesd(DEFAULT_TAESD, self.dtype)
         return self.taesd
+
+    def load_controlnet(
+        self,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        quantize: int | None = None,
+        quantize_group_size: int = 64,
+    ) -> SD3ControlNetModel:
+        """Add an SD3 ControlNet (diffusers folder, single safetensors file or Hub repo id), in the pipeline's
+        dtype, its linear layers quantized to `quantize` bits if given; a ControlNet made for another
+        transformer width is refused. Returns the model."""
+        net = load_controlnet(source, self.dtype, revision=revision)
+        check_fits(net, self.transformer_config, str(source))
+        if quantize is not None:
+            quantize_model(net, quantize, quantize_group_size, policy=CONTROLNET_QUANTIZATION)
+        materialize(net)
+        self.controlnets.append(net)
+        return net
 
     def _component(self, name: str):
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
@@ -174,8 +210,16 @@ class StableDiffusion35(LoraMixin):
 
     @serialized
     def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
-        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them."""
-        embeds = self._component("prompt_encoder").encode_prompt(
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them.
+
+        In low_memory mode with the encoders released, T5 loads and runs alone, then the two CLIPs."""
+        if self.low_memory and self._reload is not None and self.prompt_encoder is None:
+            encoder = self._reload("prompt_encoder").prompt_encoder  # lazy: each stage reads its encoders
+            self._lora_attach("prompt_encoder", encoder)  # text encoder LoRAs, on the lazy weights
+            kwargs["stage"] = _loaded_for_stage(encoder)
+        else:
+            encoder = self._component("prompt_encoder")
+        embeds = encoder.encode_prompt(
             prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
         )
         mx.eval([e for e in embeds if e is not None])  # evaluated: usable from any thread (threads.py)
@@ -189,6 +233,22 @@ class StableDiffusion35(LoraMixin):
             self._prompt_cache = (key, self.encode_prompt(prompt, **kwargs))
             self._release("prompt_encoder")
         return self._prompt_cache[1]
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Decode and encode in overlapping tiles of tile_size px (default 512; 25% overlap), GroupNorm
+        statistics shared across tiles: memory bounded by one tile for any size, twice the VAE time.
+        Without a call, tiling turns on by itself in low_memory mode or when the decode would not fit."""
+        self.vae_tiling.enable(tile_size)
+
+    def disable_vae_tiling(self) -> None:
+        """Never tile the VAE (also not automatically)."""
+        self.vae_tiling.disable()
+
+    def _decode(self, z: mx.array) -> mx.array:
+        return self.vae_tiling.decode(self.vae, z, self.low_memory)
+
+    def _encode(self, images: mx.array) -> mx.array:
+        return self.vae_tiling.encode(self.vae, images, self.low_memory)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -239,6 +299,12 @@ class StableDiffusion35(LoraMixin):
         skip_layer_guidance_stop: float = 0.2,
         image=None,
         strength: float = 0.6,
+        mask_image=None,
+        padding_mask_crop: int | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
         output_type: str = "pil",
         callback: Callable[[int, int, mx.array], bool | None] | None = None,
         prompt_embeds=None,
@@ -254,16 +320,35 @@ class StableDiffusion35(LoraMixin):
 
         height/width default to 1024, or to the input image's size for img2img. `latents` is the
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
-        returning False raises GenerationCancelled. Precomputed `prompt_embeds` (and the other three,
+        returning False raises GenerationCancelled. `mask_image` (white = repaint) with `image` inpaints as
+        diffusers' StableDiffusion3InpaintPipeline; `padding_mask_crop` (px) repaints only a crop around the
+        mask at full size and pastes it back (see editing/inpaint.py). `control_image` (one per loaded
+        ControlNet) conditions on edge/depth maps as diffusers' StableDiffusion3ControlNetPipeline
+        (editing/control.py). Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         `preview` ("rgb" or "taesd") calls `on_preview(step, total, PIL.Image)` with the current
         estimate of the first image every `preview_every` steps and on the last (preview.py).
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
         """
-        # 1. Inputs: every argument checked (and normalised) before any work, in validation.py
+        # 1. Inputs: every argument checked before any work (validation.py); inpainting's crop and the
+        #    control images decide the canvas first (editing/)
+        init_image = inpaint = control = None
+        if mask_image is not None:
+            inpaint = prepare_inpaint(image, mask_image, height, width, padding_mask_crop, self.vae_scale_factor)
+            image, height, width = inpaint.image, inpaint.height, inpaint.width
+        if control_image is not None:  # ControlNets: checked against the transformer before any work
+            control = check_control(
+                self.controlnets,
+                self.transformer_config,
+                control_image,
+                controlnet_conditioning_scale,
+                control_guidance_start,
+                control_guidance_end,
+            )
+            if image is None and not (height and width):
+                height, width = control.default_size()
         checked = validate_generation(self.limits, **{k: v for k, v in locals().items() if k in ARGUMENTS})
-        init_image = None
         if image is not None:
             init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
         height, width, seed, latents = checked.height, checked.width, checked.seed, checked.latents
@@ -305,10 +390,10 @@ class StableDiffusion35(LoraMixin):
         c = self.transformer_config.in_channels
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, c)
         noise = self._initial_noise(latents, shape, seed)
-        start = 0
+        start, z = 0, None
         if init_image is not None:
             start = img2img_start_index(num_inference_steps, strength)
-            z = self.vae.scale_latents(self.vae.encode(init_image.astype(self.dtype)).astype(mx.float32))
+            z = self.vae.scale_latents(self._encode(init_image.astype(self.dtype)).astype(mx.float32))
             if z.shape[0] != batch:
                 if batch % z.shape[0]:
                     raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
@@ -322,7 +407,7 @@ class StableDiffusion35(LoraMixin):
         # 4. Denoising loop: per-step extras (callback, ...) plug in as StepExtras (sampling/loop.py)
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
-        velocity = GuidedDenoiser(
+        velocity = self.velocity_factory(
             self._component("transformer"),
             context,
             pooled_all,
@@ -336,6 +421,12 @@ class StableDiffusion35(LoraMixin):
             gc.collect()
             mx.clear_cache()
         extras: list[StepExtra] = [self._cancellation.check]
+        if control is not None:  # the ControlNets' block residuals, as a model input of every step
+            units = control_units(self.controlnets, control, self.vae, height, width, batch, do_cfg, self.dtype)
+            timesteps, embed = self.schedule.timesteps(num_inference_steps), velocity.transformer.pos_embed
+            extras.append(ControlNetResiduals(units, context, pooled_all, timesteps, start, do_cfg, self.dtype, embed))
+        if inpaint is not None:  # re-imposes the unmasked region after every step
+            extras.append(InpaintBlend(z, noise, inpaint.latent_mask))
         if callback is not None:
             extras.append(StepCallback(callback))
         if preview is not None:
@@ -352,9 +443,13 @@ class StableDiffusion35(LoraMixin):
             return x
         vae = self._taesd_decoder() if decoder == "taesd" else self.vae
         with bounded_work(self.work_budget):
-            images = vae.decode(vae.unscale_latents(x).astype(self.dtype))
+            decode = self._decode if decoder == "vae" else vae.decode  # the VAE tiles when needed
+            images = decode(vae.unscale_latents(x).astype(self.dtype))
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(images)
+        if inpaint is not None and inpaint.crop is not None:  # paste the crop back over the original (8-bit)
+            pasted = inpaint.paste_back(to_output(images, "pil"))
+            return pasted if output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
         return to_output(images, output_type)
 
 
@@ -380,9 +475,26 @@ def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do
     return cond, arr(uncond, "negative_prompt_embeds"), pooled, arr(uncond_pooled, "negative_pooled_prompt_embeds")
 
 
-def _encoders(prompt_encoder: PromptEncoder) -> list:
+def _encoders(prompt_encoder: PromptEncoder | None) -> list:
     e = prompt_encoder
-    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3]
+    return [e.text_encoder, e.text_encoder_2, e.text_encoder_3] if e is not None else []
+
+
+def _loaded_for_stage(encoder: PromptEncoder):
+    """A `stage` for PromptEncoder.encode_prompt: reads the named encoders on entry, drops them on exit."""
+
+    @contextmanager
+    def stage(names):
+        materialize(*(getattr(encoder, n) for n in names))
+        try:
+            yield
+        finally:
+            for n in names:
+                setattr(encoder, n, None)
+            gc.collect()
+            mx.clear_cache()
+
+    return stage
 
 
 def parameter_bytes(parts: PipelineParts) -> int:

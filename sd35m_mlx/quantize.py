@@ -206,7 +206,7 @@ def quantize_parts(
     """
     if transformer_bits is not None:
         quantize_model(parts.transformer, transformer_bits, group_size)
-    t5 = parts.prompt_encoder.text_encoder_3
+    t5 = parts.prompt_encoder.text_encoder_3 if parts.prompt_encoder is not None else None
     if t5_bits is not None and t5 is not None:
         quantize_model(t5, t5_bits, group_size)
     return parts

@@ -7,7 +7,8 @@ axis: (B, 77 + max_sequence_length, joint dim). pooled = [CLIP-L pooled | CLIP-G
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +17,10 @@ from .models.clip import CLIPTextModel
 from .models.t5 import T5EncoderModel
 
 MAX_T5_TOKENS = 512  # T5 was trained on 512 tokens; diffusers refuses more
+
+
+def _no_stage(names: tuple[str, ...]) -> AbstractContextManager:
+    return nullcontext()
 
 
 def _as_list(prompt: str | Sequence[str], what: str) -> list[str]:
@@ -120,6 +125,7 @@ class PromptEncoder:
         negative_prompt_2: str | Sequence[str] | None = None,
         negative_prompt_3: str | Sequence[str] | None = None,
         clip_skip: int | None = None,
+        stage: Callable[[tuple[str, ...]], AbstractContextManager] | None = None,
     ) -> tuple[mx.array, mx.array | None, mx.array, mx.array | None]:
         """(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds).
 
@@ -127,6 +133,8 @@ class PromptEncoder:
         prompt_2 / prompt_3 (CLIP-G / T5) default to `prompt`; the negative prompt defaults to ""
         and is encoded only with classifier-free guidance (else None is returned in its place);
         `clip_skip` applies to the positive prompt only, as in diffusers. The outputs are evaluated.
+        `stage(names)`, if given, is entered around the use of the named encoder attributes (T5's, then
+        both CLIPs'): a caller short of memory loads them on entry and releases them on exit.
         """
         if not isinstance(max_sequence_length, (int, np.integer)) or not 0 < max_sequence_length:
             raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
@@ -162,10 +170,17 @@ class PromptEncoder:
         skips = [clip_skip] * batch + [None] * (batch if do_classifier_free_guidance else 0)
 
         # prompt and negative prompt run through each encoder as one batch: weights are read once
-        # (T5-XXL is 9.5 GB in bfloat16); each row's result does not depend on the others.
-        states_l, pooled_l = self._clip(0, prompts[0], skips)
-        states_g, pooled_g = self._clip(1, prompts[1], skips)
-        t5 = self._t5(prompts[2], max_sequence_length)
+        # (T5-XXL is 9.5 GB in bfloat16); each row's result does not depend on the others. T5 first,
+        # then the CLIPs, each evaluated: with a `stage` that loads and releases the encoders
+        # (low_memory), T5 is never resident beside the CLIPs; the results are the same either way.
+        stage = stage or _no_stage
+        with stage(("text_encoder_3",)):
+            t5 = self._t5(prompts[2], max_sequence_length)
+            mx.eval(t5)
+        with stage(("text_encoder", "text_encoder_2")):
+            states_l, pooled_l = self._clip(0, prompts[0], skips)
+            states_g, pooled_g = self._clip(1, prompts[1], skips)
+            mx.eval(states_l, pooled_l, states_g, pooled_g)
 
         clip = mx.concatenate([states_l, states_g], axis=-1)
         width = t5.shape[-1]

@@ -9,10 +9,11 @@ mflux #502 (generate from a ThreadPoolExecutor), mlx-lm #1181 / #1256, mlx #3727
 the CPU backend with mlx 0.32.4: `encode_prompt` on the main thread, `generate(prompt_embeds=...)`
 on a worker. So (1) whatever outlives a call is evaluated before the call returns (weights in
 `from_pretrained`, `encode_prompt`'s result, generate's output); (2) a call off the main thread runs
-under a stream made on, and cached for, that thread (what mflux #503 and mlx-lm #1275 settled on),
+under a stream made on, and cached for, that thread (as proposed in mflux #503 and mlx-lm #1275),
 so the call never depends on a stream the caller set. Before 0.31.2 streams were global and
 `mx.stream` set a process-wide default (mlx #2133: not safe from several threads), so there nothing
 is entered. (3) One model, one device: a pipeline runs one call at a time (`serialized`).
+(4) A worker's streams are destroyed as the worker ends (`_ThreadStreams`), not at process exit.
 """
 
 from __future__ import annotations
@@ -32,9 +33,23 @@ _local = threading.local()
 F = TypeVar("F", bound=Callable)
 
 
+class _ThreadStreams(dict):
+    """A thread's streams by device. Dropped by the thread itself as it ends (thread-local data), it
+    then destroys MLX's streams of that thread (`mx.clear_streams`, as MLX's own thread tests do):
+    left to C++ thread-local destructors, they raced interpreter exit ("terminate called without an
+    active exception" in 3 of 8 runs of load, generate on main, generate on a worker, exit; 0 of 12 so)."""
+
+    def __del__(self):
+        if hasattr(mx, "clear_streams"):  # mlx >= 0.31.2
+            mx.clear_streams()
+
+
 def thread_stream() -> mx.Stream:
     """This thread's stream on the default device, made on first use and kept for the thread's life."""
-    streams = _local.__dict__.setdefault("streams", {})
+    streams = getattr(_local, "streams", None)
+    if streams is None:  # the main thread's end is MLX's own exit
+        main = threading.current_thread() is threading.main_thread()
+        streams = _local.streams = {} if main else _ThreadStreams()
     device = mx.default_device()
     key = str(device)
     if key not in streams:

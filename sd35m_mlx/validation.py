@@ -93,6 +93,12 @@ class GenerationSettings:
     preview_every: Any = 1
     on_preview: Any = None
     decoder: Any = "vae"
+    mask_image: Any = None
+    padding_mask_crop: Any = None
+    control_image: Any = None
+    controlnet_conditioning_scale: Any = 1.0
+    control_guidance_start: Any = 0.0
+    control_guidance_end: Any = 1.0
 
     def validated(self, limits: ModelLimits | None = None, names: Mapping[str, str] | None = None):
         """A copy with every value checked and normalised; raises InvalidValue / InvalidType."""
@@ -255,7 +261,11 @@ class _Validator:
                 f"{n('prompt')} x {n('num_images_per_prompt')} gives {batch * images_per_prompt} images; "
                 f"at most {MAX_BATCH} per call"
             )
-        strength = real(s.strength, n("strength"), 0.0, 1.0, open_low=True) if s.image is not None else s.strength
+        strength = s.strength
+        if s.image is not None:
+            strength = real(s.strength, n("strength"), 0.0, 1.0, open_low=True)
+            if steps - min(steps * strength, steps) >= steps:  # img2img's start index, as diffusers rounds it
+                raise InvalidValue(f"{n('strength')} {strength} is too small: no step would run (at least 1e-15)")
         height, width = self._size(s, batch * images_per_prompt)
         from .sampling.samplers import SAMPLERS  # lazily: the samplers module imports mlx
 
@@ -292,11 +302,33 @@ class _Validator:
         if s.callback is not None and not callable(s.callback):
             raise InvalidType(f"{n('callback')} must be callable, got {_show(s.callback)}")
         out = replace(out, decoder=choice(s.decoder, n("decoder"), ("vae", "taesd")), **self._preview(s))
+        out = replace(out, **self._editing(s))
         return replace(out, latents=self._latents(s.latents, batch * images_per_prompt, height, width))
+
+    def _editing(self, s: GenerationSettings) -> dict:
+        """The numbers of inpainting and ControlNet (editing/ checks the images and the nets)."""
+        n, out = self.n, {}
+        if s.padding_mask_crop is not None:
+            out["padding_mask_crop"] = integer(s.padding_mask_crop, n("padding_mask_crop"), 0, 1 << 16)
+        if s.control_image is not None:
+            for name, lo, hi in (
+                ("controlnet_conditioning_scale", -MAX_GUIDANCE, MAX_GUIDANCE),
+                ("control_guidance_start", 0.0, 1.0),
+                ("control_guidance_end", 0.0, 1.0),
+            ):
+                value = getattr(s, name)
+                many = isinstance(value, (list, tuple))
+                if many and len(value) > MAX_BATCH:
+                    raise InvalidValue(f"{n(name)} has {len(value)} values; at most {MAX_BATCH}")
+                checked = [real(v, n(name), lo, hi) for v in (value if many else [value])]
+                out[name] = tuple(checked) if many else checked[0]
+        return out
 
     def _preview(self, s: GenerationSettings) -> dict:
         n = self.n
         if s.preview is None:
+            if s.on_preview is not None:
+                raise InvalidValue(f"{n('on_preview')} needs {n('preview')}='rgb' or {n('preview')}='taesd'")
             return {}
         preview = choice(s.preview, n("preview"), ("rgb", "taesd"))
         if not callable(s.on_preview):

@@ -43,13 +43,21 @@ def allow_installed_peft():
     tp.check_peft_version = lambda *a, **k: None
 
 
-def peft_lora(model, name: str, targets, rank: int, alpha: float, seed: int, b_std: float, alpha_pattern=None):
-    """Add a peft adapter with random A and B (B ~ N(0, b_std)) to `model`; return (state dict, config dict)."""
+def peft_lora(
+    model, name: str, targets, rank: int, alpha: float, seed: int, b_std: float, alpha_pattern=None, use_dora=False
+):
+    """Add a peft adapter with random A and B (B ~ N(0, b_std)) to `model`; return (state dict, config dict).
+    With use_dora, the DoRA magnitudes are peft's initial ones (the adapted rows' norms) times 1 +- 20%."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, alpha_pattern=alpha_pattern or {}
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets,
+        init_lora_weights=False,
+        alpha_pattern=alpha_pattern or {},
+        use_dora=use_dora,
     )
     model.add_adapter(config, adapter_name=name)
     g = torch.Generator().manual_seed(seed)
@@ -59,18 +67,24 @@ def peft_lora(model, name: str, targets, rank: int, alpha: float, seed: int, b_s
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             elif f"lora_B.{name}." in key:
                 p.copy_(torch.randn(p.shape, generator=g) * b_std)
+            elif f"lora_magnitude_vector.{name}." in key:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
     state = get_peft_model_state_dict(model, adapter_name=name)
-    meta = {k: v for k, v in config.to_dict().items() if k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern")}
+    keep = ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_dora")
+    meta = {k: v for k, v in config.to_dict().items() if k in keep}
     meta["target_modules"] = list(targets)
     return state, meta
 
 
-def write_diffusers_lora(folder, pipe, name: str, seed: int, rank=4, alpha=8.0, text_encoders=True, alpha_pattern=None):
+def write_diffusers_lora(
+    folder, pipe, name: str, seed: int, rank=4, alpha=8.0, text_encoders=True, alpha_pattern=None, use_dora=False
+):
     """A LoRA on the tiny transformer (every Linear, adaLN and embedders included) and on CLIP-L / CLIP-G,
     written by StableDiffusion3Pipeline.save_lora_weights (with lora_adapter_metadata). Returns the file."""
     from diffusers import StableDiffusion3Pipeline
 
-    tr, tr_meta = peft_lora(pipe.transformer, name, TRANSFORMER_TARGETS, rank, alpha, seed, 0.05, alpha_pattern)
+    targets = [t for t in TRANSFORMER_TARGETS if t != "pos_embed.proj"] if use_dora else TRANSFORMER_TARGETS
+    tr, tr_meta = peft_lora(pipe.transformer, name, targets, rank, alpha, seed, 0.05, alpha_pattern, use_dora)
     kwargs = dict(transformer_lora_layers=tr, transformer_lora_adapter_metadata=tr_meta)
     if text_encoders:
         te, te_meta = peft_lora(pipe.text_encoder, name, CLIP_TARGETS, rank, alpha, seed + 1, 0.05)

@@ -86,3 +86,17 @@ def test_bench_step_memory_runs_every_mode_and_restores_the_model(tiny_pipeline)
         assert r["mode"] == mode and r["step_s"] > 0 and r["work_gib"] >= 0
         assert all(a is b for a, b in zip(model.transformer_blocks, blocks, strict=True))
         assert mx.get_memory_limit() == limit
+
+
+def test_bench_controlnet_runs_on_the_tiny_fixture(tiny_pipeline, tmp_path):
+    """bench_controlnet keeps running against the current pipeline pieces (its timings mean nothing here)."""
+    import mlx.core as mx
+
+    from benchmarks import bench_controlnet
+    from scripts.build_fixture import build_controlnet
+
+    net = build_controlnet(tmp_path / "cn")
+    r = bench_controlnet.bench(tiny_pipeline / "transformer", net, 64, mx.float32, None, 16, 0, 1)
+    assert r["controlnet_step_s"] > 0 and r["plain_step_s"] > 0 and "extrapolated_ratio" in r
+    assert r["controlnet_step_work_bytes"] > 0 and r["plain_step_work_bytes"] > 0
+    assert r["flop_ratio_24_23_blocks"] > 1.5

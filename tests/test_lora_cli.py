@@ -49,6 +49,9 @@ def test_lora_options_apply_record_and_reapply(tiny_pipeline, lora_file, tmp_pat
     result = CliRunner().invoke(cli, ["--from-image", "lora.png", "-o", "again.png"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(styled))
+    result = CliRunner().invoke(cli, ["--from-image", "lora.png", "--lora-scale", "0", "-o", "zero.png"])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open("zero.png")), np.asarray(plain))  # weight 0: exactly no LoRA
 
     changed = save(
         tmp_path / "changed.safetensors",

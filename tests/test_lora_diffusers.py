@@ -17,8 +17,8 @@ from sd35m_mlx import StableDiffusion35
 # through the sampler (~1e-5), as in test_pipeline.py. 2e-3 is half a uint8 level; the LoRAs here move
 # pixels by >0.1, a wrong alpha or weight by >1e-2.
 PIXEL_TOL = 2e-3
-H, W = 64, 96
-KW = dict(height=H, width=W, num_inference_steps=3, guidance_scale=4.5)
+H, W = 32, 48  # small: diffusers in the same process as MLX is slow (DEVELOPERS.md)
+KW = dict(height=H, width=W, num_inference_steps=2, guidance_scale=4.5)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def lora_files(tiny_pipeline, tmp_path_factory):
     a = write_diffusers_lora(folder, writer, "a", seed=10, rank=4, alpha=8.0)
     # b: another rank, an alpha_pattern (per-module alpha in the metadata), LoRA on adaLN and embedders too
     b = write_diffusers_lora(folder, writer, "b", seed=20, rank=2, alpha=1.0, alpha_pattern={"norm1.linear": 4.0})
-    return {"a": a, "b": b}
+    dora = write_diffusers_lora(folder, writer, "dora", seed=30, rank=4, alpha=4.0, text_encoders=False, use_dora=True)
+    return {"a": a, "b": b, "dora": dora}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,11 @@ def test_from_pretrained_loras_and_low_memory_reapply(tiny_pipeline, lora_files,
     first, second = _gen(low, noise), _gen(low, noise)
     assert np.abs(first - expected).max() <= 1e-5
     assert np.array_equal(first, second)
+    # loading after the text encoders were released still maps their LoRA keys (key tables read no weights)
+    low._loras.tables = None
+    assert low.prompt_encoder is None
+    name = low.load_lora_weights(lora_files["a"], adapter_name="again")
+    assert {"transformer", "text_encoder", "text_encoder_2"} <= set(low._loras.adapters[name].factors)
 
 
 def test_lora_factors_follow_the_compute_dtype(tiny_pipeline, lora_files):
@@ -150,3 +156,23 @@ def test_lora_factors_follow_the_compute_dtype(tiny_pipeline, lora_files):
     assert layer._lora.down_t.dtype == mx.bfloat16 and layer._lora.up_t.dtype == mx.bfloat16
     x = mx.ones((1, 4, layer.weight.shape[1]), dtype=mx.bfloat16)
     assert layer(x).dtype == mx.bfloat16
+
+
+def test_dora_matches_diffusers(tiny_pipeline, lora_files, ours):
+    """peft DoRA (lora_magnitude_vector) on every Linear of the transformer, at weight 0.7 (inside the norm)."""
+    ref = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline, dtype=torch.float32)
+    ref.load_lora_weights(str(lora_files["dora"]), adapter_name="dora")
+    ref.set_adapters(["dora"], [0.7])
+    noise = _noise(4)
+    base = _gen(ours, noise)
+    try:
+        ours.load_lora_weights(lora_files["dora"], adapter_name="dora")
+        ours.set_adapters("dora", 0.7)
+        out = _gen(ours, noise)
+        assert np.abs(out - base).max() > 0.1
+        assert np.abs(out - _ref_gen(ref, noise)).max() <= PIXEL_TOL
+        ours.fuse_lora()
+        assert np.abs(_gen(ours, noise) - out).max() <= 1e-4  # as the fused LoRA test above
+        ours.unfuse_lora()
+    finally:
+        ours.unload_lora_weights()

@@ -289,11 +289,11 @@ def test_bad_files_are_refused_with_a_reason(ours, lora, tmp_path):
         ours.load_lora_weights(save(tmp_path / "large.safetensors", wide))
     dora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 32))}
     dora["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"] = np.ones((32, 2))
-    dora["transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector"] = np.ones((32,))
+    dora["transformer.transformer_blocks.0.attn.to_q.dora_scale"] = np.ones((32, 1))  # LyCORIS DoRA
     with pytest.raises(LoraError, match="DoRA"):
         ours.load_lora_weights(save(tmp_path / "dora.safetensors", dora))
     partial = {**dora, "transformer.not_a_layer.lora_A.weight": np.ones((2, 32))}
-    del partial["transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector"]
+    del partial["transformer.transformer_blocks.0.attn.to_q.dora_scale"]
     with pytest.warns(UserWarning, match=r"1 of 3 tensors .*not_a_layer"):
         ours.load_lora_weights(save(tmp_path / "partial.safetensors", partial))
     ours.unload_lora_weights()

@@ -172,6 +172,7 @@ def test_a_failing_preview_callback_surfaces_and_the_pipeline_stays_usable(pipe)
         (dict(preview="rgb"), TypeError, "needs on_preview"),
         (dict(preview="rgb", on_preview=print, preview_every=0), ValueError, "preview_every must be at least 1"),
         (dict(decoder="tiny"), ValueError, "unknown decoder 'tiny'; choose one of vae, taesd"),
+        (dict(on_preview=print), ValueError, "on_preview needs preview='rgb' or preview='taesd'"),
     ],
 )
 def test_bad_preview_arguments_fail_in_one_line(pipe, kwargs, error, message):
@@ -271,3 +272,18 @@ def test_bench_preview_runs_on_the_tiny_transformer(tiny_pipeline):
     model = load_transformer(tiny_pipeline / "transformer")
     row = bench_preview.bench(64, model, None, mx.float32, 1, np.random.default_rng(0))
     assert row["size"] == 64 and row["step_s"] > 0 and row["rgb_s"] > 0 and row["rgb_cli_s"] > 0
+
+
+def test_decoder_taesd_with_real_taesd3_weights_equals_the_checked_taesd_decode(tiny_pipeline, tmp_path):
+    """With the taesd branch's TAESD3 (its decode_with_taesd is checked against diffusers'
+    AutoencoderTiny there): generate(decoder="taesd") is that decode of the final latents, exactly."""
+    decode_with_taesd = pytest.importorskip("sd35m_mlx.taesd_decode").decode_with_taesd
+    build_fixture = pytest.importorskip("scripts.build_fixture")
+    if not hasattr(build_fixture, "build_taesd"):
+        pytest.skip("no TAESD fixture builder yet")
+    folder = build_fixture.build_taesd(tmp_path / "taesd3")
+    pipe = StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", taesd=folder)
+    kw = dict(height=64, width=64, num_inference_steps=2, seed=2)
+    latents = pipe.generate("a red cube", output_type="latent", **kw)
+    draft = pipe.generate("a red cube", output_type="np", decoder="taesd", **kw)
+    assert np.array_equal(draft, np.array(decode_with_taesd(pipe.taesd, latents)))

@@ -10,7 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from sd35m_mlx.loading.safetensors_io import WeightsError
 from sd35m_mlx.loading.vae import load_vae
 from sd35m_mlx.models import vae_blocks
-from sd35m_mlx.models.vae import AutoencoderKL, VAEConfig
+from sd35m_mlx.models.vae import VAEConfig
 
 # float32 on both sides; the only differences are summation order in convs, matmuls and GroupNorm
 # reductions (~1e-6 relative). 1e-4 x std leaves headroom while a wrong padding, transpose or norm
@@ -173,23 +173,3 @@ def test_load_vae_names_a_missing_key(vae_folder, tmp_path):
     (tmp_path / "config.json").write_text((vae_folder / "config.json").read_text())
     with pytest.raises(WeightsError, match="decoder.mid_block.attentions.0.to_q.weight"):
         load_vae(tmp_path)
-
-
-def test_decode_tiled_blends_tiles_into_the_untiled_result(monkeypatch):
-    # A decoder that is local (nearest upsampling) has no seams: tiling must then reproduce it exactly,
-    # which checks the tile geometry and that the blend weights sum to one everywhere.
-    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4))
-
-    def local_decode(z):
-        return mx.repeat(mx.repeat(z[..., :3] * 2 + 1, 2, axis=1), 2, axis=2)
-
-    monkeypatch.setattr(vae, "decode", local_decode)
-    z = mx.random.normal((2, 23, 17, 4), key=mx.random.key(0))
-    tiled = vae.decode_tiled(z, tile=8, overlap=3)
-    np.testing.assert_allclose(np.array(tiled), np.array(local_decode(z)), atol=1e-6)
-
-
-def test_decode_tiled_is_exact_when_one_tile_covers_the_latent(vae_folder):
-    vae = load_vae(vae_folder)
-    z = mx.random.normal((1, 5, 7, 16), key=mx.random.key(1))
-    np.testing.assert_array_equal(np.array(vae.decode_tiled(z, tile=8, overlap=2)), np.array(vae.decode(z)))

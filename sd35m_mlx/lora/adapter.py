@@ -18,9 +18,10 @@ class LoraError(ValueError):
 class Factor:
     """One adapter on one layer: delta W = scale * (up @ down) (+ dense `delta`, + `bias` on the output).
 
-    down (rank, in), up (out, rank), in the file's float dtype. `scale` is alpha / rank (or what the format's alpha rule
-    says); the user's adapter weight multiplies it later. LyCORIS LoKr / LoHa products, which are not
-    low rank, come as a dense (out, in) `delta` instead of down / up.
+    down (rank, in), up (out, rank), in the file's float dtype. `scale` is alpha / rank (or what the format's
+    alpha rule says); the user's adapter weight multiplies it later. With `magnitude` it is a DoRA adapter
+    (peft's rule, layers.py: rows rescaled to magnitude / ||W + scale * up @ down||). LyCORIS LoKr / LoHa
+    products, which are not low rank, come as a dense (out, in) `delta` instead of down / up.
     """
 
     down: mx.array | None = None
@@ -28,6 +29,7 @@ class Factor:
     scale: float = 1.0
     delta: mx.array | None = None
     bias: mx.array | None = None
+    magnitude: mx.array | None = None  # DoRA (peft): per-output-row magnitude of the adapted weight
 
     @property
     def rank(self) -> int:
@@ -53,7 +55,7 @@ class Factor:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.down, self.up, self.delta, self.bias) if a is not None)
+        return sum(a.nbytes for a in (self.down, self.up, self.delta, self.bias, self.magnitude) if a is not None)
 
 
 @dataclass

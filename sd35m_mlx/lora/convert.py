@@ -12,7 +12,8 @@ Layouts (a file may mix them; each tensor is routed on its own):
   up in tables built from our module tree and the single-file key map, never unflattened by guessing.
 - ComfyUI prefix on diffusers names: `diffusion_model.transformer_blocks.N.attn.to_q.lora_A.weight`.
 - suffixes lora_A/lora_B, lora_down/lora_up, lora.down/lora.up, lora_linear_layer.down/up, `.alpha`;
-  LyCORIS LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) and LoHa (hada_w{1,2}_{a,b}); full `.diff` / `.diff_b`.
+  LyCORIS LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) and LoHa (hada_w{1,2}_{a,b}); full `.diff` / `.diff_b`;
+  peft DoRA (`lora_magnitude_vector`). LyCORIS DoRA (`dora_scale`, another norm convention) is refused.
 
 Fused qkv: delta rows split into q / k / v, so a shared `down` serves all three and `up` splits by rows.
 kohya's `split_qkv` saves three rank-r LoRAs as one rank-3r LoRA with a block-diagonal `up` and the
@@ -47,8 +48,8 @@ _SUFFIXES = {
     ".lora_linear_layer.up.weight": "up",
     ".alpha": "alpha",
     ".dora_scale": "dora",
-    ".lora_magnitude_vector": "dora",
-    ".lora_magnitude_vector.weight": "dora",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
     ".lokr_w1": "lokr_w1",
     ".lokr_w1_a": "lokr_w1_a",
     ".lokr_w1_b": "lokr_w1_b",
@@ -204,9 +205,11 @@ def make_factor(parts: dict[str, mx.array], alpha: float | None, rslora: bool, w
     """The factor of one module's tensors; `alpha` None means alpha = rank (scale 1)."""
     if "dora" in parts:
         raise LoraError(
-            f"{where}: DoRA (dora_scale / lora_magnitude_vector) is not supported; its weight-norm "
-            "rescaling cannot be dropped without changing the result, so the file is refused"
+            f"{where}: LyCORIS / kohya DoRA (dora_scale) is not supported (peft's lora_magnitude_vector is); "
+            "its weight-norm rescaling cannot be dropped without changing the result, so the file is refused"
         )
+    if "magnitude" in parts and not ("down" in parts and parts["down"].ndim == 2):
+        raise LoraError(f"{where}: DoRA (lora_magnitude_vector) is supported on Linear LoRAs only")
     if "tucker" in parts:
         raise LoraError(f"{where}: LyCORIS Tucker factors (lokr_t2 / hada_t1 / hada_t2) are for conv layers only")
     if "down" in parts or "up" in parts:
@@ -224,7 +227,8 @@ def make_factor(parts: dict[str, mx.array], alpha: float | None, rslora: bool, w
         a = float(rank) if alpha is None else alpha
         scale = a / math.sqrt(rank) if rslora else a / rank
         bias = _f32(parts["up_bias"]) if "up_bias" in parts else None
-        return Factor(down=_float(down), up=_float(up), scale=scale, bias=bias)
+        magnitude = _f32(parts["magnitude"]).reshape(-1) if "magnitude" in parts else None
+        return Factor(down=_float(down), up=_float(up), scale=scale, bias=bias, magnitude=magnitude)
     if any(k.startswith("lokr_") for k in parts):
         dim = None
         w1 = parts.get("lokr_w1")
@@ -256,8 +260,10 @@ def _split_stability(factor: Factor, name: str, alpha: float | None, num_layers:
 
     targets = [k.removesuffix(".weight") for k, _ in map_mmdit_weights(f"{name}.weight", mx.zeros((6,)), num_layers)]
     ups, deltas, biases = rows(factor.up), rows(factor.delta), rows(factor.bias)
+    magnitudes = rows(factor.magnitude)
     n = len(targets)
-    if n == 3 and factor.down is not None and factor.rank % 3 == 0 and _block_diagonal(ups):
+    split = n == 3 and factor.magnitude is None and factor.down is not None and factor.rank % 3 == 0
+    if split and _block_diagonal(ups):
         r = factor.rank // 3
         scale = (float(r) if alpha is None else alpha) / r
         return [
@@ -275,6 +281,7 @@ def _split_stability(factor: Factor, name: str, alpha: float | None, num_layers:
                     scale=factor.scale,
                     delta=None if deltas is None else deltas[i],
                     bias=None if biases is None else biases[i],
+                    magnitude=None if magnitudes is None else magnitudes[i],
                 ),
             )
         )

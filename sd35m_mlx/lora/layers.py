@@ -10,7 +10,7 @@ Factors are cast to the layer's compute dtype: a float32 factor never promotes b
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,11 +28,12 @@ class SidePath:
     scale: float = 1.0  # multiplies (x @ down_t) @ up_t (1.0 when it is folded into up_t)
     dense_t: mx.array | None = None  # (in, out)
     bias: mx.array | None = None  # (out,)
+    row_scale: mx.array | None = None  # (out,) DoRA: the base output (without bias) gains row_scale * it
     original_weight: mx.array | None = None  # the base weight while a fused delta replaces it
 
     @property
     def active(self) -> bool:
-        return any(a is not None for a in (self.down_t, self.dense_t, self.bias))
+        return any(a is not None for a in (self.down_t, self.dense_t, self.bias, self.row_scale))
 
     @property
     def nbytes(self) -> int:
@@ -45,6 +46,8 @@ class _LoraLayer:
     def __call__(self, x: mx.array) -> mx.array:
         y = super().__call__(x)
         side: SidePath = self._lora
+        if side.row_scale is not None:
+            y = y + side.row_scale * (y - self.bias if "bias" in self else y)
         if side.down_t is not None:
             lora = (self._lora_down(x, side.down_t)) @ side.up_t
             y = y + (lora if side.scale == 1.0 else side.scale * lora)
@@ -120,8 +123,39 @@ def _module_at(model: nn.Module, path: str) -> nn.Module:
     return m
 
 
-def _compose(items: list[tuple[float, Factor]], dtype: mx.Dtype) -> SidePath:
+def dense_weight(layer: nn.Module) -> mx.array:
+    """The layer's weight in float32 (dequantized for a QuantizedLinear)."""
+    if isinstance(layer, nn.QuantizedLinear):
+        mode = getattr(layer, "mode", "affine")
+        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=mode)
+        return w.astype(mx.float32)
+    return layer.weight.astype(mx.float32)
+
+
+def _dora(items: list[tuple[float, Factor]], layer: nn.Module) -> tuple[list[tuple[float, Factor]], mx.array | None]:
+    """peft's DoRA as LoRA plus a row scale: adapter i adds (g_i - 1) * (x @ W.T) + g_i * s_i * (x @ (B A).T),
+    g_i = m_i / ||W + s_i B_i A_i|| (row norms), s_i = weight * alpha / rank. Returns the items with g_i folded
+    into `up` and the summed row scale sum(g_i - 1) of the base output (None without DoRA)."""
+    out, row, weight = [], None, None
+    for w, f in items:
+        s = w * f.scale
+        if f.magnitude is None or s == 0:
+            out.append((w, f))
+            continue
+        if weight is None:
+            weight = dense_weight(layer)
+        up = f.up.astype(mx.float32)
+        norm = mx.linalg.norm(weight + s * (up @ f.down.astype(mx.float32)), axis=1)
+        g = f.magnitude.astype(mx.float32) / norm
+        out.append((w, replace(f, up=up * g[:, None], magnitude=None)))
+        row = g - 1 if row is None else row + (g - 1)
+    return out, row
+
+
+def _compose(items: list[tuple[float, Factor]], dtype: mx.Dtype, row: mx.array | None = None) -> SidePath:
     side = SidePath(base_class=object)
+    if row is not None:
+        side.row_scale = row.astype(dtype)
     low = [(w * f.scale, f) for w, f in items if f.down is not None and w * f.scale != 0]
     conv = bool(low) and low[0][1].down.ndim == 4
 
@@ -170,16 +204,19 @@ def apply(
         quantized = isinstance(layer, nn.QuantizedLinear)
         if fuse_scale is not None:
             items = [(w * fuse_scale, f) for w, f in items]
+        items, row = _dora(items, layer)
         if fuse_scale is not None and not quantized:
             side = _compose([(w, f) for w, f in items if f.bias is not None], dtype)
             side.down_t = side.up_t = side.dense_t = None  # the weight takes these; only a LoRA bias stays
             deltas = [w * f.dense() for w, f in items if w * f.scale != 0]
+            if row is not None:
+                deltas.append(row[:, None] * dense_weight(layer))
             if deltas:
                 side.original_weight = layer.weight
                 layer.weight = (layer.weight.astype(mx.float32) + sum(deltas)).astype(layer.weight.dtype)
                 report.fused += 1
         else:
-            side = _compose(items, dtype)
+            side = _compose(items, dtype, row)
             report.quantized_side_paths += fuse_scale is not None and quantized
         if not side.active and side.original_weight is None:
             continue  # weight 0 everywhere: the layer stays exactly the base layer

@@ -98,7 +98,9 @@ class LoraMixin:
         return name
 
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
-        """Activate exactly these adapters with these weights (default 1.0 each); others stay loaded, off."""
+        """Activate exactly these adapters with these weights (default 1.0 each); others stay loaded, off.
+
+        Weight 0 is exactly no adapter, DoRA included (peft would still rescale a DoRA layer's rows)."""
         state = self._loras
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
@@ -244,7 +246,8 @@ class LoraMixin:
                 transformer = SD3Transformer2DModel(self.transformer_config)
             encoder = self.prompt_encoder
             if encoder is None and self._reload is not None:
-                encoder = self._reload("prompt_encoder").prompt_encoder  # lazy arrays: only the module tree
+                # released (low_memory): a reload for no stage quantizes nothing, so it reads nothing either
+                encoder = self._reload("lora key tables").prompt_encoder
             tables = {"transformer": layers.layer_table(transformer)}
             for component, model in self._lora_models("prompt_encoder", encoder).items():
                 tables[component] = layers.layer_table(model)

@@ -120,19 +120,26 @@ class SD3Transformer2DModel(nn.Module):
         modulations: list,
         skip_layers: Iterable[int] | None = None,
         pos: mx.array | None = None,
+        block_residuals: list[mx.array] | None = None,
     ) -> mx.array:
-        """The latent-dependent part of the forward, with `context` already embedded."""
+        """The latent-dependent part of the forward, with `context` already embedded.
+
+        `block_residuals` (ControlNet outputs, (B, tokens, D) each) are added to the image stream after every
+        block that is not context-pre-only, skipped or not, residual int(i / (n_blocks / n_residuals)) after
+        block i (diffusers' `block_controlnet_hidden_states`)."""
         b, height, width, _ = hidden_states.shape
         p = self.config.patch_size
         h, w = height // p, width // p
         x = self.pos_embed(hidden_states, pos)
         skip = set(skip_layers or ())
+        n = len(self.transformer_blocks)
         for i, block in enumerate(self.transformer_blocks):
-            if i in skip:
-                continue
-            x, new_context = block(x, context, modulations[i])
-            if new_context is not None:
-                context = new_context
+            if i not in skip:
+                x, new_context = block(x, context, modulations[i])
+                if new_context is not None:
+                    context = new_context
+            if block_residuals and not block.context_pre_only:
+                x = x + block_residuals[int(i / (n / len(block_residuals)))]
         scale, shift = modulations[-1]
         x = self.proj_out(modulate(layer_norm(x), shift, scale))
         c = self.config.out_channels
@@ -146,6 +153,7 @@ class SD3Transformer2DModel(nn.Module):
         pooled_projections: mx.array,
         timestep: mx.array | float,
         skip_layers: Iterable[int] | None = None,
+        block_residuals: list[mx.array] | None = None,
     ) -> mx.array:
         """Velocity for NHWC latents (B, H/8, W/8, C); `timestep` is sigma * 1000, scalar or (B,)."""
         b, height, width, _ = hidden_states.shape
@@ -155,4 +163,6 @@ class SD3Transformer2DModel(nn.Module):
         timestep = mx.broadcast_to(mx.array(timestep, dtype=mx.float32), (b,))
         silu_c = self.conditioning(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        return self.denoise(hidden_states, context, self.modulations(silu_c), skip_layers)
+        return self.denoise(
+            hidden_states, context, self.modulations(silu_c), skip_layers, block_residuals=block_residuals
+        )

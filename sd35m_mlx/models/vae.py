@@ -8,8 +8,7 @@ convolution unfolds its input 9x (im2col: 9 GiB for one 3x3 conv over 1024 x 102
   mid-block attention in query chunks (exact), so no single op needs a huge buffer and MLX can
   throttle under its memory limit (`mx.set_memory_limit`);
 - GroupNorm reduces in place of nn.GroupNorm's transposed copies (and is more accurate on CPU);
-- `decode_tiled` bounds memory by one tile for any size, at the price of small blended
-  differences (GroupNorm statistics become per tile, as with diffusers' enable_tiling).
+- tiled decoding and encoding (vae_tiling.py) bound memory by one tile for any size.
 
 Measured on Linux CPU, MLX 0.32.4, 2 cores: SD3 sizes (block_out_channels 128, 256, 512, 512),
 random weights, float32, batch 1, mx.get_peak_memory() after mx.reset_peak_memory(), weights 0.31 GiB
@@ -18,7 +17,6 @@ included:
                         of 64 MiB: 4.19 GiB; with mx.set_memory_limit(1.5 GiB): 2.05 GiB
     decode 1024 x 1024: 6.49 GiB (211 s); with mx.set_memory_limit(3 GiB): 5.38 GiB (the floor:
                         single 1024 x 1024 x 256 activations are 1 GiB each)
-    decode_tiled, any size: about the 512 x 512 figure (one 64-latent tile at a time)
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from .vae_blocks import Conv2d, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm
 
@@ -191,49 +188,3 @@ class AutoencoderKL(nn.Module):
         if "post_quant_conv" in self:
             steps.insert(0, self.post_quant_conv)
         return _run_staged(steps, z)
-
-    def decode_tiled(self, z: mx.array, tile: int = 64, overlap: int = 16) -> mx.array:
-        """`decode` in overlapping tiles of tile x tile latents, blended with linear ramps.
-
-        Peak memory is that of decoding one tile, whatever the image size. Each tile normalizes with
-        its own GroupNorm statistics, so the result differs slightly from `decode` (the trade-off of
-        diffusers' enable_tiling too); latents that fit in one tile are decoded exactly.
-        """
-        if not 0 <= overlap < tile:
-            raise ValueError(f"overlap must be in [0, tile), got tile={tile}, overlap={overlap}")
-        b, h, w, _ = z.shape
-        if h <= tile and w <= tile:
-            return self.decode(z)
-        f = self.config.downscale
-        out = np.zeros((b, h * f, w * f, self.config.out_channels), np.float32)
-        total = np.zeros((1, h * f, w * f, 1), np.float32)
-        for y0 in _tile_starts(h, tile, overlap):
-            for x0 in _tile_starts(w, tile, overlap):
-                th, tw = min(tile, h), min(tile, w)
-                part = self.decode(z[:, y0 : y0 + th, x0 : x0 + tw])
-                weight = _ramp(th * f, overlap * f, y0 > 0, y0 + th < h)[:, None] * _ramp(
-                    tw * f, overlap * f, x0 > 0, x0 + tw < w
-                )
-                ys, xs = slice(y0 * f, (y0 + th) * f), slice(x0 * f, (x0 + tw) * f)
-                out[:, ys, xs] += np.array(part.astype(mx.float32)) * weight[None, :, :, None]
-                total[:, ys, xs] += weight[None, :, :, None]
-        return mx.array(out / total).astype(z.dtype)
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile offsets along one axis: stride tile - overlap, the last tile flush with the end."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
-
-
-def _ramp(n: int, width: int, rise: bool, fall: bool) -> np.ndarray:
-    """Blend weights along one tile axis: ramps (never 0) over `width` pixels at shared edges."""
-    weight = np.ones(n, np.float32)
-    ramp = (np.arange(min(width, n), dtype=np.float32) + 0.5) / max(width, 1)
-    if rise:
-        weight[: len(ramp)] = np.minimum(weight[: len(ramp)], ramp)
-    if fall:
-        weight[n - len(ramp) :] = np.minimum(weight[n - len(ramp) :], ramp[::-1])
-    return weight

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -34,11 +36,22 @@ class GroupNorm(nn.GroupNorm):
         means = per_channel.reshape(b, g, c // g).mean(axis=-1, keepdims=True)
         return mx.broadcast_to(means, (b, g, c // g)).reshape(b, 1, c)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    # Tiled VAE passes (vae_tiling.py) set this on an instance for their duration: called as
+    # `statistics_override(norm, x)` it returns the (mean, var) to normalize x with, in place of x's own.
+    statistics_override: Callable[[GroupNorm, mx.array], tuple[mx.array, mx.array]] | None = None
+
+    def statistics(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(mean, biased variance) of each group of x (B, ..., C), float32, each (B, 1, C) (repeated per channel)."""
         b, c = x.shape[0], x.shape[-1]
         x3 = x.reshape(b, -1, c)
         mean = self._group_mean(mx.mean(x3.astype(mx.float32), axis=1))
-        var = self._group_mean(mx.mean(_centered_square(x3, mean), axis=1))
+        return mean, self._group_mean(mx.mean(_centered_square(x3, mean), axis=1))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, c = x.shape[0], x.shape[-1]
+        x3 = x.reshape(b, -1, c)
+        override = self.statistics_override
+        mean, var = self.statistics(x3) if override is None else override(self, x)
         scale = mx.rsqrt(var + self.eps) * self.weight
         return _scale_shift(x3, scale, self.bias - mean * scale).reshape(x.shape)
 

@@ -44,24 +44,29 @@ class GuidedDenoiser:
         self.pos = None  # the cropped positional table, fixed once the latent size is known
         mx.eval(self.context, self.modulations)
 
-    def _denoise(self, x, context, mods, skip_layers=None):
+    def _denoise(self, x, context, mods, skip_layers=None, block_residuals=None):
         if self.pos is None:
             p = self.transformer.config.patch_size
             self.pos = self.transformer.pos_embed.cropped_pos_embed(x.shape[1] // p, x.shape[2] // p)
-        return self.transformer.denoise(x, context, mods, skip_layers, pos=self.pos).astype(mx.float32)
+        out = self.transformer.denoise(x, context, mods, skip_layers, pos=self.pos, block_residuals=block_residuals)
+        return out.astype(mx.float32)
 
-    def __call__(self, i: int, x: mx.array) -> mx.array:
+    def __call__(self, i: int, x: mx.array, block_residuals: list[mx.array] | None = None) -> mx.array:
+        """`block_residuals`: ControlNet residuals for the whole model batch ([uncond, cond] with CFG)."""
         g = self.guidance
         mods = self.modulations[i - self.start]
         b = x.shape[0]
         xin = (mx.concatenate([x, x]) if g.cfg else x).astype(self.dtype)
-        v = self._denoise(xin, self.context, mods)
+        v = self._denoise(xin, self.context, mods, block_residuals=block_residuals)
         if not g.cfg:
             return v
         v_uncond, v_cond = v[:b], v[b:]
         v = v_uncond + g.scale * (v_cond - v_uncond)
         if g.skip_active(i, self.num_steps):
+            # the skip pass is the cond model with layers skipped: it gets the cond half of any ControlNet
+            # residuals (diffusers' ControlNet pipeline has no SLG; its transformer adds them after skipped blocks too)
             cond_mods = tree_map(lambda a: a[b:], mods)
-            v_skip = self._denoise(x.astype(self.dtype), self.context[b:], cond_mods, g.skip_layers)
+            cond_res = [r[b:] for r in block_residuals] if block_residuals else None
+            v_skip = self._denoise(x.astype(self.dtype), self.context[b:], cond_mods, g.skip_layers, cond_res)
             v = v + g.skip_scale * (v_cond - v_skip)
         return v

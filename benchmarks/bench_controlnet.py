@@ -1,0 +1,239 @@
+"""What one ControlNet costs per denoising step: time relative to a plain step, and memory.
+
+    python benchmarks/bench_controlnet.py                      # depth 2, 512 and 1024 px, float32
+    python benchmarks/bench_controlnet.py --sizes 512 --quantize 8
+    python benchmarks/bench_controlnet.py --depth 24 --controlnet-depth 23 --dtype bfloat16   # a GPU, full depth
+
+Full SD3.5 Medium width (hidden 1536, 24 heads, 384x384 table) for the transformer and a tensorart-style
+SD3.5M ControlNet (same width, dual attention, RMS qk-norm), both at reduced depth with one dual-attention
+block in two (the real models: 13 of 24, and 13 of 23). A guided (CFG, batch 2) step through the pipeline's
+own GuidedDenoiser, with and without the ControlNetResiduals extra, timed interleaved (best wall time; the
+process CPU time too, steadier on a loaded machine); the per-block costs extrapolate to 24
+transformer blocks plus 23 ControlNet blocks, as bench_transformer.py extrapolates. Weights of the full-depth
+models are counted from their (lazy, never evaluated) parameters, quantized or not. On Linux unset
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (see DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
+
+# isort: split
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from benchmarks.measure import build_once  # noqa: E402
+from scripts.build_fixture import FULL_WIDTH_CONTROLNET, FULL_WIDTH_TRANSFORMER  # noqa: E402
+from scripts.build_fixture import _stream_transformer as stream_weights  # noqa: E402
+from sd35m_mlx._blas import loaded_openblas  # noqa: E402
+from sd35m_mlx.editing.control import ControlNetResiduals, ControlUnit  # noqa: E402
+from sd35m_mlx.loading.controlnet import QUANTIZATION_POLICY, load_controlnet  # noqa: E402
+from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
+from sd35m_mlx.models.controlnet import ControlNetConfig, SD3ControlNetModel  # noqa: E402
+from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
+from sd35m_mlx.quantize import module_at, quantization_plan, quantize_model, set_module  # noqa: E402
+from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
+from sd35m_mlx.sampling.loop import Step  # noqa: E402
+from sd35m_mlx.sampling.schedule import FlowMatchSchedule  # noqa: E402
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+FULL_TRANSFORMER_DEPTH, FULL_CONTROLNET_DEPTH = 24, 23
+
+
+def _alternating(depth: int) -> tuple[int, ...]:
+    return tuple(range(0, depth, 2))
+
+
+def build(folder: Path, depth: int, cn_depth: int) -> tuple[Path, Path]:
+    t, c = folder / f"transformer-{depth}", folder / f"controlnet-{cn_depth}"
+    t_cfg = dict(FULL_WIDTH_TRANSFORMER, num_layers=depth, dual_attention_layers=_alternating(depth))
+    c_cfg = dict(FULL_WIDTH_CONTROLNET, num_layers=cn_depth, dual_attention_layers=_alternating(cn_depth))
+    import torch
+    from diffusers import SD3ControlNetModel as TorchControlNet
+
+    build_once(t, lambda p: stream_weights(p, t_cfg, 0, torch.float32))
+    build_once(c, lambda p: stream_weights(p, c_cfg, 1, torch.float32, TorchControlNet))
+    return t, c
+
+
+def weight_bytes(model: nn.Module, bits: int | None, dtype: mx.Dtype, policy=None) -> int:
+    """Bytes of a (lazy) model's parameters in `dtype`, after quantization to `bits` if given (nothing evaluated:
+    lazy arrays know their size)."""
+    model.set_dtype(dtype)
+    if bits is not None:
+        for path, b in quantization_plan(model, bits, 64, policy).items():
+            set_module(model, path, nn.QuantizedLinear.from_linear(module_at(model, path), 64, b))
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def full_depth_weights(bits: int | None, dtype: mx.Dtype) -> dict:
+    t = MMDiTConfig(**{**FULL_WIDTH_TRANSFORMER, "dual_attention_layers": tuple(range(13))})
+    c = ControlNetConfig.from_dict(
+        {**FULL_WIDTH_CONTROLNET, "num_layers": FULL_CONTROLNET_DEPTH, "dual_attention_layers": list(range(13))}
+    )
+    return {
+        "transformer_bytes": weight_bytes(SD3Transformer2DModel(t), bits, dtype),
+        "controlnet_bytes": weight_bytes(SD3ControlNetModel(c), bits, dtype, QUANTIZATION_POLICY),
+    }
+
+
+def block_flops(n: int, m: int, d: int, dual: bool, context_out: bool) -> float:
+    """Multiply-add FLOPs of one joint block for n image and m context tokens, width d (batch 1)."""
+    f = 2 * 3 * (n + m) * d * d + 4 * (n + m) ** 2 * d + 2 * n * d * d + 16 * n * d * d  # qkv, attention, out, MLP
+    if context_out:
+        f += 2 * m * d * d + 16 * m * d * d  # context output projection and MLP
+    if dual:
+        f += 2 * 4 * n * d * d + 4 * n * n * d  # attn2: qkv, out, attention
+    return f
+
+
+def flop_ratio(size: int, ctx_len: int, d: int = 1536) -> float:
+    """(24-block transformer + 23-block ControlNet) / transformer, counted: the cost a machine running the
+    step at one efficiency would see (13 dual-attention blocks in each, the transformer's last block
+    context-pre-only, every ControlNet block with its residual Linear)."""
+    n = (size // 16) ** 2
+    transformer = sum(block_flops(n, ctx_len, d, i < 13, i < 23) for i in range(24))
+    controlnet = sum(block_flops(n, ctx_len, d, i < 13, True) + 2 * n * d * d for i in range(23))
+    return (transformer + controlnet) / transformer
+
+
+def bench(
+    t_folder: Path, c_folder: Path, size: int, dtype: mx.Dtype, bits: int | None, ctx_len: int, warmup: int, rep: int
+) -> dict:
+    transformer = load_transformer(t_folder, dtype)
+    net = load_controlnet(c_folder, dtype)
+    if bits is not None:
+        quantize_model(transformer, bits)
+        quantize_model(net, bits, policy=QUANTIZATION_POLICY)
+    mx.eval(transformer.parameters(), net.parameters())
+    rng = np.random.default_rng(0)
+    lat = size // 8
+    cfg = transformer.config
+    context = mx.array(rng.standard_normal((2, ctx_len, cfg.joint_attention_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
+    x = mx.array(rng.standard_normal((1, lat, lat, 16), dtype=np.float32))
+    control = mx.array(rng.standard_normal((2, lat, lat, 16), dtype=np.float32)).astype(dtype)
+    timesteps = FlowMatchSchedule().timesteps(28)
+    velocity = GuidedDenoiser(transformer, context, pooled, timesteps, GuidanceConfig(scale=4.5), 0, dtype)
+    extra = ControlNetResiduals([ControlUnit(net, control, 1.0, 0.0, 1.0)], context, pooled, timesteps, 0, True, dtype)
+    step = Step(3, 4, 28, 0.9, 0.8)
+    mx.eval(x)
+
+    def plain():
+        return velocity(3, x)
+
+    def controlled():
+        return velocity(3, x, **extra.model_inputs(step, x))
+
+    base = mx.get_active_memory()
+    runs = {"plain": [], "controlnet": []}
+    peaks = {}
+    for r in range(warmup + rep):  # interleaved, so load from other work on the machine hits both alike
+        for name, fn in (("plain", plain), ("controlnet", controlled)):
+            mx.reset_peak_memory()
+            wall, cpu = time.perf_counter(), time.process_time()
+            mx.eval(fn())
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            peaks[name] = max(peaks.get(name, 0), mx.get_peak_memory() - base)
+            if r >= warmup:
+                runs[name].append((wall, cpu))
+    plain_s, cn_s = (min(w for w, _ in runs[k]) for k in ("plain", "controlnet"))
+    plain_cpu, cn_cpu = (min(c for _, c in runs[k]) for k in ("plain", "controlnet"))
+    plain_peak, cn_peak = peaks["plain"], peaks["controlnet"]
+    t_block = plain_s / transformer.config.num_layers
+    c_block = (cn_s - plain_s) / net.config.num_layers
+    full_plain = t_block * FULL_TRANSFORMER_DEPTH
+    full_cn = full_plain + c_block * FULL_CONTROLNET_DEPTH
+    tokens = (lat // 2) ** 2
+    residual_bytes = FULL_CONTROLNET_DEPTH * 2 * tokens * cfg.hidden_size * mx.zeros((), dtype).itemsize
+    return {
+        "size": size,
+        "dtype": str(dtype),
+        "quantize": bits,
+        "depth": transformer.config.num_layers,
+        "controlnet_depth": net.config.num_layers,
+        "plain_step_s": plain_s,
+        "controlnet_step_s": cn_s,
+        "measured_ratio": cn_s / plain_s,
+        "plain_step_cpu_s": plain_cpu,
+        "controlnet_step_cpu_s": cn_cpu,
+        "measured_cpu_time_ratio": cn_cpu / plain_cpu,
+        "extrapolated_plain_step_s": full_plain,
+        "extrapolated_controlnet_step_s": full_cn,
+        "extrapolated_ratio": full_cn / full_plain,
+        "extrapolated_cpu_time_ratio": 1
+        + (cn_cpu - plain_cpu)
+        / net.config.num_layers
+        * FULL_CONTROLNET_DEPTH
+        / (plain_cpu / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH),
+        "flop_ratio_24_23_blocks": flop_ratio(size, ctx_len, cfg.hidden_size),
+        "weights_bytes_measured": base,
+        "plain_step_work_bytes": plain_peak,
+        "controlnet_step_work_bytes": cn_peak,
+        "residuals_bytes_23_blocks": residual_bytes,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=2, help="transformer blocks built and run (default 2)")
+    p.add_argument("--controlnet-depth", type=int, default=None, help="ControlNet blocks (default: --depth)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="both models' linear layers")
+    p.add_argument("--ctx-len", type=int, default=333)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each step first (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved; the best counts")
+    p.add_argument("--cache", type=Path, default=None, help="build the weights here once and reuse them")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    args = p.parse_args()
+    dtype = DTYPES[args.dtype]
+    cn_depth = args.controlnet_depth or args.depth
+
+    print(
+        f"# {platform.platform()} mlx {mx.__version__} device {mx.default_device()} openblas {loaded_openblas or 'no'}",
+        flush=True,
+    )
+    weights = {q: full_depth_weights(q, mx.bfloat16) for q in (None, 8, 4)}
+    for q, w in weights.items():
+        print(
+            f"full depth, bfloat16{f', {q}-bit' if q else ''}: transformer {w['transformer_bytes'] / 2**30:.2f} GiB, "
+            f"ControlNet (23 blocks) {w['controlnet_bytes'] / 2**30:.2f} GiB",
+            flush=True,
+        )
+    results = {"full_depth_weights_bf16": {str(q): w for q, w in weights.items()}, "steps": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        t_folder, c_folder = build(args.cache or Path(tmp), args.depth, cn_depth)
+        for size in args.sizes:
+            r = bench(t_folder, c_folder, size, dtype, args.quantize, args.ctx_len, args.warmup, args.repeats)
+            results["steps"].append(r)
+            print(
+                f"{size}px {args.dtype}{f' q{args.quantize}' if args.quantize else ''} depth {r['depth']}+"
+                f"{r['controlnet_depth']}: plain {r['plain_step_s']:.3f}s, "
+                f"with ControlNet {r['controlnet_step_s']:.3f}s "
+                f"(x{r['measured_ratio']:.2f}; CPU time x{r['measured_cpu_time_ratio']:.2f}) | "
+                f"24+23 blocks: plain {r['extrapolated_plain_step_s']:.2f}s, "
+                f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}; CPU time "
+                f"x{r['extrapolated_cpu_time_ratio']:.2f}; FLOPs x{r['flop_ratio_24_23_blocks']:.2f}) | "
+                f"step work {r['plain_step_work_bytes'] / 2**30:.2f} -> {r['controlnet_step_work_bytes'] / 2**30:.2f} "
+                f"GiB, 23 residuals {r['residuals_bytes_23_blocks'] / 2**30:.2f} GiB",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`sd35m-mlx serve`: load the model once and serve it over HTTP (OpenAI Images API, A1111 /sdapi/v1, a web page)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from . import model as model_io
+from .errors import RunError, UsageError, one_line
+from .options import generate_options
+
+# The generate command's options that choose and load the model; serve takes them as they are.
+MODEL_OPTIONS = ("model", "revision", "t5", "quantize", "t5_quantize", "low_memory", "dtype")
+
+
+def model_options(f):
+    """Attach the generate command's model options (same names, defaults and help) to `f`."""
+    probe = generate_options(lambda: None)
+    for param in probe.__click_params__:  # click keeps them in reverse order, and so does appending here
+        if param.name in MODEL_OPTIONS:
+            f.__click_params__ = [*getattr(f, "__click_params__", []), param]
+    return f
+
+
+def public_name(model: str) -> str:
+    """What clients see as the model's name: a Hub id as is, a local path by its last part only."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() or path.is_absolute() else model
+
+
+@click.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for every network (set a key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, help="Port (0: any free one, printed).")
+@click.option(
+    "--api-key",
+    envvar="SD35M_MLX_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require `Authorization: Bearer KEY` on every endpoint but /health.  [default: none]",
+)
+@click.option("--queue-size", type=click.IntRange(0, 1000), default=8, help="Jobs that may wait behind the "
+              "running one; more get 503 with Retry-After.")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(1), default=200, help="Most denoising steps one image may ask for.")
+@click.option("--max-body-mb", type=click.IntRange(1), default=64, help="Largest request body (MB); larger: 413.")
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help='Folder for images returned as response_format="url".  [default: a temporary folder, removed on exit]',
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def serve(host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, verbose, **params) -> None:
+    """Keep the model loaded and serve it over HTTP: OpenAI's Images API (/v1/images/generations,
+    /v1/images/edits), AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress, interrupt) and a web
+    page at /. One job runs at a time; Ctrl-C or SIGTERM cancels it and stops.
+
+    \b
+    Examples:
+      sd35m-mlx serve                                  # http://127.0.0.1:7860/
+      sd35m-mlx serve --quantize 8 --t5-quantize 4 --port 8000
+      SD35M_MLX_API_KEY=secret sd35m-mlx serve --host 0.0.0.0
+    """
+    try:
+        from sd35m_mlx import server as server_pkg
+
+        server_pkg.require_extra()
+        from sd35m_mlx.server.app import ServerConfig
+        from sd35m_mlx.server.run import serve as run_server
+        from sd35m_mlx.server.spec import Limits
+    except ImportError as e:
+        raise RunError(one_line(e)) from None
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UsageError(f"--output-dir {output_dir} is not a folder")
+
+    load_t5 = params["t5"]
+    folder = model_io.resolve_model(params["model"], revision=params["revision"], load_t5=load_t5)
+    dtype = params["dtype"] if params["dtype"] != "auto" else model_io.default_dtype()
+    quantize = int(params["quantize"]) if params["quantize"] is not None else None
+    click.echo(f"Loading {params['model']} ({dtype}{'' if load_t5 else ', no T5'})", err=True)
+    t0 = time.perf_counter()
+    try:
+        pipe = model_io.load_pipeline(
+            folder,
+            dtype,
+            load_t5,
+            quantize=quantize,
+            t5_quantize=params["t5_quantize"],
+            low_memory=params["low_memory"],
+        )
+    except Exception as e:
+        raise RunError(one_line(e)) from None
+    click.echo(f"Loaded in {time.perf_counter() - t0:.1f} s", err=True)
+
+    config = ServerConfig(
+        model_name=public_name(params["model"]),
+        api_key=api_key or None,
+        max_queue=queue_size,
+        max_body_bytes=max_body_mb << 20,
+        limits=Limits(max_steps=max_steps),
+        output_dir=output_dir,
+        load_options={"quantize": quantize, "t5_quantize": params["t5_quantize"]},
+    )
+    try:
+        run_server(pipe, host=host, port=port, config=config, verbose=verbose,
+                   say=lambda m: click.echo(m, err=True))  # fmt: skip
+    except OSError as e:  # the port is taken, the address is not ours, ...
+        raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -1,0 +1,259 @@
+"""AUTOMATIC1111's /sdapi/v1: txt2img, img2img, progress (with the live preview), interrupt, sd-models,
+samplers, options.
+
+Takes the whole payload real clients send (hires fix, subseeds, scripts, override_settings, ...):
+fields we do not support are ignored, and samplers we do not have run as our default, said in `info`.
+Nothing in a payload can load a model or name a file (`override_settings` is ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from sd35m_mlx_cli.metadata import parameters_text
+
+from .errors import RequestError
+from .jobs import Job
+from .masks import a1111_mask
+from .spec import Spec, sampler_label, seeds_for, settings_for
+from .uploads import decode_base64, open_image
+
+# A1111 sampler names (and the aliases its /samplers lists) -> ours. Case-insensitive.
+SAMPLER_ALIASES = {
+    "euler": "euler",
+    "k_euler": "euler",
+    "dpm++ 2m": "dpmpp_2m",
+    "dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_2m": "dpmpp_2m",
+}
+DEFAULT_SAMPLER = "euler"
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
+
+
+class Txt2ImgBody(BaseModel):
+    """The fields we use; every other field is kept (echoed in `parameters`) and otherwise ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = -1
+    batch_size: int | None = 1
+    n_iter: int | None = 1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+
+
+class Img2ImgBody(Txt2ImgBody):
+    init_images: list[str] | None = None
+    denoising_strength: float | None = None
+    mask: str | None = None  # inpainting: base64, white = repaint (server/masks.py)
+    mask_blur: int | None = None  # px of Gaussian blur on the mask; sets both of A1111's axes below
+    mask_blur_x: int | None = 4  # A1111's defaults
+    mask_blur_y: int | None = 4
+    inpainting_mask_invert: int | None = 0  # 1: repaint what is black
+    inpaint_full_res: bool | None = True  # "only masked": repaint a crop around the mask (our padding_mask_crop)
+    inpaint_full_res_padding: int | None = 0
+    inpainting_fill: int | None = None  # 0 fill, 1 original, 2 latent noise, 3 latent nothing: we run 1
+
+
+def map_sampler(name: str | None) -> tuple[str, str | None]:
+    """Our sampler for an A1111 name, and a note when we run something other than what was asked."""
+    if not name:
+        return DEFAULT_SAMPLER, None
+    ours = SAMPLER_ALIASES.get(name.strip().lower())
+    if ours is not None:
+        return ours, None
+    return DEFAULT_SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(DEFAULT_SAMPLER)}"
+
+
+def spec_from(body: Txt2ImgBody, limits) -> Spec:
+    sampler, note = map_sampler(body.sampler_name or body.sampler_index)
+    n = (body.batch_size if body.batch_size is not None else 1) * (body.n_iter if body.n_iter is not None else 1)
+    seed = body.seed if body.seed is not None and body.seed >= 0 else None  # -1 (any negative): random
+    spec = Spec(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler,
+                seeds=seeds_for(seed, n, limits, "batch_size"))  # fmt: skip
+    if note:
+        spec.notes.append(note)
+    if body.scheduler and body.scheduler.lower() not in ("automatic", "simple", "default"):
+        spec.notes.append(f"scheduler {body.scheduler!r} is not available; ran the model's own (shifted sigmas)")
+    for ours, theirs in (
+        ("steps", body.steps),
+        ("cfg", body.cfg_scale),
+        ("width", body.width),
+        ("height", body.height),
+    ):
+        if theirs is not None:
+            setattr(spec, ours, theirs)
+    return spec
+
+
+def router(server) -> APIRouter:
+    r = APIRouter(prefix="/sdapi/v1")
+
+    def answer(job: Job, body: Txt2ImgBody) -> dict:
+        spec = job.spec
+        seeds = [res.seed for res in job.results] or spec.seeds
+        infotexts = [parameters_text(settings_for(spec, s, server.model), server.worker.version) for s in seeds]
+        info = {
+            "prompt": spec.prompt,
+            "all_prompts": [spec.prompt] * len(seeds),
+            "negative_prompt": spec.negative_prompt,
+            "all_negative_prompts": [spec.negative_prompt] * len(seeds),
+            "seed": seeds[0],
+            "all_seeds": seeds,
+            "subseed": seeds[0],
+            "all_subseeds": seeds,
+            "subseed_strength": 0,
+            "width": spec.width,
+            "height": spec.height,
+            "sampler_name": sampler_label(spec.sampler),
+            "cfg_scale": spec.cfg,
+            "steps": spec.steps,
+            "batch_size": len(spec.seeds),
+            "denoising_strength": spec.strength if spec.image is not None else None,
+            "sd_model_name": server.model.name,
+            "sd_model_hash": None,
+            "index_of_first_image": 0,
+            "infotexts": infotexts,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+            "version": server.worker.version,
+            "interrupted": job.state == "cancelled",
+            "warnings": spec.notes,
+        }
+        return {
+            "images": [base64.b64encode(res.png).decode("ascii") for res in job.results],
+            "parameters": body.model_dump(exclude={"init_images", "mask"}),
+            "info": json.dumps(info),
+        }
+
+    @r.post("/txt2img")
+    async def txt2img(body: Txt2ImgBody, request: Request):
+        job = await server.run(spec_from(body, server.config.limits), request)
+        return answer(job, body)
+
+    @r.post("/img2img")
+    async def img2img(body: Img2ImgBody, request: Request):
+        if not body.init_images:
+            raise RequestError("init_images is required: a list with one base64-encoded image", "init_images")
+        spec = spec_from(body, server.config.limits)
+        if len(body.init_images) > 1:
+            spec.notes.append("several init_images: used the first for every image")
+        data = decode_base64(body.init_images[0], "init_images")
+        spec.image = await asyncio.to_thread(open_image, data, "init_images", server.config.max_upload_pixels)
+        if body.mask:
+            await inpainting(body, spec)
+        spec.strength = body.denoising_strength if body.denoising_strength is not None else 0.75  # A1111's default
+        job = await server.run(spec, request)
+        return answer(job, body)
+
+    async def inpainting(body: Img2ImgBody, spec: Spec) -> None:
+        """A1111's inpainting fields -> spec.mask (white = repaint) and padding_mask_crop."""
+        if body.mask_blur is not None:  # A1111's mask_blur setter: both axes
+            blur = (body.mask_blur, body.mask_blur)
+        else:
+            blur = (body.mask_blur_x if body.mask_blur_x is not None else 4,
+                    body.mask_blur_y if body.mask_blur_y is not None else 4)  # fmt: skip
+        data = decode_base64(body.mask, "mask")
+        spec.mask = await asyncio.to_thread(a1111_mask, data, spec.image.size, bool(body.inpainting_mask_invert),
+                                            blur, server.config.max_upload_pixels)  # fmt: skip
+        if body.inpaint_full_res:
+            padding = body.inpaint_full_res_padding or 0
+            if padding < 0:
+                message = f"inpaint_full_res_padding must be >= 0 px, got {padding}"
+                raise RequestError(message, "inpaint_full_res_padding")
+            spec.padding_mask_crop = padding
+        if body.inpainting_fill not in (None, 1):
+            name = FILLS.get(body.inpainting_fill, str(body.inpainting_fill))
+            spec.notes.append(f"inpainting_fill {name!r} is not available; ran 'original' (starts from the image)")
+
+    @r.get("/progress")
+    async def progress(skip_current_image: bool = False):
+        job = server.worker.current
+        preview = None if job is None or skip_current_image else job.preview_png()
+        return {
+            "progress": job.progress if job else 0.0,
+            "eta_relative": job.eta() if job else 0.0,
+            "state": progress_state(job),
+            "current_image": base64.b64encode(preview).decode("ascii") if preview else None,
+            "textinfo": f"step {job.step}/{job.total}, image {job.image_index + 1}/{len(job.spec.seeds)}"
+            if job
+            else None,
+        }
+
+    @r.post("/interrupt")
+    async def interrupt():
+        server.worker.interrupt()
+        return {}
+
+    @r.get("/sd-models")
+    async def sd_models():
+        name = server.model.name
+        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}]
+
+    @r.get("/samplers")
+    async def samplers():
+        return [
+            {"name": "Euler", "aliases": ["euler", "k_euler"], "options": {}},
+            {"name": "DPM++ 2M", "aliases": ["dpmpp_2m", "k_dpmpp_2m"], "options": {}},
+        ]
+
+    @r.get("/options")
+    async def get_options():
+        return options(server)
+
+    @r.post("/options")
+    async def set_options(request: Request):
+        """Every option here is read-only (one model, fixed settings); a client may still post its own."""
+        try:
+            changes = await request.json()
+        except ValueError:
+            raise RequestError("the request body is not valid JSON") from None
+        if not isinstance(changes, dict):
+            raise RequestError("options must be a JSON object")
+        return None
+
+    @r.get("/scripts")
+    async def scripts():  # asked by clients (webuiapi) probing for extensions: we have none
+        return {"txt2img": [], "img2img": []}
+
+    return r
+
+
+def progress_state(job: Job | None) -> dict:
+    """A1111's `state` block of /progress (shared.state.dict())."""
+    return {
+        "skipped": False,
+        "interrupted": job is not None and job.cancel_reason is not None,
+        "stopping_generation": False,
+        "job": f"job({job.id})" if job else "",
+        "job_count": len(job.spec.seeds) if job else 0,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)) if job else "0",
+        "job_no": job.image_index if job else 0,
+        "sampling_step": job.step if job else 0,
+        "sampling_steps": job.total if job else 0,
+    }
+
+
+def options(server) -> dict:
+    name = server.model.name
+    return {
+        "sd_model_checkpoint": name,
+        "sd_checkpoint_hash": None,
+        "sd_vae": "Automatic",
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+        "eta_noise_seed_delta": 0,
+        "sd_model_name": name,
+    }

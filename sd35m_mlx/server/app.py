@@ -1,0 +1,190 @@
+"""The ASGI app: routes of both API dialects, the page, health, errors in each dialect's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+import sd35m_mlx
+
+from ..validation import InvalidInput, validate_generation
+from . import a1111_api, openai_api
+from .errors import RequestError, ShuttingDown, error_body
+from .guards import ApiKey, BodyLimit
+from .jobs import CANCELLED, FAILED, Job, Worker
+from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
+from .uploads import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger("sd35m_mlx.server")
+VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
+# as both dialects' messages say (only A1111 sets padding_mask_crop)
+API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale",
+             "padding_mask_crop": "inpaint_full_res_padding"}  # fmt: skip
+_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+URL_LIFETIME_S = 3600
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "stable-diffusion-3.5-medium"  # what /v1/models and sd-models report; never a local path
+    api_key: str | None = None
+    max_queue: int = 8  # jobs waiting behind the running one; more -> 503 with Retry-After
+    max_body_bytes: int = 64 << 20
+    max_upload_pixels: int = DEFAULT_MAX_PIXELS
+    limits: Limits = field(default_factory=Limits)
+    output_dir: str | None = None  # where response_format="url" images live; None: a temporary folder
+    load_options: dict = field(default_factory=dict)  # quantize, t5_quantize: recorded in PNG metadata
+
+
+class Server:
+    """What the routes share: the worker, the model's description, the output folder."""
+
+    def __init__(self, pipe, config: ServerConfig):
+        self.pipe = pipe
+        self.config = config
+        self.model = ModelInfo.of(pipe, config.model_name, **config.load_options)
+        self.worker = Worker(pipe, self.model, VERSION, config.max_queue)
+        self._tmp = None
+        if config.output_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="sd35m-mlx-serve-")
+            self.output_dir = Path(self._tmp.name)
+        else:
+            self.output_dir = Path(config.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def check(self, spec: Spec) -> Spec:
+        """The server's limits, then generate()'s own checks: a bad request fails now, not after the queue."""
+        check(spec, self.config.limits, self.model.max_side)
+        if hasattr(self.pipe, "limits"):  # test doubles have none
+            kwargs = generate_kwargs(spec, spec.seeds[0], self.model)
+            try:
+                validate_generation(self.pipe.limits, names=API_NAMES, **kwargs)
+            except InvalidInput as e:
+                raise RequestError(str(e).splitlines()[0], str(e).split()[0]) from None
+        return spec
+
+    async def run(self, spec: Spec, request: Request) -> Job:
+        """Queue a checked spec and wait for it; a client that goes away cancels its job."""
+        job = self.worker.submit(self.check(spec), asyncio.get_running_loop())
+        try:
+            await job.wait(request.is_disconnected)
+        except asyncio.CancelledError:  # the server task itself was cancelled
+            self.worker.cancel(job, "request cancelled")
+            raise
+        if not job.done:  # the client left; nobody reads an answer
+            self.worker.cancel(job, "client disconnected")
+            raise RequestError("client disconnected", status=499)
+        if job.state == FAILED:
+            if isinstance(job.error, RequestError):
+                raise job.error
+            # the details (paths, traceback) stay in the server's log
+            raise RequestError(f"generation failed ({type(job.error).__name__}); see the server's log", status=500)
+        if job.state == CANCELLED and job.cancel_reason == "server shutting down":
+            raise ShuttingDown()
+        return job
+
+    def save(self, png: bytes) -> str:
+        """Store an image for response_format="url"; its unguessable name is all a URL reveals. Images
+        older than URL_LIFETIME_S are removed (as OpenAI's URLs expire after an hour), only ours."""
+        now = time.time()
+        for old in self.output_dir.iterdir():
+            try:
+                if _FILE_NAME.match(old.name) and now - old.stat().st_mtime > URL_LIFETIME_S:
+                    old.unlink()
+            except OSError:  # removed meanwhile, or not ours to remove
+                pass
+        name = f"{uuid.uuid4().hex}.png"
+        (self.output_dir / name).write_bytes(png)
+        return name
+
+    def close(self) -> None:
+        self.worker.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
+    """The app serving `pipe` (a loaded StableDiffusion35). `options` override ServerConfig fields."""
+    config = config or ServerConfig()
+    if options:
+        config = ServerConfig(**{**config.__dict__, **options})
+    server = Server(pipe, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(server.close)
+
+    app = FastAPI(title="sd35m-mlx", version=sd35m_mlx.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
+    app.state.server = server
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(ApiKey, key=config.api_key)  # added last: outermost, so 401 comes before reading a body
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return JSONResponse(error_body(request.url.path, exc.status, exc.message, exc.param), exc.status, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        status = 422 if request.url.path.startswith("/sdapi/") else 400
+        message, param = describe_validation(exc)
+        return JSONResponse(error_body(request.url.path, status, message, param), status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse(error_body(request.url.path, exc.status_code, str(exc.detail)), exc.status_code,
+                            getattr(exc, "headers", None))  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, exc: Exception):
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(error_body(request.url.path, 500, f"internal error: {type(exc).__name__}"), 500)
+
+    @app.get("/health")
+    async def health():
+        w = server.worker
+        return {"status": "shutting down" if w.closed else "ok", "busy": w.current is not None, "queued": w.queued}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
+
+    @app.get("/v1/images/files/{name}")
+    async def image_file(name: str):
+        path = server.output_dir / name
+        if not _FILE_NAME.match(name) or not path.is_file():
+            raise RequestError("no such image", "name", 404)
+        return FileResponse(path, media_type="image/png")
+
+    app.include_router(openai_api.router(server))
+    app.include_router(a1111_api.router(server))
+    return app
+
+
+def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """pydantic's first complaint as one line naming the field."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if e.get("type") == "missing":
+        return f"{param} is required", param
+    return (f"{param}: {e.get('msg', 'invalid value')}" if param else str(e.get("msg", "invalid request"))), param

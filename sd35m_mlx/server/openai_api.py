@@ -1,0 +1,148 @@
+"""OpenAI's Images API: /v1/images/generations, /v1/images/edits (img2img; inpainting with `mask`), /v1/models.
+
+Unknown fields are ignored (clients send `quality`, `style`, `user`, ...); `model` is echoed and never
+loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, and
+`strength` for edits. An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit (server/masks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import RequestError
+from .jobs import CANCELLED, Job
+from .masks import openai_mask
+from .spec import Limits, Spec, parse_size, seeds_for
+from .uploads import open_image
+
+
+class GenerationsBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    n: int = 1
+    size: str | None = None  # "WxH"; None or "auto": 1024x1024 (edits: the image's size)
+    response_format: Literal["b64_json", "url"] | None = None
+    model: str | None = None
+    # extensions
+    seed: int | None = None
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: Literal["euler", "dpmpp_2m"] | None = None
+    stream: bool | None = None
+
+
+class EditsBody(GenerationsBody):
+    strength: float | None = None
+
+
+def spec_from(body: GenerationsBody, size: tuple[int, int], limits: Limits) -> Spec:
+    if body.stream:
+        raise RequestError("stream: streaming responses are not available; send stream=false", "stream")
+    spec = Spec(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or "",
+        width=size[0],
+        height=size[1],
+        seeds=seeds_for(body.seed, body.n, limits),
+    )
+    if body.steps is not None:
+        spec.steps = body.steps
+    if body.guidance_scale is not None:
+        spec.cfg = body.guidance_scale
+    if body.sampler is not None:
+        spec.sampler = body.sampler
+    return spec
+
+
+def fit(size: tuple[int, int], top: int) -> tuple[int, int]:
+    """A size scaled down (keeping its aspect, multiples of 16) to at most `top` a side."""
+    w, h = size
+    if max(w, h) <= top:
+        return w, h
+    k = top / max(w, h)
+    return max(int(w * k) // 16 * 16, 16), max(int(h * k) // 16 * 16, 16)
+
+
+def router(server) -> APIRouter:
+    r = APIRouter()
+
+    def answer(job: Job, body: GenerationsBody, request: Request) -> dict:
+        if job.state == CANCELLED and not job.results:  # another client's POST /sdapi/v1/interrupt
+            raise RequestError("the job was interrupted before an image was done", status=409)
+        data = []
+        for result in job.results:
+            if body.response_format == "url":
+                item = {"url": str(request.url_for("image_file", name=server.save(result.png)))}
+            else:
+                item = {"b64_json": base64.b64encode(result.png).decode("ascii")}
+            data.append({**item, "revised_prompt": None, "seed": result.seed})
+        spec = job.spec
+        return {
+            "created": int(job.created),
+            "data": data,
+            "model": body.model or server.model.name,
+            "size": f"{spec.width}x{spec.height}",
+            "output_format": "png",
+        }
+
+    @r.post("/v1/images/generations")
+    async def generations(body: GenerationsBody, request: Request):
+        size = (1024, 1024) if body.size in (None, "auto") else parse_size(body.size)
+        job = await server.run(spec_from(body, size, server.config.limits), request)
+        return answer(job, body, request)
+
+    @r.post("/v1/images/edits")
+    async def edits(request: Request):
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise RequestError("send multipart/form-data with an `image` file and a `prompt`", "image")
+        async with request.form(max_files=8, max_fields=64) as form:
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            files = [f for key in ("image", "image[]") for f in form.getlist(key) if not isinstance(f, str)]
+            masks = [f for f in form.getlist("mask") if not isinstance(f, str)]
+            if not files:
+                raise RequestError("image is required: upload it as the multipart file field `image`", "image")
+            if len(files) > 1:
+                raise RequestError("send one image: img2img starts from a single input image", "image")
+            if fields.get("mask") or len(masks) > 1:
+                raise RequestError("mask must be one PNG file, uploaded as the multipart file field `mask`", "mask")
+            data = await files[0].read()
+            mask_data = await masks[0].read() if masks else None
+        try:
+            body = EditsBody.model_validate(fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err.get("loc", ())) or None
+            raise RequestError(f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param) from None
+        image = await asyncio.to_thread(open_image, data, "image", server.config.max_upload_pixels)
+        mask = None
+        if mask_data is not None:  # inpainting: alpha 0 = edit (OpenAI's convention) -> white = repaint
+            mask = await asyncio.to_thread(openai_mask, mask_data, image.size, server.config.max_upload_pixels)
+        if body.size in (None, "auto"):
+            from sd35m_mlx_cli.generate import size_for_image
+
+            size = fit(size_for_image(image.width, image.height, None, None), server.model.max_side)
+        else:
+            size = parse_size(body.size)
+        spec = spec_from(body, size, server.config.limits)
+        spec.image, spec.mask = image, mask
+        if body.strength is not None:
+            spec.strength = body.strength
+        elif mask is not None:  # OpenAI repaints the transparent region from scratch (its pixels are often
+            spec.strength = 1.0  # blank): full strength unless asked otherwise
+        job = await server.run(spec, request)
+        return answer(job, body, request)
+
+    @r.get("/v1/models")
+    async def models():
+        model = {"id": server.model.name, "object": "model", "created": int(time.time()), "owned_by": "sd35m-mlx"}
+        return {"object": "list", "data": [model]}
+
+    return r

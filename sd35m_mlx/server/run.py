@@ -1,0 +1,94 @@
+"""Running the app with uvicorn: bind, say where, and on Ctrl-C / SIGTERM stop accepting, cancel the
+running job and exit 0 (uvicorn alone would wait for the job to finish and re-raise the signal)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from collections.abc import Callable
+
+from . import require_extra
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server others can reach with no key, or None."""
+    if api_key or is_loopback(host):
+        return None
+    return (
+        f"serving on {host} with no API key: anyone who can reach this machine can use it. "
+        "Set --api-key (or SD35M_MLX_API_KEY), or bind 127.0.0.1."
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Made with proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on each connection
+    (uvicorn's own bind_socket leaves proto 0: then every keep-alive response waited ~40 ms for a
+    delayed ACK, measured in benchmarks/bench_server.py)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    pipe,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    config=None,
+    verbose: bool = False,
+    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> None:
+    """Serve `pipe` until Ctrl-C or SIGTERM. `config`: a ServerConfig."""
+    require_extra()
+    import uvicorn
+
+    from .app import ServerConfig, create_app
+
+    config = config or ServerConfig()
+    sock = bind(host, port)  # first: a taken port fails before anything starts
+    app = create_app(pipe, config)
+    worker = app.state.server.worker
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:  # a second signal: stop now
+                self.force_exit = True
+                return
+            worker.stop_accepting()  # cancels the running job at its next step; its client gets a 503
+            self.should_exit = True  # no re-raise of the signal afterwards: a requested stop exits 0
+
+    uv_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if warning := open_warning(host, config.api_key):
+        say(f"Warning: {warning}")
+    say(f"Serving {config.model_name} on http://{shown}:{bound_port}/ (OpenAI API under /v1, A1111 under /sdapi/v1)")
+    say("Ctrl-C stops.")
+    Server(uv_config).run(sockets=[sock])
+    say("Stopped.")

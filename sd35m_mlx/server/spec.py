@@ -1,0 +1,170 @@
+"""What one request asks for (`Spec`), checked before it is queued, and how it becomes generate() calls.
+
+Both API dialects translate their fields into a `Spec`; everything a client can get wrong is caught
+here as a `RequestError` naming the field, so a job that reaches the worker only fails for our faults.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import secrets
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from sd35m_mlx_cli.metadata import SAMPLER_NAMES, png_info
+from sd35m_mlx_cli.settings import MAX_SEED, MIN_SIDE, MULTIPLE, Settings
+
+from .errors import RequestError
+
+MAX_PROMPT_CHARS = 10_000  # far above what CLIP (77 tokens) and T5 (512 tokens) read; bounds the work per request
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server."""
+
+    max_side: int = 2048
+    max_steps: int = 200
+    max_images: int = 16  # images per request (OpenAI's `n`, A1111's batch_size x n_iter)
+
+
+@dataclass
+class Spec:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 40
+    cfg: float = 4.5
+    sampler: str = "euler"
+    seeds: list[int] = field(default_factory=lambda: [random_seed()])
+    image: Image.Image | None = None  # img2img input, already decoded and checked
+    strength: float = 0.6
+    mask: Image.Image | None = None  # inpainting: "L", white = repaint, the image's size (server/masks.py)
+    padding_mask_crop: int | None = None  # inpainting: repaint a crop around the mask (px of padding)
+    notes: list[str] = field(default_factory=list)  # what we ran differently from what was asked
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)  # 32-bit, as the CLI: easy to type back
+
+
+def seeds_for(first: int | None, n: int, limits: Limits, param: str = "n") -> list[int]:
+    """n seeds from `first` (+1 each, as the CLI and A1111 do); random when `first` is None."""
+    if not 1 <= n <= limits.max_images:
+        raise RequestError(f"{param} must be between 1 and {limits.max_images} images, got {n}", param)
+    if first is None:
+        first = random_seed()
+    if not 0 <= first <= MAX_SEED:
+        raise RequestError(f"seed must be between 0 and {MAX_SEED} (or omitted for a random one), got {first}", "seed")
+    return [(first + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def parse_size(size: str, param: str = "size") -> tuple[int, int]:
+    """'WxH' -> (width, height)."""
+    try:
+        w, h = (int(v) for v in str(size).lower().split("x"))
+    except ValueError:
+        raise RequestError(f"{param} must be WIDTHxHEIGHT in pixels (e.g. 1024x1024), got {size!r}", param) from None
+    return w, h
+
+
+def check(spec: Spec, limits: Limits, model_max_side: int) -> None:
+    """Raise RequestError for anything the model cannot run or the server will not take."""
+    if len(spec.prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt is too long: {len(spec.prompt)} characters (at most {MAX_PROMPT_CHARS})", "prompt")
+    if len(spec.negative_prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"negative_prompt is too long (at most {MAX_PROMPT_CHARS} characters)", "negative_prompt")
+    top = min(limits.max_side, model_max_side)
+    for name, v in (("width", spec.width), ("height", spec.height)):
+        if not MIN_SIDE <= v <= top:
+            raise RequestError(f"{name} must be between {MIN_SIDE} and {top} px, got {v}", name)
+        if v % MULTIPLE:
+            near = min(max(round(v / MULTIPLE) * MULTIPLE, MIN_SIDE), top)
+            raise RequestError(f"{name} must be a multiple of {MULTIPLE}, got {v} (try {near})", name)
+    if not 1 <= spec.steps <= limits.max_steps:
+        raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {spec.steps}", "steps")
+    if not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= 100):
+        raise RequestError(f"guidance scale must be a number between 0 and 100, got {spec.cfg}", "guidance_scale")
+    if spec.image is not None and not (math.isfinite(spec.strength) and 0 < spec.strength <= 1):
+        raise RequestError(f"strength must be in (0, 1], got {spec.strength}", "strength")
+    if not 1 <= len(spec.seeds) <= limits.max_images:
+        raise RequestError(
+            f"the number of images must be between 1 and {limits.max_images}, got {len(spec.seeds)}", "n"
+        )
+    for seed in spec.seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", "seed")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server knows of its one model: its public name and how it was loaded (for PNG metadata)."""
+
+    name: str
+    num_layers: int
+    max_side: int
+    dtype: str = "float32"
+    t5: bool = True
+    quantize: int | None = None
+    t5_quantize: str | None = None
+
+    @classmethod
+    def of(cls, pipe, name: str, **load_options) -> ModelInfo:
+        cfg = pipe.transformer_config
+        t5 = getattr(getattr(pipe, "prompt_encoder", None), "text_encoder_3", None) is not None
+        dtype = str(getattr(pipe, "dtype", "float32")).replace("mlx.core.", "")
+        return cls(
+            name,
+            cfg.num_layers,
+            cfg.pos_embed_max_size * pipe.vae_scale_factor * cfg.patch_size,
+            dtype,
+            t5,
+            **load_options,
+        )
+
+
+def settings_for(spec: Spec, seed: int, model: ModelInfo) -> Settings:
+    """The CLI's Settings record for one image (what the PNG stores; `--from-image` re-runs it)."""
+    slg_layers = tuple(i for i in Settings.slg_layers if i < model.num_layers)  # SLG's layers where the model has them
+    return Settings(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        cfg=spec.cfg,
+        seed=seed,
+        sampler=spec.sampler,
+        slg=bool(slg_layers),
+        slg_layers=slg_layers or Settings.slg_layers,
+        dtype=model.dtype,
+        t5=model.t5,
+        quantize=model.quantize,
+        t5_quantize=model.t5_quantize,
+        model=model.name,
+        strength=spec.strength if spec.image is not None else None,
+    )
+
+
+def generate_kwargs(spec: Spec, seed: int, model: ModelInfo) -> dict:
+    """Keyword arguments for `pipe.generate` (prompt included): the same call a script would make."""
+    kwargs = settings_for(spec, seed, model).generate_kwargs()
+    if spec.image is not None:
+        kwargs.update(image=spec.image, strength=spec.strength)
+    if spec.mask is not None:
+        kwargs.update(mask_image=spec.mask, padding_mask_crop=spec.padding_mask_crop)
+    return {"prompt": spec.prompt, **kwargs}
+
+
+def png_bytes(image: Image.Image, spec: Spec, seed: int, model: ModelInfo, version: str) -> bytes:
+    """The image as PNG with the CLI's metadata chunks (A1111 `parameters` and our JSON)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(settings_for(spec, seed, model), version))
+    return buf.getvalue()
+
+
+def sampler_label(sampler: str) -> str:
+    return SAMPLER_NAMES.get(sampler, sampler)

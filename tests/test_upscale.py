@@ -1,0 +1,109 @@
+"""Two-pass upscaling (sd35m_mlx/upscale.py and the CLI's --upscale) end to end on the tiny fixture."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from sd35m_mlx import StableDiffusion35
+from sd35m_mlx.upscale import target_size, upscale_generate
+from sd35m_mlx_cli import model as model_io
+from sd35m_mlx_cli.main import cli
+from sd35m_mlx_cli.metadata import JSON_KEY
+from sd35m_mlx_cli.settings import Settings
+
+
+@pytest.mark.parametrize("size,factor", [((1024, 768), 1.5), ((64, 96), 1.5), ((832, 1216), 1.25), ((64, 64), 1)])
+def test_target_size_is_a_multiple_of_16_and_matches_the_cli(size, factor):
+    w, h = target_size(*size, factor)
+    assert w % 16 == 0 and h % 16 == 0 and abs(w - size[0] * factor) <= 8 and abs(h - size[1] * factor) <= 8
+    assert Settings("p", width=size[0], height=size[1], upscale=factor).upscale_size == (w, h)
+
+
+@pytest.mark.parametrize("factor", [0.5, "2", None])
+def test_bad_factor_raises(factor):
+    with pytest.raises(ValueError, match="factor"):
+        target_size(64, 64, factor)
+
+
+class Recording:
+    """A pipeline wrapper that records its generate calls (and what was released when it was loaded)."""
+
+    def __init__(self, pipe, events):
+        self.pipe, self.events = pipe, events
+
+    def generate(self, prompt, **kw):
+        self.events.append(("second", kw["width"], kw["height"], kw["strength"], kw["num_inference_steps"], kw["seed"]))
+        return self.pipe.generate(prompt, **kw)
+
+
+def test_two_passes_with_a_second_model_released_first_in_low_memory(tiny_pipeline):
+    first = StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", low_memory=True)
+    second = StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
+    events = []
+
+    def load():
+        events.append(("load", first.transformer is None and first.prompt_encoder is None))
+        return Recording(second, events)
+
+    result = upscale_generate(
+        first, "a lighthouse", factor=1.5, width=64, height=96, num_inference_steps=2, upscale_steps=3, seed=4,
+        second=load,
+    )  # fmt: skip
+    assert [im.size for im in result.first_pass] == [(64, 96)]
+    assert [im.size for im in result.images] == [(96, 144)]
+    assert events == [("load", True), ("second", 96, 144, 0.35, 3, 4)]
+    assert result.passes == [
+        dict(width=64, height=96, steps=2),
+        dict(width=96, height=144, steps=3, strength=0.35, upscaler="Lanczos", factor=1.5),
+    ]
+    # the second pass starts from the enlarged first image: close to it, not equal
+    up = result.first_pass[0].resize((96, 144), Image.Resampling.LANCZOS)
+    assert up.tobytes() != result.images[0].tobytes()
+
+
+def test_cli_upscale_writes_the_second_pass_with_both_passes_recorded(tiny_pipeline, tmp_path, monkeypatch):
+    loads = []
+    real_load = model_io.load_pipeline
+
+    def load(folder, dtype, load_t5, **options):
+        loads.append(str(folder))
+        return real_load(folder, dtype, load_t5, **options)
+
+    monkeypatch.setattr(model_io, "load_pipeline", load)
+    monkeypatch.chdir(tmp_path)
+    second = tmp_path / "second-model"
+    second.symlink_to(tiny_pipeline)
+    args = ["a red cube", "--model", str(tiny_pipeline), "--width", "64", "--height", "64", "--steps", "2",
+            "--dtype", "float32", "--seed", "7", "--upscale", "1.5", "--upscale-steps", "3",
+            "--upscale-model", str(second), "-o", "up.png"]  # fmt: skip
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert loads == [str(tiny_pipeline), str(second)]  # the second model is loaded and used
+    assert "second pass: 96x96, 3 steps at strength 0.35" in result.stderr
+    image = Image.open(tmp_path / "up.png")
+    assert image.size == (96, 96)
+    stored = json.loads(image.text[JSON_KEY])
+    assert (stored["width"], stored["height"], stored["steps"], stored["seed"]) == (64, 64, 2, 7)
+    assert (stored["upscale"], stored["upscale_steps"], stored["upscale_strength"]) == (1.5, 3, 0.35)
+    assert stored["upscale_model"] == str(second)
+    text = image.text["parameters"]
+    assert "Size: 64x64" in text and "Hires resize: 96x96" in text and "Hires steps: 3" in text
+    assert "Hires checkpoint: second-model" in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--upscale", "5"], "--upscale must be between 1 and 4"),
+        (["--upscale", "1.5", "--upscale-strength", "0"], "--upscale-strength must be in (0, 1]"),
+        (["--upscale-steps", "3"], "--upscale-steps only applies with --upscale"),
+        (["--upscale", "4", "--width", "2048"], "over 6144 px"),
+    ],
+)
+def test_cli_upscale_bad_values_are_one_line_errors(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    result = CliRunner().invoke(cli, ["p", "--model", "model", *args])
+    assert result.exit_code == 2 and message in result.output
