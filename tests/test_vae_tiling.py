@@ -55,7 +55,8 @@ def test_blend_weights_are_smooth_and_never_zero():
     assert w.min() > 0 and w.max() == 1 and np.all(np.abs(np.diff(w)) < 0.1)
 
 
-def test_a_local_network_tiles_exactly():
+@pytest.mark.parametrize("tile, overlap", [(8, 3), (8, 4)])  # 8, 4 on 17 px: three tiles overlap, ramps sum past 1
+def test_a_local_network_tiles_exactly(tile, overlap):
     # Steps with no reach beyond a pixel (nearest upsampling, a pointwise map) have no seams: tiling must
     # then reproduce them exactly, which checks tile placement and that blend weights are normalised.
     def upsample(x):
@@ -63,7 +64,7 @@ def test_a_local_network_tiles_exactly():
 
     steps = [upsample, lambda x: mx.tanh(x[..., :3] * 2 + 1), upsample]
     x = mx.random.normal((2, 23, 17, 5), key=mx.random.key(0))
-    tiled = vt.run_tiled(steps, x, [], in_factor=1, out_factor=4, tile=8, overlap=3)
+    tiled = vt.run_tiled(steps, x, [], in_factor=1, out_factor=4, tile=tile, overlap=overlap)
     full = x
     for step in steps:
         full = step(full)
