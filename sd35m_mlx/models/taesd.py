@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .vae_blocks import Conv2d
+from .vae_blocks import Conv2d, run_staged
 
 # diffusers' get_activation names -> MLX modules (no parameters); the residual fuse is always ReLU.
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -171,14 +171,6 @@ class DecoderTiny(nn.Module):
         return z
 
 
-def _run_staged(steps: list[Callable[[mx.array], mx.array]], x: mx.array) -> mx.array:
-    # One stage's intermediates alive at a time: at 1024 px a 64-channel float32 activation is 256 MiB.
-    for step in steps:
-        x = step(x)
-        mx.eval(x)
-    return x
-
-
 class AutoencoderTiny(nn.Module):
     """TAESD: `decode` (and `encode` when built with the encoder) with the AutoencoderKL's interface.
 
@@ -217,9 +209,9 @@ class AutoencoderTiny(nn.Module):
         """Images NHWC in [-1, 1] -> latents NHWC (B, H/8, W/8, latent_channels), unscaled."""
         if "encoder" not in self:
             raise ValueError("this TAESD was loaded without its encoder (a decoder-only checkpoint)")
-        return _run_staged(self.encoder.stages(), images)
+        return run_staged(self.encoder.stages(), images)
 
     def decode(self, z: mx.array) -> mx.array:
         """Latents NHWC (unscaled) -> images NHWC, roughly in [-1, 1] (not clipped), as diffusers'
         `AutoencoderTiny.decode(...).sample`."""
-        return _run_staged(self.decoder.stages(), z)
+        return run_staged(self.decoder.stages(), z)

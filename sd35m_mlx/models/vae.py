@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .vae_blocks import Conv2d, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm
+from .vae_blocks import Conv2d, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm, run_staged
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,6 @@ class Decoder(nn.Module):
         return z
 
 
-def _run_staged(steps: list[Callable[[mx.array], mx.array]], x: mx.array) -> mx.array:
-    for step in steps:
-        x = step(x)
-        mx.eval(x)
-    return x
-
-
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -167,7 +160,7 @@ class AutoencoderKL(nn.Module):
         steps = self.encoder.stages()
         if "quant_conv" in self:
             steps.append(self.quant_conv)
-        h = _run_staged(steps, images)
+        h = run_staged(steps, images)
         mean, logvar = mx.split(h, 2, axis=-1)
         return mean, mx.clip(logvar, -30.0, 20.0)
 
@@ -187,4 +180,4 @@ class AutoencoderKL(nn.Module):
         steps = self.decoder.stages()
         if "post_quant_conv" in self:
             steps.insert(0, self.post_quant_conv)
-        return _run_staged(steps, z)
+        return run_staged(steps, z)
