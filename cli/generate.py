@@ -15,17 +15,18 @@ from click.core import ParameterSource
 from PIL import Image
 
 import sd35m_mlx
+from sd35m_mlx.record import png_info, size_for_image
 
 from . import distributed, editing, live, lora
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .family import apply_family_defaults
 from .group import DefaultCommand
-from .metadata import png_info, read_settings_noting
+from .metadata import read_settings_noting
 from .options import RESTORABLE, generate_options
 from .output import check_writable, plan_paths, write_png
 from .progress import Reporter, format_seconds, peak_memory
-from .settings import MAX_SEED, MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN, Settings, check, fit_to_model
+from .settings import MAX_SEED, Settings, check, fit_to_model
 from .upscale import second_model_loader, two_pass
 
 VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
@@ -93,24 +94,6 @@ def image_size(path: str, option: str = "--image") -> tuple[int, int]:
             return im.size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"{option} {path}: cannot read it as an image ({one_line(e)})") from None
-
-
-def size_for_image(w: int, h: int, width: int | None, height: int | None) -> tuple[int, int]:
-    """Missing sides from the image: its size if in the trained range, else about 1 megapixel, same aspect."""
-
-    def snap(v: float) -> int:
-        return min(max(round(v / MULTIPLE) * MULTIPLE, MIN_SIDE), MAX_SIDE)
-
-    if width and height:
-        return width, height
-    if width:
-        return width, snap(width * h / w)
-    if height:
-        return snap(height * w / h), height
-    if TRAINED_MIN <= min(w, h) and max(w, h) <= TRAINED_MAX:
-        return w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE
-    k = (1024 * 1024 / (w * h)) ** 0.5
-    return snap(w * k), snap(h * k)
 
 
 def plan_seeds(seeds: tuple[int, ...], n: int) -> list[int]:

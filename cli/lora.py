@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import click
 
-from .errors import UsageError
+from sd35m_mlx.record import Loras  # (source as given, weight, short sha256 once loaded)
 
-# (source as given, weight, short sha256 once loaded) per LoRA, in command-line order
-Loras = tuple[tuple[str, float, str], ...]
+from .errors import UsageError
 
 OPTIONS = [
     click.option(
@@ -32,8 +30,6 @@ OPTIONS = [
         "the image's LoRAs.  [default: 1.0 each]",
     ),
 ]
-
-_TAG = re.compile(r"<lora:([^:>]+):([-+0-9.eE]+)>")  # no leading \s*: that would rescan long blank runs
 
 
 def plan(given: bool, params: dict, stored: Loras | None) -> tuple[Loras, list[str]]:
@@ -84,23 +80,3 @@ def with_hashes(loras: Loras, info: list[dict]) -> tuple[Loras, list[str]]:
         if sha and item["sha256"] and sha != item["sha256"]
     ]
     return tuple((src, w, item["sha256"]) for (src, w, _), item in zip(loras, info, strict=True)), notes
-
-
-def display_name(source: str) -> str:
-    return Path(source).stem
-
-
-def prompt_tags(loras: Loras) -> str:
-    """A1111's `<lora:name:scale>` tags, appended to the prompt line of the `parameters` text."""
-    return "".join(f" <lora:{display_name(src)}:{w:g}>" for src, w, _ in loras)
-
-
-def hashes_text(loras: Loras) -> str:
-    """A1111 / Civitai's `Lora hashes` value: `name: hash, name: hash`."""
-    return ", ".join(f"{display_name(src)}: {sha}" for src, _, sha in loras)
-
-
-def strip_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """(prompt without `<lora:...>` tags, [(name, scale), ...])."""
-    tags = [(m[1], float(m[2])) for m in _TAG.finditer(prompt)]
-    return _TAG.sub("", prompt).strip(), tags

@@ -13,67 +13,15 @@ import zlib
 from pathlib import Path
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
-from . import lora
+from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, SAMPLER_NAMES, strip_tags
+
 from .errors import UsageError
-from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS, Settings
+from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS
 
-JSON_KEY = "sd35m-mlx"
-PARAMETERS_KEY = "parameters"  # what AUTOMATIC1111, Civitai and most image viewers read
-SAMPLER_NAMES = {"euler": "Euler", "dpmpp_2m": "DPM++ 2M"}  # A1111's display names
 # Our own chunks are a few KB (prompts are capped at 10,000 characters); A1111's rarely pass 10 KB.
 MAX_FIELD_CHARS = 64 * 1024
 MAX_PATH_CHARS = 4096
-
-
-def _quote(value: str) -> str:
-    return json.dumps(value) if any(c in value for c in ',:"\n') else value
-
-
-def parameters_text(s: Settings, version: str) -> str:
-    """prompt / `Negative prompt: ...` (omitted when empty, as A1111 does) / `Steps: 40, Sampler: ...`."""
-    items = {
-        "Steps": s.steps,
-        "Sampler": SAMPLER_NAMES.get(s.sampler, s.sampler),
-        "CFG scale": s.cfg,
-        "Seed": s.seed,
-        "Size": f"{s.width}x{s.height}",
-        # The folder name only: a full local path would leak the user's file system into shared images.
-        "Model": Path(s.model).name if Path(s.model).is_absolute() else s.model,
-    }
-    if s.image is not None:
-        items["Denoising strength"] = s.strength
-    if s.slg and s.cfg > 1:
-        items["SLG scale"] = s.slg_scale
-        items["SLG layers"] = ",".join(map(str, s.slg_layers))
-    if s.upscale is not None:  # A1111's names for its two-pass ("hires fix") settings
-        items["Hires upscale"] = s.upscale
-        items["Hires resize"] = "{}x{}".format(*s.upscale_size)
-        items["Hires steps"] = s.upscale_steps or s.steps
-        items["Hires upscaler"] = "Lanczos"
-        items["Hires denoising strength"] = s.upscale_strength
-        if s.upscale_model is not None:
-            model = s.upscale_model
-            items["Hires checkpoint"] = Path(model).name if Path(model).is_absolute() else model
-    if not s.t5:
-        items["T5"] = "off"
-    if s.loras:
-        items["Lora hashes"] = lora.hashes_text(s.loras)
-    items["Version"] = version
-    lines = [s.prompt + lora.prompt_tags(s.loras)]
-    if s.negative_prompt:
-        lines.append(f"Negative prompt: {s.negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in items.items()))
-    return "\n".join(lines)
-
-
-def png_info(s: Settings, version: str) -> PngInfo:
-    info = PngInfo()
-    info.add_text(PARAMETERS_KEY, parameters_text(s, version))  # PIL switches to iTXt for non-Latin-1 text
-    # allow_nan=False: strict JSON readers reject NaN / Infinity (settings are validated before this anyway)
-    info.add_text(JSON_KEY, json.dumps({**s.to_json(), "version": version}, ensure_ascii=True, allow_nan=False))
-    return info
 
 
 class KeyValueLine:
@@ -164,7 +112,7 @@ def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    text_prompt, _ = lora.strip_tags("\n".join(prompt))  # the LoRA files are named in our JSON only
+    text_prompt, _ = strip_tags("\n".join(prompt))  # the LoRA files are named in our JSON only
     raw: dict = {"prompt": text_prompt, "negative_prompt": "\n".join(negative).strip()}
     kv = dict(items or [])
     if sampler := {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", "")):

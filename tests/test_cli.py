@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from sd35m_mlx.record import parameters_text
 from sd35m_mlx_cli import model as model_io
 from sd35m_mlx_cli import output
 from sd35m_mlx_cli.main import cli
-from sd35m_mlx_cli.metadata import JSON_KEY, parameters_text, parse_parameters
+from sd35m_mlx_cli.metadata import JSON_KEY, parse_parameters
 from sd35m_mlx_cli.settings import SAMPLERS, Settings
 
 
@@ -259,7 +260,7 @@ def test_img2img_takes_size_from_image(fake):
 
 
 def test_img2img_size_rules():
-    from sd35m_mlx_cli.generate import size_for_image
+    from sd35m_mlx.record import size_for_image
 
     assert size_for_image(330, 260, None, None) == (320, 256)  # in the trained range: rounded down
     assert size_for_image(4032, 3024, None, None) == (1184, 880)  # a phone photo: about 1 MP, same aspect

@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx import validation as v
+from sd35m_mlx.record import parameters_text, png_info
 from sd35m_mlx.validation import InvalidInput, InvalidType, InvalidValue, validate_generation
 from sd35m_mlx_cli import model as model_io
 from sd35m_mlx_cli import settings as cli_settings
@@ -26,10 +27,8 @@ from sd35m_mlx_cli.metadata import (
     JSON_KEY,
     MAX_FIELD_CHARS,
     KeyValueLine,
-    parameters_text,
     parse_parameters,
     parse_parameters_noting,
-    png_info,
 )
 
 H = W = 32  # latents 4 x 4: the fixture's size multiple is 16
@@ -382,7 +381,7 @@ def test_parser_leaves_out_and_reports_invalid_values():
 @settings(max_examples=100, deadline=None)
 def test_parser_inverts_the_writer(d):
     """Any dict written as our writer (and A1111's) writes it reads back exactly."""
-    from sd35m_mlx_cli.metadata import _quote
+    from sd35m_mlx.record import _quote
 
     line = ", ".join(f"{k}: {_quote(val.strip())}" for k, val in d.items())
     assert dict(KeyValueLine(line).items) == {k: val.strip() for k, val in d.items()}

@@ -16,8 +16,7 @@ import time
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from sd35m_mlx_cli.metadata import parameters_text
-
+from ..record import parameters_text
 from .errors import RequestError
 from .jobs import Job
 from .masks import a1111_mask

@@ -15,6 +15,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..record import size_for_image
 from .errors import RequestError
 from .jobs import CANCELLED, Job
 from .masks import openai_mask
@@ -126,8 +127,6 @@ def router(server) -> APIRouter:
         if mask_data is not None:  # inpainting: alpha 0 = edit (OpenAI's convention) -> white = repaint
             mask = await asyncio.to_thread(openai_mask, mask_data, image.size, server.config.max_upload_pixels)
         if body.size in (None, "auto"):
-            from sd35m_mlx_cli.generate import size_for_image
-
             size = fit(size_for_image(image.width, image.height, None, None), server.model.max_side)
         else:
             size = parse_size(body.size)

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from sd35m_mlx_cli.metadata import SAMPLER_NAMES, png_info
-from sd35m_mlx_cli.settings import MAX_SEED, MIN_SIDE, MULTIPLE, Settings
-
+from ..record import MAX_SEED, MIN_SIDE, MULTIPLE, SAMPLER_NAMES, Settings, png_info
 from .errors import RequestError
 
 MAX_PROMPT_CHARS = 10_000  # far above what CLIP (77 tokens) and T5 (512 tokens) read; bounds the work per request
