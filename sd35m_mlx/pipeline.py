@@ -12,26 +12,25 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .editing.control import ControlNetResiduals, check_control, check_fits, control_units
+from .editing.control import ControlNetResiduals, check_control, control_units
+from .editing.controlnets import ControlNetMixin
 from .editing.inpaint import InpaintBlend, prepare_inpaint
 from .images import from_pil_or_array, to_output
 from .loading import hub
-from .loading.controlnet import QUANTIZATION_POLICY as CONTROLNET_QUANTIZATION
-from .loading.controlnet import load_controlnet
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
 from .lora import LoraMixin
-from .models.controlnet import SD3ControlNetModel
 from .models.mmdit import SD3Transformer2DModel
 from .preview import Preview, latent_rgb, taesd_rgb
-from .quantize import quantize_model, quantize_parts
+from .quantize import quantize_parts
 from .sampling.cancel import Cancellation, cancellable
 from .sampling.guidance import GuidanceConfig, GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
 from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
 from .sampling.samplers import make_sampler
 from .sampling.schedule import FlowMatchSchedule, img2img_start_index
+from .taesd_decode import load_taesd_evaluated
 from .text_encoding import PromptEncoder
 from .threads import any_thread, serialized
 from .vae_tiling import VAETiling
@@ -50,7 +49,7 @@ def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
 
 
-class StableDiffusion35(LoraMixin):
+class StableDiffusion35(LoraMixin, ControlNetMixin):
     """SD3.5 Medium (and other SD3-family MMDiT checkpoints) in MLX.
 
     `transformer`, `vae` and `prompt_encoder` stay public for users who compose their own loops.
@@ -154,7 +153,7 @@ class StableDiffusion35(LoraMixin):
             pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
         if taesd is not None:
-            pipe.taesd = _load_taesd(taesd, dtype)
+            pipe.taesd = load_taesd_evaluated(taesd, dtype)
         pipe._load_loras(loras)
         controlnets = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
         for source in controlnets:  # `revision` is the model's, not theirs
@@ -170,27 +169,8 @@ class StableDiffusion35(LoraMixin):
 
     def _taesd_decoder(self):
         if self.taesd is None:
-            self.taesd = _load_taesd(DEFAULT_TAESD, self.dtype)
+            self.taesd = load_taesd_evaluated(DEFAULT_TAESD, self.dtype)
         return self.taesd
-
-    def load_controlnet(
-        self,
-        source: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        quantize: int | None = None,
-        quantize_group_size: int = 64,
-    ) -> SD3ControlNetModel:
-        """Add an SD3 ControlNet (diffusers folder, single safetensors file or Hub repo id), in the pipeline's
-        dtype, its linear layers quantized to `quantize` bits if given; a ControlNet made for another
-        transformer width is refused. Returns the model."""
-        net = load_controlnet(source, self.dtype, revision=revision)
-        check_fits(net, self.transformer_config, str(source))
-        if quantize is not None:
-            quantize_model(net, quantize, quantize_group_size, policy=CONTROLNET_QUANTIZATION)
-        materialize(net)
-        self.controlnets.append(net)
-        return net
 
     def _component(self, name: str):
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
@@ -451,15 +431,6 @@ class StableDiffusion35(LoraMixin):
             pasted = inpaint.paste_back(to_output(images, "pil"))
             return pasted if output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
         return to_output(images, output_type)
-
-
-def _load_taesd(source, dtype: mx.Dtype):
-    """The TAESD3 decoder from a Hub id, folder or file, evaluated (usable from any thread)."""
-    from .loading.taesd import load_taesd
-
-    taesd = load_taesd(source, dtype)
-    materialize(taesd)
-    return taesd
 
 
 def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):

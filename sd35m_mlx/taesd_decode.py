@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .loading.safetensors_io import materialize
 from .models.taesd import AutoencoderTiny
 
 
@@ -17,3 +18,12 @@ def decode_with_taesd(taesd: AutoencoderTiny, latents: mx.array) -> mx.array:
     images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
     mx.eval(images)
     return images
+
+
+def load_taesd_evaluated(source, dtype: mx.Dtype):
+    """The TAESD3 decoder from a Hub id, folder or file, evaluated (usable from any thread)."""
+    from .loading.taesd import load_taesd  # lazily: loading pulls in the hub client
+
+    taesd = load_taesd(source, dtype)
+    materialize(taesd)
+    return taesd
