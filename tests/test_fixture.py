@@ -9,13 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from scripts.build_fixture import (
-    CLIP_PATTERN,
     MODEL_INDEX,
     _stream_transformer,
     _transformer_config,
     build_transformer,
-    bytes_to_unicode,
 )
+from scripts.fixture_tokenizers import CLIP_PATTERN, bytes_to_unicode
 
 PROMPTS = [
     "a photo of a cat sitting on a wooden table",
