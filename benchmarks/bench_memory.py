@@ -343,9 +343,8 @@ def denoise(folder: str, dtype: str, size: int, attention: str, steps: int, ctx_
     )
 
 
-@case
-def vae(folder: str, dtype: str, size: int) -> dict:
-    """The decode of `generate`: unscale, decode stage by stage, clip to [0, 1] in float32; batch 1."""
+def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
+    """Load the VAE, then measure `decode(model, unscaled z)` as `generate` runs it: clip to [0, 1] in float32."""
     from sd35m_mlx.loading.vae import load_vae
 
     dt = DTYPES[dtype]
@@ -354,28 +353,24 @@ def vae(folder: str, dtype: str, size: int) -> dict:
     z = mx.random.normal((1, size // 8, size // 8, model.config.latent_channels), key=mx.random.key(0))
     mx.eval(z)
     with Window() as w:
-        img = model.decode(model.unscale_latents(z).astype(dt))
+        img = decode(model, model.unscale_latents(z).astype(dt))
         img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
         mx.eval(img)
     return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
+
+
+@case
+def vae(folder: str, dtype: str, size: int) -> dict:
+    """The decode of `generate`: unscale, decode stage by stage, clip to [0, 1] in float32; batch 1."""
+    return _decode_case(folder, dtype, size, lambda model, z: model.decode(z))
 
 
 @case
 def vae_tiled(folder: str, dtype: str, size: int) -> dict:
     """The decode `generate` runs in low_memory: tiled (512 px tiles, 25% overlap, shared statistics)."""
-    from sd35m_mlx.loading.vae import load_vae
     from sd35m_mlx.models.vae_tiling import decode_tiled
 
-    dt = DTYPES[dtype]
-    model = load_vae(folder, dt)
-    mx.eval(model.parameters())
-    z = mx.random.normal((1, size // 8, size // 8, model.config.latent_channels), key=mx.random.key(0))
-    mx.eval(z)
-    with Window() as w:
-        img = decode_tiled(model, model.unscale_latents(z).astype(dt), 64, 16)
-        img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        mx.eval(img)
-    return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
+    return _decode_case(folder, dtype, size, lambda model, z: decode_tiled(model, z, 64, 16))
 
 
 @case
