@@ -51,6 +51,12 @@ from .settings import DTYPES
     "--validation-every", type=int, default=None, help="Steps between validation images.  [default: end only]"
 )
 @click.option("--save-every", type=int, default=None, help="Steps between checkpoints.  [default: end and Ctrl-C]")
+@click.option(
+    "--export-kohya",
+    is_flag=True,
+    default=None,
+    help="Also write OUT_DIR/lora_kohya.safetensors in kohya's SD3 layout (ComfyUI, Forge, kohya's tools).",
+)
 @click.option("--resume", default=None, help="A checkpoint-N folder of an earlier run with the same settings.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Print tracebacks on errors.")

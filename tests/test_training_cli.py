@@ -39,6 +39,7 @@ def test_train_writes_lora_checkpoints_validation_and_config(tiny_pipeline, data
     result = _train(*args, "--validation-prompt", "zxq, a fox", "--validation-every", "2", "--gradient-checkpointing")
     assert result.exit_code == 0, result.output
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "lora_kohya.safetensors").exists()  # only with --export-kohya (the resume run below)
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 3 and config["rank"] == 2 and config["learning_rate"] == 1e-3  # flag over file
     assert (out / "checkpoint-2" / "optimizer.safetensors").is_file() and (out / "checkpoint-3").is_dir()
@@ -47,8 +48,9 @@ def test_train_writes_lora_checkpoints_validation_and_config(tiny_pipeline, data
     assert [e["caption"] for e in index] == ["zxq, a red fox", "zxq, a blue house"]
     assert index[0]["bucket"] != index[1]["bucket"]  # 3:2 and 1:1 images go to different buckets
     # resume from the step-2 checkpoint: the cache is reused, and the run ends at step 3 again
-    result = _train(*args, "--resume", str(out / "checkpoint-2"))
+    result = _train(*args, "--resume", str(out / "checkpoint-2"), "--export-kohya")
     assert result.exit_code == 0, result.output
+    assert (out / "lora_kohya.safetensors").is_file()
 
 
 @pytest.mark.parametrize(

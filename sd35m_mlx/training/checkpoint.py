@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..lora.kohya_export import save_kohya
 from .lora_params import TrainableLora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights name
@@ -47,6 +48,12 @@ def save_lora(lora: TrainableLora, folder: str | os.PathLike, dtype: mx.Dtype = 
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_metadata(lora), indent=2, sort_keys=True)}
     _atomic(path, lambda tmp: mx.save_safetensors(str(tmp), tensors, metadata=metadata))
     return path
+
+
+def export_kohya(lora: TrainableLora, path: str | os.PathLike) -> Path:
+    """The LoRA in kohya sd-scripts' SD3 layout (ComfyUI, Forge, kohya's tools): lora/kohya_export.py."""
+    factors = {p: (f["lora_A"], f["lora_B"]) for p, f in lora.params.items()}
+    return save_kohya(factors, lora.alpha, lora.rank, lora.model.config.num_layers, path)
 
 
 def save_checkpoint(folder: str | os.PathLike, lora: TrainableLora, optimizer, state: dict) -> Path:

@@ -28,6 +28,7 @@ class TrainConfig:
     validation_seeds: list[int] = field(default_factory=lambda: [0])
     validation_steps: int = 28
     resume: str | None = None
+    export_kohya: bool = False  # also write the LoRA in kohya's SD3 layout (lora/kohya_export.py)
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def to_dict(self) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint import save_lora
+from ..lora.kohya_export import KOHYA_FILE
+from .checkpoint import export_kohya, save_lora
 from .config import TrainConfig
 from .data import build_cache, scan_folder
 from .trainer import Progress, Trainer
@@ -78,6 +79,8 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
     progress.close()
     trainer.save_checkpoint(output / f"checkpoint-{trainer.step}")
     path = save_lora(trainer.lora, output)
+    if config.export_kohya:
+        say(f"kohya layout: {export_kohya(trainer.lora, output / KOHYA_FILE)}")
     if validation is not None and (not config.train.validation_every or trainer.step % config.train.validation_every):
         validate(trainer.step)
     return path
