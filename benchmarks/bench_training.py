@@ -16,6 +16,7 @@ linearly with depth, so 24 blocks = value(d2) + (24 - d2) * (value(d2) - value(d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -30,31 +31,39 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 # isort: split
 import mlx.core as mx  # noqa: E402
 
+from benchmarks.measure import mlx_param_bytes  # noqa: E402
 from benchmarks.speed_fixtures import MEDIUM_DEPTH, medium_dual_layers  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
 from sd35m_mlx.quantize import quantize_model  # noqa: E402
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule  # noqa: E402
 from sd35m_mlx.training import Recipe, TrainableLora, resolve_targets, sample_sigmas  # noqa: E402
-from sd35m_mlx.training.lora_params import checkpoint_blocks  # noqa: E402
-from sd35m_mlx.training.optim import clip_gradients, make_optimizer  # noqa: E402
-from sd35m_mlx.training.step import Batch, loss_and_grads  # noqa: E402
+from sd35m_mlx.training.lora_params import checkpoint_blocks, uncheckpoint_blocks  # noqa: E402
+from sd35m_mlx.training.optim import make_optimizer  # noqa: E402
+from sd35m_mlx.training.step import Batch, make_update  # noqa: E402
 
 BASES = {"full": None, "q8": 8, "q4": 4}
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def measure(depth: int, size: int, base: str, checkpointing: bool, rank: int, dtype) -> tuple[float, int]:
-    """(seconds, peak bytes) of the second training step of a fresh model."""
+def measure(
+    depth: int, size: int, base: str, checkpointing: bool, rank: int, dtype, compiled: bool = False, warmup: bool = True
+) -> dict:
+    """Seconds and peak bytes of one training step of a fresh model (after a warm-up step unless `warmup` is
+    off: the optimizer state exists either way, so the peak is the same; the time then includes tracing), and
+    the frozen base's weight bytes as measured and as 8-bit / 4-bit (for the derived quantized rows)."""
     config = MMDiTConfig(num_layers=depth, dual_attention_layers=medium_dual_layers(depth))
     model = SD3Transformer2DModel(config)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     if BASES[base] is not None:
         quantize_model(model, BASES[base])
+    weights = mlx_param_bytes(model)
     lora = TrainableLora(model, resolve_targets(model), rank, rank)
     if checkpointing:
         checkpoint_blocks(model)
     optimizer = make_optimizer(1e-4, 1000)
+    optimizer.init(lora.params)
+    update = make_update(lora, model, optimizer, Recipe(), 1.0, compiled)  # what Trainer.train_step runs
     lat = size // 8
     batch = Batch(
         mx.random.normal((1, lat, lat, 16)).astype(dtype),
@@ -66,19 +75,32 @@ def measure(depth: int, size: int, base: str, checkpointing: bool, rank: int, dt
     mx.eval(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds, noise)
 
     def step():
-        loss, grads = loss_and_grads(lora, model, batch, noise, sigmas, timesteps, Recipe())
-        grads, _ = clip_gradients(grads, 1.0)
-        lora.params = optimizer.apply_gradients(grads, lora.params)
+        loss = update(batch, noise, sigmas, timesteps)
         mx.eval(loss, lora.params, optimizer.state)
         lora.bind(lora.params)
 
-    step()  # warm-up: optimizer state allocated, kernels ready
+    if warmup:
+        step()
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
-    return seconds, mx.get_peak_memory()
+    peak = mx.get_peak_memory()
+    lora.detach()
+    uncheckpoint_blocks(model)
+    quantized = {}
+    if BASES[base] is None:
+        for name, bits in (("q8", 8), ("q4", 4)):
+            quantize_model(model, bits)  # weight bytes only: the step's work is the same for QuantizedLinear
+            quantized[name] = mlx_param_bytes(model)
+            model = SD3Transformer2DModel(config)
+            model.set_dtype(dtype)
+    return dict(seconds=seconds, peak=peak, weights=weights, quantized_weights=quantized)
+
+
+def extrapolate(v1: float, v2: float, d1: int, d2: int) -> float:
+    return v2 + (MEDIUM_DEPTH - d2) * (v2 - v1) / (d2 - d1)
 
 
 def main() -> None:
@@ -89,30 +111,46 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (CPU: float32, fast kernels)")
     ap.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="off", help="mx.compile the update")
+    ap.add_argument("--memory-only", action="store_true", help="no warm-up step (peak only; halves the time)")
+    ap.add_argument(
+        "--derive-quantized",
+        action="store_true",
+        help="for a full-precision base, also print q8 / q4 rows derived as peak - (weight bytes saved)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     d1, d2 = args.depths
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    modes = {"off": [False], "on": [True], "both": [False, True]}
     load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
     device = f"{platform.node()} {mx.default_device()} {args.dtype}"
-    print(f"{device} depths {d1},{d2} -> {MEDIUM_DEPTH}, load {load}", flush=True)
+    print(f"{device} depths {d1},{d2} -> {MEDIUM_DEPTH}, load {load}; GB = 1e9 bytes", flush=True)
     results = []
-    for size in args.sizes:
-        mx.clear_cache()
-        for base in args.bases:
-            for ckpt in modes:
-                (t1, p1), (t2, p2) = (measure(d, size, base, ckpt, args.rank, DTYPES[args.dtype]) for d in (d1, d2))
-                t24 = t2 + (MEDIUM_DEPTH - d2) * (t2 - t1) / (d2 - d1)
-                p24 = p2 + (MEDIUM_DEPTH - d2) * (p2 - p1) / (d2 - d1)
-                row = dict(size=size, base=base, checkpointing=ckpt, step_s=[t1, t2], peak_bytes=[p1, p2])
-                row.update(step_24_s=t24, peak_24_gb=p24 / 2**30)
-                results.append(row)
-                print(
-                    f"{size} px, {base}, checkpointing {'on ' if ckpt else 'off'}: step {t1:.2f}/{t2:.2f} s at "
-                    f"depth {d1}/{d2} -> {t24:.1f} s at 24; peak {p1 / 2**30:.2f}/{p2 / 2**30:.2f} GB "
-                    f"-> {p24 / 2**30:.2f} GB",
-                    flush=True,
-                )
+    for size, base in itertools.product(args.sizes, args.bases):
+        for ckpt, compiled in itertools.product(modes[args.checkpointing], modes[args.compile]):
+            mx.clear_cache()
+            r1, r2 = (
+                measure(d, size, base, ckpt, args.rank, DTYPES[args.dtype], compiled, not args.memory_only)
+                for d in (d1, d2)
+            )
+            t, p = (r1["seconds"], r2["seconds"]), (r1["peak"], r2["peak"])
+            row = dict(size=size, base=base, checkpointing=ckpt, compiled=compiled, step_s=t, peak_bytes=p)
+            row.update(step_24_s=extrapolate(*t, d1, d2), peak_24_gb=extrapolate(*p, d1, d2) / 1e9)
+            results.append(row)
+            what = (
+                f"{size} px, {base}, checkpointing {'on ' if ckpt else 'off'}, compile {'on ' if compiled else 'off'}"
+            )
+            print(
+                f"{what}: step {t[0]:.2f}/{t[1]:.2f} s at depth {d1}/{d2} -> {row['step_24_s']:.1f} s at 24; "
+                f"peak {p[0] / 1e9:.2f}/{p[1] / 1e9:.2f} GB -> {row['peak_24_gb']:.2f} GB",
+                flush=True,
+            )
+            if args.derive_quantized and BASES[base] is None:
+                for name in ("q8", "q4"):
+                    q = [r["peak"] - r["weights"] + r["quantized_weights"][name] for r in (r1, r2)]
+                    derived = extrapolate(*q, d1, d2) / 1e9
+                    results.append(dict(row, base=f"{name} (derived)", peak_bytes=q, peak_24_gb=derived))
+                    print(f"  {name} base (derived): peak {q[0] / 1e9:.2f}/{q[1] / 1e9:.2f} GB -> {derived:.2f} GB")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -44,6 +44,13 @@ from .settings import DTYPES
     help="x0: diffusers' preconditioned loss (its default); velocity: plain flow-matching MSE.  [default: x0]",
 )
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute each block in the backward.")
+@click.option(
+    "--compile",
+    "compile",
+    is_flag=True,
+    default=None,
+    help="mx.compile each step's graph (traced once per aspect bucket); see benchmarks/README.md for when it helps.",
+)
 @click.option("--trigger-word", default=None, help="Put in front of every caption.")
 @click.option("--default-caption", default=None, help="Caption for images without a .txt file.")
 @click.option("--validation-prompt", default=None, help="Generate this prompt at fixed seeds every N steps.")

@@ -16,9 +16,9 @@ import numpy as np
 from ..sampling.schedule import FlowMatchSchedule
 from . import checkpoint, order
 from .lora_params import TrainableLora, checkpoint_blocks, resolve_targets
-from .optim import clip_gradients, make_optimizer
+from .optim import make_optimizer
 from .recipe import Recipe, sample_sigmas, sample_u
-from .step import Batch, loss_and_grads
+from .step import Batch, make_update
 
 LOSSES = {"x0": True, "velocity": False}  # --loss -> diffusers' precondition_outputs
 
@@ -41,6 +41,7 @@ class TrainSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     gradient_checkpointing: bool = False
+    compile: bool = False  # one mx.compile'd graph per step (see step.make_update)
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on Ctrl-C
     validation_every: int = 0
 
@@ -80,7 +81,12 @@ class Trainer:
         self.optimizer.init(self.lora.params)
         if settings.gradient_checkpointing:
             checkpoint_blocks(transformer)
+        self.update = self._make_update()
         self.step = 0  # steps done
+
+    def _make_update(self):
+        s = self.settings
+        return make_update(self.lora, self.transformer, self.optimizer, self.recipe, s.max_grad_norm, s.compile)
 
     def batch_indices(self, step: int) -> list[int]:
         return order.batch_for_step(self.dataset.buckets, self.settings.batch_size, self.settings.seed, step)
@@ -92,9 +98,7 @@ class Trainer:
         u = np.array(sample_u(self.recipe, batch.latents.shape[0], k_u))
         sigmas, timesteps = sample_sigmas(u, self.schedule)
         noise = mx.random.normal(batch.latents.shape, key=k_noise).astype(batch.latents.dtype)
-        loss, grads = loss_and_grads(self.lora, self.transformer, batch, noise, sigmas, timesteps, self.recipe)
-        grads, _ = clip_gradients(grads, self.settings.max_grad_norm)
-        self.lora.params = self.optimizer.apply_gradients(grads, self.lora.params)
+        loss = self.update(batch, noise, sigmas, timesteps)
         mx.eval(loss, self.lora.params, self.optimizer.state)
         self.lora.bind(self.lora.params)  # the side paths held the traced pre-update factors
         self.step += 1
@@ -118,6 +122,7 @@ class Trainer:
 
     def resume(self, folder: str | Path) -> None:
         state = checkpoint.load_checkpoint(folder, self.lora, self.optimizer)
+        self.update = self._make_update()  # a compiled update captured the replaced factors and optimizer state
         if state.get("seed") != self.settings.seed:
             raise ValueError(f"resume: {folder} was trained with seed {state.get('seed')}, not {self.settings.seed}")
         self.step = int(state["step"])
