@@ -548,17 +548,19 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
                     mem_gb=(3 + 0.7 * d) * q * max(per_block, 0.3), est_s=45 * d * per_block * q)
             )  # fmt: skip
         d1 = min(args.depths)
-        jobs.append(
-            Job(f"denoise f32 cpu d{d1}", "denoise",
-                dict(common, folder=str(f[f"transformer_d{d1}"]), dtype="float32", attention="cpu"),
-                mem_gb=10 * q * max(per_block, 0.3), est_s=45 * per_block * q)
-        )  # fmt: skip
-        jobs.append(
-            Job(f"denoise bf16 fused d{d1}", "denoise",
-                dict(common, folder=str(f[f"transformer_d{d1}"]), dtype="bfloat16", attention="fused"),
-                mem_gb=3 * q * max(per_block, 0.3), est_s=220 * per_block * q)
-        )  # fmt: skip
-        if not args.skip_cpu_bf16:
+        if not args.no_cpu_attention:
+            jobs.append(
+                Job(f"denoise f32 cpu d{d1}", "denoise",
+                    dict(common, folder=str(f[f"transformer_d{d1}"]), dtype="float32", attention="cpu"),
+                    mem_gb=10 * q * max(per_block, 0.3), est_s=45 * per_block * q)
+            )  # fmt: skip
+        if not args.skip_bf16_step:
+            jobs.append(
+                Job(f"denoise bf16 fused d{d1}", "denoise",
+                    dict(common, folder=str(f[f"transformer_d{d1}"]), dtype="bfloat16", attention="fused"),
+                    mem_gb=3 * q * max(per_block, 0.3), est_s=220 * per_block * q)
+            )  # fmt: skip
+        if not (args.skip_cpu_bf16 or args.skip_bf16_step or args.no_cpu_attention):
             jobs.append(
                 Job(f"denoise bf16 cpu d{d1}", "denoise",
                     dict(common, folder=str(f[f"transformer_d{d1}"]), dtype="bfloat16", attention="cpu"),
@@ -591,7 +593,7 @@ def lazy_quantize(model, bits: int | None, group_size: int):
     return model
 
 
-def full_size_accounting(group_size: int, steps: int, batch: int = 2, ctx_len: int = 333) -> dict:
+def full_size_accounting(group_size: int, steps: int, batch: int = 2, ctx_len: int = 333, size: int = 1024) -> dict:
     from sd35m_mlx.models.clip import CLIPTextConfig, CLIPTextModel
     from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel
     from sd35m_mlx.models.t5 import T5Config, T5EncoderModel
@@ -630,7 +632,8 @@ def full_size_accounting(group_size: int, steps: int, batch: int = 2, ctx_len: i
     dim = tr.config.hidden_size
     out["modulations"] = chunks * dim * batch * steps * 2
     # prompt embeddings (cond + uncond, 333 x 4096), embedded context, pooled, latents, noise, velocity
-    out["inputs"] = 2 * ctx_len * 4096 * batch + 2 * ctx_len * dim * batch + 3 * 4 * 128 * 128 * 16 * batch
+    lat = size // 8
+    out["inputs"] = 2 * ctx_len * 4096 * batch + 2 * ctx_len * dim * batch + 3 * 4 * lat * lat * 16 * batch
     return out
 
 
@@ -1028,6 +1031,17 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=128, help="query rows per chunk of the fused-attention emulation")
     p.add_argument("--skip-cpu-bf16", action="store_true", help="skip the bfloat16 step with CPU attention (~4 min)")
+    p.add_argument(
+        "--no-cpu-attention",
+        action="store_true",
+        help="only the fused-attention (Metal) step: the CPU's materialised scores need 2 x 24 x N^2 x 4 bytes "
+        "(53 GB at 2048 px)",
+    )
+    p.add_argument(
+        "--skip-bf16-step",
+        action="store_true",
+        help="no bfloat16 step (CPU bfloat16 matmul ~6 GFLOP/s): its work is derived as the float32 step's / 2",
+    )
     p.add_argument("--sections", nargs="+", default=["load", "text", "denoise", "vae"],
                    choices=["load", "text", "denoise", "vae"])  # fmt: skip
     p.add_argument("--parallel", type=int, default=2, help="measurement processes at a time")
@@ -1062,7 +1076,7 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     by_name = {j.name: j for j in jobs}
-    acc = full_size_accounting(args.group_size, args.steps, ctx_len=CLIP_TOKENS + args.t5_tokens)
+    acc = full_size_accounting(args.group_size, args.steps, ctx_len=CLIP_TOKENS + args.t5_tokens, size=args.size)
     acts = activations(by_name, args)
     # since the lazy-transformer fix, from_pretrained(low_memory=True) reads no transformer weight
     p = _r(by_name, "pipeline load q8 t5q4 staged")
