@@ -9,32 +9,35 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
-from .editing.control import ControlNetResiduals, check_control, control_units
 from .editing.controlnets import ControlNetMixin
-from .editing.inpaint import InpaintBlend, prepare_inpaint
-from .images import from_pil_or_array, to_output
+from .generation import (
+    conditioning,
+    decode_output,
+    guidance_config,
+    initial_latents,
+    prepare_inputs,
+    step_extras,
+)
 from .loading import hub
 from .loading.parts import PipelineParts
 from .loading.safetensors_io import materialize
 from .loading.sources import load_pipeline_parts
 from .lora import LoraMixin
 from .models.mmdit import SD3Transformer2DModel
-from .preview import Preview, latent_rgb, taesd_rgb
 from .quantize import quantize_parts
 from .sampling.cancel import Cancellation, cancellable
-from .sampling.guidance import GuidanceConfig, GuidedDenoiser
+from .sampling.guidance import GuidedDenoiser
 from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
-from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work
+from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET
 from .sampling.samplers import make_sampler
-from .sampling.schedule import FlowMatchSchedule, img2img_start_index
+from .sampling.schedule import FlowMatchSchedule
 from .taesd_decode import load_taesd_evaluated
 from .text_encoding import PromptEncoder
 from .threads import any_thread, serialized
 from .vae_tiling import VAETiling
-from .validation import ARGUMENTS, ModelLimits, validate_generation
+from .validation import ARGUMENTS, ModelLimits
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEFAULT_TAESD = "madebyollin/taesd3"  # loaded on first use by preview="taesd" / decoder="taesd"
@@ -311,139 +314,43 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
         """
-        # 1. Inputs: every argument checked before any work (validation.py); inpainting's crop and the
-        #    control images decide the canvas first (editing/)
-        init_image = inpaint = control = None
-        if mask_image is not None:
-            inpaint = prepare_inpaint(image, mask_image, height, width, padding_mask_crop, self.vae_scale_factor)
-            image, height, width = inpaint.image, inpaint.height, inpaint.width
-        if control_image is not None:  # ControlNets: checked against the transformer before any work
-            control = check_control(
-                self.controlnets,
-                self.transformer_config,
-                control_image,
-                controlnet_conditioning_scale,
-                control_guidance_start,
-                control_guidance_end,
-            )
-            if image is None and not (height and width):
-                height, width = control.default_size()
-        checked = validate_generation(self.limits, **{k: v for k, v in locals().items() if k in ARGUMENTS})
-        if image is not None:
-            init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
-        height, width, seed, latents = checked.height, checked.width, checked.seed, checked.latents
-        skip_guidance_layers, guidance_scale = checked.skip_guidance_layers, checked.guidance_scale
-        preview_every = checked.preview_every
-        do_cfg = guidance_scale > 1
+        # 1. Inputs: the editing inputs set the canvas, then every argument is checked before any work
+        s, canvas = prepare_inputs(self, {k: v for k, v in locals().items() if k in ARGUMENTS})
+        do_cfg = s.guidance_scale > 1
 
         # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)
-        if prompt_embeds is not None:
-            cond, uncond, pooled, uncond_pooled = _given_embeds(
-                prompt_embeds,
-                negative_prompt_embeds,
-                pooled_prompt_embeds,
-                negative_pooled_prompt_embeds,
-                num_images_per_prompt,
-                do_cfg,
-            )
-        else:
-            cond, uncond, pooled, uncond_pooled = self._encode_cached(
-                prompt,
-                negative_prompt=negative_prompt,
-                prompt_2=prompt_2,
-                prompt_3=prompt_3,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length,
-                do_classifier_free_guidance=do_cfg,
-            )
-        batch = cond.shape[0]
-        guidance = GuidanceConfig(
-            scale=guidance_scale,
-            skip_layers=tuple(skip_guidance_layers) if skip_guidance_layers else None,
-            skip_scale=skip_layer_guidance_scale,
-            skip_start=skip_layer_guidance_start,
-            skip_stop=skip_layer_guidance_stop,
-        )
-
-        # 3. Schedule and initial latents
-        sigmas = self.schedule.sigmas(num_inference_steps)
-        c = self.transformer_config.in_channels
-        shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, c)
-        noise = self._initial_noise(latents, shape, seed)
-        start, z = 0, None
-        if init_image is not None:
-            start = img2img_start_index(num_inference_steps, strength)
-            z = self.vae.scale_latents(self._encode(init_image.astype(self.dtype)).astype(mx.float32))
-            if z.shape[0] != batch:
-                if batch % z.shape[0]:
-                    raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
-                z = mx.repeat(z, batch // z.shape[0], axis=0)
-            s = float(sigmas[start])
-            x = s * noise + (1.0 - s) * z
-        else:
-            x = noise
-        mx.eval(x)
-
-        # 4. Denoising loop: per-step extras (callback, ...) plug in as StepExtras (sampling/loop.py)
+        cond, uncond, pooled, uncond_pooled = conditioning(self, s, do_cfg)
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
+
+        # 3. Schedule and initial latents (img2img / inpainting: the source image noised to the start step)
+        sigmas = self.schedule.sigmas(s.num_inference_steps)
+        begin = initial_latents(self, s, canvas, cond.shape[0], sigmas)
+
+        # 4. Denoising loop: per-step extras (ControlNet, inpainting, callback, previews) plug in as StepExtras
         velocity = self.velocity_factory(
             self._component("transformer"),
             context,
             pooled_all,
-            self.schedule.timesteps(num_inference_steps),
-            guidance,
-            start,
+            self.schedule.timesteps(s.num_inference_steps),
+            guidance_config(s),
+            begin.start,
             self.dtype,
         )
         if self.low_memory and self._reload is not None:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
             mx.clear_cache()
-        extras: list[StepExtra] = [self._cancellation.check]
-        if control is not None:  # the ControlNets' block residuals, as a model input of every step
-            units = control_units(self.controlnets, control, self.vae, height, width, batch, do_cfg, self.dtype)
-            timesteps, embed = self.schedule.timesteps(num_inference_steps), velocity.transformer.pos_embed
-            extras.append(ControlNetResiduals(units, context, pooled_all, timesteps, start, do_cfg, self.dtype, embed))
-        if inpaint is not None:  # re-imposes the unmasked region after every step
-            extras.append(InpaintBlend(z, noise, inpaint.latent_mask))
-        if callback is not None:
-            extras.append(StepCallback(callback))
-        if preview is not None:
-            render = latent_rgb if preview == "rgb" else taesd_rgb(self._taesd_decoder(), self.dtype)
-            extras.append(Preview(render, preview_every, on_preview))
+        extras = step_extras(self, s, canvas, begin, (context, pooled_all), velocity, do_cfg)
         try:
-            x = denoise(x, sigmas, start, make_sampler(sampler, sigmas), velocity, extras, self.work_budget)
+            sampler = make_sampler(s.sampler, sigmas)
+            x = denoise(begin.x, sigmas, begin.start, sampler, velocity, extras, self.work_budget)
         finally:  # also when cancelled or a callback raised: the pipeline stays usable
             del velocity
             self._release("transformer")
 
-        # 5. Decode
-        if output_type == "latent":
-            return x
-        vae = self._taesd_decoder() if decoder == "taesd" else self.vae
-        with bounded_work(self.work_budget):
-            decode = self._decode if decoder == "vae" else vae.decode  # the VAE tiles when needed
-            images = decode(vae.unscale_latents(x).astype(self.dtype))
-            images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-            mx.eval(images)
-        if inpaint is not None and inpaint.crop is not None:  # paste the crop back over the original (8-bit)
-            pasted = inpaint.paste_back(to_output(images, "pil"))
-            return pasted if output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
-        return to_output(images, output_type)
-
-
-def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):
-    def arr(a, name):
-        if a is None:
-            raise ValueError(f"{name} is required with prompt_embeds")
-        a = a if isinstance(a, mx.array) else mx.array(np.asarray(a))
-        return mx.repeat(a, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else a
-
-    cond, pooled = arr(cond, "prompt_embeds"), arr(pooled, "pooled_prompt_embeds")
-    if not do_cfg:
-        return cond, None, pooled, None
-    return cond, arr(uncond, "negative_prompt_embeds"), pooled, arr(uncond_pooled, "negative_pooled_prompt_embeds")
+        # 5. Decode (the VAE tiles when needed; an inpainting crop is pasted back)
+        return decode_output(self, x, s, canvas)
 
 
 def _encoders(prompt_encoder: PromptEncoder | None) -> list:
