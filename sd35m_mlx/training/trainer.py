@@ -166,7 +166,7 @@ class Progress:
         self.n += 1
         self.ema = 0.9 * self.ema + 0.1 * loss
         smoothed = self.ema / (1 - 0.9**self.n)
-        peak = mx.get_peak_memory() / 2**30
+        peak = mx.get_peak_memory() / 1e9
         self.bar.set_postfix_str(f"loss {smoothed:.4f}, peak {peak:.2f} GB", refresh=False)
         self.bar.update(1)
 
