@@ -1,7 +1,8 @@
 """Editing options of the generate command: inpainting (--mask), outpainting (--outpaint) and ControlNets.
 
 Everything is checked and read before the model loads; `Editing` then adds its arguments to each generate()
-call and finishes the images (the outpainting composite). These inputs are not stored in the PNG metadata.
+call and finishes the images (the outpainting composite). The options are stored in the PNG as given (Settings
+fields of the same names; the files by path, as --image), so --from-image replays them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,35 @@ OPTIONS = [
         'the control extra: pip install "sd35m-mlx[control]").  [default: use the images as given]',
     ),
 ]
+
+
+# the options (parameter names) that are also Settings fields, stored in the PNG and restored by --from-image
+EDITING_FIELDS = (
+    "mask",
+    "padding_mask_crop",
+    "outpaint",
+    "outpaint_fill",
+    "outpaint_feather",
+    "controlnets",
+    "control_images",
+    "control_scales",
+    "control_start",
+    "control_end",
+    "control_preprocess",
+)
+
+
+def settings_fields(params: dict) -> dict:
+    """The editing options as Settings fields (tuples for the repeatable ones)."""
+    out = {name: params.get(name) for name in EDITING_FIELDS if params.get(name) is not None}
+    for name in ("controlnets", "control_images", "control_scales"):
+        out[name] = tuple(out.get(name) or ())
+    return out
+
+
+def inputs(settings) -> dict:
+    """What `prepare` reads, from the settings (the command line's, or those --from-image restored)."""
+    return {"image": settings.image, **{name: getattr(settings, name) for name in EDITING_FIELDS}}
 
 
 def editing_options(f):

@@ -157,6 +157,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             upscale_strength=float(params["upscale_strength"]),
             upscale_steps=int(params["upscale_steps"]) if params["upscale_steps"] is not None else None,
             upscale_model=str(params["upscale_model"]) if params["upscale_model"] is not None else None,
+            **editing.settings_fields(params),
             **extra,
         )
         seeds = [int(s) for s in plan_seeds(tuple(params["seeds"]), params["num_images"])]
@@ -217,7 +218,7 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
     restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
     explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
     settings, seeds, notes = build_settings(ctx, params)
-    edit = editing.prepare(params, given(ctx, "strength"))  # --mask, --outpaint, --controlnet: read and checked
+    edit = editing.prepare(editing.inputs(settings), given(ctx, "strength"))  # read and checked (also restored)
     if settings.upscale is not None and edit.kwargs:
         raise UsageError("--upscale does not combine with --mask, --outpaint or --controlnet yet")
     settings = dataclasses.replace(settings, strength=edit.strength) if edit.strength else settings

@@ -154,6 +154,9 @@ def _field_rules() -> dict:
     def side(x, n):
         return v.integer(x, n, MIN_SIDE, MAX_SIDE)
 
+    def path(x, n):
+        return v.text(x, n, MAX_PATH_CHARS)
+
     return {
         "prompt": v.text,
         "negative_prompt": v.text,
@@ -177,7 +180,35 @@ def _field_rules() -> dict:
         "image": optional(lambda x, n: v.text(x, n, MAX_PATH_CHARS)),
         "strength": optional(lambda x, n: v.real(x, n, 0.0, 1.0, open_low=True)),
         "loras": stored_loras,
+        "upscale": optional(lambda x, n: v.real(x, n, 1.0, 4.0)),
+        "upscale_strength": lambda x, n: v.real(x, n, 0.0, 1.0, open_low=True),
+        "upscale_steps": optional(lambda x, n: v.integer(x, n, 1, v.MAX_STEPS)),
+        "upscale_model": optional(lambda x, n: v.text(x, n, MAX_PATH_CHARS)),
+        # editing inputs (cli/editing.py checks them again, and reads the files, as for the command line)
+        "mask": optional(path),
+        "padding_mask_crop": optional(lambda x, n: v.integer(x, n, 0, 1 << 16)),
+        "outpaint": optional(lambda x, n: v.text(x, n, 64)),
+        "outpaint_fill": lambda x, n: v.choice(x, n, ("edge", "blur")),
+        "outpaint_feather": lambda x, n: v.integer(x, n, 0, 1 << 16),
+        "controlnets": lambda x, n: _list(x, n, path),
+        "control_images": lambda x, n: _list(x, n, path),
+        "control_scales": lambda x, n: _list(x, n, lambda y, m: v.real(y, m, -v.MAX_GUIDANCE, v.MAX_GUIDANCE)),
+        "control_start": lambda x, n: v.real(x, n, 0.0, 1.0),
+        "control_end": lambda x, n: v.real(x, n, 0.0, 1.0),
+        "control_preprocess": optional(lambda x, n: v.choice(x, n, ("canny",))),
     }
+
+
+MAX_CONTROLNETS = 8
+
+
+def _list(value, name: str, rule) -> tuple:
+    """A stored list of at most MAX_CONTROLNETS entries, each passing `rule`."""
+    from sd35m_mlx import validation as v
+
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CONTROLNETS:
+        raise v.InvalidValue(f"{name} must be a list of at most {MAX_CONTROLNETS} entries")
+    return tuple(rule(x, name) for x in value)
 
 
 MAX_LORAS = 64

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from . import lora
+from .editing import EDITING_FIELDS
 from .family import FAMILY_HELP
 from .live import OPTIONS as LIVE_OPTIONS
 from .output import DEFAULT_TEMPLATE
@@ -47,6 +48,7 @@ RESTORABLE = {
     "upscale_strength": "upscale_strength",
     "upscale_steps": "upscale_steps",
     "upscale_model": "upscale_model",
+    **{name: name for name in EDITING_FIELDS},
 }
 
 OPTIONS = [

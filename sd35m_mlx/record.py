@@ -61,6 +61,18 @@ class Settings:
     upscale_strength: float = 0.35
     upscale_steps: int | None = None  # None: as steps
     upscale_model: str | None = None  # None: the same model
+    # editing inputs as the command line gave them (cli/editing.py), so --from-image replays them
+    mask: str | None = None
+    padding_mask_crop: int | None = None
+    outpaint: str | None = None  # "L,T,R,B" margins in px
+    outpaint_fill: str = "edge"
+    outpaint_feather: int = 32
+    controlnets: tuple[str, ...] = ()
+    control_images: tuple[str, ...] = ()
+    control_scales: tuple[float, ...] = ()
+    control_start: float = 0.0
+    control_end: float = 1.0
+    control_preprocess: str | None = None
 
     @property
     def upscale_size(self) -> tuple[int, int] | None:
@@ -149,6 +161,7 @@ def parameters_text(s: Settings, version: str) -> str:
         if s.upscale_model is not None:
             model = s.upscale_model
             items["Hires checkpoint"] = Path(model).name if Path(model).is_absolute() else model
+    items.update(editing_items(s))
     if not s.t5:
         items["T5"] = "off"
     if s.loras:
@@ -159,6 +172,35 @@ def parameters_text(s: Settings, version: str) -> str:
         lines.append(f"Negative prompt: {s.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in items.items()))
     return "\n".join(lines)
+
+
+def _name(path: str) -> str:
+    """A file's name only in the shared text (as the model's): no local folders."""
+    return Path(path).name if Path(path).is_absolute() else path
+
+
+def editing_items(s: Settings) -> dict:
+    """Inpainting, outpainting and ControlNet in the `parameters` text; ControlNets as the A1111 ControlNet
+    extension writes them (`ControlNet 0: "Module: canny, Model: ..., Weight: 1.0, ..."`)."""
+    items: dict = {}
+    if s.mask is not None:
+        items["Inpaint mask"] = _name(s.mask)
+        if s.padding_mask_crop is not None:
+            items["Inpaint padding"] = s.padding_mask_crop
+    if s.outpaint is not None:
+        items.update({"Outpaint": s.outpaint, "Outpaint fill": s.outpaint_fill, "Outpaint feather": s.outpaint_feather})
+    scales = s.control_scales * len(s.controlnets) if len(s.control_scales) == 1 else s.control_scales
+    for i, (net, image) in enumerate(zip(s.controlnets, s.control_images, strict=False)):
+        fields = {
+            "Module": s.control_preprocess or "none",
+            "Model": _name(net),
+            "Image": _name(image),
+            "Weight": scales[i] if i < len(scales) else 1.0,
+            "Guidance Start": s.control_start,
+            "Guidance End": s.control_end,
+        }
+        items[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return items
 
 
 def png_info(s: Settings, version: str) -> PngInfo:

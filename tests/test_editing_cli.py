@@ -151,3 +151,38 @@ def test_missing_opencv_is_a_usage_error_that_says_how_to_install(fake, monkeypa
     monkeypatch.setitem(sys.modules, "cv2", None)
     result = invoke("--controlnet", "x", "--control-image", "edges.png", "--control-preprocess", "canny")
     assert result.exit_code == 2 and 'pip install "sd35m-mlx[control]"' in result.stderr
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Image.Image):
+        return isinstance(b, Image.Image) and a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--image", "in.png", "--mask", "mask.png", "--padding-mask-crop", "8"],
+         "Inpaint mask: mask.png, Inpaint padding: 8"),
+        (["--image", "in.png", "--outpaint", "32,0,32,16", "--outpaint-fill", "blur", "--outpaint-feather", "8"],
+         'Outpaint: "32,0,32,16", Outpaint fill: blur, Outpaint feather: 8'),
+        (["--controlnet", "a/cn", "--control-image", "edges.png", "--control-scale", "0.5", "--control-end", "0.8"],
+         'ControlNet 0: "Module: none, Model: a/cn, Image: edges.png, Weight: 0.5, Guidance Start: 0.0, '
+         'Guidance End: 0.8"'),
+    ],
+)  # fmt: skip
+def test_editing_inputs_are_stored_and_replayed_by_from_image(fake, args, text):
+    result = invoke(*args, "-o", "first.png")
+    assert result.exit_code == 0, result.output
+    assert text in Image.open("first.png").text["parameters"]
+    (first,), nets = fake.calls, list(fake.controlnets)
+    fake.calls.clear()
+    fake.controlnets.clear()
+    result = CliRunner().invoke(cli, ["--from-image", "first.png", "-o", "again.png"])
+    assert result.exit_code == 0, result.output
+    (again,) = fake.calls
+    assert fake.controlnets == nets
+    assert set(again) == set(first) and all(_same(first[k], again[k]) for k in first), "the replay differs"
+    assert np.array_equal(np.asarray(Image.open("first.png")), np.asarray(Image.open("again.png")))

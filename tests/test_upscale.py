@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -91,6 +92,12 @@ def test_cli_upscale_writes_the_second_pass_with_both_passes_recorded(tiny_pipel
     text = image.text["parameters"]
     assert "Size: 64x64" in text and "Hires resize: 96x96" in text and "Hires steps: 3" in text
     assert "Hires checkpoint: second-model" in text
+    # --from-image replays both passes (the second model too): the same picture
+    loads.clear()
+    result = CliRunner().invoke(cli, ["--from-image", "up.png", "-o", "again.png"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert loads == [str(tiny_pipeline), str(second)]
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "again.png")))
 
 
 @pytest.mark.parametrize(
