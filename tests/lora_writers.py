@@ -134,3 +134,15 @@ def diffusers_modules(tensors: dict[str, np.ndarray], metadata: dict) -> dict[st
                 alpha = value
         out[module] = (down, up, float(alpha))
     return out
+
+
+def velocity_probe(pipe) -> np.ndarray:
+    """The pipeline's transformer on fixed random inputs (seed 2): compares what LoRAs do to it."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(2)
+    c = pipe.transformer.config
+    x = mx.array(rng.standard_normal((1, 8, 8, c.in_channels), dtype=np.float32))
+    enc = mx.array(rng.standard_normal((1, 5, c.joint_attention_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((1, c.pooled_projection_dim), dtype=np.float32))
+    return np.array(pipe.transformer(x, enc, pooled, 600.0))

@@ -5,6 +5,7 @@ with the same deltas as the diffusers/PEFT file; fused q|k|v is where a naive ex
 import mlx.core as mx
 import numpy as np
 import pytest
+from lora_writers import velocity_probe
 from safetensors.numpy import load_file
 
 from sd35m_mlx import StableDiffusion35
@@ -38,15 +39,6 @@ def trained(pipe, tmp_path_factory):
         lora.detach()
     factors = {p: (np.array(f["lora_A"]), np.array(f["lora_B"])) for p, f in lora.params.items()}
     return factors, peft, kohya, model.config.num_layers
-
-
-def _velocity(pipe):
-    rng = np.random.default_rng(2)
-    c = pipe.transformer.config
-    x = mx.array(rng.standard_normal((1, 8, 8, c.in_channels), dtype=np.float32))
-    enc = mx.array(rng.standard_normal((1, 5, c.joint_attention_dim), dtype=np.float32))
-    pooled = mx.array(rng.standard_normal((1, c.pooled_projection_dim), dtype=np.float32))
-    return np.array(pipe.transformer(x, enc, pooled, 600.0))
 
 
 def _naive_deltas(tensors: dict, num_layers: int) -> dict[str, np.ndarray]:
@@ -98,12 +90,12 @@ def test_naive_block_diagonal_export_is_three_times_too_weak(trained):
 
 def test_our_loader_reads_the_export_as_the_peft_file(pipe, trained):
     _, peft, kohya, _ = trained
-    base = _velocity(pipe)
+    base = velocity_probe(pipe)
     out = {}
     for name, path in (("peft", peft), ("kohya", kohya)):
         pipe.load_lora_weights(path, adapter_name=name)
         try:
-            out[name] = _velocity(pipe)
+            out[name] = velocity_probe(pipe)
         finally:
             pipe.unload_lora_weights()
     assert np.abs(out["peft"] - base).max() > 1e-2, "the LoRA must change the transformer's output"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from lora_writers import allow_installed_peft
+from lora_writers import allow_installed_peft, velocity_probe
 
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.training.checkpoint import LORA_FILE, save_lora
@@ -48,15 +48,6 @@ def dataset(pipe):
         enc, _, pooled, _ = pipe.encode_prompt("a red fox", do_classifier_free_guidance=False)
         items.append((x0, enc[0], pooled[0]))
     return MemoryDataset(items)
-
-
-def _velocity(pipe):
-    rng = np.random.default_rng(2)
-    c = pipe.transformer.config
-    x = mx.array(rng.standard_normal((1, 8, 8, c.in_channels), dtype=np.float32))
-    enc = mx.array(rng.standard_normal((1, 5, c.joint_attention_dim), dtype=np.float32))
-    pooled = mx.array(rng.standard_normal((1, c.pooled_projection_dim), dtype=np.float32))
-    return np.array(pipe.transformer(x, enc, pooled, 600.0))
 
 
 def _trainer(pipe, dataset, **kw):
@@ -147,7 +138,7 @@ def test_saved_lora_changes_diffusers_and_ours_the_same_way(tiny_pipeline, pipe,
     try:
         trainer.run(tmp_path)
         path = save_lora(trainer.lora, tmp_path)
-        trained = _velocity(pipe)  # through the trainer's own side paths
+        trained = velocity_probe(pipe)  # through the trainer's own side paths
     finally:
         trainer.lora.detach()
     assert path.name == LORA_FILE
@@ -155,7 +146,7 @@ def test_saved_lora_changes_diffusers_and_ours_the_same_way(tiny_pipeline, pipe,
     pipe.load_lora_weights(path, adapter_name="trained")
     try:
         out = pipe.generate("a red fox", latents=noise, output_type="np", **KW)
-        loaded = _velocity(pipe)
+        loaded = velocity_probe(pipe)
     finally:
         pipe.unload_lora_weights()
     ref = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline, dtype=torch.float32)
