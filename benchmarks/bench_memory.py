@@ -686,9 +686,9 @@ def activations(jobs: dict[str, Job], args) -> dict:
         if r:
             pick(f"step_{label}", r["step"]["work"], f"measured: bfloat16 step, depth {d1}, {attention} attention")
             pick("init_transient", max(r["init_transient"], 0), "measured: bfloat16 GuidedDenoiser set-up")
-        elif f32:
-            pick(f"step_{label}", f32["step"]["work"] / 2, f"derived: float32 step / 2, depth {d1}, {attention}")
-            acts.setdefault("init_transient", max(f32["init_transient"], 0) / 2)
+        elif f32:  # an upper bound: the bfloat16 step measured 0.71x the float32 one at 1440 px, not 0.5x
+            pick(f"step_{label}", f32["step"]["work"], f"upper bound: the float32 step, depth {d1}, {attention}")
+            acts.setdefault("init_transient", max(f32["init_transient"], 0))
     r = _r(jobs, "vae bf16")
     if r:
         pick("vae", r["work"], f"measured: bfloat16 decode at {args.vae_size} px")
@@ -1040,7 +1040,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--skip-bf16-step",
         action="store_true",
-        help="no bfloat16 step (CPU bfloat16 matmul ~6 GFLOP/s): its work is derived as the float32 step's / 2",
+        help="no bfloat16 step (CPU bfloat16 matmul ~6 GFLOP/s): the float32 step's work stands in, an upper bound",
     )
     p.add_argument("--sections", nargs="+", default=["load", "text", "denoise", "vae"],
                    choices=["load", "text", "denoise", "vae"])  # fmt: skip
