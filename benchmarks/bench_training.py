@@ -46,7 +46,7 @@ DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def measure(
-    depth: int, size: int, base: str, checkpointing: bool, rank: int, dtype, compiled: bool = False, warmup: bool = True
+    depth: int, size: int, base: str, checkpointing: str, rank: int, dtype, compiled: bool = False, warmup: bool = True
 ) -> dict:
     """Seconds and peak bytes of one training step of a fresh model (after a warm-up step unless `warmup` is
     off: the optimizer state exists either way, so the peak is the same; the time then includes tracing), and
@@ -59,11 +59,11 @@ def measure(
         quantize_model(model, BASES[base])
     weights = mlx_param_bytes(model)
     lora = TrainableLora(model, resolve_targets(model), rank, rank)
-    if checkpointing:
+    if checkpointing == "blocks":
         checkpoint_blocks(model)
     optimizer = make_optimizer(1e-4, 1000)
     optimizer.init(lora.params)
-    update = make_update(lora, model, optimizer, Recipe(), 1.0, compiled)  # what Trainer.train_step runs
+    update = make_update(lora, model, optimizer, Recipe(), 1.0, compiled, staged=checkpointing == "staged")
     lat = size // 8
     batch = Batch(
         mx.random.normal((1, lat, lat, 16)).astype(dtype),
@@ -110,7 +110,14 @@ def main() -> None:
     ap.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES), help="frozen base precision")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (CPU: float32, fast kernels)")
-    ap.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
+    ap.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=("off", "staged", "blocks"),
+        default=["off", "staged"],
+        help="off; staged: block-by-block backward (the trainer's --gradient-checkpointing); blocks: "
+        "mx.checkpoint around each block in one graph",
+    )
     ap.add_argument("--compile", choices=("off", "on", "both"), default="off", help="mx.compile the update")
     ap.add_argument("--memory-only", action="store_true", help="no warm-up step (peak only; halves the time)")
     ap.add_argument(
@@ -127,7 +134,7 @@ def main() -> None:
     print(f"{device} depths {d1},{d2} -> {MEDIUM_DEPTH}, load {load}; GB = 1e9 bytes", flush=True)
     results = []
     for size, base in itertools.product(args.sizes, args.bases):
-        for ckpt, compiled in itertools.product(modes[args.checkpointing], modes[args.compile]):
+        for ckpt, compiled in itertools.product(args.checkpointing, modes[args.compile]):
             mx.clear_cache()
             r1, r2 = (
                 measure(d, size, base, ckpt, args.rank, DTYPES[args.dtype], compiled, not args.memory_only)

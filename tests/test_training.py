@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.training import Recipe, TrainableLora, resolve_targets, sample_sigmas
 from sd35m_mlx.training.lora_params import checkpoint_blocks, uncheckpoint_blocks
+from sd35m_mlx.training.staged import staged_loss_and_grads
 from sd35m_mlx.training.step import Batch, loss_and_grads
 
 # float32 on both sides through 4 blocks: the loss agrees to ~1e-6 relative; gradients to ~4e-5 of their
@@ -146,6 +147,25 @@ def test_checkpointed_blocks_give_the_same_grads(ours, inputs):
     assert plain[0] == checkpointed[0]
     for k, g in plain[1].items():
         np.testing.assert_allclose(checkpointed[1][k], g, rtol=0, atol=1e-7 * np.abs(g).max())
+
+
+def test_staged_backward_gives_the_same_loss_and_grads(ours, inputs):
+    """training/staged.py: every stage kind carries LoRA here (inputs: context_embedder and the adaLN layers;
+    blocks; output: proj_out), and each gradient must come out as the one-graph step's."""
+    lora = _random_lora(ours, "attention,mlp,adaln,context_embedder,proj_out")
+    try:
+        plain = _ours(ours, lora, inputs, Recipe())
+        sigmas, timesteps = sample_sigmas(U, ours.schedule)
+        args = (mx.array(inputs[k]) for k in ("x0", "enc", "pooled", "noise"))
+        loss, grads = staged_loss_and_grads(lora, ours.transformer, *args, sigmas, timesteps, Recipe())
+        staged = float(loss), {k: np.array(v) for k, v in tree_flatten(grads)}
+    finally:
+        lora.detach()
+    assert {k.split(".")[0] for k in plain[1]} >= {"context_embedder", "proj_out", "transformer_blocks"}
+    assert set(staged[1]) == set(plain[1])
+    np.testing.assert_allclose(staged[0], plain[0], rtol=1e-6)
+    for k, g in plain[1].items():
+        np.testing.assert_allclose(staged[1][k], g, rtol=0, atol=1e-6 * np.abs(g).max(), err_msg=k)
 
 
 def test_zero_init_lora_leaves_the_model_unchanged(ours, inputs):

@@ -127,9 +127,7 @@ class SD3Transformer2DModel(nn.Module):
         `block_residuals` (ControlNet outputs, (B, tokens, D) each) are added to the image stream after every
         block that is not context-pre-only, skipped or not, residual int(i / (n_blocks / n_residuals)) after
         block i (diffusers' `block_controlnet_hidden_states`)."""
-        b, height, width, _ = hidden_states.shape
-        p = self.config.patch_size
-        h, w = height // p, width // p
+        height, width = hidden_states.shape[1:3]
         x = self.pos_embed(hidden_states, pos)
         skip = set(skip_layers or ())
         n = len(self.transformer_blocks)
@@ -140,11 +138,21 @@ class SD3Transformer2DModel(nn.Module):
                     context = new_context
             if block_residuals and not block.context_pre_only:
                 x = x + block_residuals[int(i / (n / len(block_residuals)))]
-        scale, shift = modulations[-1]
+        return self.output(x, modulations[-1], height, width)
+
+    def output(self, x: mx.array, modulation, height: int, width: int) -> mx.array:
+        """The final adaLN-modulated norm and projection, tokens (B, N, D) -> NHWC velocity (B, H/8, W/8, C)."""
+        scale, shift = modulation
         x = self.proj_out(modulate(layer_norm(x), shift, scale))
-        c = self.config.out_channels
-        x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, height, width, c)
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.reshape(x.shape[0], height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(x.shape[0], height, width, c)
+
+    def embed_conditions(self, encoder_hidden_states, pooled_projections, timestep, batch: int) -> tuple:
+        """(embedded context, `modulations`) for a batch: what the blocks take besides the latent tokens."""
+        timestep = mx.broadcast_to(mx.array(timestep, dtype=mx.float32), (batch,))
+        silu_c = self.conditioning(timestep, pooled_projections)
+        return self.context_embedder(encoder_hidden_states), self.modulations(silu_c)
 
     def __call__(
         self,
@@ -160,9 +168,5 @@ class SD3Transformer2DModel(nn.Module):
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {p}")
-        timestep = mx.broadcast_to(mx.array(timestep, dtype=mx.float32), (b,))
-        silu_c = self.conditioning(timestep, pooled_projections)
-        context = self.context_embedder(encoder_hidden_states)
-        return self.denoise(
-            hidden_states, context, self.modulations(silu_c), skip_layers, block_residuals=block_residuals
-        )
+        context, modulations = self.embed_conditions(encoder_hidden_states, pooled_projections, timestep, b)
+        return self.denoise(hidden_states, context, modulations, skip_layers, block_residuals=block_residuals)

@@ -101,8 +101,10 @@ class TrainableLora:
         self.bind(self.params)
 
     def bind(self, params: dict) -> None:
-        """Point the side paths at `params` (concrete arrays, or the tracers of a gradient transform)."""
-        for path, layer in self.layers.items():
+        """Point the side paths of the layers in `params` (all, or some) at its factors (concrete arrays, or
+        the tracers of a gradient transform)."""
+        for path in params:
+            layer = self.layers[path]
             side = layer._lora
             dtype = layers.compute_dtype(layer)
             side.down_t = params[path]["lora_A"].astype(dtype).T

@@ -82,9 +82,22 @@ def flow_matching_loss(
     predict, x0: mx.array, noise: mx.array, sigmas: mx.array, timesteps: mx.array, recipe: Recipe
 ) -> mx.array:
     """The scalar loss of one batch. `predict(x_t, timesteps)` is the transformer's velocity (NHWC)."""
+    x_t = noised(x0, noise, sigmas)
+    return prediction_loss(predict(x_t, timesteps), x_t, x0, noise, sigmas, recipe)
+
+
+def noised(x0: mx.array, noise: mx.array, sigmas: mx.array) -> mx.array:
+    """x_t = (1 - sigma) x0 + sigma noise, in x0's dtype."""
     s = sigmas.astype(mx.float32).reshape(-1, 1, 1, 1)
-    x_t = ((1.0 - s) * x0 + s * noise).astype(x0.dtype)
-    pred = predict(x_t, timesteps).astype(mx.float32)
+    return ((1.0 - s) * x0 + s * noise).astype(x0.dtype)
+
+
+def prediction_loss(
+    pred: mx.array, x_t: mx.array, x0: mx.array, noise: mx.array, sigmas: mx.array, recipe: Recipe
+) -> mx.array:
+    """The scalar loss of the transformer's velocity `pred` at x_t (see the module docstring)."""
+    s = sigmas.astype(mx.float32).reshape(-1, 1, 1, 1)
+    pred = pred.astype(mx.float32)
     if recipe.precondition_outputs:
         pred = pred * (-s) + x_t.astype(mx.float32)
         target = x0.astype(mx.float32)

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from .lora_params import TrainableLora
 from .optim import clip_gradients
 from .recipe import Recipe, flow_matching_loss
+from .staged import staged_loss_and_grads
 
 
 @dataclass
@@ -50,28 +51,52 @@ Update = Callable[[Batch, mx.array, mx.array, mx.array], mx.array]
 
 
 def make_update(
-    lora: TrainableLora, transformer: nn.Module, optimizer, recipe: Recipe, max_grad_norm: float, compile: bool
+    lora: TrainableLora,
+    transformer: nn.Module,
+    optimizer,
+    recipe: Recipe,
+    max_grad_norm: float,
+    compile: bool,
+    staged: bool = False,
 ) -> Update:
     """`update(batch, noise, sigmas, timesteps) -> loss`: loss and LoRA gradients, clipping and the AdamW
-    step, applied to `lora.params` in place (lazily: the caller evaluates). With `compile`, the whole update
-    is one `mx.compile`d graph (LoRA factors and optimizer state as its captured state), traced once per
-    input shape (aspect bucket); elementwise chains fuse, so fewer intermediates are written and read."""
+    step, applied to `lora.params` in place (lazily: the caller evaluates).
 
-    def update(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas, timesteps):
-        batch = Batch(latents, prompt_embeds, pooled_prompt_embeds)
-        loss, grads = loss_and_grads(lora, transformer, batch, noise, sigmas, timesteps, recipe)
+    `staged`: the gradients come block by block (staged.py), one block's activations alive at a time.
+    `compile`: `mx.compile` traces the update once per input shape (aspect bucket), LoRA factors and
+    optimizer state as its captured state, so elementwise chains fuse; with `staged` (which evaluates
+    between stages) only the clipping and AdamW step are compiled."""
+
+    def apply(grads):
         grads, _ = clip_gradients(grads, max_grad_norm)
         new = optimizer.apply_gradients(grads, lora.params)
         for path, factors in new.items():  # in place: compile reads its state through these containers
             lora.params[path].update(factors)
+
+    state = [lora.params, optimizer.state]
+    if staged:
+        apply_step = mx.compile(apply, inputs=state, outputs=state) if compile else apply
+
+        def run_staged(batch: Batch, noise: mx.array, sigmas: mx.array, timesteps: mx.array) -> mx.array:
+            loss, grads = staged_loss_and_grads(
+                lora, transformer, *(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds), noise,
+                sigmas, timesteps, recipe
+            )  # fmt: skip
+            apply_step(grads)
+            return loss
+
+        return run_staged
+
+    def update(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas, timesteps):
+        batch = Batch(latents, prompt_embeds, pooled_prompt_embeds)
+        loss, grads = loss_and_grads(lora, transformer, batch, noise, sigmas, timesteps, recipe)
+        apply(grads)
         return loss
 
     if compile:
-        state = [lora.params, optimizer.state]
         update = mx.compile(update, inputs=state, outputs=state)
 
     def run(batch: Batch, noise: mx.array, sigmas: mx.array, timesteps: mx.array) -> mx.array:
-        loss = update(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds, noise, sigmas, timesteps)
-        return loss
+        return update(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds, noise, sigmas, timesteps)
 
     return run

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..sampling.schedule import FlowMatchSchedule
 from . import checkpoint, order
-from .lora_params import TrainableLora, checkpoint_blocks, resolve_targets
+from .lora_params import TrainableLora, resolve_targets
 from .optim import make_optimizer
 from .recipe import Recipe, sample_sigmas, sample_u
 from .step import Batch, make_update
@@ -40,8 +40,8 @@ class TrainSettings:
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    gradient_checkpointing: bool = False
-    compile: bool = False  # one mx.compile'd graph per step (see step.make_update)
+    gradient_checkpointing: bool = False  # the staged backward (staged.py): one block's activations at a time
+    compile: bool = False  # mx.compile the update (see step.make_update)
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on Ctrl-C
     validation_every: int = 0
 
@@ -79,14 +79,15 @@ class Trainer:
             settings.learning_rate, settings.steps, settings.warmup_steps, settings.lr_schedule, settings.weight_decay
         )
         self.optimizer.init(self.lora.params)
-        if settings.gradient_checkpointing:
-            checkpoint_blocks(transformer)
         self.update = self._make_update()
         self.step = 0  # steps done
 
     def _make_update(self):
         s = self.settings
-        return make_update(self.lora, self.transformer, self.optimizer, self.recipe, s.max_grad_norm, s.compile)
+        return make_update(
+            self.lora, self.transformer, self.optimizer, self.recipe, s.max_grad_norm, s.compile,
+            staged=s.gradient_checkpointing,
+        )  # fmt: skip
 
     def batch_indices(self, step: int) -> list[int]:
         return order.batch_for_step(self.dataset.buckets, self.settings.batch_size, self.settings.seed, step)
