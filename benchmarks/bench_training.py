@@ -145,7 +145,7 @@ def main() -> None:
             row.update(step_24_s=extrapolate(*t, d1, d2), peak_24_gb=extrapolate(*p, d1, d2) / 1e9)
             results.append(row)
             what = (
-                f"{size} px, {base}, checkpointing {'on ' if ckpt else 'off'}, compile {'on ' if compiled else 'off'}"
+                f"{size} px, {base}, checkpointing {ckpt}, compile {'on ' if compiled else 'off'}"
             )
             print(
                 f"{what}: step {t[0]:.2f}/{t[1]:.2f} s at depth {d1}/{d2} -> {row['step_24_s']:.1f} s at 24; "
