@@ -43,7 +43,12 @@ from .settings import DTYPES
     default=None,
     help="x0: diffusers' preconditioned loss (its default); velocity: plain flow-matching MSE.  [default: x0]",
 )
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute each block in the backward.")
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    default=None,
+    help="Backward block by block, each block recomputed: one block's activations in memory at a time.",
+)
 @click.option(
     "--compile",
     "compile",
