@@ -144,9 +144,7 @@ def main() -> None:
             row = dict(size=size, base=base, checkpointing=ckpt, compiled=compiled, step_s=t, peak_bytes=p)
             row.update(step_24_s=extrapolate(*t, d1, d2), peak_24_gb=extrapolate(*p, d1, d2) / 1e9)
             results.append(row)
-            what = (
-                f"{size} px, {base}, checkpointing {ckpt}, compile {'on ' if compiled else 'off'}"
-            )
+            what = f"{size} px, {base}, checkpointing {ckpt}, compile {'on ' if compiled else 'off'}"
             print(
                 f"{what}: step {t[0]:.2f}/{t[1]:.2f} s at depth {d1}/{d2} -> {row['step_24_s']:.1f} s at 24; "
                 f"peak {p[0] / 1e9:.2f}/{p[1] / 1e9:.2f} GB -> {row['peak_24_gb']:.2f} GB",
