@@ -329,13 +329,17 @@ def encode_text(folder: str, ids: np.ndarray, dtype_name: str, device: str, repe
     return result, out[-1][0].float().cpu().numpy()
 
 
-def decode_vae(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
-    """Decode NHWC latents as the pipeline does (unscale, decode, to [0, 1]); (result, image NHWC)."""
+def decode_vae(
+    folder: str, z: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float, kind: str = "AutoencoderKL"
+):
+    """Decode NHWC latents as the pipeline does (unscale, decode, to [0, 1]) with diffusers' `kind` of
+    autoencoder; (result, image NHWC)."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL
 
     tdtype = getattr(torch, dtype_name)
-    ref = _paged_in(AutoencoderKL.from_pretrained(folder, torch_dtype=tdtype).to(device, tdtype).eval())
+    model = getattr(diffusers, kind)
+    ref = _paged_in(model.from_pretrained(folder, torch_dtype=tdtype).to(device, tdtype).eval())
     zt = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))).to(device, tdtype)
     out = []
 
@@ -358,26 +362,4 @@ def decode_vae(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats
 
 def decode_tiny(folder: str, z: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
     """decode_vae with diffusers' AutoencoderTiny (TAESD): the SD3 pipeline's decode with vae=AutoencoderTiny."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    tdtype = getattr(torch, dtype_name)
-    ref = _paged_in(AutoencoderTiny.from_pretrained(folder, torch_dtype=tdtype).to(device, tdtype).eval())
-    zt = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))).to(device, tdtype)
-    out = []
-
-    def decode():
-        lat = zt / ref.config.scaling_factor + ref.config.shift_factor
-        out.append((ref.decode(lat, return_dict=False)[0] / 2 + 0.5).clamp(0, 1))
-
-    with torch.inference_mode(), TorchPeak(device) as peak:
-        s, runs, warm = time_once_or_warm(decode, repeats, long_s, torch_sync(device))
-    result = {
-        "s": s,
-        "runs": runs,
-        "warm": warm,
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(tensor_bytes(ref)),
-        "peak_method": peak.method,
-    }
-    return result, out[-1].float().cpu().numpy().transpose(0, 2, 3, 1)
+    return decode_vae(folder, z, dtype_name, device, repeats, long_s, kind="AutoencoderTiny")
