@@ -6,6 +6,7 @@ import base64
 import io
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -35,6 +36,16 @@ class RunningServer:
     @property
     def worker(self):
         return self.app.state.server.worker
+
+    @contextmanager
+    def client(self):
+        """An httpx client on the server; on exit, waits for the server to be idle again (no job running
+        or queued), so each test leaves it ready for the next."""
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            yield client
+        wait_until(lambda: self.worker.current is None and self.worker.queued == 0, 30, what="idle server")
 
     def stop(self) -> None:
         self.worker.stop_accepting()  # as `serve` does on Ctrl-C: cancel the running job, then exit

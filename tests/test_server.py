@@ -52,10 +52,8 @@ def server(pipe):
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with server.client() as client:  # every test leaves the server idle for the next
         yield client
-    # every test leaves the server idle for the next
-    wait_until(lambda: server.worker.current is None and server.worker.queued == 0, 30, what="idle server")
 
 
 def start_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:

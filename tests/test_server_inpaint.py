@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image, ImageFilter, ImageOps  # noqa: E402
 
 from sd35m_mlx import StableDiffusion35  # noqa: E402
-from tests.server_helpers import RunningServer, pixels, png, wait_until  # noqa: E402
+from tests.server_helpers import RunningServer, pixels, png  # noqa: E402
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 SOURCE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -39,9 +39,8 @@ def server(pipe):
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with server.client() as client:  # every test leaves the server idle for the next
         yield client
-    wait_until(lambda: server.worker.current is None and server.worker.queued == 0, 30, what="idle server")
 
 
 def b64(data: bytes) -> str:
