@@ -144,8 +144,7 @@ def parameters_text(s: Settings, version: str) -> str:
         "CFG scale": s.cfg,
         "Seed": s.seed,
         "Size": f"{s.width}x{s.height}",
-        # The folder name only: a full local path would leak the user's file system into shared images.
-        "Model": Path(s.model).name if Path(s.model).is_absolute() else s.model,
+        "Model": _name(s.model),
     }
     if s.image is not None:
         items["Denoising strength"] = s.strength
@@ -159,8 +158,7 @@ def parameters_text(s: Settings, version: str) -> str:
         items["Hires upscaler"] = "Lanczos"
         items["Hires denoising strength"] = s.upscale_strength
         if s.upscale_model is not None:
-            model = s.upscale_model
-            items["Hires checkpoint"] = Path(model).name if Path(model).is_absolute() else model
+            items["Hires checkpoint"] = _name(s.upscale_model)
     items.update(editing_items(s))
     if not s.t5:
         items["T5"] = "off"
@@ -175,7 +173,8 @@ def parameters_text(s: Settings, version: str) -> str:
 
 
 def _name(path: str) -> str:
-    """A file's name only in the shared text (as the model's): no local folders."""
+    """A local path's last part only in the shared text: a full path would leak the user's file system
+    into shared images (Hub ids and relative paths stay as given)."""
     return Path(path).name if Path(path).is_absolute() else path
 
 

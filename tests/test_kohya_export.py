@@ -44,6 +44,7 @@ def trained(pipe, tmp_path_factory):
 def _naive_deltas(tensors: dict, num_layers: int) -> dict[str, np.ndarray]:
     """What ComfyUI / kohya (no split_qkv) apply: up @ down * alpha / rank on the single-file module, mapped
     to our modules through the single-file key map."""
+    names = {PREFIX + n.replace(".", "_"): n for n, *_ in _routes(num_layers).values()}
     out = {}
     for key in tensors:
         if not key.endswith(".lora_down.weight"):
@@ -51,8 +52,7 @@ def _naive_deltas(tensors: dict, num_layers: int) -> dict[str, np.ndarray]:
         base = key.removesuffix(".lora_down.weight")
         down, up = tensors[key], tensors[f"{base}.lora_up.weight"]
         delta = up @ down * float(tensors[f"{base}.alpha"]) / down.shape[0]
-        name = next(n for n, *_ in _routes(num_layers).values() if PREFIX + n.replace(".", "_") == base)
-        for ours, value in map_mmdit_weights(f"{name}.weight", mx.array(delta), num_layers):
+        for ours, value in map_mmdit_weights(f"{names[base]}.weight", mx.array(delta), num_layers):
             out[ours.removesuffix(".weight")] = np.array(value)
     return out
 

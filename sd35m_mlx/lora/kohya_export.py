@@ -16,15 +16,13 @@ no reader takes it for a split_qkv file.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from ..loading.keymaps import map_mmdit_weights, mmdit_module_names
+from ..loading.keymaps import map_mmdit_weights, mmdit_module_names, swap_halves
 
 PREFIX = "lora_unet_"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -40,11 +38,6 @@ def _routes(num_layers: int) -> dict[str, tuple[str, int, int, bool]]:
             swapped = len(pairs) == 1 and int(value[0].item()) != 0
             routes[key.removesuffix(".weight")] = (name, i, len(pairs), swapped)
     return routes
-
-
-def _swap_rows(a: np.ndarray) -> np.ndarray:
-    n = a.shape[0] // 2
-    return np.concatenate([a[n:], a[:n]], axis=0)
 
 
 def _fuse(parts: list[tuple[np.ndarray, np.ndarray] | None], scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -66,11 +59,8 @@ def _fuse(parts: list[tuple[np.ndarray, np.ndarray] | None], scale: float) -> tu
             continue
         rows.append(qs[j] @ us[j * r : (j + 1) * r])
         j += 1
-    width = us.shape[1]
-    out_dims = [p[1].shape[0] if p is not None else None for p in parts]
-    out_dim = next(d for d in out_dims if d is not None)
-    up = np.concatenate([x if x is not None else np.zeros((out_dim, width)) for x in rows], axis=0)
-    return vt, up
+    missing = np.zeros((present[0][1].shape[0], us.shape[1]))  # q, k and v have the same width
+    return vt, np.concatenate([x if x is not None else missing for x in rows], axis=0)
 
 
 def kohya_state_dict(
@@ -84,8 +74,8 @@ def kohya_state_dict(
         if path not in routes:
             raise ValueError(f"kohya export: {path} has no module in the single-file layout")
         name, index, n, swapped = routes[path]
-        down, up = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        groups[name][index] = (down, _swap_rows(up) if swapped else up, n)
+        up = swap_halves(mx.array(b)) if swapped else b  # the key map's (shift, scale) swap, undone
+        groups[name][index] = (np.asarray(a, dtype=np.float64), np.asarray(up, dtype=np.float64), n)
     out: dict[str, mx.array] = {}
     for name, parts in groups.items():
         n = next(p for p in parts if p is not None)[2]
@@ -102,17 +92,11 @@ def kohya_state_dict(
     return out
 
 
-def save_kohya(factors: Mapping[str, tuple], alpha: float, rank: int, num_layers: int, path: str | os.PathLike) -> Path:
-    """Write `kohya_state_dict(...)` to `path` (safetensors, written to a temporary name and renamed)."""
-    path = Path(path)
-    tensors = kohya_state_dict(factors, alpha, rank, num_layers)
-    metadata = {
+def kohya_metadata(alpha: float, rank: int) -> dict[str, str]:
+    """What kohya's scripts write about the network, and how the fused q|k|v factors were made."""
+    return {
         "ss_network_module": "networks.lora_sd3",
         "ss_network_dim": str(rank),
         "ss_network_alpha": json.dumps(alpha),
         "sd35m_mlx_fused_qkv": "refactored exactly: dense rank-3r factors, scale folded in, alpha = rank",
     }
-    tmp = path.with_name(path.name + ".partial.safetensors")
-    mx.save_safetensors(str(tmp), tensors, metadata=metadata)
-    os.replace(tmp, path)
-    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..lora.kohya_export import save_kohya
+from ..lora.kohya_export import kohya_metadata, kohya_state_dict
 from .lora_params import TrainableLora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights name
@@ -53,7 +53,10 @@ def save_lora(lora: TrainableLora, folder: str | os.PathLike, dtype: mx.Dtype = 
 def export_kohya(lora: TrainableLora, path: str | os.PathLike) -> Path:
     """The LoRA in kohya sd-scripts' SD3 layout (ComfyUI, Forge, kohya's tools): lora/kohya_export.py."""
     factors = {p: (f["lora_A"], f["lora_B"]) for p, f in lora.params.items()}
-    return save_kohya(factors, lora.alpha, lora.rank, lora.model.config.num_layers, path)
+    tensors = kohya_state_dict(factors, lora.alpha, lora.rank, lora.model.config.num_layers)
+    metadata = kohya_metadata(lora.alpha, lora.rank)
+    _atomic(Path(path), lambda tmp: mx.save_safetensors(str(tmp), tensors, metadata=metadata))
+    return Path(path)
 
 
 def save_checkpoint(folder: str | os.PathLike, lora: TrainableLora, optimizer, state: dict) -> Path:
