@@ -30,9 +30,9 @@ from PIL import Image  # noqa: E402
 from benchmarks.measure import build_once, time_runs  # noqa: E402
 from benchmarks.speed_fixtures import MEDIUM_DEPTH, build_transformer_folder  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
-from sd35m_mlx.preview import latent_rgb, taesd_rgb, to_pil  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
+from sd35m_mlx.sampling.preview import latent_rgb, taesd_rgb, to_pil  # noqa: E402
 
 CTX_LEN = 333  # CLIP 77 + T5 256 tokens, as the pipeline's default
 

@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 from benchmarks import torch_side  # noqa: E402
 from benchmarks.bench_speed import TorchRunner  # noqa: E402
 from benchmarks.measure import MLXPeak, build_once, mlx_param_bytes, time_once_or_warm  # noqa: E402
+from sd35m_mlx.images import decode_latents  # noqa: E402
 from sd35m_mlx.loading.taesd import load_taesd  # noqa: E402
 from sd35m_mlx.loading.vae import load_vae  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
-from sd35m_mlx.taesd_decode import decode_with_taesd  # noqa: E402
 
 LONG_S = 30.0
 GIB = 2**30
@@ -81,7 +81,7 @@ def bench_size(size: int, taesd, vae, folders: dict[str, Path], args, torch_run)
     zm = mx.array(z)
     r: dict = {"size": size}
     _log(f"{size} px: TAESD3 (ours)")
-    r["taesd"], img = _measure(lambda: decode_with_taesd(taesd, zm), taesd, args.repeats)
+    r["taesd"], img = _measure(lambda: decode_latents(taesd, zm, taesd.dtype), taesd, args.repeats)
     if vae is not None:
         _log(f"{size} px: VAE (ours)")
         r["vae"], _ = _measure(_vae_decode(vae, zm, dtype), vae, args.repeats)

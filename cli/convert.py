@@ -73,7 +73,7 @@ def convert(
       sd35m-mlx convert stabilityai/stable-diffusion-3.5-medium sd35m-mlx-bf16
       sd35m-mlx convert ./sd3.5-medium sd35m-mlx-q8 --quantize 8 --t5-quantize 4
     """
-    from sd35m_mlx.loading.mlx_format import check_destination  # mlx: not for --help
+    from sd35m_mlx.convert import check_destination  # mlx: not for --help
 
     reporter = Reporter(quiet=quiet, verbose=verbose)
     try:
@@ -99,7 +99,7 @@ def convert(
 
 
 def run(source, dst, dtype, transformer_bits, t5_bits, group_size, t5, reporter) -> None:
-    from sd35m_mlx.loading.mlx_format import convert as convert_weights
+    from sd35m_mlx.convert import convert as convert_weights
     from sd35m_mlx.pipeline import resolve_dtype
 
     convert_weights(

@@ -1,6 +1,8 @@
-"""Conversions between user images (PIL / numpy) and NHWC arrays in [-1, 1]."""
+"""Conversions between user images (PIL / numpy) and NHWC arrays in [-1, 1], and latents -> images."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -59,3 +61,17 @@ def to_output(images: mx.array, output_type: str):
     if output_type == "np":
         return arr
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+
+
+def decode_latents(
+    decoder, latents: mx.array, dtype: mx.Dtype, decode: Callable[[mx.array], mx.array] | None = None
+) -> mx.array:
+    """Model-space latents NHWC (what the transformer denoises) -> images NHWC float32 in [0, 1], lazy.
+
+    The steps of diffusers' SD3 pipeline, for the VAE or TAESD (`decoder`: its `unscale_latents` and
+    `decode`, or `decode` instead, e.g. the tiled VAE): latents / scaling_factor + shift_factor, decode
+    in `dtype`, then x / 2 + 0.5 clipped to [0, 1].
+    """
+    decode = decode or decoder.decode
+    images = decode(decoder.unscale_latents(latents.astype(mx.float32)).astype(dtype))
+    return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)

@@ -8,7 +8,7 @@ Why pixel space and not latent space: the SD3 VAE's 16 latent channels are not a
 (bilinear, nearest), their fine structure is smeared or blocked, which the decoder renders as blur and
 colour noise, and img2img at 0.35 strength keeps 65% of it. Lanczos on the decoded image is a clean
 enlargement that the VAE encodes back faithfully; it costs one decode and one encode, both tiled at large
-sizes (vae_tiling.py), so the bigger image never needs the untiled VAE's memory.
+sizes (pipeline/tiling.py), so the bigger image never needs the untiled VAE's memory.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from sd35m_mlx import StableDiffusion35
+from sd35m_mlx.convert import convert
 from sd35m_mlx.loading import mlx_format
-from sd35m_mlx.loading.mlx_format import convert, is_converted_folder, load_converted
+from sd35m_mlx.loading.mlx_format import is_converted_folder, load_converted
 from sd35m_mlx.loading.safetensors_io import WeightsError
 from sd35m_mlx.loading.sources import load_pipeline_parts
 from sd35m_mlx.quantize import Quantization, quantization_of, quantize_parts

@@ -4,7 +4,6 @@ TAESD here is a stand-in with the real decoder's interface (config, decode, unsc
 behind `sd35m_mlx.loading.taesd.load_taesd`; TAESD3 itself is tested against diffusers in its own tests.
 """
 
-import sys
 import types
 
 import mlx.core as mx
@@ -15,7 +14,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sd35m_mlx import StableDiffusion35
-from sd35m_mlx.preview import SD3_LATENT_RGB_BIAS, SD3_LATENT_RGB_FACTORS, is_preview_step
+from sd35m_mlx.images import decode_latents
+from sd35m_mlx.pipeline import stable_diffusion
+from sd35m_mlx.sampling.preview import SD3_LATENT_RGB_BIAS, SD3_LATENT_RGB_FACTORS, is_preview_step
 from sd35m_mlx.sampling.schedule import img2img_start_index
 
 KW = dict(height=32, width=48, seed=5, output_type="np")
@@ -62,9 +63,7 @@ def taesd_loads(monkeypatch):
         loads.append(str(source))
         return decoder
 
-    module = types.ModuleType("sd35m_mlx.loading.taesd")
-    module.load_taesd = load_taesd
-    monkeypatch.setitem(sys.modules, "sd35m_mlx.loading.taesd", module)
+    monkeypatch.setattr(stable_diffusion, "load_taesd", load_taesd)
     loads.decoder = decoder
     return loads
 
@@ -275,9 +274,8 @@ def test_bench_preview_runs_on_the_tiny_transformer(tiny_pipeline):
 
 
 def test_decoder_taesd_with_real_taesd3_weights_equals_the_checked_taesd_decode(tiny_pipeline, tmp_path):
-    """With the taesd branch's TAESD3 (its decode_with_taesd is checked against diffusers'
+    """With the taesd branch's TAESD3 (its decode_latents is checked against diffusers'
     AutoencoderTiny there): generate(decoder="taesd") is that decode of the final latents, exactly."""
-    decode_with_taesd = pytest.importorskip("sd35m_mlx.taesd_decode").decode_with_taesd
     build_fixture = pytest.importorskip("scripts.build_fixture")
     if not hasattr(build_fixture, "build_taesd"):
         pytest.skip("no TAESD fixture builder yet")
@@ -286,4 +284,4 @@ def test_decoder_taesd_with_real_taesd3_weights_equals_the_checked_taesd_decode(
     kw = dict(height=64, width=64, num_inference_steps=2, seed=2)
     latents = pipe.generate("a red cube", output_type="latent", **kw)
     draft = pipe.generate("a red cube", output_type="np", decoder="taesd", **kw)
-    assert np.array_equal(draft, np.array(decode_with_taesd(pipe.taesd, latents)))
+    assert np.array_equal(draft, np.array(decode_latents(pipe.taesd, latents, pipe.taesd.dtype)))

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from scripts.build_fixture import build_taesd
 from sd35m_mlx import StableDiffusion35
+from sd35m_mlx.images import decode_latents
 from sd35m_mlx.loading import hub
 from sd35m_mlx.loading.safetensors_io import WeightsError
 from sd35m_mlx.loading.taesd import TAESD3_REPO, load_taesd, map_raw_decoder_weights
 from sd35m_mlx.models import vae_blocks
 from sd35m_mlx.models.taesd import TAESDConfig
-from sd35m_mlx.taesd_decode import decode_with_taesd
 
 # float32 on both sides, same weights: only the summation order inside the convs differs (measured
 # ~6e-6 x std). 1e-4 x std leaves headroom, while a wrong clamp, padding, upsampling or skip moves
@@ -234,7 +234,7 @@ def test_generate_then_decode_with_taesd_matches_diffusers_with_autoencoder_tiny
     noise = np.random.default_rng(7).standard_normal((1, H // 8, W // 8, 16), dtype=np.float32)
     kw = dict(height=H, width=W, num_inference_steps=3, guidance_scale=4.5)
     x = pipe.generate("a lighthouse at dusk", latents=noise, output_type="latent", **kw)
-    out = np.array(decode_with_taesd(taesd, x))
+    out = np.array(decode_latents(taesd, x, taesd.dtype))
     expected = ref(
         "a lighthouse at dusk", latents=torch.from_numpy(noise).permute(0, 3, 1, 2), output_type="np", **kw
     ).images

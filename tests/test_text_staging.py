@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sd35m_mlx import StableDiffusion35
-from sd35m_mlx.text_encoding import PromptEncoder
+from sd35m_mlx.models.prompt_encoder import PromptEncoder
 
 
 @pytest.fixture(scope="module")

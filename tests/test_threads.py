@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sd35m_mlx import GenerationCancelled, StableDiffusion35
-from sd35m_mlx.threads import PER_THREAD_STREAMS, own_stream, thread_stream
+from sd35m_mlx.pipeline.threads import PER_THREAD_STREAMS, own_stream, thread_stream
 
 KW = dict(height=32, width=32, num_inference_steps=2, seed=3, output_type="np")
 

@@ -1,4 +1,4 @@
-"""Tiled VAE decode/encode (models/vae_tiling.py) and the pipeline's tiling switch (vae_tiling.py)."""
+"""Tiled VAE decode/encode (models/vae_tiling.py) and the pipeline's tiling switch (pipeline/tiling.py)."""
 
 import mlx.core as mx
 import numpy as np

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +29,11 @@ from mlx.utils import tree_flatten
 
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from ..models.prompt_encoder import PromptEncoder
 from ..models.t5 import T5Config, T5EncoderModel
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..quantize import DEFAULT_GROUP_SIZE, Quantization, quantization_config, quantize_parts
-from ..sampling.schedule import FlowMatchSchedule
-from ..text_encoding import PromptEncoder
-from .parts import PipelineParts
+from ..quantize import Quantization, quantization_config
+from .parts import PipelineParts, load_schedule
 from .safetensors_io import WeightsError, load_into, load_safetensors, read_config
 from .text_encoders import _CLIP_TOKENIZERS, _T5_TOKENIZERS, _tokenizer_class, load_tokenizer
 
@@ -44,7 +42,7 @@ FORMAT_VERSION = 1
 # mlx-lm writes 5 GB shards; smaller ones keep conversion's peak memory (one shard is evaluated at a
 # time) low on 8 GB Macs, and loading is lazy, so the shard count costs nothing there.
 MAX_SHARD_BYTES = 2 << 30
-_DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 # component -> (diffusers/transformers class name in model_index.json and config.json)
 _CLASS_NAMES = {
@@ -145,7 +143,7 @@ def write_converted(parts: PipelineParts, folder: str | os.PathLike, dtype: mx.D
     encoder = parts.prompt_encoder
     index = {
         "_class_name": "StableDiffusion3Pipeline",
-        FORMAT_KEY: {"format": FORMAT_VERSION, "dtype": _DTYPE_NAMES.get(dtype, str(dtype))},
+        FORMAT_KEY: {"format": FORMAT_VERSION, "dtype": DTYPE_NAMES.get(dtype, str(dtype))},
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
     for slot, class_name in _TOKENIZER_CLASSES.items():
@@ -163,55 +161,6 @@ def write_converted(parts: PipelineParts, folder: str | os.PathLike, dtype: mx.D
     for name in list(models):
         size = _write_component(folder / name, name, models.pop(name))
         say(f"Wrote {name}/ ({size / 1e9:.2f} GB)" if size >= 1e8 else f"Wrote {name}/ ({size / 1e6:.1f} MB)")
-
-
-def check_destination(destination: str | os.PathLike) -> Path:
-    """The destination as a Path if it is absent or an empty folder; else a one-line error."""
-    dst = Path(os.path.expanduser(str(destination)))
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst}: exists and is not empty")
-    return dst
-
-
-def convert(
-    source: str | os.PathLike,
-    destination: str | os.PathLike,
-    *,
-    dtype: mx.Dtype = mx.bfloat16,
-    transformer_bits: int | None = None,
-    t5_bits: int | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    load_t5: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Load `source` (anything `load_pipeline_parts` accepts) in `dtype`, quantize as asked, and write
-    it to `destination` (absent or empty). All or nothing: written beside it, then renamed."""
-    from .sources import load_pipeline_parts  # sources routes converted folders here: import late
-
-    say = progress or (lambda _: None)
-    for bits in (transformer_bits, t5_bits):
-        if bits is not None:
-            Quantization(bits, group_size)  # validates before any work
-    dst = check_destination(destination)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
-        say(f"Loading {source} ({_DTYPE_NAMES.get(dtype, dtype)}{'' if load_t5 else ', no T5'})")
-        parts = load_pipeline_parts(source, dtype, load_t5=load_t5)
-        for what, bits in (("the transformer", transformer_bits), ("T5", t5_bits if load_t5 else None)):
-            if bits is not None:
-                say(f"Quantizing {what} to {bits} bits (group size {group_size})")
-        quantize_parts(parts, transformer_bits=transformer_bits, t5_bits=t5_bits, group_size=group_size)
-        write_converted(parts, tmp, dtype, say)
-        del parts
-        check_destination(dst)  # still absent or empty after the (long) conversion
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -293,5 +242,5 @@ def load_converted(folder: str | os.PathLike, dtype: mx.Dtype, *, load_t5: bool 
         transformer=mmdit,
         vae=_load_component(folder / "vae", dtype, lambda c, _: AutoencoderKL(VAEConfig.from_dict(c)), "vae"),
         prompt_encoder=PromptEncoder(**encoders, **tokenizers, joint_attention_dim=mmdit.config.joint_attention_dim),
-        schedule=FlowMatchSchedule.from_folder(folder / "scheduler"),
+        schedule=load_schedule(folder / "scheduler"),
     )

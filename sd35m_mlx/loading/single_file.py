@@ -33,13 +33,13 @@ import mlx.core as mx
 
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from ..models.prompt_encoder import PromptEncoder
 from ..models.t5 import T5Config, T5EncoderModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..sampling.schedule import FlowMatchSchedule
-from ..text_encoding import PromptEncoder
 from . import hub
 from .keymaps import map_mmdit_weights, map_vae_weights
-from .parts import PipelineParts
+from .parts import PipelineParts, load_schedule
 from .safetensors_io import WeightsError, load_into, load_safetensors, read_header
 from .text_encoders import load_tokenizer, sanitize_clip_weights, sanitize_t5_weights
 from .transformer import sanitize_transformer_weights
@@ -422,5 +422,5 @@ def load_single_file(path: str | os.PathLike, dtype: mx.Dtype, *, load_t5: bool 
         transformer=transformer,
         vae=vae,
         prompt_encoder=PromptEncoder(**kwargs, joint_attention_dim=transformer.config.joint_attention_dim),
-        schedule=FlowMatchSchedule.from_folder(scheduler) if scheduler.is_dir() else FlowMatchSchedule(),
+        schedule=load_schedule(scheduler) if scheduler.is_dir() else FlowMatchSchedule(),
     )

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..sampling.schedule import FlowMatchSchedule
 from . import hub, single_file
 from .mlx_format import is_converted_folder, load_converted
-from .parts import PipelineParts
+from .parts import PipelineParts, load_schedule
 from .safetensors_io import WeightsError
 from .text_encoders import load_text_encoders
 from .transformer import load_transformer
@@ -22,7 +21,7 @@ def load_diffusers_folder(folder: Path, dtype: mx.Dtype, *, load_t5: bool = True
         transformer=load_transformer(folder / "transformer", dtype),
         vae=load_vae(folder / "vae", dtype),
         prompt_encoder=load_text_encoders(folder, dtype, load_t5=load_t5),
-        schedule=FlowMatchSchedule.from_folder(folder / "scheduler"),
+        schedule=load_schedule(folder / "scheduler"),
     )
 
 

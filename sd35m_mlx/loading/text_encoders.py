@@ -11,8 +11,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.prompt_encoder import PromptEncoder
 from ..models.t5 import T5Config, T5EncoderModel
-from ..text_encoding import PromptEncoder
 from .safetensors_io import WeightsError, load_into, load_safetensors, read_config_as
 
 # tokenizer classes a diffusers model_index.json may name for each slot (first: the default)

@@ -13,6 +13,7 @@ it holds only one block's work (its attention scores dominate), and the limit ne
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,3 +41,11 @@ def bounded_work(budget: int | None) -> Iterator[None]:
         yield
     finally:
         mx.set_memory_limit(previous)
+
+
+def physical_memory() -> int:
+    """Bytes of RAM in this machine (16 GiB where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GIB

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-
-from ..loading.safetensors_io import read_config
 
 # scheduler_config.json options that change the schedule; only their "off" values are reproduced here.
 _UNSUPPORTED = (
@@ -44,10 +41,6 @@ class FlowMatchSchedule:
         # diffusers' own default shift is 1.0: a config without the key means no shift.
         kwargs.setdefault("shift", 1.0)
         return cls(**kwargs)
-
-    @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> FlowMatchSchedule:
-        return cls.from_dict(read_config(folder, "scheduler_config.json"))
 
     def _shifted(self, s):
         return self.shift * s / (1 + (self.shift - 1) * s)

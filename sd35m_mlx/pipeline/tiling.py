@@ -8,12 +8,12 @@ from the untiled image (PSNR quoted in benchmarks/README.md).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import mlx.core as mx
 
-from .models import vae_tiling
+from ..models import vae_tiling
+from ..sampling.memory import physical_memory
 
 DEFAULT_TILE_SIZE = 512  # px: 64 latent px, the smallest tile the pipeline uses
 OVERLAP = 0.25  # of the tile, each side shared with a neighbour
@@ -76,8 +76,4 @@ class VAETiling:
 
 def _memory_available() -> int:
     """Bytes an untiled decode may take: half of physical memory, less what MLX holds already."""
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        physical = 16 << 30
-    return physical // 2 - mx.get_active_memory()
+    return physical_memory() // 2 - mx.get_active_memory()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
+from ..editing.control import check_fits
 from ..loading.controlnet import QUANTIZATION_POLICY as CONTROLNET_QUANTIZATION
 from ..loading.controlnet import load_controlnet
 from ..loading.safetensors_io import materialize
 from ..models.controlnet import SD3ControlNetModel
 from ..quantize import quantize_model
-from .control import check_fits
 
 
 class ControlNetMixin:

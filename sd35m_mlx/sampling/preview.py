@@ -15,7 +15,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .sampling.loop import StepExtra, StepResult
+from ..images import decode_latents
+from .loop import StepExtra, StepResult
 
 PREVIEW_METHODS = ("rgb", "taesd")
 PreviewCallback = Callable[[int, int, Image.Image], None]
@@ -55,12 +56,7 @@ def latent_rgb(x0: mx.array) -> mx.array:
 
 def taesd_rgb(taesd, dtype: mx.Dtype) -> Callable[[mx.array], mx.array]:
     """Model-space latents -> RGB in [0, 1] at full resolution through a TAESD decoder."""
-
-    def render(x0: mx.array) -> mx.array:
-        images = taesd.decode(taesd.unscale_latents(x0).astype(dtype)).astype(mx.float32)
-        return mx.clip(images / 2 + 0.5, 0.0, 1.0)
-
-    return render
+    return lambda x0: decode_latents(taesd, x0, dtype)
 
 
 def to_pil(rgb: mx.array) -> Image.Image:

@@ -13,8 +13,8 @@ from contextlib import AbstractContextManager, nullcontext
 import mlx.core as mx
 import numpy as np
 
-from .models.clip import CLIPTextModel
-from .models.t5 import T5EncoderModel
+from .clip import CLIPTextModel
+from .t5 import T5EncoderModel
 
 MAX_T5_TOKENS = 512  # T5 was trained on 512 tokens; diffusers refuses more
 

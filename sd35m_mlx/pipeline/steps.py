@@ -1,30 +1,32 @@
 """The parts `StableDiffusion35.generate` calls as its numbered steps: inputs (the canvas the editing inputs
 decide, then one validation pass), text conditioning, initial latents, the per-step extras, the output.
 
-Each takes the pipeline and the validated settings (validation.GenerationSettings), so `generate()` reads
-as its five steps and a new per-step feature adds a StepExtra in `step_extras`, not a branch in the loop.
+Each takes the validated settings (validation.GenerationSettings) and, as explicit arguments, what it needs
+of the pipeline (its limits, the prompt encoder, the VAE encoder, the decoders), so `generate()` reads as its
+five steps and a new per-step feature adds a StepExtra in `step_extras`, not a branch in the loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .editing.control import ControlNetResiduals, check_control, control_units
-from .editing.inpaint import InpaintBlend, prepare_inpaint
-from .images import from_pil_or_array, to_output
-from .preview import Preview, latent_rgb, taesd_rgb
-from .sampling.guidance import GuidanceConfig
-from .sampling.loop import StepCallback, StepExtra
-from .sampling.memory import bounded_work
-from .sampling.schedule import img2img_start_index
-from .validation import GenerationSettings, validate_generation
+from ..editing.control import ControlNetResiduals, check_control, control_units
+from ..editing.inpaint import InpaintBlend, prepare_inpaint
+from ..images import from_pil_or_array, to_output
+from ..sampling.guidance import GuidanceConfig
+from ..sampling.loop import StepCallback, StepExtra
+from ..sampling.memory import bounded_work
+from ..sampling.preview import Preview, latent_rgb
+from ..sampling.schedule import img2img_start_index
+from ..validation import GenerationSettings, ModelLimits, validate_generation
 
-if TYPE_CHECKING:
-    from .pipeline import StableDiffusion35
+Decoder = Callable[[mx.array], mx.array]  # model-space latents NHWC -> images NHWC float32 in [0, 1]
 
 
 @dataclass
@@ -36,38 +38,43 @@ class Canvas:
     init_image: mx.array | None = None
     inpaint: Any = None
     control: Any = None
+    controlnets: list = field(default_factory=list)  # the pipeline's, checked against the transformer
 
 
-def prepare_inputs(pipe: StableDiffusion35, arguments: dict) -> tuple[GenerationSettings, Canvas]:
+def prepare_inputs(
+    arguments: dict, limits: ModelLimits, controlnets: list, transformer_config
+) -> tuple[GenerationSettings, Canvas]:
     """Inpainting's crop and the control images set the canvas (size, source image) first; then every
-    argument is checked in one pass (validation.py) before any work."""
+    argument is checked in one pass (validation.py) against the model's `limits` before any work.
+    `controlnets` (the pipeline's) are checked against the transformer they condition."""
     canvas = Canvas()
     image, height, width = arguments["image"], arguments["height"], arguments["width"]
     if arguments["mask_image"] is not None:
         canvas.inpaint = prepare_inpaint(
-            image, arguments["mask_image"], height, width, arguments["padding_mask_crop"], pipe.vae_scale_factor
+            image, arguments["mask_image"], height, width, arguments["padding_mask_crop"], limits.vae_scale_factor
         )
         image, height, width = canvas.inpaint.image, canvas.inpaint.height, canvas.inpaint.width
     if arguments["control_image"] is not None:  # ControlNets: checked against the transformer before any work
         canvas.control = check_control(
-            pipe.controlnets,
-            pipe.transformer_config,
+            controlnets,
+            transformer_config,
             arguments["control_image"],
             arguments["controlnet_conditioning_scale"],
             arguments["control_guidance_start"],
             arguments["control_guidance_end"],
         )
+        canvas.controlnets = list(controlnets)
         if image is None and not (height and width):
             height, width = canvas.control.default_size()
-    settings = validate_generation(pipe.limits, **{**arguments, "image": image, "height": height, "width": width})
+    settings = validate_generation(limits, **{**arguments, "image": image, "height": height, "width": width})
     if image is not None:
         canvas.init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
     return settings, canvas
 
 
-def conditioning(pipe: StableDiffusion35, s: GenerationSettings, do_cfg: bool):
+def conditioning(s: GenerationSettings, do_cfg: bool, encode_prompt: Callable[..., tuple]):
     """(cond, uncond, pooled, uncond_pooled): the given embeddings repeated per image, or the prompts
-    encoded (cached: a new seed for the same prompt skips the text encoders)."""
+    encoded by `encode_prompt` (the pipeline's, cached: a new seed for the same prompt skips the text encoders)."""
     if s.prompt_embeds is not None:
         return _given_embeds(
             s.prompt_embeds,
@@ -77,7 +84,7 @@ def conditioning(pipe: StableDiffusion35, s: GenerationSettings, do_cfg: bool):
             s.num_images_per_prompt,
             do_cfg,
         )
-    return pipe._encode_cached(
+    return encode_prompt(
         s.prompt,
         negative_prompt=s.negative_prompt,
         prompt_2=s.prompt_2,
@@ -109,17 +116,25 @@ class Start:
     z: mx.array | None
 
 
-def initial_latents(pipe: StableDiffusion35, s: GenerationSettings, canvas: Canvas, batch: int, sigmas) -> Start:
-    """Noise from the seed (or the given latents); with a source image, the image encoded and noised to the
-    start step that `strength` gives, as diffusers' img2img."""
-    f = pipe.vae_scale_factor
-    shape = (batch, s.height // f, s.width // f, pipe.transformer_config.in_channels)
-    noise = pipe._initial_noise(s.latents, shape, s.seed)
+def initial_latents(
+    s: GenerationSettings,
+    canvas: Canvas,
+    limits: ModelLimits,
+    batch: int,
+    sigmas,
+    encode: Callable[[mx.array], mx.array],
+) -> Start:
+    """Noise from the seed (or the given latents); with a source image, the image encoded (`encode`: images
+    NHWC in [-1, 1] -> model-space latents) and noised to the start step that `strength` gives, as
+    diffusers' img2img."""
+    f = limits.vae_scale_factor
+    shape = (batch, s.height // f, s.width // f, limits.latent_channels)
+    noise = initial_noise(s.latents, shape, s.seed)
     if canvas.init_image is None:
         mx.eval(noise)
         return Start(noise, 0, noise, None)
     start = img2img_start_index(s.num_inference_steps, s.strength)
-    z = pipe.vae.scale_latents(pipe._encode(canvas.init_image.astype(pipe.dtype)).astype(mx.float32))
+    z = encode(canvas.init_image)
     if z.shape[0] != batch:
         if batch % z.shape[0]:
             raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
@@ -131,23 +146,29 @@ def initial_latents(pipe: StableDiffusion35, s: GenerationSettings, canvas: Canv
 
 
 def step_extras(
-    pipe: StableDiffusion35,
     s: GenerationSettings,
     canvas: Canvas,
     begin: Start,
-    conditions: tuple[mx.array, mx.array],
     velocity,
     do_cfg: bool,
+    *,
+    conditions: tuple[mx.array, mx.array],
+    timesteps,
+    vae,
+    dtype: mx.Dtype,
+    cancel_check: StepExtra,
+    decoder: Callable[[str], Decoder],
 ) -> list[StepExtra]:
-    """The per-step features of this call, in the order the loop runs them (sampling/loop.py): cancel,
-    ControlNet residuals (a model input), the inpainting blend (after each step), callback, previews.
-    `conditions`: the (context, pooled) batch the transformer gets, which the ControlNets get too."""
-    extras: list[StepExtra] = [pipe._cancellation.check]
+    """The per-step features of this call, in the order the loop runs them (sampling/loop.py): cancel
+    (`cancel_check`), ControlNet residuals (a model input), the inpainting blend (after each step),
+    callback, previews. `conditions`: the (context, pooled) batch the transformer (`velocity`) gets, which
+    the ControlNets get too, with the `timesteps` and their control images encoded by `vae`;
+    `decoder("taesd")` renders preview="taesd"."""
+    extras: list[StepExtra] = [cancel_check]
     if canvas.control is not None:
         context, pooled = conditions
         batch = context.shape[0] // (2 if do_cfg else 1)
-        units = control_units(pipe.controlnets, canvas.control, pipe.vae, s.height, s.width, batch, do_cfg, pipe.dtype)
-        timesteps = pipe.schedule.timesteps(s.num_inference_steps)
+        units = control_units(canvas.controlnets, canvas.control, vae, s.height, s.width, batch, do_cfg, dtype)
         extras.append(
             ControlNetResiduals(
                 units,
@@ -156,7 +177,7 @@ def step_extras(
                 timesteps,
                 begin.start,
                 do_cfg,
-                pipe.dtype,
+                dtype,
                 velocity.transformer.pos_embed,
             )
         )
@@ -165,26 +186,35 @@ def step_extras(
     if s.callback is not None:
         extras.append(StepCallback(s.callback))
     if s.preview is not None:
-        render = latent_rgb if s.preview == "rgb" else taesd_rgb(pipe._taesd_decoder(), pipe.dtype)
+        render = latent_rgb if s.preview == "rgb" else decoder("taesd")
         extras.append(Preview(render, s.preview_every, s.on_preview))
     return extras
 
 
-def decode_output(pipe: StableDiffusion35, x: mx.array, s: GenerationSettings, canvas: Canvas):
-    """Latents -> images in [0, 1] (the VAE, tiled when needed, or TAESD), as `output_type` asks; an
-    inpainting crop is pasted back over the original at 8 bit."""
+def decode_output(
+    x: mx.array, s: GenerationSettings, canvas: Canvas, decoder: Callable[[str], Decoder], work_budget: int | None
+):
+    """Latents -> images in [0, 1] by `decoder(s.decoder)` (the VAE, tiled when needed, or TAESD) under the
+    pipeline's `work_budget` (sampling/memory.py), as `output_type` asks; an inpainting crop is pasted back
+    over the original at 8 bit."""
     if s.output_type == "latent":
         return x
-    vae = pipe._taesd_decoder() if s.decoder == "taesd" else pipe.vae
-    with bounded_work(pipe.work_budget):
-        decode = pipe._decode if s.decoder == "vae" else vae.decode
-        images = decode(vae.unscale_latents(x).astype(pipe.dtype))
-        images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+    decode = decoder(s.decoder)
+    with bounded_work(work_budget):
+        images = decode(x)
         mx.eval(images)
     if canvas.inpaint is not None and canvas.inpaint.crop is not None:
         pasted = canvas.inpaint.paste_back(to_output(images, "pil"))
         return pasted if s.output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
     return to_output(images, s.output_type)
+
+
+def initial_noise(latents, shape: tuple[int, ...], seed: int | None) -> mx.array:
+    """The given latents as float32, or standard normal noise of `shape` from `seed` (random when None)."""
+    if latents is None:
+        key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        return mx.random.normal(shape, key=key).astype(mx.float32)
+    return (latents if isinstance(latents, mx.array) else mx.array(latents)).astype(mx.float32)
 
 
 def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):

@@ -11,8 +11,26 @@ from contextlib import contextmanager
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .editing.controlnets import ControlNetMixin
-from .generation import (
+from ..images import decode_latents
+from ..loading import hub
+from ..loading.parts import PipelineParts
+from ..loading.safetensors_io import materialize
+from ..loading.sources import load_pipeline_parts
+from ..loading.taesd import TAESD3_REPO, load_taesd
+from ..lora import LoraMixin
+from ..models.mmdit import SD3Transformer2DModel
+from ..models.prompt_encoder import PromptEncoder
+from ..quantize import quantize_parts
+from ..sampling.cancel import Cancellation, cancellable
+from ..sampling.guidance import GuidedDenoiser
+from ..sampling.loop import denoise
+from ..sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, physical_memory
+from ..sampling.samplers import make_sampler
+from ..sampling.schedule import FlowMatchSchedule
+from ..validation import ARGUMENTS, ModelLimits
+from .controlnets import ControlNetMixin
+from .steps import (
+    Decoder,
     conditioning,
     decode_output,
     guidance_config,
@@ -20,27 +38,11 @@ from .generation import (
     prepare_inputs,
     step_extras,
 )
-from .loading import hub
-from .loading.parts import PipelineParts
-from .loading.safetensors_io import materialize
-from .loading.sources import load_pipeline_parts
-from .lora import LoraMixin
-from .models.mmdit import SD3Transformer2DModel
-from .quantize import quantize_parts
-from .sampling.cancel import Cancellation, cancellable
-from .sampling.guidance import GuidedDenoiser
-from .sampling.loop import GenerationCancelled, StepCallback, StepExtra, denoise  # noqa: F401 (public here too)
-from .sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET
-from .sampling.samplers import make_sampler
-from .sampling.schedule import FlowMatchSchedule
-from .taesd_decode import load_taesd_evaluated
-from .text_encoding import PromptEncoder
 from .threads import any_thread, serialized
-from .vae_tiling import VAETiling
-from .validation import ARGUMENTS, ModelLimits
+from .tiling import VAETiling
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-DEFAULT_TAESD = "madebyollin/taesd3"  # loaded on first use by preview="taesd" / decoder="taesd"
+DEFAULT_TAESD = TAESD3_REPO  # loaded on first use by preview="taesd" / decoder="taesd"
 
 
 def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
@@ -87,7 +89,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         self.taesd = None  # TAESD3 decoder for previews and drafts; loaded from DEFAULT_TAESD on first use
         self._lock = threading.RLock()
         self._cancellation = Cancellation()
-        self.vae_tiling = VAETiling()  # None: automatic (vae_tiling.py)
+        self.vae_tiling = VAETiling()  # None: automatic (tiling.py)
 
     @classmethod
     @any_thread
@@ -156,7 +158,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             pipe.work_budget = LOW_MEMORY_WORK_BUDGET
         pipe._reload = load
         if taesd is not None:
-            pipe.taesd = load_taesd_evaluated(taesd, dtype)
+            pipe.taesd = _load_taesd(taesd, dtype)
         pipe._load_loras(loras)
         controlnets = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
         for source in controlnets:  # `revision` is the model's, not theirs
@@ -170,10 +172,15 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         True if a run was there to receive it."""
         return self._cancellation.cancel()
 
-    def _taesd_decoder(self):
-        if self.taesd is None:
-            self.taesd = load_taesd_evaluated(DEFAULT_TAESD, self.dtype)
-        return self.taesd
+    def _decoder(self, name: str) -> Decoder:
+        """Model-space latents -> images in [0, 1]: "vae" (tiled when needed, images.decode_latents) or
+        "taesd" (TAESD3, loaded from DEFAULT_TAESD on first use)."""
+        if name == "taesd":
+            if self.taesd is None:
+                self.taesd = _load_taesd(DEFAULT_TAESD, self.dtype)
+            taesd = self.taesd
+            return lambda latents: decode_latents(taesd, latents, self.dtype)
+        return lambda latents: decode_latents(self.vae, latents, self.dtype, decode=self._decode)
 
     def _component(self, name: str):
         """A component, reloaded (lazily: only what the stage evaluates is read) if a stage released it."""
@@ -231,7 +238,9 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         return self.vae_tiling.decode(self.vae, z, self.low_memory)
 
     def _encode(self, images: mx.array) -> mx.array:
-        return self.vae_tiling.encode(self.vae, images, self.low_memory)
+        """Images NHWC in [-1, 1] -> model-space latents, float32 (the VAE tiled when needed)."""
+        latents = self.vae_tiling.encode(self.vae, images.astype(self.dtype), self.low_memory)
+        return self.vae.scale_latents(latents.astype(mx.float32))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -251,12 +260,6 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             context_width=c.joint_attention_dim,
             pooled_width=c.pooled_projection_dim,
         )
-
-    def _initial_noise(self, latents, shape, seed) -> mx.array:
-        if latents is None:
-            key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-            return mx.random.normal(shape, key=key).astype(mx.float32)
-        return (latents if isinstance(latents, mx.array) else mx.array(latents)).astype(mx.float32)
 
     @serialized
     @cancellable
@@ -310,29 +313,31 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         (editing/control.py). Precomputed `prompt_embeds` (and the other three,
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         `preview` ("rgb" or "taesd") calls `on_preview(step, total, PIL.Image)` with the current
-        estimate of the first image every `preview_every` steps and on the last (preview.py).
+        estimate of the first image every `preview_every` steps and on the last (sampling/preview.py).
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
         """
         # 1. Inputs: the editing inputs set the canvas, then every argument is checked before any work
-        s, canvas = prepare_inputs(self, {k: v for k, v in locals().items() if k in ARGUMENTS})
+        arguments = {k: v for k, v in locals().items() if k in ARGUMENTS}
+        s, canvas = prepare_inputs(arguments, self.limits, self.controlnets, self.transformer_config)
         do_cfg = s.guidance_scale > 1
 
         # 2. Text conditioning (cond and uncond batched as [uncond, cond], as diffusers does)
-        cond, uncond, pooled, uncond_pooled = conditioning(self, s, do_cfg)
+        cond, uncond, pooled, uncond_pooled = conditioning(s, do_cfg, self._encode_cached)
         context = mx.concatenate([uncond, cond]) if do_cfg else cond
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
 
         # 3. Schedule and initial latents (img2img / inpainting: the source image noised to the start step)
         sigmas = self.schedule.sigmas(s.num_inference_steps)
-        begin = initial_latents(self, s, canvas, cond.shape[0], sigmas)
+        timesteps = self.schedule.timesteps(s.num_inference_steps)
+        begin = initial_latents(s, canvas, self.limits, cond.shape[0], sigmas, self._encode)
 
         # 4. Denoising loop: per-step extras (ControlNet, inpainting, callback, previews) plug in as StepExtras
         velocity = self.velocity_factory(
             self._component("transformer"),
             context,
             pooled_all,
-            self.schedule.timesteps(s.num_inference_steps),
+            timesteps,
             guidance_config(s),
             begin.start,
             self.dtype,
@@ -341,7 +346,19 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
             mx.clear_cache()
-        extras = step_extras(self, s, canvas, begin, (context, pooled_all), velocity, do_cfg)
+        extras = step_extras(
+            s,
+            canvas,
+            begin,
+            velocity,
+            do_cfg,
+            conditions=(context, pooled_all),
+            timesteps=timesteps,
+            vae=self.vae,
+            dtype=self.dtype,
+            cancel_check=self._cancellation.check,
+            decoder=self._decoder,
+        )
         try:
             sampler = make_sampler(s.sampler, sigmas)
             x = denoise(begin.x, sigmas, begin.start, sampler, velocity, extras, self.work_budget)
@@ -350,7 +367,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             self._release("transformer")
 
         # 5. Decode (the VAE tiles when needed; an inpainting crop is pasted back)
-        return decode_output(self, x, s, canvas)
+        return decode_output(x, s, canvas, self._decoder, self.work_budget)
 
 
 def _encoders(prompt_encoder: PromptEncoder | None) -> list:
@@ -382,8 +399,8 @@ def parameter_bytes(parts: PipelineParts) -> int:
     return sum(v.nbytes for m in modules if m is not None for _, v in tree_flatten(m.parameters()))
 
 
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 << 30
+def _load_taesd(source: str | os.PathLike, dtype: mx.Dtype):
+    """The TAESD3 decoder from a Hub id, folder or file, evaluated (usable from any thread)."""
+    taesd = load_taesd(source, dtype)
+    materialize(taesd)
+    return taesd
