@@ -1,27 +1,14 @@
 """Group-wise affine weight quantization of the MMDiT and T5 linear layers, streamed layer by layer.
 
-Which layers get which precision is measured, not guessed: `benchmarks/bench_quantization.py`,
-relative RMSE of one forward vs float32, random weights, full SD3.5 Medium width at depth 4
-(512 x 512 image), T5 at XXL width with 2 layers (every weight rounded to bfloat16: 3.9e-3 / 4.3e-3):
+Which layers get which precision is measured, not guessed (`benchmarks/bench_quantization.py`; the
+relative errors per layer group are in benchmarks/README.md, "Figures behind library choices"):
 
-    MMDiT                                    8 bit    4 bit   full-size weights, GB (bfloat16 4.94)
-    every Linear                            1.1e-2   2.0e-1   2.84 / 1.72
-    this policy                             7.4e-3   8.9e-2   2.85 / 2.12
-    this policy, adaLN kept in bfloat16     5.2e-3   8.9e-2   3.57 / 2.84
-    T5, every Linear (this policy)          7.7e-3   1.3e-1   5.18 / 2.87   (bfloat16 9.52)
-
-Errors grow about as sqrt(depth) (MMDiT depth 2: 5.7e-3 / 6.5e-2; T5 4 layers: 1.1e-2 / 1.9e-1), while
-their ratio to bfloat16 rounding's stays at 1.6-2x at 8 bits and 19-33x at 4 bits. Trained weights
-and activations have outlier channels (T5's especially) that widen quantization groups, so real
-errors are larger; the policy rests on the ranking of the layer groups, not on the absolute values.
-
-- Embedders (time, pooled text, context_embedder) and proj_out stay in the compute dtype: 0.7% of
-  the linear weights, yet each group alone at 8 bits causes more output error (7.7e-3, 5.5e-3) than
-  all attention layers together (3.6e-3): proj_out writes the velocity, the embedders feed every adaLN.
+- Embedders (time, pooled text, context_embedder) and proj_out stay in the compute dtype: under 1% of
+  the linear weights, yet each alone at 8 bits costs more output error than all attention layers
+  together: proj_out writes the velocity, the embedders feed every adaLN.
 - adaLN linears (norm1, norm1_context, norm_out), a third of the weights, are never quantized below
-  8 bits: at 4 bits they alone add as much error as every other quantized layer together (8.8e-2),
-  at 8 bits 4.9e-3. Keeping them in bfloat16 instead would cost 0.7 GB for 2e-3 less error.
-- T5: no small group dominates (the gated FFN is most sensitive, but it is 65% of the weights), so
+  8 bits: at 4 bits they alone add as much error as every other quantized layer together.
+- T5: no small group dominates (the gated FFN is most sensitive, but it is most of the weights), so
   every Linear is quantized; the token and relative-position embeddings are not Linear layers.
 
 Rule for widths: `mx.quantize` groups each weight row in runs of `group_size` input features, so a

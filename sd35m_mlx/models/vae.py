@@ -10,13 +10,7 @@ convolution unfolds its input 9x (im2col: 9 GiB for one 3x3 conv over 1024 x 102
 - GroupNorm reduces in place of nn.GroupNorm's transposed copies (and is more accurate on CPU);
 - tiled decoding and encoding (vae_tiling.py) bound memory by one tile for any size.
 
-Measured on Linux CPU, MLX 0.32.4, 2 cores: SD3 sizes (block_out_channels 128, 256, 512, 512),
-random weights, float32, batch 1, mx.get_peak_memory() after mx.reset_peak_memory(), weights 0.31 GiB
-included:
-    decode  512 x  512: 2.73 GiB (41 s); one lazy graph 2.67 GiB; conv bands of 256 MiB instead
-                        of 64 MiB: 4.19 GiB; with mx.set_memory_limit(1.5 GiB): 2.05 GiB
-    decode 1024 x 1024: 6.49 GiB (211 s); with mx.set_memory_limit(3 GiB): 5.38 GiB (the floor:
-                        single 1024 x 1024 x 256 activations are 1 GiB each)
+Peak memory of these choices at 512 and 1024 px: benchmarks/README.md ("Figures behind library choices").
 """
 
 from __future__ import annotations

@@ -18,12 +18,12 @@ class GroupNorm(nn.GroupNorm):
     """PyTorch's GroupNorm (eps 1e-6) on channels-last input, with statistics in float32.
 
     Same parameters and semantics as nn.GroupNorm(pytorch_compatible=True), which transposes the
-    input twice (4x its size in temporaries) and, on MLX 0.32's CPU backend, drifts on long groups:
-    on a 256x256x256 activation it is 2e-3 away from a float64 reference, this two-pass version
-    3e-5 (torch float32: 2.5e-5). The statistics come from per-channel means over the pixels (a
-    reduction over one axis of (B, H*W, C)), then averaged within each group: reducing a
-    (B, H*W, groups, C/groups) view over two non-adjacent axes took 808 ms at (1, 1024, 1024, 128)
-    on MLX's CUDA backend, where the 3x3 convolution beside it takes 1.3 ms.
+    input twice (4x its size in temporaries) and, on MLX 0.32's CPU backend, drifts on long groups
+    (this two-pass version stays as close to a float64 reference as torch's float32). The statistics
+    come from per-channel means over the pixels (a reduction over one axis of (B, H*W, C)), then
+    averaged within each group: reducing over two non-adjacent axes of a (B, H*W, groups, C/groups)
+    view was hundreds of times slower than the convolution beside it on MLX's CUDA backend
+    (figures: benchmarks/README.md).
     """
 
     def __init__(self, channels: int, groups: int):
@@ -74,9 +74,8 @@ class Conv2d(nn.Conv2d):
     MLX's CPU convolution unfolds its input k * k times (im2col): 9 GiB for a 3x3 conv over a
     1024 x 1024 x 256 float32 activation. Bands bound that buffer to about 64 MiB (float32), and each
     band is evaluated on its own: left in one graph, every band's unfolded input was alive at once
-    (measured at (1, 512, 512, 128) float32: 1.76 GB above the input in one graph, 0.30 GB band by
-    band; 1.48 GB unbanded). GPU backends convolve without unfolding the input, so they run the
-    plain convolution.
+    (more than unbanded; benchmarks/README.md). GPU backends convolve without unfolding the input, so
+    they run the plain convolution.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -140,7 +139,7 @@ class Attention(nn.Module):
         else:
             # Softmax is per query row, so splitting the queries is exact. Each chunk is evaluated on its
             # own: left in one graph MLX schedules them together and the chunking saves nothing
-            # (1024 px mid-block, bf16: 0.59 GB in one graph, 0.16 GB this way; benchmarks/bench_memory.py).
+            # (a quarter of the memory this way at 1024 px; benchmarks/README.md).
             mx.eval(q, k, v)
             parts = []
             for i in range(0, h * w, chunk):

@@ -17,10 +17,8 @@ pass normalises each tile with its live statistics moved onto the whole image's:
 mean - own pass-1 mean), variance x (image variance / own pass-1 variance). Applying the recorded
 image statistics as they are does worse: the pass-1 figures came from activations that used
 per-tile statistics, and with fixed statistics a tile no longer corrects the drift of earlier layers
-(on a random 4-level toy VAE, 16-px tiles, 4 px overlap: per-tile 39.6 dB against untiled, image
-statistics applied as they are 35.4 dB, moved live statistics 41.8 dB). On the full-size SD3 VAE
-(random weights, float32, 256 px in 128 px tiles, 3 x 3): 48.9 dB, per-tile statistics 42.9 dB
-(benchmarks/README.md); 768 px in the pipeline's 512 px tiles: 69.1 dB. Costs one more pass.
+(it scored below per-tile statistics; moved live statistics above). Costs one more pass; the PSNR of
+each variant against the untiled decode is in benchmarks/README.md ("Big images").
 
 Blending. Neighbouring tiles overlap; across an overlap one tile's weight falls along a smootherstep
 ramp while the other's rises (they sum to one), and the output is divided by the summed weights.

@@ -37,7 +37,7 @@ class _ThreadStreams(dict):
     """A thread's streams by device. Dropped by the thread itself as it ends (thread-local data), it
     then destroys MLX's streams of that thread (`mx.clear_streams`, as MLX's own thread tests do):
     left to C++ thread-local destructors, they raced interpreter exit ("terminate called without an
-    active exception" in 3 of 8 runs of load, generate on main, generate on a worker, exit; 0 of 12 so)."""
+    active exception" in some runs that generated on a worker; none so)."""
 
     def __del__(self):
         if hasattr(mx, "clear_streams"):  # mlx >= 0.31.2

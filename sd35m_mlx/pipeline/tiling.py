@@ -1,9 +1,8 @@
 """When the pipeline decodes and encodes in tiles (`pipe.enable_vae_tiling`), and the tile size.
 
-The tiling itself is models/vae_tiling.py. Untiled decoding needs about 3.9 KB per output pixel in
-bfloat16 (4.03 GB at 1024 x 1024, benchmarks/README.md) and four times that at 2048 px; tiled, the
-peak is one tile's decode whatever the size, at twice the time (two passes) and a small difference
-from the untiled image (PSNR quoted in benchmarks/README.md).
+The tiling itself is models/vae_tiling.py. Untiled decoding needs memory in proportion to the pixels;
+tiled, the peak is one tile's decode whatever the size, at twice the time (two passes) and a small
+difference from the untiled image (figures: benchmarks/README.md, "Big images").
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from ..sampling.memory import physical_memory
 
 DEFAULT_TILE_SIZE = 512  # px: 64 latent px, the smallest tile the pipeline uses
 OVERLAP = 0.25  # of the tile, each side shared with a neighbour
-# measured untiled decode work per output pixel at 1024 px (bf16 4.03 GB; float32 about 6.6 KB)
+# untiled decode work per output pixel by dtype size, measured at 1024 px (benchmarks/README.md)
 _DECODE_BYTES_PER_PIXEL = {2: 3900, 4: 6700}
 
 

@@ -1,14 +1,12 @@
-"""Bounding the memory a denoising step may hold in flight on GPU backends.
+"""Memory: how much this machine has, and bounding what a denoising step may hold in flight on GPU backends.
 
 MLX builds a step's whole graph lazily, and on a GPU the host encodes work far ahead of the device;
 a buffer is released only when the work that used it completes. So one SD3.5 Medium step keeps the
-intermediates of many blocks alive at once: measured on MLX's CUDA backend (H200, bfloat16,
-1024x1024, batch 2, all 24 blocks; benchmarks/bench_step_memory.py), 9.47 GiB above the weights for
-a 74 ms step, where diffusers needs 0.34 GiB. MLX's memory limit makes the host wait for scheduled
-work before allocating past it: with the limit at (memory in use + 3 GiB) the same step held
-3.04 GiB at +3% time, with + 1 GiB 1.14 GiB at +18%. A host sync after every block held 0.70 GiB at
-+26%; `mx.async_eval` after every block gave no bound (8.96 GiB). The CPU backend is unaffected:
-it holds only one block's work (its attention scores dominate), and the limit never binds there.
+intermediates of many blocks alive at once (about 28x diffusers' at 1024 px on CUDA). MLX's memory
+limit makes the host wait for scheduled work before allocating past it, which bounds that for a few
+percent of step time; per-block host syncs cost more, `mx.async_eval` per block bounds nothing
+(benchmarks/bench_step_memory.py; the figures are in benchmarks/README.md, bench_speed.py section).
+The CPU backend holds only one block's work (its attention scores dominate): the limit never binds there.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ from contextlib import contextmanager
 import mlx.core as mx
 
 GIB = 1 << 30
-DEFAULT_WORK_BUDGET = 3 * GIB  # measured: +3% step time on CUDA at 1024 px
-LOW_MEMORY_WORK_BUDGET = 1 * GIB  # measured: +18% step time on CUDA at 1024 px
+DEFAULT_WORK_BUDGET = 3 * GIB  # +3% step time on CUDA at 1024 px (benchmarks/README.md)
+LOW_MEMORY_WORK_BUDGET = 1 * GIB  # +18% step time on CUDA at 1024 px
 
 
 @contextmanager

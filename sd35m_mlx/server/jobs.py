@@ -229,7 +229,7 @@ class Worker:
                 if job.cancel_reason is not None:
                     raise GenerationCancelled(job.cancel_reason)
                 kwargs = generate_kwargs(job.spec, seed, self.model)
-                # rgb previews: a 16->3 map at latent resolution, far under 1% of a step (sd35m_mlx/preview.py)
+                # rgb previews: a 16->3 map at latent resolution, far under 1% of a step (sd35m_mlx/sampling/preview.py)
                 images = self.pipe.generate(**kwargs, callback=job.on_step, preview="rgb", on_preview=job.on_preview)
                 job.results.append(Result(png_bytes(images[0], job.spec, seed, self.model, self.version), seed))
             self._durations.append(time.time() - job.started)

@@ -3,7 +3,7 @@ alive at a time, whatever the size.
 
 `mx.checkpoint` around each block (lora_params.checkpoint_blocks) leaves the order of the recomputations
 to MLX's scheduler, which evaluates the whole step as one graph: at 1024 px it still held about one
-attention matrix per block (measured: 1.4 GB per block in bfloat16, 38 GB at 24 blocks). Here the step
+attention matrix per block (tens of GB at 24 blocks; benchmarks/README.md). Here the step
 is cut where the memory is: the forward runs stage by stage and keeps only each block's inputs
 (evaluated, so no graph hangs on them); the backward then walks the stages in reverse, each a
 `mx.vjp` of that stage alone (its forward recomputed), evaluated before the next. Stages: the inputs
