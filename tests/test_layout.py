@@ -139,6 +139,25 @@ def test_type_only_and_function_level_imports_count(tmp_path):
     assert imported("p.b", tmp_path / "b.py", known) == {"p.a"}
 
 
+def rooms_imported(graph: dict[str, set[str]], room: str) -> set[str]:
+    """The other rooms (sd35m_mlx.<first part>) that the modules of `room` import."""
+    inside = f"sd35m_mlx.{room}"
+    return {
+        ".".join(t.split(".")[:2])
+        for m, targets in graph.items()
+        if m == inside or m.startswith(inside + ".")
+        for t in targets
+        if t != inside and not t.startswith(inside + ".")
+    }
+
+
+def test_models_import_no_other_room_and_sampling_reads_no_files():
+    """models/ is pure mlx.nn; sampling/ never reaches up into loading/ (the loader builds the schedule)."""
+    graph = import_graph("sd35m_mlx")
+    assert rooms_imported(graph, "models") == set()
+    assert rooms_imported(graph, "sampling") <= {"sd35m_mlx.images"}
+
+
 def test_few_loose_modules_at_the_top():
     top = sorted(p.name for p in PACKAGES["sd35m_mlx"].glob("*.py") if p.name != "__init__.py")
     assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} loose modules at the top of sd35m_mlx/: {top}"
