@@ -33,7 +33,7 @@ Decoder = Callable[[mx.array], mx.array]  # model-space latents NHWC -> images N
 class Canvas:
     """What the editing inputs add to the checked settings: the img2img / inpainting source image at the
     canvas size (NHWC, [-1, 1]), the inpainting plan (editing/inpaint.py) and the checked ControlNet
-    inputs (editing/control.py)."""
+    inputs (editing/control.py) with the ControlNets they condition."""
 
     init_image: mx.array | None = None
     inpaint: Any = None
