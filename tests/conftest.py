@@ -30,6 +30,21 @@ def tiny_pipeline(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def ours(tiny_pipeline):
+    """Our pipeline on the tiny fixture, in float32 as every parity check. One per test module: a module
+    that loads LoRAs, sets ControlNets or releases weights cannot leak that into another."""
+    from sd35m_mlx import StableDiffusion35
+
+    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def pipe(ours):
+    """`ours` under the name the tests without a reference side use (CLI, server, threads, previews)."""
+    return ours
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_medium_transformer(tmp_path_factory):
     """SD3-Medium-style transformer folder: no dual attention, no qk norm."""

@@ -38,11 +38,6 @@ def nets(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def ours(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
 @pytest.fixture
 def posterior_mean(monkeypatch):
     """diffusers samples the VAE posterior for the control image; we use its mean."""
