@@ -52,3 +52,25 @@ def tiny_sd3_medium_transformer(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fixtures") / "sd3m-transformer"
     return build_transformer(out, seed=1, dual_attention_layers=(), qk_norm=None)
+
+
+@pytest.fixture(scope="module")
+def server_options() -> dict:
+    """Options of the module's `server` (`create_app`'s keywords); a server test module overrides this."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(pipe, server_options):
+    """A real uvicorn server on `pipe`, one per test module (tests/server_helpers.py)."""
+    from tests.server_helpers import RunningServer
+
+    with RunningServer(pipe, **server_options) as s:
+        yield s
+
+
+@pytest.fixture
+def http(server):
+    """An httpx client on `server`; on exit it waits for the server to be idle, ready for the next test."""
+    with server.client() as client:
+        yield client
