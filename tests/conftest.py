@@ -54,6 +54,21 @@ def tiny_sd3_medium_transformer(tmp_path_factory):
     return build_transformer(out, seed=1, dual_attention_layers=(), qk_norm=None)
 
 
+@pytest.fixture
+def behind_cli(monkeypatch, tmp_path):
+    """`behind_cli(pipe)`: the CLI gets `pipe` from load_pipeline (or calls `load` instead), and runs in a fresh
+    current folder holding an empty `model` folder; returns `pipe`."""
+    from sd35m_mlx_cli import model as model_io
+
+    def use(pipe, load=None):
+        monkeypatch.setattr(model_io, "load_pipeline", load or (lambda *a, **k: pipe))
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "model").mkdir()
+        return pipe
+
+    return use
+
+
 @pytest.fixture(scope="module")
 def server_options() -> dict:
     """Options of the module's `server` (`create_app`'s keywords); a server test module overrides this."""
