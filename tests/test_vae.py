@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from parity import assert_close
 
+from scripts.build_fixture import VAE
 from sd35m_mlx.loading.safetensors_io import WeightsError
 from sd35m_mlx.loading.vae import load_vae
 from sd35m_mlx.models import vae_blocks
@@ -20,22 +21,10 @@ REL_TOL = 1e-4
 
 
 def _sd3_like_vae(seed=0) -> TorchAutoencoderKL:
-    """SD3's VAE architecture at toy width: 4 levels, 16 latent channels, no quant convs."""
+    """SD3's VAE architecture at toy width (the tiny fixture's config: 4 levels, 16 latent channels, no quant
+    convs), with its own weights."""
     torch.manual_seed(seed)
-    model = TorchAutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=8,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    model = TorchAutoencoderKL(**VAE).eval()
     with torch.no_grad():  # default init leaves norms at identity and biases at 0: make them matter
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
