@@ -30,6 +30,21 @@ def tiny_pipeline(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def ours(tiny_pipeline):
+    """Our pipeline on the tiny fixture, in float32 as every parity check. One per test module: a module
+    that loads LoRAs, sets ControlNets or releases weights cannot leak that into another."""
+    from sd35m_mlx import StableDiffusion35
+
+    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def pipe(ours):
+    """`ours` under the name the tests without a reference side use (CLI, server, threads, previews)."""
+    return ours
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_medium_transformer(tmp_path_factory):
     """SD3-Medium-style transformer folder: no dual attention, no qk norm."""
@@ -37,3 +52,40 @@ def tiny_sd3_medium_transformer(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fixtures") / "sd3m-transformer"
     return build_transformer(out, seed=1, dual_attention_layers=(), qk_norm=None)
+
+
+@pytest.fixture
+def behind_cli(monkeypatch, tmp_path):
+    """`behind_cli(pipe)`: the CLI gets `pipe` from load_pipeline (or calls `load` instead), and runs in a fresh
+    current folder holding an empty `model` folder; returns `pipe`."""
+    from sd35m_mlx_cli import model as model_io
+
+    def use(pipe, load=None):
+        monkeypatch.setattr(model_io, "load_pipeline", load or (lambda *a, **k: pipe))
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "model").mkdir()
+        return pipe
+
+    return use
+
+
+@pytest.fixture(scope="module")
+def server_options() -> dict:
+    """Options of the module's `server` (`create_app`'s keywords); a server test module overrides this."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(pipe, server_options):
+    """A real uvicorn server on `pipe`, one per test module (tests/server_helpers.py)."""
+    from tests.server_helpers import RunningServer
+
+    with RunningServer(pipe, **server_options) as s:
+        yield s
+
+
+@pytest.fixture
+def http(server):
+    """An httpx client on `server`; on exit it waits for the server to be idle, ready for the next test."""
+    with server.client() as client:
+        yield client

@@ -1,4 +1,5 @@
-"""A real uvicorn server on a free 127.0.0.1 port, in a thread, for the server tests."""
+"""A real uvicorn server on a free 127.0.0.1 port, in a thread, for the server tests (the module-wide `server`
+and `http` fixtures in tests/conftest.py use it), and what those tests read and send."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from PIL import Image
 
 
 class RunningServer:
+    """Started on creation; stopped by `stop()` or at the end of a `with` block."""
+
     def __init__(self, pipe, **options):
         import uvicorn
 
@@ -45,6 +48,10 @@ class RunningServer:
 
         with httpx.Client(base_url=self.url, timeout=60) as client:
             yield client
+        self.wait_idle()
+
+    def wait_idle(self) -> None:
+        """Until no job runs or waits, so that a test leaves the server ready for the next."""
         wait_until(lambda: self.worker.current is None and self.worker.queued == 0, 30, what="idle server")
 
     def stop(self) -> None:
@@ -52,6 +59,12 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(30)
         assert not self.thread.is_alive(), "server did not stop"
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def wait_until(condition, timeout: float = 60.0, every: float = 0.05, what: str = "condition"):
@@ -69,6 +82,10 @@ def pixels(image_or_b64) -> np.ndarray:
     if isinstance(image_or_b64, str):
         image_or_b64 = Image.open(io.BytesIO(base64.b64decode(image_or_b64)))
     return np.asarray(image_or_b64.convert("RGB"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def png(image: Image.Image) -> bytes:

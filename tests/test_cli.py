@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sd35m_mlx.record import parameters_text
-from sd35m_mlx_cli import model as model_io
 from sd35m_mlx_cli import output
 from sd35m_mlx_cli.main import cli
 from sd35m_mlx_cli.metadata import JSON_KEY, parse_parameters
@@ -42,7 +41,7 @@ class FakePipeline:
 
 
 @pytest.fixture
-def fake(monkeypatch, tmp_path):
+def fake(behind_cli):
     """A fake pipeline behind load_pipeline; the current folder is a fresh tmp folder with a model folder."""
     pipe = FakePipeline()
     loads = []
@@ -52,9 +51,7 @@ def fake(monkeypatch, tmp_path):
         pipe.load_options = options
         return pipe
 
-    monkeypatch.setattr(model_io, "load_pipeline", load)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "model").mkdir()
+    behind_cli(pipe, load=load)
     pipe.loads = loads
     return pipe
 

@@ -10,7 +10,6 @@ from PIL import Image
 
 from sd35m_mlx.editing.outpaint import outpaint, parse_margins
 from sd35m_mlx.editing.preprocess import canny
-from sd35m_mlx_cli import model as model_io
 from sd35m_mlx_cli.main import cli
 
 
@@ -72,11 +71,8 @@ class FakePipeline:
 
 
 @pytest.fixture
-def fake(monkeypatch, tmp_path):
-    pipe = FakePipeline()
-    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: pipe)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "model").mkdir()
+def fake(behind_cli):
+    pipe = behind_cli(FakePipeline())
     _picture(320, 256).save("in.png")
     mask = np.zeros((256, 320), np.uint8)
     mask[30:60, 40:90] = 255

@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from parity import assert_close
 
 from sd35m_mlx.loading.text_encoders import load_text_encoders
 
@@ -61,13 +62,7 @@ def assert_matches(ours, expected):
         if b is None:
             assert a is None, name
             continue
-        b = b.numpy()
-        a = np.array(a)
-        assert a.shape == b.shape, f"{name}: {a.shape} != {b.shape}"
-        scale = b.std()
-        assert scale > 0.1, f"{name}: degenerate reference (std {scale})"
-        err = np.abs(a - b).max()
-        assert err <= TOL * scale, f"{name}: max abs error {err:.3g} > {TOL} x std {scale:.3g}"
+        assert_close(a, b, rtol_of_std=TOL, min_std=0.1, what=name)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,18 +8,12 @@ import pytest
 from lora_writers import velocity_probe
 from safetensors.numpy import load_file
 
-from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.loading.keymaps import map_mmdit_weights
 from sd35m_mlx.lora.kohya_export import PREFIX, _routes, kohya_state_dict
 from sd35m_mlx.training.checkpoint import export_kohya, save_lora
 from sd35m_mlx.training.lora_params import TrainableLora, resolve_targets
 
 RANK, ALPHA = 4, 8.0
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
 
 
 @pytest.fixture(scope="module")

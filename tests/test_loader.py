@@ -22,6 +22,14 @@ def _weights_file(folder):
     return folder / "diffusion_pytorch_model.safetensors"
 
 
+def _edit_weights(folder, edit) -> None:
+    """Rewrite the folder's weights file with `edit(tensors)` applied to its tensors in place."""
+    path = _weights_file(folder)
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
 def test_loads_lazily_with_requested_dtype(tiny_pipeline):
     weights, origin = load_safetensors(tiny_pipeline / "transformer", mx.bfloat16)
     assert all(v.dtype == mx.bfloat16 for v in weights.values())
@@ -43,28 +51,25 @@ def test_garbage_file_is_reported(transformer_copy):
 
 
 def test_missing_key_is_named(transformer_copy):
-    path = _weights_file(transformer_copy)
-    tensors = load_file(path)
-    del tensors["transformer_blocks.1.attn.to_k.bias"]
-    save_file(tensors, path)
+    _edit_weights(transformer_copy, lambda tensors: tensors.pop("transformer_blocks.1.attn.to_k.bias"))
     with pytest.raises(WeightsError, match=r"missing key transformer_blocks\.1\.attn\.to_k\.bias.*transformer"):
         load_transformer(transformer_copy)
 
 
 def test_unexpected_key_is_named(transformer_copy):
-    path = _weights_file(transformer_copy)
-    tensors = load_file(path)
-    tensors["transformer_blocks.0.extra.weight"] = tensors["proj_out.bias"]
-    save_file(tensors, path)
+    def add_extra(tensors):
+        tensors["transformer_blocks.0.extra.weight"] = tensors["proj_out.bias"]
+
+    _edit_weights(transformer_copy, add_extra)
     with pytest.raises(WeightsError, match=r"unexpected key transformer_blocks\.0\.extra\.weight.*safetensors"):
         load_transformer(transformer_copy)
 
 
 def test_wrong_shape_is_named(transformer_copy):
-    path = _weights_file(transformer_copy)
-    tensors = load_file(path)
-    tensors["context_embedder.weight"] = tensors["context_embedder.weight"][:, :-1].copy()
-    save_file(tensors, path)
+    def crop(tensors):
+        tensors["context_embedder.weight"] = tensors["context_embedder.weight"][:, :-1].copy()
+
+    _edit_weights(transformer_copy, crop)
     with pytest.raises(WeightsError, match=r"wrong shape for context_embedder\.weight"):
         load_transformer(transformer_copy)
 

@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 from lora_writers import save
 
-from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.lora.layers import layer_table
 
 H = W = 32
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
 
 
 def _gen(pipe):

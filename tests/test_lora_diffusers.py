@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from lora_writers import allow_installed_peft, write_diffusers_lora
 from mlx.utils import tree_flatten
+from parity import assert_close
 
 from sd35m_mlx import StableDiffusion35
 
@@ -31,11 +32,6 @@ def lora_files(tiny_pipeline, tmp_path_factory):
     b = write_diffusers_lora(folder, writer, "b", seed=20, rank=2, alpha=1.0, alpha_pattern={"norm1.linear": 4.0})
     dora = write_diffusers_lora(folder, writer, "dora", seed=30, rank=4, alpha=4.0, text_encoders=False, use_dora=True)
     return {"a": a, "b": b, "dora": dora}
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
 
 
 def _noise(seed=0):
@@ -69,9 +65,8 @@ def test_two_adapters_match_diffusers(tiny_pipeline, lora_files, ours):
         assert ours.get_active_adapters() == ["a", "b"]
         out = _gen(ours, noise)
         expected = _ref_gen(ref, noise)
-        err = np.abs(out - expected).max()
         assert np.abs(out - base).max() > 0.1, "the LoRAs must change the image"
-        assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} vs diffusers"
+        assert_close(out, expected, atol=PIXEL_TOL, what="pixels vs diffusers")
 
         # text encoders alone (CLIP-L and CLIP-G LoRAs): diffusers with the transformer LoRA off
         ref.transformer.set_adapters(["a", "b"], [0.0, 0.0])
@@ -85,7 +80,7 @@ def test_two_adapters_match_diffusers(tiny_pipeline, lora_files, ours):
         for n, f in saved.items():
             state.adapters[n].factors = f
         assert np.abs(te_out - base).max() > 1e-2, "the text encoder LoRAs must change the image"
-        assert np.abs(te_out - te_ref).max() <= PIXEL_TOL
+        assert_close(te_out, te_ref, atol=PIXEL_TOL, what="pixels vs diffusers, text encoder LoRAs")
     finally:
         ours.unload_lora_weights()
 
@@ -170,7 +165,7 @@ def test_dora_matches_diffusers(tiny_pipeline, lora_files, ours):
         ours.set_adapters("dora", 0.7)
         out = _gen(ours, noise)
         assert np.abs(out - base).max() > 0.1
-        assert np.abs(out - _ref_gen(ref, noise)).max() <= PIXEL_TOL
+        assert_close(out, _ref_gen(ref, noise), atol=PIXEL_TOL, what="DoRA pixels vs diffusers")
         ours.fuse_lora()
         assert np.abs(_gen(ours, noise) - out).max() <= 1e-4  # as the fused LoRA test above
         ours.unfuse_lora()

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 from lora_writers import save
+from parity import assert_close
 
-from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.lora import LoraError
 from sd35m_mlx.lora.layers import layer_table
 
@@ -46,11 +46,6 @@ TOP = {
     "final_layer.adaLN_modulation.1": "norm_out.linear",
     "x_embedder.proj": "pos_embed.proj",  # a Conv2d: conv LoRA factors, PyTorch layout
 }
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +218,7 @@ def test_format_gives_the_diffusers_result(fmt, ours, lora, reference, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every tensor must map
         out = _image(ours, path)
-    err = np.abs(out - expected).max()
-    assert err <= SAME_TOL, f"{fmt}: max abs pixel difference {err:.2e} vs the diffusers-format file"
+    assert_close(out, expected, atol=SAME_TOL, what=f"{fmt} pixels vs the diffusers-format file")
 
 
 MUTATIONS = {
@@ -264,7 +258,7 @@ def test_lokr_and_loha_match_their_dense_delta(ours, tmp_path):
         dense = {f"{key}.lora_A.weight": np.eye(inp), f"{key}.lora_B.weight": delta}  # rank = in, alpha = rank
         got = _image(ours, save(tmp_path / "ly.safetensors", tensors))
         want = _image(ours, save(tmp_path / "dense.safetensors", dense))
-        assert np.abs(got - want).max() <= SAME_TOL
+        assert_close(got, want, atol=SAME_TOL, what="pixels vs the dense delta")
 
 
 def test_bad_files_are_refused_with_a_reason(ours, lora, tmp_path):

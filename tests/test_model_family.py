@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from parity import assert_close
 from safetensors.torch import save_file
 from test_single_file import _prefixed, _sidecars, _single_file_checkpoint, _text_encoders
 
@@ -68,9 +69,7 @@ def _run_both(ours, ref, seed=0):
     out = ours.generate("a capybara holding a sign", latents=noise, output_type="np", **kw)
     latents = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous()
     ref_out = ref("a capybara holding a sign", latents=latents, output_type="np", **kw).images
-    assert out.shape == ref_out.shape and ref_out.std() > 0.02
-    err = np.abs(out - ref_out).max()
-    assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} > {PIXEL_TOL}"
+    assert_close(out, ref_out, atol=PIXEL_TOL, min_std=0.02, what="pixels")
 
 
 def test_family_member_in_diffusers_layout_matches_diffusers(member):

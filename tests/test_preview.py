@@ -22,11 +22,6 @@ from sd35m_mlx.sampling.schedule import img2img_start_index
 KW = dict(height=32, width=48, seed=5, output_type="np")
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
 class StandInTAESD(nn.Module):
     """16 latent channels -> RGB per latent pixel, 8x nearest upsampling; scaling as a TAESD config has it."""
 

@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from sd35m_mlx import StableDiffusion35  # noqa: E402
 from sd35m_mlx.server.spec import Limits  # noqa: E402
-from tests.server_helpers import RunningServer, pixels, png, wait_until  # noqa: E402
+from tests.server_helpers import RunningServer, b64, pixels, png, wait_until  # noqa: E402
 
 LONG = 1000  # steps: ~40 s at 64 px here; long enough to be caught running, never run to the end (and the
 # schedule's per-step modulations, precomputed before step 1, stay quick to build)
@@ -39,21 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(pipe):
-    s = RunningServer(pipe, model_name="sd35m-tiny", limits=Limits(max_steps=LONG), max_body_bytes=1 << 20)
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def http(server):
-    with server.client() as client:  # every test leaves the server idle for the next
-        yield client
+def server_options():
+    return dict(model_name="sd35m-tiny", limits=Limits(max_steps=LONG), max_body_bytes=1 << 20)
 
 
 def start_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
@@ -228,8 +215,7 @@ def test_url_images_expire_after_an_hour_and_only_ours(server, http):
 
 
 def test_queue_full_is_503_with_retry_after(pipe):
-    s = RunningServer(pipe, max_queue=1, limits=Limits(max_steps=LONG))
-    try:
+    with RunningServer(pipe, max_queue=1, limits=Limits(max_steps=LONG)) as s:
         with httpx.Client(base_url=s.url, timeout=60) as http:
             long = {"prompt": "p", "size": "64x64", "steps": LONG}
             t1, out1 = start_in_thread(http.post, "/v1/images/generations", json=long)
@@ -243,8 +229,6 @@ def test_queue_full_is_503_with_retry_after(pipe):
             s.worker.interrupt()  # the long job ends; the queued one runs
             t1.join(60), t2.join(60)
             assert out2["result"].status_code == 200 and out2["result"].json()["data"][0]["seed"] == 2
-    finally:
-        s.stop()
 
 
 def test_client_disconnect_cancels_its_job(server, http):
@@ -273,8 +257,7 @@ def test_disconnect_of_a_queued_client_frees_its_slot(server, http):
 
 
 def test_api_key(pipe):
-    s = RunningServer(pipe, api_key="s3cret")
-    try:
+    with RunningServer(pipe, api_key="s3cret") as s:
         with httpx.Client(base_url=s.url, timeout=60) as http:
             assert http.get("/health").status_code == 200  # open
             assert http.get("/").status_code == 200  # the page is static; its calls carry the key
@@ -293,15 +276,9 @@ def test_api_key(pipe):
         assert len(client.images.generate(prompt="p", size="64x64", extra_body={"steps": 1}).data) == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{s.url}/v1", api_key="nope", max_retries=0).models.list()
-    finally:
-        s.stop()
 
 
 # --- bad input: 4xx in each dialect's shape, and the server goes on ----------------------------------
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def bomb_png(side: int = 100_000) -> bytes:

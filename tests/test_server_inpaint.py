@@ -6,7 +6,6 @@ lossless: exact equality). Bad masks are 4xx in each dialect's shape, and the se
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
@@ -18,33 +17,15 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image, ImageFilter, ImageOps  # noqa: E402
 
-from sd35m_mlx import StableDiffusion35  # noqa: E402
-from tests.server_helpers import RunningServer, pixels, png  # noqa: E402
+from tests.server_helpers import b64, pixels, png  # noqa: E402
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 SOURCE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(pipe):
-    s = RunningServer(pipe, model_name="sd35m-tiny", max_body_bytes=1 << 20)
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def http(server):
-    with server.client() as client:  # every test leaves the server idle for the next
-        yield client
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def server_options():
+    return dict(model_name="sd35m-tiny", max_body_bytes=1 << 20)
 
 
 def alpha_mask(box, size=(64, 64), rgb=(0, 0, 0)) -> Image.Image:

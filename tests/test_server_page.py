@@ -19,7 +19,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from PIL import Image  # noqa: E402
 
-from sd35m_mlx import StableDiffusion35  # noqa: E402
 from sd35m_mlx.server.spec import Limits  # noqa: E402
 from tests.server_helpers import RunningServer, pixels, png, wait_until  # noqa: E402
 
@@ -45,15 +44,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(pipe):
-    s = RunningServer(pipe, model_name="sd35m-tiny", limits=Limits(max_steps=LONG))
-    yield s
-    s.stop()
+def server_options():
+    return dict(model_name="sd35m-tiny", limits=Limits(max_steps=LONG))
 
 
 @pytest.fixture
@@ -65,7 +57,7 @@ def page(browser, server):
     page.wait_for_function("document.getElementById('model-name').textContent.length > 0")
     yield page
     context.close()
-    wait_until(lambda: server.worker.current is None and server.worker.queued == 0, 30, what="idle server")
+    server.wait_idle()
 
 
 def fill_settings(page, steps: int, seed: int) -> None:
@@ -166,19 +158,18 @@ def test_drop_a_mask_next_to_the_image_to_inpaint(page, pipe):
 
 
 def test_with_an_api_key_the_page_asks_for_it(browser, pipe):
-    s = RunningServer(pipe, api_key="s3cret")
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(s.url + "/")
-        page.wait_for_selector("#key-box.on")  # its first API call got 401
-        assert "API key" in page.inner_text("#status")
-        page.fill("#key", "s3cret")
-        fill_settings(page, steps=1, seed=2)
-        page.fill("#prompt", "a key")
-        page.press("#prompt", "Enter")
-        page.wait_for_selector(".card img")
-    finally:
-        context.close()
-        s.stop()
+    with RunningServer(pipe, api_key="s3cret") as s:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(s.url + "/")
+            page.wait_for_selector("#key-box.on")  # its first API call got 401
+            assert "API key" in page.inner_text("#status")
+            page.fill("#key", "s3cret")
+            fill_settings(page, steps=1, seed=2)
+            page.fill("#prompt", "a key")
+            page.press("#prompt", "Enter")
+            page.wait_for_selector(".card img")
+        finally:
+            context.close()

@@ -16,6 +16,7 @@ from diffusers.loaders.single_file_utils import (
     convert_sd3_transformer_checkpoint_to_diffusers,
 )
 from mlx.utils import tree_flatten
+from parity import assert_close
 from safetensors.torch import load_file, save_file
 
 from sd35m_mlx import StableDiffusion35
@@ -193,7 +194,7 @@ def reference(tiny_pipeline):
 
 
 @pytest.fixture(scope="module")
-def ours(single_file_folder):
+def single_file_pipe(single_file_folder):
     return StableDiffusion35.from_pretrained(single_file_folder, dtype="float32")
 
 
@@ -215,9 +216,7 @@ def _generate(pipe, seed=0, **kw):
 
 
 def _compare_images(out, ref):
-    assert ref.std() > 0.02, "reference image is flat; the comparison would be meaningless"
-    err = np.abs(out - ref).max()
-    assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} > {PIXEL_TOL}"
+    assert_close(out, ref, atol=PIXEL_TOL, min_std=0.02, what="pixels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,29 +241,31 @@ def test_built_single_file_converts_back_with_diffusers_converters(tiny_pipeline
 # 2. Loaded from the single-file folder == loaded from the diffusers folder
 
 
-def test_single_file_weights_equal_diffusers_layout_weights(ours, reference):
-    _assert_same_params(ours.transformer, reference.transformer)
-    _assert_same_params(ours.vae, reference.vae)
+def test_single_file_weights_equal_diffusers_layout_weights(single_file_pipe, reference):
+    _assert_same_params(single_file_pipe.transformer, reference.transformer)
+    _assert_same_params(single_file_pipe.vae, reference.vae)
     _assert_same_params(
-        ours.prompt_encoder.text_encoder, reference.prompt_encoder.text_encoder, ["text_projection.weight"]
+        single_file_pipe.prompt_encoder.text_encoder, reference.prompt_encoder.text_encoder, ["text_projection.weight"]
     )
-    _assert_same_params(ours.prompt_encoder.text_encoder_2, reference.prompt_encoder.text_encoder_2)
-    _assert_same_params(ours.prompt_encoder.text_encoder_3, reference.prompt_encoder.text_encoder_3)
+    _assert_same_params(single_file_pipe.prompt_encoder.text_encoder_2, reference.prompt_encoder.text_encoder_2)
+    _assert_same_params(single_file_pipe.prompt_encoder.text_encoder_3, reference.prompt_encoder.text_encoder_3)
     # sample_size (the default resolution) is the one thing no tensor tells: SD3's 128 when no config says
-    assert ours.transformer.config == dataclasses.replace(reference.transformer.config, sample_size=128)
-    assert ours.vae.config == reference.vae.config
-    assert ours.schedule == reference.schedule
+    assert single_file_pipe.transformer.config == dataclasses.replace(reference.transformer.config, sample_size=128)
+    assert single_file_pipe.vae.config == reference.vae.config
+    assert single_file_pipe.schedule == reference.schedule
 
 
-def test_single_file_matches_diffusers_layout(ours, reference):
-    _compare_images(_generate(ours, negative_prompt="blurry"), _generate(reference, negative_prompt="blurry"))
+def test_single_file_matches_diffusers_layout(single_file_pipe, reference):
+    _compare_images(
+        _generate(single_file_pipe, negative_prompt="blurry"), _generate(reference, negative_prompt="blurry")
+    )
 
 
-def test_single_file_path_loads_like_its_folder(single_file_folder, ours):
+def test_single_file_path_loads_like_its_folder(single_file_folder, single_file_pipe):
     parts = load_single_file(single_file_folder / "sd3.5_medium.safetensors", mx.float32, load_t5=False)
-    _assert_same_params(parts.transformer, ours.transformer)
+    _assert_same_params(parts.transformer, single_file_pipe.transformer)
     assert parts.prompt_encoder.text_encoder_3 is None
-    assert parts.prompt_encoder.joint_attention_dim == ours.transformer.config.joint_attention_dim
+    assert parts.prompt_encoder.joint_attention_dim == single_file_pipe.transformer.config.joint_attention_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def fp8_folder(single_file_folder, tmp_path_factory):
     return root
 
 
-def test_fp8_t5_matches_reference_with_fp8_rounded_weights(fp8_folder, tiny_pipeline, reference, ours):
+def test_fp8_t5_matches_reference_with_fp8_rounded_weights(fp8_folder, tiny_pipeline, reference, single_file_pipe):
     fp8 = StableDiffusion35.from_pretrained(fp8_folder, dtype="float32")
     rounded = {k: mx.array(_fp8(v).float().numpy()) for k, v in _fixture_state(tiny_pipeline, "text_encoder_3").items()}
     ref_t5 = reference.prompt_encoder.text_encoder_3
@@ -299,15 +300,15 @@ def test_fp8_t5_matches_reference_with_fp8_rounded_weights(fp8_folder, tiny_pipe
     image = _generate(fp8, seed=1)
     _compare_images(image, ref_image)
     # and the rounding matters: full-precision T5 gives a clearly different image (~0.1 here)
-    assert np.abs(_generate(ours, seed=1) - image).max() > 10 * PIXEL_TOL
+    assert np.abs(_generate(single_file_pipe, seed=1) - image).max() > 10 * PIXEL_TOL
 
 
-def test_fp16_t5_is_preferred_over_fp8(fp8_folder, single_file_folder, ours, tmp_path):
+def test_fp16_t5_is_preferred_over_fp8(fp8_folder, single_file_folder, single_file_pipe, tmp_path):
     root = tmp_path / "both"
     shutil.copytree(fp8_folder, root)
     shutil.copy(single_file_folder / "text_encoders" / "t5xxl_fp16.safetensors", root / "text_encoders")
     parts = load_single_file(root, mx.float32)
-    _assert_same_params(parts.prompt_encoder.text_encoder_3, ours.prompt_encoder.text_encoder_3)
+    _assert_same_params(parts.prompt_encoder.text_encoder_3, single_file_pipe.prompt_encoder.text_encoder_3)
 
 
 def test_fp8_t5_decodes_exactly_to_bfloat16(fp8_folder):
@@ -335,21 +336,21 @@ def _all_in_one(tiny_pipeline, root, encoders):
     return root / "sd3.5_medium_incl_clips_t5xxlfp16.safetensors"
 
 
-def test_comfyui_all_in_one_equals_separate_files(tiny_pipeline, tmp_path, ours):
+def test_comfyui_all_in_one_equals_separate_files(tiny_pipeline, tmp_path, single_file_pipe):
     path = _all_in_one(tiny_pipeline, tmp_path / "comfy", _text_encoders(tiny_pipeline))
     parts = load_single_file(path, mx.float32)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        _assert_same_params(getattr(parts.prompt_encoder, name), getattr(ours.prompt_encoder, name))
-    _assert_same_params(parts.transformer, ours.transformer)
-    _assert_same_params(parts.vae, ours.vae)
+        _assert_same_params(getattr(parts.prompt_encoder, name), getattr(single_file_pipe.prompt_encoder, name))
+    _assert_same_params(parts.transformer, single_file_pipe.transformer)
+    _assert_same_params(parts.vae, single_file_pipe.vae)
 
 
-def test_comfyui_all_in_one_without_t5(tiny_pipeline, tmp_path, ours):
+def test_comfyui_all_in_one_without_t5(tiny_pipeline, tmp_path, single_file_pipe):
     encoders = _text_encoders(tiny_pipeline)
     del encoders["t5xxl"]
     path = _all_in_one(tiny_pipeline, tmp_path / "comfy", encoders)
     parts = load_single_file(path, mx.float32, load_t5=False)
-    _assert_same_params(parts.prompt_encoder.text_encoder_2, ours.prompt_encoder.text_encoder_2)
+    _assert_same_params(parts.prompt_encoder.text_encoder_2, single_file_pipe.prompt_encoder.text_encoder_2)
     with pytest.raises(WeightsError, match="no T5.*load_t5=False"):
         load_single_file(path, mx.float32)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny as TorchAutoencoderTiny
 from diffusers import StableDiffusion3Pipeline
+from parity import assert_close
 from safetensors.torch import save_file
 
 from scripts.build_fixture import build_taesd
@@ -39,7 +40,7 @@ def ref(taesd_folder):
 
 
 @pytest.fixture(scope="module")
-def ours(taesd_folder):
+def our_taesd(taesd_folder):
     return load_taesd(taesd_folder)
 
 
@@ -51,42 +52,36 @@ def _nchw(a: mx.array) -> np.ndarray:
     return np.array(a).transpose(0, 3, 1, 2)
 
 
-def _close(out: np.ndarray, expected: np.ndarray) -> None:
-    assert out.shape == expected.shape
-    err = np.abs(out - expected).max() / expected.std()
-    assert err <= REL_TOL, f"max abs error {err:.2e} x std > {REL_TOL}"
-
-
 def _latents(seed=0, shape=(2, 16, 8, 12)) -> np.ndarray:
     return (1.5 * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)  # reaches the tanh clamp
 
 
-def test_decoder_matches_diffusers(ours, ref):
+def test_decoder_matches_diffusers(our_taesd, ref):
     z = _latents()
     with torch.no_grad():
         expected = ref.decode(torch.from_numpy(z)).sample.numpy()
-    _close(_nchw(ours.decode(_nhwc(z))), expected)
+    assert_close(_nchw(our_taesd.decode(_nhwc(z))), expected, rtol_of_std=REL_TOL)
 
 
-def test_encoder_matches_diffusers(ours, ref):
+def test_encoder_matches_diffusers(our_taesd, ref):
     images = np.random.default_rng(1).uniform(-1, 1, (2, 3, 64, 96)).astype(np.float32)
     with torch.no_grad():
         expected = ref.encode(torch.from_numpy(images)).latents.numpy()
-    _close(_nchw(ours.encode(_nhwc(images))), expected)
+    assert_close(_nchw(our_taesd.encode(_nhwc(images))), expected, rtol_of_std=REL_TOL)
 
 
-def test_banded_convs_match_diffusers(ours, ref, monkeypatch):
+def test_banded_convs_match_diffusers(our_taesd, ref, monkeypatch):
     """At 1024 px the CPU convolutions run in bands of rows; force that path at test size."""
     monkeypatch.setattr(vae_blocks, "_MAX_UNFOLD", 1 << 12)
     z = _latents(seed=2, shape=(1, 16, 8, 8))
     with torch.no_grad():
         expected = ref.decode(torch.from_numpy(z)).sample.numpy()
-    _close(_nchw(ours.decode(_nhwc(z))), expected)
+    assert_close(_nchw(our_taesd.decode(_nhwc(z))), expected, rtol_of_std=REL_TOL)
 
 
-def test_bfloat16_decode_stays_close_to_float32(taesd_folder, ours):
+def test_bfloat16_decode_stays_close_to_float32(taesd_folder, our_taesd):
     z = _nhwc(_latents(seed=3, shape=(1, 16, 8, 8)))
-    full = np.array(ours.decode(z))
+    full = np.array(our_taesd.decode(z))
     half = load_taesd(taesd_folder, mx.bfloat16)
     assert half.decoder.layers[0].weight.dtype == mx.bfloat16
     out = np.array(half.decode(z.astype(mx.bfloat16)).astype(mx.float32))
@@ -116,7 +111,7 @@ def _raw_decoder_state_dict(ref: TorchAutoencoderTiny) -> dict[str, torch.Tensor
     return {k: v.contiguous() for k, v in raw.state_dict().items()}
 
 
-def test_raw_decoder_file_loads_like_the_diffusers_folder(ours, ref, tmp_path):
+def test_raw_decoder_file_loads_like_the_diffusers_folder(our_taesd, ref, tmp_path):
     state = _raw_decoder_state_dict(ref)
     assert {"1.weight", "3.conv.0.weight", "3.conv.4.bias", "19.weight"} <= state.keys()
     path = tmp_path / "taesd3_decoder.safetensors"
@@ -124,7 +119,7 @@ def test_raw_decoder_file_loads_like_the_diffusers_folder(ours, ref, tmp_path):
     raw = load_taesd(path)
     assert "encoder" not in raw and raw.config.latent_channels == 16
     z = _nhwc(_latents(seed=4, shape=(1, 16, 8, 8)))
-    assert np.array_equal(np.array(raw.decode(z)), np.array(ours.decode(z)))
+    assert np.array_equal(np.array(raw.decode(z)), np.array(our_taesd.decode(z)))
     with pytest.raises(ValueError, match="without its encoder"):
         raw.encode(mx.zeros((1, 64, 64, 3)))
     assert map_raw_decoder_weights("3.conv.0.weight", z)[0][0] == "decoder.layers.2.conv.0.weight"
@@ -132,13 +127,13 @@ def test_raw_decoder_file_loads_like_the_diffusers_folder(ours, ref, tmp_path):
         map_raw_decoder_weights("0.weight", z)
 
 
-def test_diffusers_safetensors_file_loads_without_its_config(ours, taesd_folder, tmp_path):
+def test_diffusers_safetensors_file_loads_without_its_config(our_taesd, taesd_folder, tmp_path):
     lone = tmp_path / "taesd3.safetensors"
     lone.write_bytes((taesd_folder / "diffusion_pytorch_model.safetensors").read_bytes())
     model = load_taesd(lone)
     assert "encoder" in model
     z = _nhwc(_latents(seed=5, shape=(1, 16, 8, 8)))
-    assert np.array_equal(np.array(model.decode(z)), np.array(ours.decode(z)))
+    assert np.array_equal(np.array(model.decode(z)), np.array(our_taesd.decode(z)))
 
 
 def test_loading_errors_are_one_clear_line(taesd_folder, ref, tmp_path):
@@ -200,7 +195,7 @@ def _lay_out_hub_cache(cache, repo_id: str, files: dict[str, bytes]):
     (repo / "refs" / "main").write_text(commit)
 
 
-def test_hub_id_loads_from_the_cache_and_offline_miss_says_what_to_do(ours, taesd_folder, tmp_path, monkeypatch):
+def test_hub_id_loads_from_the_cache_and_offline_miss_says_what_to_do(our_taesd, taesd_folder, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     cache = tmp_path / "hf-cache"
@@ -213,7 +208,7 @@ def test_hub_id_loads_from_the_cache_and_offline_miss_says_what_to_do(ours, taes
     _lay_out_hub_cache(cache, TAESD3_REPO, {n: (taesd_folder / n).read_bytes() for n in names})
     model = load_taesd(TAESD3_REPO)
     z = _nhwc(_latents(seed=6, shape=(1, 16, 8, 8)))
-    assert np.array_equal(np.array(model.decode(z)), np.array(ours.decode(z)))
+    assert np.array_equal(np.array(model.decode(z)), np.array(our_taesd.decode(z)))
 
 
 # --- the whole pipeline decoding with TAESD, against diffusers' SD3 pipeline with vae=AutoencoderTiny ---
@@ -238,13 +233,11 @@ def test_generate_then_decode_with_taesd_matches_diffusers_with_autoencoder_tiny
     expected = ref(
         "a lighthouse at dusk", latents=torch.from_numpy(noise).permute(0, 3, 1, 2), output_type="np", **kw
     ).images
-    assert out.shape == expected.shape == (1, H, W, 3)
-    assert expected.std() > 0.02, "reference image is flat; the comparison would be meaningless"
-    err = np.abs(out - expected).max()
-    assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} > {PIXEL_TOL}"
+    assert out.shape == (1, H, W, 3)
+    assert_close(out, expected, atol=PIXEL_TOL, min_std=0.02, what="pixels")
 
 
-def test_bench_taesd_runs_and_agrees_with_diffusers(tiny_pipeline, taesd_folder, ours, tmp_path):
+def test_bench_taesd_runs_and_agrees_with_diffusers(tiny_pipeline, taesd_folder, our_taesd, tmp_path):
     """benchmarks/bench_taesd.py keeps running (timings here mean nothing): both sides decode the same latents."""
     from benchmarks import bench_taesd
     from benchmarks.bench_speed import TorchRunner
@@ -253,7 +246,7 @@ def test_bench_taesd_runs_and_agrees_with_diffusers(tiny_pipeline, taesd_folder,
     args = bench_taesd.parse_args(["--sizes", "64", "--repeats", "1", "--json", str(tmp_path / "taesd.json")])
     args.device = "cpu"
     folders = {"taesd": taesd_folder, "vae": tiny_pipeline / "vae"}
-    r = bench_taesd.bench_size(64, ours, load_vae(folders["vae"]), folders, args, TorchRunner(isolate=False))
+    r = bench_taesd.bench_size(64, our_taesd, load_vae(folders["vae"]), folders, args, TorchRunner(isolate=False))
     assert r["max_abs_pixel_err"] < PIXEL_TOL
     assert r["taesd"]["s"] > 0 and r["vae"]["work_gib"] > 0 and r["taesd_over_vae_s"] > 0
     bench_taesd.print_report({"dtype": "float32", "device": "cpu", "sizes": [r]})

@@ -20,11 +20,6 @@ KW = dict(height=32, width=32, num_inference_steps=2, seed=3, output_type="np")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def reference(pipe):
     return pipe.generate("a red cube", **KW)
 

@@ -9,7 +9,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from mlx.utils import tree_flatten
 
-from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.training import Recipe, TrainableLora, resolve_targets, sample_sigmas
 from sd35m_mlx.training.lora_params import checkpoint_blocks, uncheckpoint_blocks
 from sd35m_mlx.training.staged import staged_loss_and_grads
@@ -22,11 +21,6 @@ LOSS_RTOL = 1e-5
 GRAD_TOL = 2e-4  # relative to each tensor's max abs gradient
 RANK, ALPHA = 4, 8.0
 U = np.array([0.3, 0.8], dtype=np.float32)  # fixed timestep-density draws (diffusers' u)
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", load_t5=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from lora_writers import allow_installed_peft, velocity_probe
+from parity import assert_close
 
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.training.checkpoint import LORA_FILE, save_lora
@@ -30,11 +31,6 @@ class MemoryDataset:
     def batch(self, indices):
         parts = [self.items[i] for i in indices]
         return Batch(*(mx.stack([p[k] for p in parts]) for k in range(3)))
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +149,7 @@ def test_saved_lora_changes_diffusers_and_ours_the_same_way(tiny_pipeline, pipe,
     assert np.abs(out - base).max() > 0.05, "the trained LoRA must change the image"
     # the file holds what was trained (alpha and factors written as our loader reads them): same side paths
     assert np.abs(loaded - trained).max() <= 1e-5 * np.abs(trained).max()
-    err = np.abs(out - expected).max()
-    assert err <= PIXEL_TOL, f"max abs pixel difference {err:.2e} vs diffusers"
+    assert_close(out, expected, atol=PIXEL_TOL, what="pixels vs diffusers")
 
 
 @pytest.mark.parametrize("bits", [8, 4])

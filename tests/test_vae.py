@@ -6,7 +6,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from parity import assert_close
 
+from scripts.build_fixture import VAE
 from sd35m_mlx.loading.safetensors_io import WeightsError
 from sd35m_mlx.loading.vae import load_vae
 from sd35m_mlx.models import vae_blocks
@@ -19,22 +21,10 @@ REL_TOL = 1e-4
 
 
 def _sd3_like_vae(seed=0) -> TorchAutoencoderKL:
-    """SD3's VAE architecture at toy width: 4 levels, 16 latent channels, no quant convs."""
+    """SD3's VAE architecture at toy width (the tiny fixture's config: 4 levels, 16 latent channels, no quant
+    convs), with its own weights."""
     torch.manual_seed(seed)
-    model = TorchAutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=8,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    model = TorchAutoencoderKL(**VAE).eval()
     with torch.no_grad():  # default init leaves norms at identity and biases at 0: make them matter
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -59,22 +49,14 @@ def _nchw(a: mx.array) -> np.ndarray:
     return np.array(a).transpose(0, 3, 1, 2)
 
 
-def _assert_close(out, ref):
-    assert out.shape == ref.shape
-    assert np.isfinite(out).all()
-    assert ref.std() > 0.1, "fixture weights too small for a meaningful comparison"
-    err = np.abs(out - ref).max()
-    assert err <= REL_TOL * ref.std(), f"max abs error {err:.3g} > {REL_TOL} x std {ref.std():.3g}"
-
-
 def _check_encode(folder):
     ref_model = TorchAutoencoderKL.from_pretrained(folder).eval()
     images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1  # non-square
     with torch.no_grad():
         dist = ref_model.encode(images).latent_dist
     mean, logvar = load_vae(folder).encode_moments(_nhwc(images))
-    _assert_close(_nchw(mean), dist.mean.numpy())
-    _assert_close(_nchw(logvar), dist.logvar.numpy())
+    assert_close(_nchw(mean), dist.mean, rtol_of_std=REL_TOL, min_std=0.1, what="mean")
+    assert_close(_nchw(logvar), dist.logvar, rtol_of_std=REL_TOL, min_std=0.1, what="logvar")
 
 
 def _check_decode(folder):
@@ -82,7 +64,7 @@ def _check_decode(folder):
     z = torch.randn(2, ref_model.config.latent_channels, 5, 7, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = ref_model.decode(z).sample.numpy()
-    _assert_close(_nchw(load_vae(folder).decode(_nhwc(z))), ref)
+    assert_close(_nchw(load_vae(folder).decode(_nhwc(z))), ref, rtol_of_std=REL_TOL, min_std=0.1, what="decode")
 
 
 def test_encode_matches_diffusers(vae_folder):

@@ -4,7 +4,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.loading.vae import load_vae
 from sd35m_mlx.models import vae_tiling as vt
 
@@ -111,11 +110,6 @@ def test_one_tile_decodes_and_encodes_exactly(vae):
 
 
 # -- the pipeline --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
 
 
 def test_enable_vae_tiling_decodes_in_tiles_close_to_untiled(pipe, capsys):

@@ -34,11 +34,6 @@ from sd35m_mlx_cli.metadata import (
 H = W = 32  # latents 4 x 4: the fixture's size multiple is 16
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
-
-
 def _noise(shape=(1, H // 8, W // 8, 16)):
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
@@ -207,21 +202,14 @@ class _Recorder:
 
 
 @pytest.fixture
-def fake(monkeypatch, tmp_path):
-    pipe = _Recorder()
-    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: pipe)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "model").mkdir()
-    return pipe
+def fake(behind_cli):
+    return behind_cli(_Recorder())
 
 
 @pytest.fixture
-def real(monkeypatch, tmp_path, pipe):
+def real(behind_cli, pipe):
     """The tiny pipeline behind the CLI (loaded once per module)."""
-    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: pipe)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "model").mkdir()
-    return pipe
+    return behind_cli(pipe)
 
 
 def invoke(*args):
