@@ -164,3 +164,11 @@ def test_numpy_integer_seeds_are_accepted():
 def test_negative_shapes_are_rejected():
     with pytest.raises(ValueError, match="negative"):
         randn((2, -1), 0)
+
+
+def test_bench_noise_runs_every_source(capsys):
+    from benchmarks import bench_noise
+
+    bench_noise.main(["--sizes", "64", "--runs", "1"])
+    out = capsys.readouterr().out
+    assert "(1, 16, 8, 8)" in out and all(name in out for name in (*RNG_SOURCES, "torch"))

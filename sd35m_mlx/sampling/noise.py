@@ -131,6 +131,9 @@ def _box_muller_16(u: np.ndarray) -> np.ndarray:
     return np.stack([radius * cos, radius * sin], axis=1).reshape(-1)
 
 
+_CHUNK = 65536  # values per Box-Muller pass (a multiple of 16)
+
+
 class _TorchCPU:
     """torch.Generator() on CPU: MT19937 words through NumPy's own MT19937, torch's transforms on top."""
 
@@ -142,8 +145,8 @@ class _TorchCPU:
 
     def _uniform24(self, n: int) -> np.ndarray:
         # uniform_real_distribution<float>: the low 24 bits of one 32-bit word, times 2**-24.
-        words = self._bits.random_raw(n)
-        return (words & 0xFFFFFF).astype(_F32) * _F32(2.0**-24)
+        words = self._bits.random_raw(n).view(np.uint32)[::2]  # each 32-bit word in a uint64 (little-endian)
+        return (words & np.uint32(0xFFFFFF)).view(np.int32).astype(_F32) * _F32(2.0**-24)
 
     def _uniform53(self) -> float:
         # uniform_real_distribution<double>: random64() = (w1 << 32) | w2, low 53 bits, times 2**-53.
@@ -167,7 +170,9 @@ class _TorchCPU:
             return np.array([self._normal_double() for _ in range(n)], _F64).astype(_F32).reshape(shape)
         out = self._uniform24(n)
         full = n - n % 16
-        out[:full] = _box_muller_16(out[:full])
+        for start in range(0, full, _CHUNK):  # cache-sized pieces: twice as fast as one pass over a latent
+            stop = min(start + _CHUNK, full)
+            out[start:stop] = _box_muller_16(out[start:stop])
         if n % 16:
             # torch's tail rule: 16 fresh uniforms replace the last 16 values, overlapping the last full block.
             out[n - 16 :] = _box_muller_16(self._uniform24(16))
@@ -179,7 +184,7 @@ class _TorchCPU:
 # ---------------------------------------------------------------------------------------------------
 
 _PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
-_PHILOX_W = (np.uint32(0x9E3779B9), np.uint32(0xBB67AE85))
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 # A1111 writes 2**-32 and 2 pi as these float32 literals; the products below are then taken in float64.
 _INV_2_32 = float(_F32(2.3283064e-10))
 _INV_2_32_2PI = float(_F32(2.3283064e-10 * 6.2831855))
@@ -187,15 +192,15 @@ _INV_2_32_2PI = float(_F32(2.3283064e-10 * 6.2831855))
 
 def _philox4x32_10(counter: list[np.ndarray], key: tuple[int, int]) -> list[np.ndarray]:
     c0, c1, c2, c3 = (c.astype(np.uint32) for c in counter)
-    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    k0, k1 = key
     for i in range(10):
         if i:
-            k0, k1 = k0 + _PHILOX_W[0], k1 + _PHILOX_W[1]  # uint32 wrap-around
+            k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
         p0 = c0.astype(np.uint64) * _PHILOX_M[0]
         p2 = c2.astype(np.uint64) * _PHILOX_M[1]
         hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), p0.astype(np.uint32)
         hi2, lo2 = (p2 >> np.uint64(32)).astype(np.uint32), p2.astype(np.uint32)
-        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        c0, c1, c2, c3 = hi2 ^ c1 ^ np.uint32(k0), lo2, hi0 ^ c3 ^ np.uint32(k1), lo0
     return [c0, c1, c2, c3]
 
 
@@ -206,20 +211,25 @@ class _Philox:
         self._key = (seed & 0xFFFFFFFF, seed >> 32)
         self._offset = 0
 
+    def _normals(self, start: int, stop: int) -> np.ndarray:
+        index = np.arange(start, stop, dtype=np.uint64).astype(np.uint32)
+        zeros = np.zeros(stop - start, np.uint32)
+        offset = np.full(stop - start, self._offset & 0xFFFFFFFF, np.uint32)
+        x, y, _, _ = _philox4x32_10([offset, zeros, index, zeros], self._key)
+        # One Box-Muller value per element (the sine; the cosine and two words are thrown away).
+        u = x * _INV_2_32 + _INV_2_32 / 2
+        v = y * _INV_2_32_2PI + _INV_2_32_2PI / 2
+        return (np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(_F32)
+
     def randn(self, shape: tuple[int, ...]) -> np.ndarray:
         n = math.prod(shape)
         if n > 2**32:
             raise ValueError("the nv source draws at most 2**32 values at once")
-        with np.errstate(over="ignore"):
-            index = np.arange(n, dtype=np.uint64).astype(np.uint32)
-            zeros = np.zeros(n, np.uint32)
-            offset = np.full(n, self._offset & 0xFFFFFFFF, np.uint32)
-            x, y, _, _ = _philox4x32_10([offset, zeros, index, zeros], self._key)
+        out = np.empty(n, _F32)
+        for start in range(0, n, _CHUNK):
+            out[start : start + _CHUNK] = self._normals(start, min(start + _CHUNK, n))
         self._offset += 1
-        # One Box-Muller value per element (the sine; the cosine and two words are thrown away).
-        u = x * _INV_2_32 + _INV_2_32 / 2
-        v = y * _INV_2_32_2PI + _INV_2_32_2PI / 2
-        return (np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(_F32).reshape(shape)
+        return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------
