@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd35m_mlx.sampling.noise import RNG_SOURCES, NoiseGenerator, check_rng, check_seed, randn
+from sd35m_mlx.sampling.noise import RNG_SOURCES, NoiseGenerator, check_rng, check_seed, latent_noise, randn
 
 SEEDS = [0, 1, 42, 2**31 - 1, 2**32 - 1, 2**32, 2**32 + 42, 2**63 + 5, 2**64 - 1]
 # Below 16 values torch takes its double-precision path; 16, 17, 33 and the odd 4-D shapes cross the
@@ -131,6 +131,16 @@ def test_mlx_source_replays_old_pipeline_noise(seed):
     np.testing.assert_array_equal(ours.transpose(0, 2, 3, 1), old)
 
 
+@pytest.mark.parametrize("seed", [0, 2**32 + 3])
+def test_latent_noise_is_the_torch_order_draw_in_nhwc(seed):
+    nchw = torch.randn((2, 16, 5, 3), generator=torch.Generator().manual_seed(seed))
+    ours = latent_noise(NoiseGenerator(seed, "cpu"), (2, 5, 3, 16))
+    assert isinstance(ours, mx.array) and ours.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(ours), nchw.permute(0, 2, 3, 1).numpy())
+    old = mx.random.normal((2, 5, 3, 16), key=mx.random.key(seed)).astype(mx.float32)  # the old pipeline's draw
+    np.testing.assert_array_equal(np.array(latent_noise(NoiseGenerator(seed, "mlx"), (2, 5, 3, 16))), np.array(old))
+
+
 def test_successive_draws_differ_for_every_source():
     for rng in RNG_SOURCES:
         gen = NoiseGenerator(5, rng)
@@ -172,3 +182,12 @@ def test_bench_noise_runs_every_source(capsys):
     bench_noise.main(["--sizes", "64", "--runs", "1"])
     out = capsys.readouterr().out
     assert "(1, 16, 8, 8)" in out and all(name in out for name in (*RNG_SOURCES, "torch"))
+
+
+def test_front_ends_can_import_the_names_and_checks_without_mlx():
+    code = (
+        "import sys; import sd35m_mlx.sampling.noise, sd35m_mlx.sampling.schedulers; "
+        "assert 'mlx.core' not in sys.modules, 'mlx imported'"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

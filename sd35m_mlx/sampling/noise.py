@@ -18,8 +18,12 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 RNG_SOURCES = ("cpu", "nv", "mlx")
 SEED_LIMIT = 2**64  # seeds are integers in [0, SEED_LIMIT), as torch.Generator.manual_seed accepts them
@@ -294,3 +298,15 @@ def randn(shape: Sequence[int], seed: int, rng: str = "cpu") -> np.ndarray:
     ``rng="nv"`` equals A1111's NV source, ``rng="mlx"`` the noise of releases before these sources.
     """
     return NoiseGenerator(seed, rng).randn(shape)
+
+
+def latent_noise(generator: NoiseGenerator, nhwc_shape: Sequence[int]) -> mx.array:
+    """The generator's next draw for an NHWC latent (B, H, W, C), as a float32 MLX array.
+
+    Drawn in torch's (B, C, H, W) order and transposed, so element [b, y, x, c] is torch's [b, c, y, x]: the
+    same latent as diffusers' or ComfyUI's for "cpu", and the old pipeline's noise for a fresh "mlx" generator.
+    """
+    import mlx.core as mx
+
+    b, h, w, c = _check_shape(nhwc_shape)
+    return mx.array(generator.randn((b, c, h, w)).transpose(0, 2, 3, 1))

@@ -9,7 +9,7 @@ and NumPy float64), so the sigmas equal ComfyUI's bit for bit, except where torc
 (pow, exp, tan in karras, exponential, kl_optimal): ours is the correctly rounded value, a float32 ulp away.
 
 `normal` is the one exception by design: it is diffusers' FlowMatchEulerDiscreteScheduler schedule
-(`FlowMatchSchedule.sigmas`), the schedule this package has always run, so earlier images replay. ComfyUI's
+(`schedule.FlowMatchSchedule.sigmas`), the schedule this package has always run, so earlier images replay. ComfyUI's
 `normal` is the same formula in float32 rather than float64 (a few float32 ulps apart, tested).
 
 How diffusers' own flow options relate (FlowMatchEulerDiscreteScheduler; tests/test_schedulers.py pins it):
@@ -32,8 +32,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from .schedule import FlowMatchSchedule
 
 SCHEDULERS = (
     "normal",
@@ -244,5 +242,8 @@ def scheduler_sigmas(name: str, steps: int, shift: float = 3.0, num_train_timest
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     shift = check_shift(shift)
     if name == "normal":
+        # Imported here: schedule.py needs MLX, and front ends import this module for SCHEDULERS and the checks.
+        from .schedule import FlowMatchSchedule
+
         return FlowMatchSchedule(num_train_timesteps=num_train_timesteps, shift=shift).sigmas(int(steps))
     return _HANDLERS[name](_FlowTable(shift, num_train_timesteps), int(steps)).astype(_F32)
