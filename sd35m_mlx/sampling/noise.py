@@ -2,15 +2,15 @@
 
 A seed only means a picture together with the generator that turns it into numbers. Three sources:
 
-- ``"cpu"``: ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` on CPU, which is
-  what diffusers and ComfyUI draw (ComfyUI makes its noise on the CPU whatever the GPU).
-- ``"nv"``: AUTOMATIC1111's ``RNG: NV``, torch.randn on an NVIDIA GPU (Philox 4x32-10), computed on the CPU.
+- ``"cpu"``: ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` on CPU: what diffusers
+  draws with a CPU generator and ComfyUI for its initial noise (on the CPU whatever the GPU).
+- ``"nv"``: AUTOMATIC1111's ``RNG: NV``, its NumPy port of torch.randn on an NVIDIA GPU (Philox 4x32-10).
 - ``"mlx"``: ``mx.random.normal`` as this package drew noise before these sources existed, so the PNGs
   made then replay.
 
 Shapes are in torch order (``(B, C, H, W)`` for a latent) and every source returns float32 NumPy arrays
-in that order; the pipeline transposes to its NHWC layout. MLX is imported only by the ``"mlx"`` source,
-so front ends can import the names and validators below without it.
+in that order; `latent_noise` hands a draw to the pipeline in its NHWC layout. MLX is imported only by
+the ``"mlx"`` source and `latent_noise`, so front ends can import the names and checks without it.
 """
 
 from __future__ import annotations
