@@ -9,7 +9,12 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule
 from sd35m_mlx.sampling.schedulers import SCHEDULERS, beta_ppf, check_shift, scheduler_sigmas
@@ -209,6 +214,29 @@ def test_diffusers_flow_options_ramp_to_another_sigma_min(option, name):
 def test_diffusers_beta_option_differs_from_comfyui_beta():
     pytest.importorskip("scipy")  # diffusers' use_beta_sigmas calls scipy.stats.beta.ppf
     assert not np.allclose(_diffusers(20, use_beta_sigmas=True), scheduler_sigmas("beta", 20), atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_diffusers_flow_heun_is_normal_with_inner_sigmas_twice(shift):
+    for steps in (4, 20):
+        heun = FlowMatchHeunDiscreteScheduler(shift=shift)
+        heun.set_timesteps(steps)
+        s = heun.sigmas.numpy()
+        np.testing.assert_array_equal(s[1:-1:2], s[2::2])
+        once = np.concatenate([s[:1], s[1:-1:2], s[-1:]])
+        np.testing.assert_array_equal(once, scheduler_sigmas("normal", steps, shift))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers' set_timesteps
+@pytest.mark.parametrize(("scheduler", "atol"), [(DPMSolverMultistepScheduler, 1e-3), (UniPCMultistepScheduler, 5e-3)])
+def test_diffusers_flow_sigmas_of_multistep_solvers_are_near_simple(scheduler, atol):
+    for steps in (4, 20, 40):
+        for shift in SHIFTS:
+            solver = scheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+            solver.set_timesteps(steps)
+            theirs, ours = solver.sigmas.numpy(), scheduler_sigmas("simple", steps, shift)
+            assert not np.array_equal(theirs, ours)
+            np.testing.assert_allclose(theirs, ours, rtol=0, atol=atol)
 
 
 # --- validation

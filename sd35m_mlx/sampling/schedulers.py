@@ -24,6 +24,9 @@ default                     ``normal``, equal bit for bit
 ``use_exponential_sigmas``  not ``exponential``, for the same reason
 ``use_beta_sigmas``         not ``beta``: diffusers spaces sigmas continuously between those ends,
                             ComfyUI picks table entries (diffusers needs scipy here; tested where present)
+FlowMatchHeunDiscrete       ``normal``, each inner sigma listed twice (Heun's two stages)
+DPMSolverMultistep, UniPC   none; nearest is ``simple`` (within 1e-3 and 5e-3): they space t from 0.999,
+(``use_flow_sigmas``)       not from 1
 ==========================  ====================================================================
 """
 
