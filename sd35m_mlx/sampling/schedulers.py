@@ -25,8 +25,8 @@ default                     ``normal``, equal bit for bit
 ``use_beta_sigmas``         not ``beta``: diffusers spaces sigmas continuously between those ends,
                             ComfyUI picks table entries (diffusers needs scipy here; tested where present)
 FlowMatchHeunDiscrete       ``normal``, each inner sigma listed twice (Heun's two stages)
-DPMSolverMultistep, UniPC   none; nearest is ``simple`` (within 1e-3 and 5e-3): they space t from 0.999,
-(``use_flow_sigmas``)       not from 1
+DPMSolverMultistep, UniPC   none; nearest is ``simple``, within 1e-3 and 5e-3 (4 to 40 steps, shifts 1 to 6)
+(``use_flow_sigmas``)
 ==========================  ====================================================================
 """
 
