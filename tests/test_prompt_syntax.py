@@ -45,6 +45,7 @@ RULES = [
     ("(a:-1)", [("a", -1.0)]),
     ("a:1.3) b", [("a:1.3) b", 1.0)]),  # a weight without an opening bracket is text
     ("(x:1e400)", [("x:1e400", 1.1)]),  # `e` is not in A1111's weight grammar: text, plain bracket
+    ("(x:nan)", [("x:nan", 1.1)]),  # nor is nan
     ("([a)b]", [("a", 1.1 / 1.1), ("b", 1 / 1.1)]),  # round and square brackets close independently
     ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
     ("a BREAKb BREAK", [("a BREAKb", 1.0), ("BREAK", -1.0), ("", 1.0)]),  # BREAK is a whole word
@@ -98,7 +99,7 @@ def test_parse_attention_runs_in_linear_time(name):
         parse_attention(text)
         return time.perf_counter() - t0
 
-    small, large = min(seconds(1250) for _ in range(3)), seconds(10_000)
+    small, large = min(seconds(1250) for _ in range(3)), min(seconds(10_000) for _ in range(2))
     assert large < 20 * small + 0.05, f"{name}: {large:.3f}s for 8x the input of {small:.3f}s"
 
 

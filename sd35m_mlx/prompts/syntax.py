@@ -71,9 +71,13 @@ def _split_break(text: str) -> list[str]:
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """[(fragment, weight)] of an A1111 prompt; ("BREAK", -1.0) marks a BREAK. Never raises for a string.
 
+    Fragments keep their text without the syntax (escapes resolved); runs of equal weight are merged.
+
     >>> parse_attention("an (important) word")
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
     """
+    if not isinstance(text, str):
+        raise TypeError(f"a prompt must be a string, got {type(text).__name__}")
     res: list[list] = []  # [text, weight], as A1111 builds it
     round_stack: list[int | None] = []  # start index in res of each open bracket; None: too deep, no weight
     square_stack: list[int | None] = []
