@@ -53,7 +53,7 @@ class Reference:
     def __init__(self, clips, t5, t5_tokenizer):
         self.clips, self.t5, self.t5_tokenizer = clips, t5, t5_tokenizer
 
-    def clip(self, index, sections, n_chunks):
+    def clip(self, index, sections, n_chunks, layer=-2):
         model, tok = self.clips[index]
         chunks = []
         for section in sections:
@@ -69,7 +69,7 @@ class Reference:
 
         with torch.no_grad():
             out = model(torch.tensor([row(ids) for ids, _ in chunks] + [row([])]), output_hidden_states=True)
-        states, z_empty = out.hidden_states[-2][:-1], out.hidden_states[-2][-1]
+        states, z_empty = out.hidden_states[layer][:-1], out.hidden_states[layer][-1]
         states = [
             weigh(z, z_empty, [1.0, *w] + [1.0] * (76 - len(w))) for z, (_, w) in zip(states, chunks, strict=True)
         ]
@@ -88,9 +88,9 @@ class Reference:
             out = self.t5(torch.tensor(rows)).last_hidden_state
         return weigh(out[0], out[1], weights + [1.0] * pad)
 
-    def encode(self, sections, n_chunks, length=256):
+    def encode(self, sections, n_chunks, length=256, layer=-2):
         """(context (n_chunks * 77 + length, width), pooled) of one prompt."""
-        (l_states, l_pooled), (g_states, g_pooled) = (self.clip(i, sections, n_chunks) for i in (0, 1))
+        (l_states, l_pooled), (g_states, g_pooled) = (self.clip(i, sections, n_chunks, layer) for i in (0, 1))
         t5 = self.t5_states(sections, length)
         clip = torch.cat([l_states, g_states], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -110,7 +110,8 @@ def check(encoder, reference, prompt, negative, sections, negative_sections, n_c
         warnings.simplefilter("ignore")
         ours = encode_prompt_weighted(encoder, prompt, negative_prompt=negative, **kwargs)
     for i, (secs, name) in enumerate(((sections, "prompt"), (negative_sections, "negative"))):
-        context, pooled = reference.encode(secs, n_chunks, kwargs.get("max_sequence_length", 256))
+        layer = -2 - (kwargs.get("clip_skip") or 0) if i == 0 else -2  # clip_skip: the prompt only, as diffusers
+        context, pooled = reference.encode(secs, n_chunks, kwargs.get("max_sequence_length", 256), layer)
         assert_close(ours[i][0], context, f"{name} context")
         assert_close(ours[2 + i][0], pooled, f"{name} pooled")
     return ours
@@ -223,3 +224,28 @@ def test_over_long_prompts_are_refused_in_one_line(encoder):
         encode_prompt_weighted(encoder, text)
     with pytest.raises(ValueError, match="cannot be greater than 512"):
         encode_prompt_weighted(encoder, "a cat", max_sequence_length=513)
+
+
+def test_clip_skip_weights_against_the_same_layer_of_the_empty_prompt(encoder, reference):
+    check(
+        encoder,
+        reference,
+        "a (cat:1.4) on a table",
+        "[blurry]",
+        [[("a ", 1.0), ("cat", 1.4), (" on a table", 1.0)]],
+        [[("blurry", 1 / 1.1)]],
+        n_chunks=1,
+        clip_skip=1,
+    )
+
+
+def test_clip_l_and_clip_g_prompts_of_different_lengths_share_one_chunk_count(encoder):
+    text = long_prompt(100, encoder.tokenizer)
+    ours = encode_prompt_weighted(encoder, "a cat", prompt_2=text, negative_prompt="blurry")
+    assert ours[0].shape == ours[1].shape == (1, 2 * 77 + 256, encoder.joint_attention_dim)
+    alone = encode_prompt_weighted(encoder, "a cat", negative_prompt="blurry")
+    width_l = encoder.text_encoder.config.hidden_size
+    # CLIP-L's first chunk is the short prompt alone, its second the empty prompt's chunk
+    np.testing.assert_allclose(np.array(ours[0][:, :77, :width_l]), np.array(alone[0][:, :77, :width_l]), atol=1e-5)
+    empty = encode_prompt_weighted(encoder, "", do_classifier_free_guidance=False)
+    np.testing.assert_allclose(np.array(ours[0][:, 77:154, :width_l]), np.array(empty[0][:, :77, :width_l]), atol=1e-5)
