@@ -339,6 +339,7 @@ def convert(
     Raises LoraError when no tensor adapts anything (naming what the file looks like), for DoRA, and for a
     layer whose LoRA has the wrong shape; tensors that adapt nothing are returned in `unmapped`.
     """
+    check_finite(tensors, source)
     groups: dict[str, dict[str, mx.array]] = defaultdict(dict)
     unmapped: list[str] = []
     for key, value in tensors.items():
@@ -391,6 +392,19 @@ def convert(
         raise LoraError(f"{source}: {describe(unmapped)}")
     fmt = "+".join(f for f, _ in formats.most_common())
     return Converted({c: dict(v) for c, v in factors.items()}, fmt, unmapped, len(tensors))
+
+
+def check_finite(tensors: Mapping[str, mx.array], source: str) -> None:
+    """Refuse a file holding NaN or Inf (a damaged download, or a float16 save after an overflow): added to
+    the model it would make every image black without an error. One reduction per tensor, evaluated once."""
+    floats = [(k, v) for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)]
+    if not floats:
+        return
+    finite = mx.stack([mx.all(mx.isfinite(v)) for _, v in floats]).tolist()
+    bad = [k for (k, _), ok in zip(floats, finite, strict=True) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise LoraError(f"{source}: tensor {bad[0]}{more} holds NaN or Inf values; the file is damaged, refused")
 
 
 def _wrong_shape(source: str, layer: str, got, expected, parts: int) -> None:
