@@ -33,7 +33,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
         check_resume(config.resume, recorded)
     prepare_output(output, config.resume, config.overwrite)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (output / "config.json").write_text(json.dumps(recorded, indent=2) + "\n")
     say(f"{len(examples)} images in {config.data}")
 
     pipe = StableDiffusion35.from_pretrained(
@@ -87,7 +87,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
         raise
     except KeyboardInterrupt:
         progress.close()
-        say(f"Aborted at step {trainer.step}: no checkpoint saved for it")
+        say(f"Aborted during step {trainer.step + 1}: no checkpoint saved for it (earlier ones stay)")
         raise
     progress.close()
     trainer.save_checkpoint(output / f"checkpoint-{trainer.step}")
