@@ -120,3 +120,27 @@ def test_default_caption_and_config_errors(tmp_path):
         assert result.exit_code == 2, result.output
         assert f"config: {broken} is not valid {kind} (" in result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tiny_pipeline, data, tmp_path, monkeypatch):
+    import signal
+
+    from sd35m_mlx.training.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        loss = step(self)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--output", str(out), "--model", str(tiny_pipeline), "--dtype", "float32"]
+    result = _train(*args, "--steps", "5", "--rank", "2", "--resolution", "64")
+    assert result.exit_code == 130, result.output
+    assert "Ctrl-C: stopping after this step" in result.output
+    assert f"Interrupted: checkpoint saved in {out / 'checkpoint-2'} (continue with --resume" in result.output
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
