@@ -69,7 +69,17 @@ from .settings import DTYPES
     default=None,
     help="Also write OUT_DIR/lora_kohya.safetensors in kohya's SD3 layout (ComfyUI, Forge, kohya's tools).",
 )
-@click.option("--resume", default=None, help="A checkpoint-N folder of an earlier run with the same settings.")
+@click.option(
+    "--resume",
+    default=None,
+    help="A checkpoint-N folder of an earlier run with the same settings (README: which may change).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=None,
+    help="Replace the earlier run in a non-empty OUT_DIR (its LoRA, checkpoints, validation images; not cache/).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Print tracebacks on errors.")
 def train(config_file, quiet, verbose, **flags) -> None:

@@ -292,3 +292,28 @@ def test_bad_files_are_refused_with_a_reason(ours, lora, tmp_path):
         ours.load_lora_weights(save(tmp_path / "partial.safetensors", partial))
     ours.unload_lora_weights()
     assert ours.get_active_adapters() == []
+
+
+def test_non_finite_tensors_and_weights_are_refused(ours, tmp_path):
+    """A NaN / Inf anywhere in a LoRA (a damaged file, a float16 save after an overflow) would make every
+    image black with exit 0: refused at load naming file and tensor; so are non-finite adapter weights."""
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    good = {f"{key}.lora_A.weight": np.ones((2, 32)), f"{key}.lora_B.weight": np.ones((32, 2))}
+    for bad_value in (np.nan, np.inf):
+        tensors = {**good, f"{key}.lora_B.weight": np.ones((32, 2))}
+        tensors[f"{key}.lora_B.weight"][3, 1] = bad_value
+        path = save(tmp_path / "bad.safetensors", tensors)
+        with pytest.raises(LoraError, match=rf"bad.safetensors: tensor {key}.lora_B.weight holds NaN or Inf") as e:
+            ours.load_lora_weights(path)
+        assert "\n" not in str(e.value)
+    assert ours.get_list_adapters() == {}  # nothing half-loaded
+    name = ours.load_lora_weights(save(tmp_path / "good.safetensors", good))
+    try:
+        for weights in ([float("nan")], [float("inf")], float("-inf")):
+            with pytest.raises(ValueError, match="adapter_weights must be finite"):
+                ours.set_adapters([name], weights)
+        with pytest.raises(ValueError, match="lora_scale must be a finite"):
+            ours.fuse_lora(lora_scale=float("nan"))
+        assert ours.get_active_adapters() == [name]
+    finally:
+        ours.unload_lora_weights()

@@ -47,10 +47,29 @@ def test_train_writes_lora_checkpoints_validation_and_config(tiny_pipeline, data
     index = json.loads((out / "cache" / "index.json").read_text())
     assert [e["caption"] for e in index] == ["zxq, a red fox", "zxq, a blue house"]
     assert index[0]["bucket"] != index[1]["bucket"]  # 3:2 and 1:1 images go to different buckets
+    # the same command again would overwrite this run and mix its checkpoints in: refused, nothing written
+    lora_bytes = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    result = _train(*args)
+    assert result.exit_code == 2 and f"output: {out} is not empty (cache" not in result.output
+    assert f"output: {out} is not empty (checkpoint-2, checkpoint-3, config.json" in result.output
+    assert "--resume" in result.output and "--overwrite" in result.output
+    # a resume that changes what is trained, or ends before the checkpoint: refused, naming each setting
+    result = _train(*args, "--resume", str(out / "checkpoint-2"), "--learning-rate", "5e-3", "--rank", "4")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "(learning_rate: 0.001 -> 0.005; rank: 2 -> 4)" in result.output
+    result = _train(*args, "--resume", str(out / "checkpoint-2"), "--steps", "2")
+    assert result.exit_code == 2 and "is at step 2 already; steps (2) must be more" in result.output
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == lora_bytes
     # resume from the step-2 checkpoint: the cache is reused, and the run ends at step 3 again
     result = _train(*args, "--resume", str(out / "checkpoint-2"), "--export-kohya")
     assert result.exit_code == 0, result.output
     assert (out / "lora_kohya.safetensors").is_file()
+    # --overwrite replaces that run: its checkpoints, LoRA files and images go, the cache stays
+    (out / "notes.txt").write_text("mine")
+    result = _train(*args[:-7], "--steps", "1", "--resolution", "64", "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["cache", "checkpoint-1", "config.json", "notes.txt", "pytorch_lora_weights.safetensors"]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +79,7 @@ def test_train_writes_lora_checkpoints_validation_and_config(tiny_pipeline, data
         ("no_caption", "data: c.png has no caption file c.txt (or pass --default-caption)"),
         ("unreadable", "data: cannot read image c.png"),
         ("tiny", "data: image c.png is too small (32x32"),
+        ("latin1", "c.txt is not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8"),
     ],
 )
 def test_bad_data_folders_get_one_line_errors(tmp_path, setup, message):
@@ -70,6 +90,9 @@ def test_bad_data_folders_get_one_line_errors(tmp_path, setup, message):
     elif setup == "unreadable":
         (folder / "c.png").write_bytes(b"not an image")
         (folder / "c.txt").write_text("x")
+    elif setup == "latin1":
+        _image(folder / "c.png")
+        (folder / "c.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
     elif setup == "tiny":
         _image(folder / "c.png", (32, 32))
         (folder / "c.txt").write_text("x")
@@ -90,3 +113,34 @@ def test_default_caption_and_config_errors(tmp_path):
     assert result.exit_code == 2 and "config: unknown key 'rnak'" in result.output
     result = _train("--data", str(folder), "--output", str(tmp_path / "o"), "--rank", "0")
     assert result.exit_code == 2 and "rank must be a positive integer" in result.output
+    for name, text, kind in (("c.json", '{"rank": 4,}', "JSON"), ("c.toml", "rank = = 4", "TOML")):
+        broken = tmp_path / name
+        broken.write_text(text)
+        result = _train("--data", str(folder), "--output", str(tmp_path / "o"), "--config", str(broken))
+        assert result.exit_code == 2, result.output
+        assert f"config: {broken} is not valid {kind} (" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tiny_pipeline, data, tmp_path, monkeypatch):
+    import signal
+
+    from sd35m_mlx.training.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        loss = step(self)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--output", str(out), "--model", str(tiny_pipeline), "--dtype", "float32"]
+    result = _train(*args, "--steps", "5", "--rank", "2", "--resolution", "64")
+    assert result.exit_code == 130, result.output
+    assert "Ctrl-C: stopping after this step" in result.output
+    assert f"Interrupted: checkpoint saved in {out / 'checkpoint-2'} (continue with --resume" in result.output
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()

@@ -2,6 +2,8 @@
 diffusers' load_lora_weights and by ours with the same effect."""
 
 import json
+import re
+import signal
 
 import mlx.core as mx
 import numpy as np
@@ -15,7 +17,7 @@ from sd35m_mlx import StableDiffusion35
 from sd35m_mlx.training.checkpoint import LORA_FILE, save_lora
 from sd35m_mlx.training.recipe import sample_sigmas, sample_u
 from sd35m_mlx.training.step import Batch, loss_and_grads
-from sd35m_mlx.training.trainer import Trainer, TrainSettings
+from sd35m_mlx.training.trainer import Trainer, TrainingInterrupted, TrainSettings
 
 # float32 both sides, as tests/test_lora_diffusers.py: half a uint8 level
 PIXEL_TOL = 2e-3
@@ -170,14 +172,112 @@ def test_quantized_base_trains_lora_beside_quantized_linear(tiny_pipeline, datas
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(pipe, dataset, tmp_path):
     trainer = _trainer(pipe, dataset)
+    notices = []
 
     def interrupt(step, loss):
         if step == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: the handler runs in the main thread
 
     try:
-        with pytest.raises(KeyboardInterrupt):
-            trainer.run(tmp_path, progress=interrupt)
+        with pytest.raises(TrainingInterrupted) as e:
+            trainer.run(tmp_path, progress=interrupt, notice=notices.append)
     finally:
         trainer.lora.detach()
+    assert e.value.checkpoint == tmp_path / "checkpoint-3"
     assert json.loads((tmp_path / "checkpoint-3" / "state.json").read_text())["step"] == 3
+    assert len(notices) == 1 and "Ctrl-C again" in notices[0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_at_the_worst_moment_still_resumes_bit_exactly(pipe, dataset, tmp_path):
+    """issue 23: Ctrl-C landing after a step's update is evaluated but before its counter moves used to
+    save step N+1's weights as checkpoint-N. The signal is sent from that very spot (the re-bind right
+    after mx.eval in train_step); resuming from whatever checkpoint was saved must give the uninterrupted
+    run's remaining losses and final factors bit for bit."""
+    full = _trainer(pipe, dataset)
+    try:
+        expected = full.run(tmp_path / "full")
+        final = {k: np.array(v) for k, v in full.lora.state_dict().items()}
+    finally:
+        full.lora.detach()
+
+    trainer = _trainer(pipe, dataset)
+    bind, binds = trainer.lora.bind, []
+
+    def bind_then_interrupt(params):
+        bind(params)
+        binds.append(trainer.step)
+        if binds.count(4) == 2:  # step 5's second bind: after its mx.eval, before `step += 1`
+            signal.raise_signal(signal.SIGINT)
+
+    trainer.lora.bind = bind_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run(tmp_path / "cut")
+    finally:
+        trainer.lora.detach()
+    (saved,) = (tmp_path / "cut").glob("checkpoint-*")
+    resumed = _trainer(pipe, dataset)
+    try:
+        resumed.resume(saved)
+        step = resumed.step
+        assert resumed.run(tmp_path / "resumed") == expected[step:]
+        after = {k: np.array(v) for k, v in resumed.lora.state_dict().items()}
+    finally:
+        resumed.lora.detach()
+    assert step == 5
+    for key, value in final.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_second_ctrl_c_aborts_without_a_checkpoint(pipe, dataset, tmp_path):
+    trainer = _trainer(pipe, dataset)
+
+    def interrupt_twice(step, loss):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            trainer.run(tmp_path, progress=interrupt_twice)
+    finally:
+        trainer.lora.detach()
+    assert not isinstance(e.value, TrainingInterrupted)
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_resume_refuses_changed_settings_naming_each(pipe, dataset, tmp_path):
+    """issue 23: a changed learning rate, schedule or batch size was accepted silently, and a run with fewer
+    steps than the checkpoint wrote the checkpoint's weights as its result."""
+    checkpoints = {}
+    for schedule in ("constant", "cosine"):
+        first = _trainer(pipe, dataset, steps=4, save_every=2, lr_schedule=schedule)
+        try:
+            first.run(tmp_path / schedule)
+        finally:
+            first.lora.detach()
+        checkpoints[schedule] = tmp_path / schedule / "checkpoint-2"
+    cases = [
+        ("constant", dict(learning_rate=1e-3, lr_schedule="cosine"), "learning_rate: 0.003 -> 0.001; "
+         "lr_schedule: 'constant' -> 'cosine'"),
+        ("constant", dict(batch_size=2, rank=8), "batch_size: 1 -> 2; rank: 4 -> 8"),
+        ("constant", dict(steps=2), "is at step 2 already; steps (2) must be more"),
+        ("cosine", dict(lr_schedule="cosine", steps=6), "steps: 4 -> 6"),  # a cosine schedule spans all steps
+    ]  # fmt: skip
+    for schedule, change, message in cases:
+        trainer = _trainer(pipe, dataset, **{"steps": 4, **change})
+        try:
+            with pytest.raises(ValueError, match=re.escape(message)) as e:
+                trainer.resume(checkpoints[schedule])
+            assert trainer.step == 0
+        finally:
+            trainer.lora.detach()
+        assert "\n" not in str(e.value)
+    # what may change: the cadence of checkpoints and validation, compile, and steps growing (constant rate)
+    trainer = _trainer(pipe, dataset, steps=9, save_every=3, validation_every=2, compile=True)
+    try:
+        trainer.resume(checkpoints["constant"])
+        assert trainer.step == 2
+    finally:
+        trainer.lora.detach()

@@ -8,8 +8,10 @@ Layouts (a file may mix them; each tensor is routed on its own):
   routed through the single-file key map (loading/keymaps.py), so fused qkv splits and the (shift, scale)
   half swap of the last context adaLN and of final_layer apply to the deltas exactly as to the weights.
 - kohya sd-scripts: `lora_unet_<single-file name with _>`, `lora_te1_` / `lora_te2_` / `lora_te3_` (CLIP-L,
-  CLIP-G, T5); OneTrainer legacy `lora_transformer_<diffusers name with _>`. The `_`-joined names are looked
-  up in tables built from our module tree and the single-file key map, never unflattened by guessing.
+  CLIP-G, T5); OneTrainer legacy `lora_transformer_<diffusers name with _>`; the LyCORIS library's own naming
+  `lycoris_<diffusers transformer path with _>` (what its wrapper writes around the transformer: SimpleTuner's
+  default output). The `_`-joined names are looked up in tables built from our module tree and the
+  single-file key map, never unflattened by guessing.
 - ComfyUI prefix on diffusers names: `diffusion_model.transformer_blocks.N.attn.to_q.lora_A.weight`.
 - suffixes lora_A/lora_B, lora_down/lora_up, lora.down/lora.up, lora_linear_layer.down/up, `.alpha`;
   LyCORIS LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) and LoHa (hada_w{1,2}_{a,b}); full `.diff` / `.diff_b`;
@@ -69,6 +71,7 @@ _SUFFIXES = {
 _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 _STABILITY_TE = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
 _KOHYA_TE = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
+_FLAT_FORMATS = {"lora_transformer_": "onetrainer", "lycoris_": "lycoris"}  # other flat prefixes: "kohya"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -102,6 +105,7 @@ class KeyTables:
         self.flat = {
             "lora_unet_": {**diffusers, **unet},
             "lora_transformer_": {**unet, **diffusers},
+            "lycoris_": diffusers,  # lycoris' wrapper names modules by their path under the wrapped transformer
             **{pre: _flatten({p: (c, p) for p in self.layers.get(c, {})}) for pre, c in _KOHYA_TE.items()},
         }
 
@@ -140,7 +144,7 @@ def route(prefix: str, tables: KeyTables) -> tuple[str, str, str] | None:
     for head, table in tables.flat.items():
         if p.startswith(head) and p[len(head) :] in table:
             component, name = table[p[len(head) :]]
-            return ("onetrainer" if head == "lora_transformer_" else "kohya"), component, name
+            return _FLAT_FORMATS.get(head, "kohya"), component, name
     return None
 
 
@@ -198,7 +202,22 @@ def _float(a: mx.array) -> mx.array:
 
 
 def _kron(a: mx.array, b: mx.array) -> mx.array:
+    """LoKr's product; a convolution's `b` is (b, d, kh, kw) and `a` (a, c) spans its first two axes."""
+    if b.ndim == 4:
+        a = a[:, :, None, None]
     return mx.kron(a, b)
+
+
+def _conv_delta(factor: Factor, shape: tuple[int, ...] | None) -> Factor:
+    """A dense delta for a Conv2d arrives in PyTorch's (out, in, kh, kw) layout, or flattened to
+    (out, in * kh * kw) (LoHa, LoKr with a decomposed w2): to ours, (out, kh, kw, in)."""
+    if factor.delta is None or shape is None or len(shape) != 4 or tuple(factor.delta.shape) == tuple(shape):
+        return factor
+    out, kh, kw, cin = shape
+    if factor.delta.size != out * kh * kw * cin:
+        return factor  # the shape check that follows names the mismatch
+    delta = factor.delta.reshape(out, cin, kh, kw).transpose(0, 2, 3, 1)
+    return Factor(delta=delta, scale=factor.scale, bias=factor.bias)
 
 
 def make_factor(parts: dict[str, mx.array], alpha: float | None, rslora: bool, where: str) -> Factor:
@@ -320,6 +339,7 @@ def convert(
     Raises LoraError when no tensor adapts anything (naming what the file looks like), for DoRA, and for a
     layer whose LoRA has the wrong shape; tensors that adapt nothing are returned in `unmapped`.
     """
+    check_finite(tensors, source)
     groups: dict[str, dict[str, mx.array]] = defaultdict(dict)
     unmapped: list[str] = []
     for key, value in tensors.items():
@@ -347,6 +367,8 @@ def convert(
             unmapped += names
             continue
         factor = make_factor(parts, alpha, bool(config and config.use_rslora), where)
+        target = tables.stability[name][0] if component == "stability" else name
+        factor = _conv_delta(factor, tables.layers["transformer" if component == "stability" else component][target])
         if component == "stability":
             shape = tables.layers["transformer"][tables.stability[name][0]]
             if shape is None or factor.shape[1:] != shape[1:] or factor.shape[0] % len(tables.stability[name]):
@@ -370,6 +392,19 @@ def convert(
         raise LoraError(f"{source}: {describe(unmapped)}")
     fmt = "+".join(f for f, _ in formats.most_common())
     return Converted({c: dict(v) for c, v in factors.items()}, fmt, unmapped, len(tensors))
+
+
+def check_finite(tensors: Mapping[str, mx.array], source: str) -> None:
+    """Refuse a file holding NaN or Inf (a damaged download, or a float16 save after an overflow): added to
+    the model it would make every image black without an error. One reduction per tensor, evaluated once."""
+    floats = [(k, v) for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)]
+    if not floats:
+        return
+    finite = mx.stack([mx.all(mx.isfinite(v)) for _, v in floats]).tolist()
+    bad = [k for (k, _), ok in zip(floats, finite, strict=True) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise LoraError(f"{source}: tensor {bad[0]}{more} holds NaN or Inf values; the file is damaged, refused")
 
 
 def _wrong_shape(source: str, layer: str, got, expected, parts: int) -> None:

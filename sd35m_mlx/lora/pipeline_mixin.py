@@ -10,6 +10,7 @@ the next `generate`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -111,6 +112,8 @@ class LoraMixin:
             weights = [float(w) for w in adapter_weights]
         if len(weights) != len(names):
             raise ValueError(f"adapter_weights has {len(weights)} entries for {len(names)} adapter_names")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"adapter_weights must be finite numbers, got {weights}")
         unknown = [n for n in names if n not in state.adapters]
         if unknown:
             loaded = ", ".join(state.adapters) or "none"
@@ -147,6 +150,8 @@ class LoraMixin:
         state = self._loras
         if state.fused_scale is not None:
             raise ValueError("LoRAs are already fused: call unfuse_lora() first")
+        if not math.isfinite(float(lora_scale)):
+            raise ValueError(f"lora_scale must be a finite number, got {lora_scale}")
         state.fused_scale = float(lora_scale)
         reports = self._lora_refresh()
         kept = sum(r.quantized_side_paths for r in reports)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -70,12 +71,77 @@ def save_checkpoint(folder: str | os.PathLike, lora: TrainableLora, optimizer, s
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike, lora: TrainableLora, optimizer) -> dict:
-    """Restore the LoRA factors and the optimizer state in place; return the run state."""
+# Settings a resumed run may change: they decide when checkpoints and validation images are written and
+# where, or (compile, gradient_checkpointing) trade speed for memory with the same arithmetic up to rounding.
+# Everything else recorded in state.json must match; `steps` may change (see check_resume).
+RESUME_MAY_CHANGE = (
+    "save_every",
+    "validation_every",
+    "validation_prompt",
+    "validation_seeds",
+    "validation_steps",
+    "output",
+    "resume",
+    "overwrite",
+    "export_kohya",
+    "compile",
+    "gradient_checkpointing",
+)
+_PATHS = ("data", "model")  # compared as the folders they name when both exist
+
+
+def read_state(folder: str | os.PathLike) -> dict:
+    """The run state (state.json) of a checkpoint folder; one-line errors name the folder or file."""
     folder = Path(folder)
     missing = [n for n in (LORA_FILE, "optimizer.safetensors", "state.json") if not (folder / n).is_file()]
     if missing:
         raise ValueError(f"resume: {folder} is not a training checkpoint (missing {', '.join(missing)})")
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"resume: {path} is not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"resume: {path} holds no run state (no step)")
+    return state
+
+
+def check_resume(folder: str | os.PathLike, settings: dict) -> dict:
+    """The checkpoint's run state, if a run with `settings` may continue it: every setting it recorded must
+    be the same except RESUME_MAY_CHANGE; `steps` may change, beyond the checkpoint's step, unless the schedule
+    is cosine (it spans all steps, so every step's rate would change)."""
+    state = read_state(folder)
+    if settings.get("steps", math.inf) <= state["step"]:
+        raise ValueError(
+            f"resume: {folder} is at step {state['step']} already; steps ({settings['steps']}) must be more"
+        )
+    old = state.get("settings") or {}
+    changed = []
+    for key in sorted(set(old) & set(settings)):
+        a, b = old[key], settings[key]
+        if key in RESUME_MAY_CHANGE or a == b or (key in _PATHS and _same_path(a, b)):
+            continue
+        if key == "steps" and settings.get("lr_schedule") != "cosine":
+            continue
+        changed.append(f"{key}: {a!r} -> {b!r}")
+    if changed:
+        raise ValueError(
+            f"resume: {folder} was trained with other settings ({'; '.join(changed)}); only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change, and steps unless lr_schedule is cosine"
+        )
+    return state
+
+
+def _same_path(a, b) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)) or not (Path(a).exists() and Path(b).exists()):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def load_checkpoint(folder: str | os.PathLike, lora: TrainableLora, optimizer) -> dict:
+    """Restore the LoRA factors and the optimizer state in place; return the run state."""
+    folder = Path(folder)
+    state = read_state(folder)
     tensors = mx.load(str(folder / LORA_FILE))
     params = {}
     for path in lora.params:
@@ -90,7 +156,7 @@ def load_checkpoint(folder: str | os.PathLike, lora: TrainableLora, optimizer) -
     lora.params = params
     lora.bind(params)
     optimizer.state = unflatten(mx.load(str(folder / "optimizer.safetensors")))
-    return json.loads((folder / "state.json").read_text())
+    return state
 
 
 def _atomic(path: Path, write) -> None:

@@ -28,6 +28,7 @@ class TrainConfig:
     validation_seeds: list[int] = field(default_factory=lambda: [0])
     validation_steps: int = 28
     resume: str | None = None
+    overwrite: bool = False  # replace an earlier run in `output` (run.prepare_output)
     export_kohya: bool = False  # also write the LoRA in kohya's SD3 layout (lora/kohya_export.py)
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -47,10 +48,18 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config: no such file {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".json", ".toml"):
+        raise ValueError(f"config: {path.name} must be a .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start})") from None
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    elif path.suffix.lower() == ".toml":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path} is not valid JSON ({e})") from None
+    else:
         if sys.version_info >= (3, 11):
             import tomllib
         else:
@@ -60,9 +69,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
                 raise ValueError(
                     "config: TOML needs python 3.11+ or `pip install tomli`; or use a .json file"
                 ) from None
-        data = tomllib.loads(text)
-    else:
-        raise ValueError(f"config: {path.name} must be a .toml or .json file")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config: {path} is not valid TOML ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: {path.name} must hold a table of settings")
     unknown = sorted(set(data) - set(KEYS))

@@ -40,7 +40,13 @@ def scan_folder(folder: str | os.PathLike, trigger_word: str | None = None, defa
     for path in images:
         text_file = path.with_suffix(".txt")
         if text_file.is_file():
-            caption = text_file.read_text(encoding="utf-8").strip()
+            try:
+                caption = text_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"data: caption file {text_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                    f"offset {e.start}); save it as UTF-8"
+                ) from None
         elif default_caption is not None:
             caption = default_caption
         else:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..lora.kohya_export import KOHYA_FILE
-from .checkpoint import export_kohya, save_lora
+from .checkpoint import LORA_FILE, check_resume, export_kohya, save_lora
 from .config import TrainConfig
 from .data import build_cache, scan_folder
-from .trainer import Progress, Trainer
+from .trainer import Progress, Trainer, TrainingInterrupted
+
+# What a run writes in its output folder besides the reusable encoding cache (cache/, keyed by content)
+RUN_OUTPUTS = ("config.json", LORA_FILE, KOHYA_FILE, "validation", "checkpoint-*")
 
 
 def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress: bool = True) -> Path:
@@ -22,9 +26,14 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
     from ..pipeline import StableDiffusion35
 
     output = Path(config.output)
-    examples = scan_folder(config.data, config.trigger_word, config.default_caption)  # errors before any loading
+    # every error before any loading or writing
+    examples = scan_folder(config.data, config.trigger_word, config.default_caption)
+    recorded = config.to_dict()
+    if config.resume:
+        check_resume(config.resume, recorded)
+    prepare_output(output, config.resume, config.overwrite)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (output / "config.json").write_text(json.dumps(recorded, indent=2) + "\n")
     say(f"{len(examples)} images in {config.data}")
 
     pipe = StableDiffusion35.from_pretrained(
@@ -41,7 +50,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
     gc.collect()
     mx.clear_cache()
 
-    trainer = Trainer(pipe.transformer, pipe.schedule, dataset, config.train)
+    trainer = Trainer(pipe.transformer, pipe.schedule, dataset, config.train, recorded=recorded)
     if config.resume:
         trainer.resume(config.resume)
         say(f"resumed from {config.resume} at step {trainer.step}")
@@ -71,10 +80,14 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
 
     progress = Progress(trainer.step, config.train.steps, enabled=show_progress)
     try:
-        trainer.run(output, progress, validate)
+        trainer.run(output, progress, validate, notice=say)
+    except TrainingInterrupted as e:
+        progress.close()
+        say(f"Interrupted: checkpoint saved in {e.checkpoint} (continue with --resume {e.checkpoint})")
+        raise
     except KeyboardInterrupt:
         progress.close()
-        say(f"Interrupted: checkpoint saved in {output / f'checkpoint-{trainer.step}'}")
+        say(f"Aborted during step {trainer.step + 1}: no checkpoint saved for it (earlier ones stay)")
         raise
     progress.close()
     trainer.save_checkpoint(output / f"checkpoint-{trainer.step}")
@@ -84,3 +97,31 @@ def train(config: TrainConfig, say: Callable[[str], None] = print, show_progress
     if validation is not None and (not config.train.validation_every or trainer.step % config.train.validation_every):
         validate(trainer.step)
     return path
+
+
+def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
+    """A run writes into an empty (or new) folder, or one holding only the encoding cache; into an earlier
+    run's folder only to continue it (`resume` is one of its checkpoints: same settings, so the steps it
+    rewrites come out the same), or with `overwrite`, which first deletes that run's outputs (RUN_OUTPUTS;
+    the cache and files of other programs stay)."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output: {output} is a file, not a folder")
+    if not output.is_dir():
+        return
+    existing = sorted(p.name for p in output.iterdir() if p.name != "cache")
+    if not existing:
+        return
+    if resume and Path(resume).resolve().parent == output.resolve():
+        return
+    if not overwrite:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise ValueError(
+            f"output: {output} is not empty ({shown}); resume one of its checkpoints with --resume, "
+            "replace that run with --overwrite, or pick another folder"
+        )
+    for pattern in RUN_OUTPUTS:
+        for path in output.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()

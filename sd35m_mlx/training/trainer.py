@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,7 +71,16 @@ class Dataset(Protocol):
 
 
 class Trainer:
-    def __init__(self, transformer: nn.Module, schedule: FlowMatchSchedule, dataset: Dataset, settings: TrainSettings):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        schedule: FlowMatchSchedule,
+        dataset: Dataset,
+        settings: TrainSettings,
+        recorded: dict | None = None,
+    ):
+        """`recorded`: the run's settings as checkpoints record them (state.json "settings") and a resume
+        compares them (checkpoint.check_resume); default the TrainSettings alone (train() adds the rest)."""
         if not dataset.buckets:
             raise ValueError("data: no training items")
         self.transformer, self.schedule, self.dataset, self.settings = transformer, schedule, dataset, settings
@@ -81,6 +93,7 @@ class Trainer:
         self.optimizer.init(self.lora.params)
         self.update = self._make_update()
         self.step = 0  # steps done
+        self.recorded = asdict(settings) if recorded is None else recorded
 
     def _make_update(self):
         s = self.settings
@@ -115,17 +128,16 @@ class Trainer:
             "batches_per_epoch": n,
             # data order and noise are functions of (seed, step): see order.py
             "next_batch": self.batch_indices(self.step) if self.step < s.steps else None,
-            "settings": asdict(s),
+            "settings": self.recorded,
         }
 
     def save_checkpoint(self, folder: str | Path) -> Path:
         return checkpoint.save_checkpoint(folder, self.lora, self.optimizer, self.run_state())
 
     def resume(self, folder: str | Path) -> None:
+        checkpoint.check_resume(folder, self.recorded)  # before anything is replaced
         state = checkpoint.load_checkpoint(folder, self.lora, self.optimizer)
         self.update = self._make_update()  # a compiled update captured the replaced factors and optimizer state
-        if state.get("seed") != self.settings.seed:
-            raise ValueError(f"resume: {folder} was trained with seed {state.get('seed')}, not {self.settings.seed}")
         self.step = int(state["step"])
 
     def run(
@@ -133,13 +145,18 @@ class Trainer:
         output: str | Path,
         progress: Callable[[int, float], None] | None = None,
         validate: Callable[[int], None] | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> list[float]:
-        """Train to `settings.steps`; checkpoints under output/checkpoint-N every save_every steps and on
-        Ctrl-C (then KeyboardInterrupt propagates). Returns this run's losses."""
+        """Train to `settings.steps`; checkpoints under output/checkpoint-N every save_every steps. Returns
+        this run's losses.
+
+        Ctrl-C (SIGINT, when run from the main thread) only asks to stop: the step in progress finishes, its
+        checkpoint is saved and TrainingInterrupted is raised, so the checkpoint named N holds exactly N steps.
+        A second Ctrl-C aborts at once (plain KeyboardInterrupt, nothing saved)."""
         output = Path(output)
         s = self.settings
         losses = []
-        try:
+        with _stop_at_step_boundary(notice) as stop_requested:
             while self.step < s.steps:
                 losses.append(self.train_step())
                 if progress is not None:
@@ -148,10 +165,43 @@ class Trainer:
                     self.save_checkpoint(output / f"checkpoint-{self.step}")
                 if validate is not None and s.validation_every and self.step % s.validation_every == 0:
                     validate(self.step)
-        except KeyboardInterrupt:
-            self.save_checkpoint(output / f"checkpoint-{self.step}")
-            raise
+                if stop_requested() and self.step < s.steps:
+                    raise TrainingInterrupted(self.save_checkpoint(output / f"checkpoint-{self.step}"))
         return losses
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `Trainer.run` between two steps; `checkpoint` holds the state after the last one."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+@contextmanager
+def _stop_at_step_boundary(notice: Callable[[str], None] | None) -> Iterator[Callable[[], bool]]:
+    """While inside: the first SIGINT only sets a flag (read with the yielded function); a second raises
+    KeyboardInterrupt where it lands. Python runs signal handlers in the main thread between bytecodes, so
+    a handler that raised could split a step from its counter; the flag is read at step boundaries only.
+    Outside the main thread no handler can be installed, and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = False
+
+    def handler(signum, frame):
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+        if notice is not None:
+            notice("Ctrl-C: stopping after this step to save a checkpoint (press Ctrl-C again to abort without)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 class Progress:
