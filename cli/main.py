@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .convert import convert
+from .doctor import doctor
 from .generate import generate
 from .group import DefaultGroup
 from .serve import serve
@@ -26,6 +27,7 @@ cli.add_command(generate)
 cli.add_command(convert)
 cli.add_command(serve)
 cli.add_command(train)
+cli.add_command(doctor)
 
 
 def main() -> None:
