@@ -6,6 +6,8 @@ it here with `cli.add_command(...)`; `sd35m-mlx "a prompt"` keeps meaning `gener
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .convert import convert
@@ -31,4 +33,6 @@ cli.add_command(doctor)
 
 
 def main() -> None:
+    # We use transformers for tokenizers only: its "PyTorch was not found" advice reads as fatal to a newcomer.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     cli(prog_name="sd35m-mlx")
