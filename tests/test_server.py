@@ -444,7 +444,10 @@ def test_serve_on_a_taken_port_is_a_one_line_error(monkeypatch, tmp_path):
     from sd35m_mlx_cli import model as model_io
     from sd35m_mlx_cli.main import cli
 
-    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: object())  # never used: binding fails first
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(model_io, "load_pipeline", never)  # binding fails first, in a second, not after loading
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -114,15 +114,17 @@ def serve(
     config=None,
     verbose: bool = False,
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve `pipe` until Ctrl-C or SIGTERM. `config`: a ServerConfig."""
+    """Serve `pipe` until Ctrl-C or SIGTERM. `config`: a ServerConfig. `sock`: already bound by `bind` (the CLI
+    binds before loading the model, so a taken port fails in a second, not after minutes of loading)."""
     require_extra()
     import uvicorn
 
     from .app import ServerConfig, create_app
 
     config = config or ServerConfig()
-    sock = bind(host, port)  # first: a taken port fails before anything starts
+    sock = sock or bind(host, port)  # first: a taken port fails before anything starts
     app = create_app(pipe, config)
     worker = app.state.server.worker
 
