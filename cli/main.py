@@ -6,9 +6,12 @@ it here with `cli.add_command(...)`; `sd35m-mlx "a prompt"` keeps meaning `gener
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .convert import convert
+from .doctor import doctor
 from .generate import generate
 from .group import DefaultGroup
 from .serve import serve
@@ -26,7 +29,10 @@ cli.add_command(generate)
 cli.add_command(convert)
 cli.add_command(serve)
 cli.add_command(train)
+cli.add_command(doctor)
 
 
 def main() -> None:
+    # We use transformers for tokenizers only: its "PyTorch was not found" advice reads as fatal to a newcomer.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     cli(prog_name="sd35m-mlx")

@@ -5,17 +5,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import click
+
 import sd35m_mlx  # noqa: F401  (loads OpenBLAS before mlx.core is imported below)
 
 from .errors import RunError, UsageError
 
 
-def resolve_model(model: str, *, revision: str | None = None, load_t5: bool = True) -> Path:
+def resolve_model(model: str, *, revision: str | None = None, load_t5: bool = True) -> Path | str:
     """The local folder for --model: the folder itself, or a Hugging Face Hub id's snapshot in the HF
-    cache, downloaded (only the files needed; no T5 when it is skipped) if the cache lacks them."""
+    cache, downloaded (only the files needed; no T5 when it is skipped) if the cache lacks them;
+    `tiny-random` (a toy built in memory, for trying commands offline) as it is."""
     from sd35m_mlx.loading import hub  # imports huggingface_hub: not for --help
+    from sd35m_mlx.loading.tiny_random import is_tiny_random
 
+    if not model.strip():
+        raise UsageError("--model is empty: name a model folder, a .safetensors file or a Hub id (owner/name)")
     path = Path(os.path.expanduser(model))
+    if is_tiny_random(model) and not path.exists():
+        if revision is not None:
+            raise UsageError("--revision applies to a Hugging Face Hub --model, not to tiny-random")
+        return model
     if path.exists() and revision is not None:
         raise UsageError(f"--revision applies to a Hugging Face Hub --model, not to the local {model}")
     if path.is_dir() or path.suffix == ".safetensors" and path.is_file():  # folder or single-file checkpoint
@@ -40,5 +50,8 @@ def default_dtype() -> str:
 def load_pipeline(folder: Path, dtype: str, load_t5: bool, **options):
     """options: quantize, t5_quantize, low_memory (StableDiffusion35.from_pretrained's arguments)."""
     from sd35m_mlx import StableDiffusion35
+    from sd35m_mlx.loading.tiny_random import is_tiny_random
 
+    if is_tiny_random(folder):
+        click.echo("Note: tiny-random has random weights (for trying commands offline): its images are noise", err=True)
     return StableDiffusion35.from_pretrained(folder, dtype=dtype, load_t5=load_t5, **options)

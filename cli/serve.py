@@ -51,8 +51,33 @@ def public_name(model: str) -> str:
     default=None,
     help='Folder for images returned as response_format="url".  [default: a temporary folder, removed on exit]',
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A host name the server answers to besides IP addresses, localhost and this machine's names "
+    "(repeatable); other Host headers get 403, which stops DNS-rebinding pages.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="URL",
+    help="A web page origin (e.g. http://localhost:3000) allowed to call the API from a browser (repeatable); "
+    "requests from other pages' origins get 403.",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    help="Seconds a request's headers and body may take to arrive; slower connections are closed.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def serve(host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, verbose, **params) -> None:
+def serve(
+    host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts, cors_origins, read_timeout,
+    verbose, **params,
+) -> None:  # fmt: skip
     """Keep the model loaded and serve it over HTTP: OpenAI's Images API (/v1/images/generations,
     /v1/images/edits), AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress, interrupt) and a web
     page at /. One job runs at a time; Ctrl-C or SIGTERM cancels it and stops.
@@ -68,6 +93,7 @@ def serve(host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, v
 
         server_pkg.require_extra()
         from sd35m_mlx.server.app import ServerConfig
+        from sd35m_mlx.server.run import bind
         from sd35m_mlx.server.run import serve as run_server
         from sd35m_mlx.server.spec import Limits
     except ImportError as e:
@@ -75,6 +101,15 @@ def serve(host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, v
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UsageError(f"--output-dir {output_dir} is not a folder")
 
+    for origin in cors_origins:
+        if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+            raise UsageError(
+                f"--cors-origin {origin}: give an origin as scheme://host[:port], e.g. http://localhost:3000"
+            )
+    try:
+        sock = bind(host, port)  # before loading: a taken port fails now, not after minutes of loading
+    except OSError as e:  # the port is taken, the address is not ours, ...
+        raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     load_t5 = params["t5"]
     folder = model_io.resolve_model(params["model"], revision=params["revision"], load_t5=load_t5)
     dtype = params["dtype"] if params["dtype"] != "auto" else model_io.default_dtype()
@@ -102,9 +137,9 @@ def serve(host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, v
         limits=Limits(max_steps=max_steps),
         output_dir=output_dir,
         load_options={"quantize": quantize, "t5_quantize": params["t5_quantize"]},
+        allowed_hosts=tuple(allowed_hosts),
+        cors_origins=tuple(cors_origins),
+        read_timeout=read_timeout,
     )
-    try:
-        run_server(pipe, host=host, port=port, config=config, verbose=verbose,
-                   say=lambda m: click.echo(m, err=True))  # fmt: skip
-    except OSError as e:  # the port is taken, the address is not ours, ...
-        raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    run_server(pipe, host=host, port=port, config=config, verbose=verbose, sock=sock,
+               say=lambda m: click.echo(m, err=True))  # fmt: skip

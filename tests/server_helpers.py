@@ -22,12 +22,13 @@ class RunningServer:
         from sd35m_mlx.server import create_app
 
         self.app = create_app(pipe, **options)
-        from sd35m_mlx.server.run import bind
+        from sd35m_mlx.server.run import bind, uvicorn_config
 
         sock = bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+        config = uvicorn_config(self.app, "127.0.0.1", self.port, read_timeout=options.get("read_timeout", 30.0))
+        config.timeout_graceful_shutdown = 10
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()

@@ -14,7 +14,7 @@ from scripts.build_fixture import (
     _transformer_config,
     build_transformer,
 )
-from scripts.fixture_tokenizers import CLIP_PATTERN, bytes_to_unicode
+from sd35m_mlx.loading.tiny_tokenizers import CLIP_PATTERN, bytes_to_unicode
 
 PROMPTS = [
     "a photo of a cat sitting on a wooden table",

@@ -161,6 +161,29 @@ def test_every_field_real_clients_send_is_accepted(server, http):
     assert info["sd_model_name"] == "sd35m-tiny"  # override_settings cannot switch the model
     assert any("DPM++ 2M SDE" in w for w in info["warnings"]) and any("Karras" in w for w in info["warnings"])
     assert r.json()["parameters"]["some_future_field"] == {"nested": [1, 2]}
+    ignored = {w.split("=")[0] for w in info["warnings"] if w.endswith("is not supported here; ignored")}
+    assert ignored == {"enable_hr", "hr_scale", "hr_upscaler", "hr_checkpoint_name", "subseed", "subseed_strength",
+                       "restore_faces", "tiling", "script_name", "script_args", "alwayson_scripts",
+                       "override_settings", "styles", "some_future_field"}  # fmt: skip
+    quiet = {**payload, "subseed": -1, "tiling": False, "styles": [], "alwayson_scripts": {}, "enable_hr": False}
+    quiet = {
+        k: v
+        for k, v in quiet.items()
+        if k
+        in (
+            "prompt",
+            "width",
+            "height",
+            "steps",
+            "subseed",
+            "tiling",
+            "styles",
+            "alwayson_scripts",
+            "enable_hr",
+            "send_images",
+        )
+    }
+    assert json.loads(http.post("/sdapi/v1/txt2img", json=quiet).json()["info"])["warnings"] == []
 
 
 def test_info_endpoints(server, http):
@@ -168,7 +191,9 @@ def test_info_endpoints(server, http):
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["sd35m-tiny"]
     assert [m["model_name"] for m in http.get("/sdapi/v1/sd-models").json()] == ["sd35m-tiny"]
     assert [s["name"] for s in http.get("/sdapi/v1/samplers").json()] == ["Euler", "DPM++ 2M"]
-    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "/some/other.safetensors"}).status_code == 200
+    r = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "/some/other.safetensors"})
+    assert r.status_code == 400 and "the choices: sd35m-tiny" in r.text
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd35m-tiny", "x": 1}).status_code == 200
     assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sd35m-tiny"  # read-only
     page = http.get("/")
     assert page.status_code == 200 and "<html" in page.text.lower()
@@ -421,7 +446,10 @@ def test_serve_on_a_taken_port_is_a_one_line_error(monkeypatch, tmp_path):
     from sd35m_mlx_cli import model as model_io
     from sd35m_mlx_cli.main import cli
 
-    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: object())  # never used: binding fails first
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(model_io, "load_pipeline", never)  # binding fails first, in a second, not after loading
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

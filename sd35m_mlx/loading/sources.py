@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import hub, single_file
+from . import hub, single_file, tiny_random
 from .mlx_format import is_converted_folder, load_converted
 from .parts import PipelineParts, load_schedule
 from .safetensors_io import WeightsError
@@ -28,7 +28,10 @@ def load_diffusers_folder(folder: Path, dtype: mx.Dtype, *, load_t5: bool = True
 def load_pipeline_parts(
     source: str | os.PathLike, dtype: mx.Dtype, *, load_t5: bool = True, revision: str | None = None
 ) -> PipelineParts:
-    """Local diffusers-layout folder, converted MLX folder, single-file checkpoint, or hub repo id."""
+    """Local diffusers-layout folder, converted MLX folder, single-file checkpoint, hub repo id, or
+    `tiny-random` (a random-weight toy built in memory, for trying things offline)."""
+    if tiny_random.is_tiny_random(source) and not Path(str(source)).exists():
+        return tiny_random.build_parts(dtype, load_t5=load_t5)
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir() and is_converted_folder(path):  # written by `sd35m-mlx convert`
         return load_converted(path, dtype, load_t5=load_t5)

@@ -2,7 +2,8 @@
 samplers, options.
 
 Takes the whole payload real clients send (hires fix, subseeds, scripts, override_settings, ...):
-fields we do not support are ignored, and samplers we do not have run as our default, said in `info`.
+fields we do not support are ignored and named in `info.warnings` (a1111_fields.py), and samplers we do
+not have run as our default, said there too.
 Nothing in a payload can load a model or name a file (`override_settings` is ignored).
 """
 
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from ..record import parameters_text
+from .a1111_fields import ignored_notes
 from .errors import RequestError
 from .jobs import Job
 from .masks import a1111_mask
@@ -87,6 +89,7 @@ def spec_from(body: Txt2ImgBody, limits) -> Spec:
         spec.notes.append(note)
     if body.scheduler and body.scheduler.lower() not in ("automatic", "simple", "default"):
         spec.notes.append(f"scheduler {body.scheduler!r} is not available; ran the model's own (shifted sigmas)")
+    spec.notes.extend(ignored_notes(body.model_extra or {}))
     for ours, theirs in (
         ("steps", body.steps),
         ("cfg", body.cfg_scale),
@@ -214,13 +217,19 @@ def router(server) -> APIRouter:
 
     @r.post("/options")
     async def set_options(request: Request):
-        """Every option here is read-only (one model, fixed settings); a client may still post its own."""
+        """Options are read-only here (one model, fixed settings); a client may post them back unchanged,
+        and other keys are ignored as A1111 ignores unknown ones. Naming another checkpoint is an error, as in
+        A1111 ("model ... not found"): the client would otherwise believe it switched."""
         try:
             changes = await request.json()
         except ValueError:
             raise RequestError("the request body is not valid JSON") from None
         if not isinstance(changes, dict):
             raise RequestError("options must be a JSON object")
+        wanted = changes.get("sd_model_checkpoint")
+        if wanted is not None and wanted != server.model.name:
+            message = f"sd_model_checkpoint {str(wanted)[:100]!r} is not served here; the choices: {server.model.name}"
+            raise RequestError(message, "sd_model_checkpoint")
         return None
 
     @r.get("/scripts")

@@ -23,7 +23,7 @@ import sd35m_mlx
 from ..validation import InvalidInput, validate_generation
 from . import a1111_api, openai_api
 from .errors import RequestError, ShuttingDown, error_body
-from .guards import ApiKey, BodyLimit
+from .guards import ApiKey, BodyLimit, HostOrigin
 from .jobs import CANCELLED, FAILED, Job, Worker
 from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
 from .uploads import DEFAULT_MAX_PIXELS
@@ -47,6 +47,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     output_dir: str | None = None  # where response_format="url" images live; None: a temporary folder
     load_options: dict = field(default_factory=dict)  # quantize, t5_quantize: recorded in PNG metadata
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides IPs, loopback and this machine's names
+    cors_origins: tuple[str, ...] = ()  # web pages on other origins allowed to call us (CORS)
+    read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
 
 
 class Server:
@@ -132,7 +135,14 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.server = server
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(ApiKey, key=config.api_key)  # added last: outermost, so 401 comes before reading a body
+    app.add_middleware(ApiKey, key=config.api_key)  # outside the body limit: 401 comes before reading a body
+    if config.cors_origins:  # outside the key check: a browser's preflight carries no key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], max_age=600)  # fmt: skip
+    # outermost: a foreign Host or Origin is refused before anything else runs
+    app.add_middleware(HostOrigin, allowed_hosts=config.allowed_hosts, cors_origins=config.cors_origins)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):

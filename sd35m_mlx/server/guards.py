@@ -1,11 +1,14 @@
-"""ASGI middleware in front of every route: the API key check (401) and the request body size limit (413)."""
+"""ASGI middleware in front of every route: Host and Origin checks (403), the API key check (401) and the
+request body size limit (413)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
+import socket
 
 from starlette.exceptions import HTTPException
 
@@ -88,3 +91,69 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+LOCAL_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def _host_name(host_header: str) -> str:
+    """`name:port`, `[v6]:port` or `name` -> the name, lower-case, without the brackets."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def machine_names() -> set[str]:
+    """This machine's own names (`hostname`, `hostname.local`, its FQDN), as a browser on the LAN types them."""
+    names = {socket.gethostname().lower()}
+    names |= {n.split(".")[0] + ".local" for n in list(names)}
+    try:
+        names.add(socket.getfqdn().lower())
+    except OSError:
+        pass
+    return names
+
+
+class HostOrigin:
+    """Refuse what a web page on another site could make a browser send (403, one line):
+
+    - a Host header naming no address of this server (DNS rebinding: evil.example resolved to 127.0.0.1
+      makes our answers readable to that page). IP literals, loopback names, this machine's names and
+      `allowed_hosts` pass; an IP literal cannot be a rebinding, whose page's origin is a domain name.
+    - an Origin header other than the server's own (a cross-site form or fetch POST runs a generation
+      even when the page cannot read the answer), unless listed in `cors_origins`.
+
+    Requests without Origin (curl, SDKs, apps) are not affected. ComfyUI and Jupyter check both for the
+    same reasons."""
+
+    def __init__(self, app, allowed_hosts=(), cors_origins=()):
+        self.app = app
+        self.hosts = LOCAL_NAMES | machine_names() | {h.lower() for h in allowed_hosts}
+        self.origins = {o.rstrip("/").lower() for o in cors_origins}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        name = _host_name(host)
+        if host and not (_is_ip(name) or name in self.hosts):
+            message = f"Host {name} is not a name of this server; to serve under it, start with --allowed-host {name}"
+            return await _send_json(send, 403, error_body(scope["path"], 403, message))
+        origin = headers.get(b"origin")
+        if origin is not None:
+            origin = origin.decode("latin-1").rstrip("/").lower()
+            own = {f"{scheme}://{host.lower()}" for scheme in ("http", "https")}
+            if origin not in own and origin not in self.origins:
+                message = f"requests from the web page at {origin} are refused; allow it with --cors-origin {origin}"
+                return await _send_json(send, 403, error_body(scope["path"], 403, message))
+        await self.app(scope, receive, send)

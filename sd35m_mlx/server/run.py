@@ -47,6 +47,65 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def read_timeout_protocol(read_timeout: float):
+    """uvicorn's h11 protocol, closing a connection whose request (headers and body) has not fully arrived
+    `read_timeout` seconds after the connection opened or its previous response ended. uvicorn has no such
+    timeout: 300 sockets announcing a 50 MB body and sending a few bytes stayed open indefinitely."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutH11Protocol(H11Protocol):
+        _read_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if self.cycle is None or self.cycle.more_body:  # still reading headers or the body
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.more_body:  # the whole request is in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return ReadTimeoutH11Protocol
+
+
+def uvicorn_config(app, host: str, port: int, *, verbose: bool = False, read_timeout: float = 30.0):
+    """The uvicorn settings every server of ours runs with (tests included)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=read_timeout_protocol(read_timeout),
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+    )
+
+
 def serve(
     pipe,
     *,
@@ -55,15 +114,17 @@ def serve(
     config=None,
     verbose: bool = False,
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve `pipe` until Ctrl-C or SIGTERM. `config`: a ServerConfig."""
+    """Serve `pipe` until Ctrl-C or SIGTERM. `config`: a ServerConfig. `sock`: already bound by `bind` (the CLI
+    binds before loading the model, so a taken port fails in a second, not after minutes of loading)."""
     require_extra()
     import uvicorn
 
     from .app import ServerConfig, create_app
 
     config = config or ServerConfig()
-    sock = bind(host, port)  # first: a taken port fails before anything starts
+    sock = sock or bind(host, port)  # first: a taken port fails before anything starts
     app = create_app(pipe, config)
     worker = app.state.server.worker
 
@@ -75,15 +136,7 @@ def serve(
             worker.stop_accepting()  # cancels the running job at its next step; its client gets a 503
             self.should_exit = True  # no re-raise of the signal afterwards: a requested stop exits 0
 
-    uv_config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="info" if verbose else "warning",
-        access_log=verbose,
-        timeout_graceful_shutdown=30,
-        lifespan="on",
-    )
+    uv_config = uvicorn_config(app, host, port, verbose=verbose, read_timeout=config.read_timeout)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if warning := open_warning(host, config.api_key):

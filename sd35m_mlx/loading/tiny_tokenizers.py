@@ -1,5 +1,5 @@
-"""Tokenizers for the random-weight fixtures, learned offline: CLIP's byte-level BPE (vocab and merges
-from a corpus) and a T5 sentencepiece model, written in the layouts transformers reads."""
+"""Tokenizers for random-weight models (tiny-random, the test fixtures), learned offline from a small corpus:
+CLIP's byte-level BPE (vocab and merges) and a T5 sentencepiece model, written in the layouts transformers reads."""
 
 from __future__ import annotations
 
@@ -11,6 +11,51 @@ from collections import Counter
 from pathlib import Path
 
 import regex
+
+# Tokenizer corpus: prompt-like English, so ordinary words become one to three BPE tokens.
+CORPUS = """\
+a photo of a cat sitting on a wooden table next to a window with soft morning light
+a painting of a mountain landscape at sunset, oil on canvas, highly detailed
+a portrait of an old man with a long white beard, studio lighting, sharp focus
+an astronaut riding a horse on the moon, digital art, trending on artstation
+a red sports car parked in front of a modern glass building in the city at night
+a bowl of fresh fruit with apples, oranges and grapes on a kitchen counter
+a small house in the forest covered with snow, warm light in the windows
+a dog running on the beach with waves in the background, golden hour photography
+the quick brown fox jumps over the lazy dog while the children watch from the garden
+a close up photograph of a flower with drops of water on the petals, macro lens
+a futuristic city with flying cars and tall towers, cinematic lighting, concept art
+a watercolor painting of a river flowing through a green valley with trees and birds
+a cup of coffee and a book on a table in a cozy cafe, shallow depth of field
+a medieval castle on a hill under a stormy sky with lightning, dramatic, epic
+a young woman reading a letter by the fire, in the style of a classic oil painting
+a cute robot holding a sign that says hello world, three dimensional render
+an aerial view of a green island surrounded by blue water and white sand
+a black and white photo of a street in the rain with people holding umbrellas
+a plate of pasta with tomato sauce and basil leaves, food photography, high quality
+a colorful bird sitting on a branch of a tree in the tropical rain forest
+the light of the moon reflected on the surface of a calm lake at night
+a pencil sketch of a sleeping cat curled up on a soft blanket
+a wide angle photograph of the northern lights over a frozen lake in winter
+a bright kitchen with white walls, wooden floor and plants near the window
+a detailed illustration of a dragon flying over a village, fantasy art
+two friends walking down a country road in autumn with orange and yellow leaves
+a close portrait of a smiling girl with freckles and red hair, 85mm lens, 8k uhd, film grain
+"Hello World!" written in neon letters on a brick wall at midnight; photo by a street photographer
+an ancient temple in the jungle, stone statues covered with moss, light rays through the mist
+a still life with a glass bottle, three lemons and a blue cloth, painted in the 1890s
+a snowy mountain village at dawn, smoke rising from chimneys, people walking to the market
+What does the ocean look like from space? A satellite image of clouds over the sea.
+a giant whale swimming through the clouds above a quiet town, surreal, dreamlike
+the interior of a library with tall shelves full of old books and a spiral staircase
+a vintage poster of a train crossing a bridge over a canyon, art deco style, 1920s
+a golden retriever puppy playing with a ball in the grass, bokeh, award winning photo
+a knight in shining armor standing in front of a burning castle, dark fantasy painting
+a tiny mouse wearing a hat and a scarf, children's book illustration, pastel colors
+a steaming bowl of ramen with an egg, green onions and slices of pork, 50mm, f/1.8
+rows of sunflowers in a field under a clear blue sky, summer afternoon, 35mm film
+the skyline of New York City seen from the water at sunrise, long exposure
+"""
 
 # OpenAI CLIP's pre-tokenizer (simple_tokenizer.py), applied to lower-cased, whitespace-cleaned text
 CLIP_PATTERN = regex.compile(
@@ -44,7 +89,7 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(out)
 
 
-def _train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     b2u = bytes_to_unicode()
     text = " ".join(corpus.lower().split())
     counts = Counter("".join(b2u[b] for b in w.encode()) for w in CLIP_PATTERN.findall(text))
@@ -71,7 +116,7 @@ def _train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[
     return vocab, merges
 
 
-def _write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pad_token: str) -> Path:
+def write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pad_token: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -94,7 +139,7 @@ def _write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pa
     return out_dir
 
 
-def _write_t5_tokenizer(out_dir: Path, corpus: str, vocab_size: int) -> Path:
+def write_t5_tokenizer(out_dir: Path, corpus: str, vocab_size: int) -> Path:
     import sentencepiece as spm
     from transformers import T5TokenizerFast
 

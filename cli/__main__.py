@@ -1,0 +1,5 @@
+"""`python -m sd35m_mlx_cli ...` is the `sd35m-mlx` command."""
+
+from .main import main
+
+main()

@@ -1,0 +1,101 @@
+"""What a web page on another site, or a slow client, can make the server do: Host and Origin checks (403),
+CORS only for the origins allowed, and the read timeout for headers and bodies."""
+
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from sd35m_mlx import StableDiffusion35  # noqa: E402
+from sd35m_mlx.server.jobs import Job  # noqa: E402
+from tests.server_helpers import RunningServer  # noqa: E402
+
+ONE_STEP = {"prompt": "p", "size": "64x64", "steps": 1}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline):
+    return StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    s = RunningServer(pipe, allowed_hosts=("studio.lan",), read_timeout=1.0)
+    yield s
+    s.stop()
+
+
+def test_a_foreign_host_header_is_refused(server):
+    """DNS rebinding: a page at evil.example whose name resolves to 127.0.0.1 sends Host: evil.example."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.get("/v1/models", headers={"Host": f"evil.example:{server.port}"})
+        assert r.status_code == 403 and "--allowed-host evil.example" in r.text
+        for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "studio.lan", f"[::1]:{server.port}",
+                     f"192.168.1.10:{server.port}", f"{socket.gethostname()}:{server.port}"):  # fmt: skip
+            assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
+
+
+def test_a_cross_site_post_is_refused_and_runs_nothing(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        before = next(Job._ids)  # job ids count the jobs made
+        evil = {"Origin": "http://evil.example"}
+        r = http.post("/v1/images/generations", json=ONE_STEP, headers=evil)
+        assert r.status_code == 403 and "--cors-origin http://evil.example" in r.json()["error"]["message"]
+        files = {"image": ("a.png", b"not read", "image/png")}
+        assert http.post("/v1/images/edits", data={"prompt": "p"}, files=files, headers=evil).status_code == 403
+        assert http.post("/sdapi/v1/txt2img", json={"prompt": "p"}, headers={"Origin": "null"}).status_code == 403
+        assert next(Job._ids) == before + 1, "a refused request made a job"
+        own = {"Origin": server.url}  # what the page's own fetch sends
+        assert http.post("/v1/images/generations", json=ONE_STEP, headers=own).status_code == 200
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_origin_allows_that_page_only(pipe):
+    s = RunningServer(pipe, cors_origins=("http://app.example",), api_key="k")
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as http:
+            preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                         "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+            r = http.options("/v1/images/generations", headers=preflight)  # a preflight carries no key
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+            r = http.get("/v1/models", headers={"Origin": "http://app.example", "Authorization": "Bearer k"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+            r = http.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": "Bearer k"})
+            assert r.status_code == 403
+    finally:
+        s.stop()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"GET /health HTTP/1.1\r\nHost: 127.0", b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+     b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{\"pro"],
+    ids=["headers", "body"],
+)  # fmt: skip
+def test_a_request_that_never_arrives_in_full_is_dropped(server, partial):
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(partial)
+        assert _closed_within(sock, 10), "the server kept a half-sent request open"
+    assert time.monotonic() - t0 < 8  # read_timeout 1 s, with room for a loaded machine
+    with httpx.Client(base_url=server.url, timeout=60) as http:  # and it goes on serving
+        assert http.get("/health").status_code == 200
+
+
+def test_a_slow_but_complete_request_is_served(server):
+    """The timeout covers arrival, not the answer: a keep-alive connection serves a second request."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.post("/v1/images/generations", json=ONE_STEP).status_code == 200
+        time.sleep(0.3)
+        assert http.get("/health").status_code == 200
