@@ -1,12 +1,11 @@
 """Live preview cost per step: "rgb" (latent RGB map) and "taesd" (TAESD3 decode), as a fraction of
-a guided denoising step of the full-width transformer at reduced depth (speed_fixtures.py), per size.
+a guided denoising step of the full-width transformer at reduced depth, per size.
 
     python benchmarks/bench_preview.py                       # depth 3, 512 px, float32
     python benchmarks/bench_preview.py --sizes 512 1024 --dtype bfloat16 --cache /tmp/bench-cache
 
-A preview's cost is the render (evaluated) plus the PIL conversion the callback receives; "rgb+cli"
-adds what `--preview` does with it (upscale to full size, PNG write). The 24-block step is
-extrapolated as step x 24 / depth (blocks dominate a step), so the fraction at full depth is lower.
+A preview = the render (evaluated) + the PIL image; "rgb+cli" adds `--preview`'s upscale and PNG write.
+The 24-block step is extrapolated as step x 24 / depth. Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.measure import build_once, time_runs  # noqa: E402
-from benchmarks.speed_fixtures import MEDIUM_DEPTH, build_transformer_folder  # noqa: E402
+from benchmarks.fixtures import MEDIUM_DEPTH, build_medium_transformer  # noqa: E402
+from benchmarks.measure import DTYPES, build_once, mlx_dtype, time_runs  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.preview import latent_rgb, taesd_rgb, to_pil  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
@@ -89,14 +88,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes in px (default: 512)")
     p.add_argument("--depth", type=int, default=3, help="transformer blocks built (default: 3)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     p.add_argument("--runs", type=int, default=3, help="timed runs, best taken (default: 3)")
     p.add_argument("--cache", type=Path, default=None, help="keep the built weights here across runs")
     args = p.parse_args(argv)
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         folder = (args.cache or Path(tmp)) / f"transformer-d{args.depth}"
-        build_once(folder, lambda d: build_transformer_folder(d, args.depth))
+        build_once(folder, lambda d: build_medium_transformer(d, args.depth))
         model = load_transformer(folder, dtype)
         mx.eval(model.parameters())
         taesd = random_taesd(dtype)

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # Run as a script, Python puts benchmarks/ first on sys.path, where our helper modules would shadow
@@ -53,8 +50,18 @@ import numpy as np  # noqa: E402
 
 from benchmarks import step_kernels as K  # noqa: E402
 from benchmarks import torch_side  # noqa: E402
-from benchmarks.measure import MLXPeak, build_once, mlx_param_bytes, time_once_or_warm, time_runs  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    DTYPES,
+    MLXPeak,
+    build_once,
+    mlx_dtype,
+    mlx_param_bytes,
+    time_once_or_warm,
+    time_runs,
+    write_json,
+)
 from benchmarks.speed_report import print_report  # noqa: E402
+from benchmarks.torch_side import TorchRunner  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
 from sd35m_mlx.loading.text_encoders import load_text_encoders  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
@@ -63,7 +70,6 @@ from sd35m_mlx.models.mmdit import MMDiTConfig  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
 
-DTYPES = ("float32", "bfloat16", "float16")
 PROMPT, GUIDANCE, TIMESTEP = torch_side.PROMPT, torch_side.GUIDANCE, torch_side.TIMESTEP
 LONG_S = 20.0  # text/VAE: a first run longer than this is the measurement (see time_once_or_warm)
 ONCE_RUNS = 3  # text/VAE runs shorter than LONG_S are cheap enough to take the best of at least this many
@@ -166,40 +172,9 @@ def _mean_by_kind(kinds: list[str], seconds: list[float]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-class TorchRunner:
-    """Runs `torch_side` functions in one spawned process that never loads the system OpenBLAS
-    (see torch_side's docstring), or in this process with isolate=False (quick checks, tests)."""
-
-    def __init__(self, isolate: bool = True):
-        self.isolate = isolate
-        self._pool = None
-
-    def __call__(self, fn, *args):
-        if not self.isolate:
-            return fn(*args)
-        if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            old = os.environ.get("SD35M_MLX_NO_OPENBLAS")
-            os.environ["SD35M_MLX_NO_OPENBLAS"] = "1"  # the child imports this module, hence sd35m_mlx
-            try:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-                return self._pool.submit(fn, *args).result()  # the first submit starts the child
-            finally:
-                if old is None:
-                    del os.environ["SD35M_MLX_NO_OPENBLAS"]
-                else:
-                    os.environ["SD35M_MLX_NO_OPENBLAS"] = old
-        return self._pool.submit(fn, *args).result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-
 def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunner | None, device: str) -> list[dict]:
     """Sections 1, 3 and 4 at every size: ours, then diffusers (same inputs), then the kernels."""
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     ours = load_transformer(folder, dtype)
     mx.eval(ours.parameters())
     cfg = ours.config
@@ -289,7 +264,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
 
 
 def _ours_text(folder: Path, args) -> tuple[dict, np.ndarray, np.ndarray, int]:
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     enc = load_text_encoders(folder, dtype)
     encoders = [enc.text_encoder, enc.text_encoder_2, enc.text_encoder_3]
     mx.eval([e.parameters() for e in encoders])
@@ -333,7 +308,7 @@ def bench_text(folder: Path, args, torch_run: TorchRunner | None, device: str, f
 
 
 def _ours_vae(folder: Path, z: np.ndarray, args) -> tuple[dict, np.ndarray]:
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     vae = load_vae(folder, dtype)
     mx.eval(vae.parameters())
     zm = mx.array(z)
@@ -378,7 +353,7 @@ def _log(msg: str) -> None:
 
 
 def _meta(args, torch_info: dict) -> dict:
-    from benchmarks.speed_fixtures import medium_dual_layers
+    from benchmarks.fixtures import medium_dual_layers
 
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     return {
@@ -453,7 +428,8 @@ def _cached(cache: Path | None, tmp: Path, name: str, build) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from benchmarks.speed_fixtures import build_text_folder, build_transformer_folder, build_vae_folder
+    from benchmarks.fixtures import build_medium_transformer, build_text
+    from scripts.build_fixture import build_vae
 
     torch_run = None if args.skip_diffusers else TorchRunner(isolate=not args.torch_in_process)
     try:
@@ -469,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.cache,
                 tmp,
                 f"transformer-d{args.depth}-s{args.seed}",
-                lambda d: build_transformer_folder(d, args.depth, args.seed),
+                lambda d: build_medium_transformer(d, args.depth, args.seed),
             )
             results["transformer"] = bench_transformer(folder, args.sizes, args, torch_run, device)
             _free()
@@ -486,10 +462,10 @@ def main(argv: list[str] | None = None) -> dict:
                         args.cache,
                         tmp,
                         f"text-t5x{args.t5_layers}-s{args.seed}",
-                        lambda d: build_text_folder(d, args.t5_layers, args.seed),
+                        lambda d: build_text(d, args.t5_layers, seed=args.seed),
                     )
                 if not args.skip_vae:
-                    vae_folder = _cached(args.cache, tmp, f"vae-s{args.seed}", lambda d: build_vae_folder(d, args.seed))
+                    vae_folder = _cached(args.cache, tmp, f"vae-s{args.seed}", lambda d: build_vae(d, seed=args.seed))
             if not args.skip_text:
                 _log("prompt encoding")
                 results["text"] = _guarded(bench_text, text, args, torch_run, device, not args.quick)
@@ -500,8 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         if torch_run is not None:
             torch_run.close()
     print_report(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.json, results)
     _log(f"wrote {args.json}")
     return results
 

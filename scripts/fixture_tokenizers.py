@@ -44,7 +44,7 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(out)
 
 
-def _train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     b2u = bytes_to_unicode()
     text = " ".join(corpus.lower().split())
     counts = Counter("".join(b2u[b] for b in w.encode()) for w in CLIP_PATTERN.findall(text))
@@ -71,7 +71,7 @@ def _train_clip_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[
     return vocab, merges
 
 
-def _write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pad_token: str) -> Path:
+def write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pad_token: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -94,7 +94,7 @@ def _write_clip_tokenizer(out_dir: Path, vocab: dict[str, int], merges: list, pa
     return out_dir
 
 
-def _write_t5_tokenizer(out_dir: Path, corpus: str, vocab_size: int) -> Path:
+def write_t5_tokenizer(out_dir: Path, corpus: str, vocab_size: int) -> Path:
     import sentencepiece as spm
     from transformers import T5TokenizerFast
 
