@@ -23,11 +23,10 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 
 # isort: split
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.fixtures import MEDIUM_DEPTH, build_medium_transformer  # noqa: E402
-from benchmarks.measure import DTYPES, build_once, mlx_dtype, time_runs  # noqa: E402
+from benchmarks.measure import DTYPES, build_once, guided_inputs, mlx_dtype, time_runs  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.preview import latent_rgb, taesd_rgb, to_pil  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
@@ -53,12 +52,8 @@ def random_taesd(dtype):
     return taesd
 
 
-def bench(size: int, model, taesd, dtype, runs: int, rng) -> dict:
-    cfg = model.config
-    lat = size // 8
-    x = mx.array(rng.standard_normal((1, lat, lat, cfg.in_channels), dtype=np.float32))
-    ctx = mx.array(rng.standard_normal((2, CTX_LEN, cfg.joint_attention_dim), dtype=np.float32))
-    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
+def bench(size: int, model, taesd, dtype, runs: int) -> dict:
+    x, ctx, pooled = map(mx.array, guided_inputs(model.config, size, CTX_LEN))
     den = GuidedDenoiser(model, ctx, pooled, [500.0], GuidanceConfig(scale=4.5), 0, dtype)
 
     def step():
@@ -99,12 +94,11 @@ def main(argv=None) -> None:
         model = load_transformer(folder, dtype)
         mx.eval(model.parameters())
         taesd = random_taesd(dtype)
-        rng = np.random.default_rng(0)
         print(f"mlx {mx.__version__}, {mx.default_device()}, {args.dtype}, depth {args.depth}")
         print("| size | step | rgb | rgb/step | rgb + --preview file | taesd | taesd/step | taesd/step (24 blocks) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for size in args.sizes:
-            r = bench(size, model, taesd, dtype, args.runs, rng)
+            r = bench(size, model, taesd, dtype, args.runs)
             full = r["step_s"] * MEDIUM_DEPTH / args.depth
             t = r.get("taesd_s")
             taesd_cols = f"{t * 1e3:.1f} ms | {t / r['step_s']:.2%} | {t / full:.2%}" if t else "n/a | n/a | n/a"

@@ -13,10 +13,8 @@ On Linux CPU unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE. Method and figures: b
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # As bench_speed.py: the repo root, not benchmarks/, goes first on sys.path.
@@ -30,28 +28,13 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import torch_side  # noqa: E402
-from benchmarks.measure import (  # noqa: E402
-    DTYPES,
-    MLXPeak,
-    build_once,
-    mlx_dtype,
-    mlx_param_bytes,
-    time_once_or_warm,
-    write_json,
-)
-from benchmarks.torch_side import TorchRunner  # noqa: E402
+from benchmarks import measure, torch_side  # noqa: E402
 from sd35m_mlx.loading.taesd import load_taesd  # noqa: E402
 from sd35m_mlx.loading.vae import load_vae  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
 from sd35m_mlx.taesd_decode import decode_with_taesd  # noqa: E402
 
 LONG_S = 30.0
-GIB = 2**30
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _measure(decode, model, repeats: int) -> tuple[dict, np.ndarray]:
@@ -62,12 +45,7 @@ def _measure(decode, model, repeats: int) -> tuple[dict, np.ndarray]:
             out.append(decode())
             mx.eval(out[-1])
 
-    gc.collect()
-    mx.clear_cache()
-    with MLXPeak() as peak:
-        s, runs, warm = time_once_or_warm(run, repeats, LONG_S)
-    result = dict(s=s, runs=runs, warm=warm, work_gib=peak.work / GIB, weights_gib=mlx_param_bytes(model) / GIB)
-    return result, np.array(out[-1])
+    return measure.mlx_once(run, repeats, LONG_S, [model], fresh=True), np.array(out[-1])
 
 
 def _vae_decode(vae, z: mx.array, dtype: mx.Dtype):
@@ -79,19 +57,19 @@ def _vae_decode(vae, z: mx.array, dtype: mx.Dtype):
 
 
 def bench_size(size: int, taesd, vae, folders: dict[str, Path], args, torch_run) -> dict:
-    dtype = mlx_dtype(args.dtype)
+    dtype = measure.mlx_dtype(args.dtype)
     z = np.random.default_rng(args.seed).standard_normal((1, size // 8, size // 8, 16), dtype=np.float32)
     zm = mx.array(z)
     r: dict = {"size": size}
-    _log(f"{size} px: TAESD3 (ours)")
+    measure.log(f"{size} px: TAESD3 (ours)")
     r["taesd"], img = _measure(lambda: decode_with_taesd(taesd, zm), taesd, args.repeats)
     if vae is not None:
-        _log(f"{size} px: VAE (ours)")
+        measure.log(f"{size} px: VAE (ours)")
         r["vae"], _ = _measure(_vae_decode(vae, zm, dtype), vae, args.repeats)
         r["taesd_over_vae_s"] = r["taesd"]["s"] / r["vae"]["s"]
         r["taesd_over_vae_work"] = r["taesd"]["work_gib"] / r["vae"]["work_gib"]
     if torch_run is not None:
-        _log(f"{size} px: AutoencoderTiny (diffusers)")
+        measure.log(f"{size} px: AutoencoderTiny (diffusers)")
         d, ref_img = torch_run(
             torch_side.decode_tiny, str(folders["taesd"]), z, args.dtype, args.device, args.repeats, LONG_S
         )
@@ -120,7 +98,7 @@ def print_report(results: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 512 1024)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="default float32")
+    p.add_argument("--dtype", choices=measure.DTYPES, default="float32", help="default float32")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up, best kept (default 2)")
     p.add_argument("--skip-vae", action="store_true", help="no full-VAE decode (slow on CPU: minutes at 1024 px)")
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
@@ -138,17 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from scripts.build_fixture import build_taesd, build_vae
 
-    torch_run = None if args.skip_diffusers else TorchRunner()
+    torch_run = None if args.skip_diffusers else torch_side.TorchRunner()
     try:
         args.device = torch_run(torch_side.resolve_device, args.torch_device) if torch_run else None
         with tempfile.TemporaryDirectory() as tmp:
             root = args.cache or Path(tmp)
             folders = {"taesd": root / f"taesd3-s{args.seed}"}
-            build_once(folders["taesd"], lambda d: build_taesd(d, seed=args.seed))
+            measure.build_once(folders["taesd"], lambda d: build_taesd(d, seed=args.seed))
             if not args.skip_vae:
                 folders["vae"] = root / f"vae-s{args.seed}"
-                build_once(folders["vae"], lambda d: build_vae(d, seed=args.seed))
-            dtype = mlx_dtype(args.dtype)
+                measure.build_once(folders["vae"], lambda d: build_vae(d, seed=args.seed))
+            dtype = measure.mlx_dtype(args.dtype)
             taesd = load_taesd(folders["taesd"], dtype)
             vae = None if args.skip_vae else load_vae(folders["vae"], dtype)
             mx.eval(taesd.parameters(), *([vae.parameters()] if vae is not None else []))
@@ -159,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"dtype": args.dtype, "device": str(mx.default_device()), "mlx": mx.__version__, "sizes": sizes}
     results["torch_device"] = args.device
     print_report(results)
-    write_json(args.json, results)
+    measure.write_json(args.json, results)
     return results
 
 

@@ -50,6 +50,15 @@ def time_once_or_warm(
     return min(time_runs(fn, runs, sync)), runs, True
 
 
+def mlx_once(fn: Callable[[], object], runs: int, long_s: float, modules, fresh: bool = False) -> dict:
+    """`time_once_or_warm` of `fn` inside an MLXPeak: seconds, runs, warm, and peak, work and the weights of
+    `modules` in GiB (the speed benchmarks' once-per-image figures)."""
+    with MLXPeak(fresh) as peak:
+        s, runs, warm = time_once_or_warm(fn, runs, long_s)
+    weights = sum(mlx_param_bytes(m) for m in modules)
+    return dict(s=s, runs=runs, warm=warm, peak_gib=gib(peak.peak), work_gib=gib(peak.work), weights_gib=gib(weights))
+
+
 def time_kernel(fn: Callable[[], object], min_s: float = 0.3, max_runs: int = 5, min_runs: int = 1) -> float:
     """Best of evaluated MLX calls after one warm-up: at least `min_runs`, more while under `min_s`."""
     import mlx.core as mx
@@ -186,6 +195,10 @@ class TorchPeak:
 # Weights
 
 
+def gib(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
 def mlx_dtype(name: str):
     """The MLX dtype of one of `DTYPES`."""
     import mlx.core as mx
@@ -252,6 +265,11 @@ def machine() -> str:
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
     return (f"{platform.platform()} mlx {mx.__version__} device {mx.default_device()} "
             f"openblas {loaded_openblas or 'no'}, load average {load}")  # fmt: skip
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def write_json(path: str | Path | None, results) -> None:

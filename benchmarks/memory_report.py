@@ -302,32 +302,26 @@ def print_report(results: dict) -> None:
                 f"{_gb(last['full_size'])}, {_gb(last['full_size_excess'])}{grows}, "
                 f"**{last['full_size_ratio']:.2f}** {ok} |"
             )
-        p = results["measured"].get("pipeline load q8 t5q4 staged")
-        if p:
-            q = p["quantized_layer_bytes"]
-            print(
-                f"\nfrom_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident right "
-                f"after loading {_gb(p['resident_after_from_pretrained'])} GB = quantized layers of the transformer "
-                f"{_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB (evaluated by quantize_model; "
-                f"the rest stays lazy); everything evaluated: {_gb(p['loaded'])} GB, peak/loaded {p['ratio']:.3f}. "
-                f"Process RSS before loading (interpreter, MLX, sd35m_mlx): {_gb(p['rss_process_before_load'])} GB."
-            )
-        p = results["measured"].get("pipeline load bf16")
-        if p:
-            a = p["after_from_pretrained"]
-            print(
-                f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full CLIP-L/G "
-                f"and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, "
-                f"peak during from_pretrained {_gb(a['peak'])} GB, peak/loaded {p['ratio']:.3f} "
-                f"(target {LOAD_TARGET})."
-            )
-        qc = results["measured"].get("qcheck")
-        if qc:
-            print(
-                f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: Linear "
-                f"{qc['bfloat16'] / 1e6:.2f} MB, 8 bit {qc['8 bit'] / 1e6:.2f} MB, 4 bit {qc['4 bit'] / 1e6:.2f} MB "
-                f"(output {qc['output_bytes'] / 1e6:.2f} MB)"
-            )
+        m, notes = results["measured"], []
+        if p := m.get("pipeline load q8 t5q4 staged"):
+            q, gb = p["quantized_layer_bytes"], {k: _gb(p[k]) for k in ("resident_after_from_pretrained", "loaded")}
+            notes.append(f"\nfrom_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident "
+                         f"right after loading {gb['resident_after_from_pretrained']} GB = quantized layers of the "
+                         f"transformer {_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB "
+                         f"(evaluated by quantize_model; the rest stays lazy); everything evaluated: {gb['loaded']} GB,"
+                         f" peak/loaded {p['ratio']:.3f}. Process RSS before loading (interpreter, MLX, sd35m_mlx): "
+                         f"{_gb(p['rss_process_before_load'])} GB.")  # fmt: skip
+        if p := m.get("pipeline load bf16"):
+            notes.append(f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full "
+                         f"CLIP-L/G and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, peak during "
+                         f"from_pretrained {_gb(p['after_from_pretrained']['peak'])} GB, peak/loaded "
+                         f"{p['ratio']:.3f} (target {LOAD_TARGET}).")  # fmt: skip
+        if qc := m.get("qcheck"):
+            mb = {k: f"{qc[k] / 1e6:.2f} MB" for k in ("bfloat16", "8 bit", "4 bit", "output_bytes")}
+            notes.append(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
+                         f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
+                         f"(output {mb['output_bytes']})")  # fmt: skip
+        print("\n".join(notes))
 
     m = results["measured"]
     print("\n## 2a. Activation work measured (peak above what was allocated before; full width)\n")

@@ -17,15 +17,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from benchmarks.measure import TorchPeak, time_once_or_warm, time_runs
+from benchmarks.measure import TorchPeak, gib, time_once_or_warm, time_runs
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed, 8k"
 GUIDANCE = 4.5
 TIMESTEP = 750.0  # sigma 0.75; any value costs the same
-
-
-def _gib(n):
-    return None if n is None else n / 2**30
 
 
 def openblas_loaded() -> bool:
@@ -275,8 +271,8 @@ def _step(ref, x, ctx, pooled, tdtype, device: str, repeats: int) -> tuple[dict,
         "blocks_s": list(block_s),
         "profiled_step_s": profiled_s,
         "by_kind_s": breakdown,
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(tensor_bytes(ref)),
+        "work_gib": gib(peak.work),
+        "weights_gib": gib(tensor_bytes(ref)),
         "peak_method": peak.method,
     }
     return result, outs[-1].float().cpu().numpy().transpose(0, 2, 3, 1)
@@ -287,7 +283,7 @@ def _once(fn, repeats: int, long_s: float, device: str, modules) -> dict:
     with TorchPeak(device) as peak:
         s, runs, warm = time_once_or_warm(fn, repeats, long_s, torch_sync(device))
     weights = sum(tensor_bytes(m) for m in modules)
-    return dict(s=s, runs=runs, warm=warm, work_gib=_gib(peak.work), weights_gib=_gib(weights), peak_method=peak.method)
+    return dict(s=s, runs=runs, warm=warm, work_gib=gib(peak.work), weights_gib=gib(weights), peak_method=peak.method)
 
 
 def encode_text(folder: str, ids: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
