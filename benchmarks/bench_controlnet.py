@@ -4,21 +4,16 @@
     python benchmarks/bench_controlnet.py --sizes 512 --quantize 8
     python benchmarks/bench_controlnet.py --depth 24 --controlnet-depth 23 --dtype bfloat16   # a GPU, full depth
 
-Full SD3.5 Medium width (hidden 1536, 24 heads, 384x384 table) for the transformer and a tensorart-style
-SD3.5M ControlNet (same width, dual attention, RMS qk-norm), both at reduced depth with one dual-attention
-block in two (the real models: 13 of 24, and 13 of 23). A guided (CFG, batch 2) step through the pipeline's
-own GuidedDenoiser, with and without the ControlNetResiduals extra, timed interleaved (best wall time; the
-process CPU time too, steadier on a loaded machine); the per-block costs extrapolate to 24
-transformer blocks plus 23 ControlNet blocks, as bench_transformer.py extrapolates. Weights of the full-depth
-models are counted from their (lazy, never evaluated) parameters, quantized or not. On Linux unset
-OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (see DEVELOPERS.md).
+The full-width transformer and a tensorart-style SD3.5M ControlNet at reduced depth (dual attention in one
+block of two); a guided step through GuidedDenoiser with and without the ControlNetResiduals extra, timed
+interleaved (wall and process CPU time), extrapolated per block to 24 + 23 blocks; full-depth weights
+counted from lazy parameters. On Linux unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE.
+Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -31,24 +26,33 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 # isort: split
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
 
-from benchmarks.measure import build_once  # noqa: E402
-from scripts.build_fixture import FULL_WIDTH_CONTROLNET, FULL_WIDTH_TRANSFORMER  # noqa: E402
-from scripts.build_fixture import _stream_transformer as stream_weights  # noqa: E402
-from sd35m_mlx._blas import loaded_openblas  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    DTYPES,
+    build_once,
+    guided_inputs,
+    lazy_quantize,
+    machine,
+    mlx_dtype,
+    mlx_param_bytes,
+    write_json,
+)
+from scripts.build_fixture import (  # noqa: E402
+    FULL_WIDTH_CONTROLNET,
+    FULL_WIDTH_TRANSFORMER,
+    build_full_width_controlnet,
+    build_full_width_transformer,
+)
 from sd35m_mlx.editing.control import ControlNetResiduals, ControlUnit  # noqa: E402
 from sd35m_mlx.loading.controlnet import QUANTIZATION_POLICY, load_controlnet  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.models.controlnet import ControlNetConfig, SD3ControlNetModel  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
-from sd35m_mlx.quantize import module_at, quantization_plan, quantize_model, set_module  # noqa: E402
+from sd35m_mlx.quantize import quantize_model  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.loop import Step  # noqa: E402
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule  # noqa: E402
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 FULL_TRANSFORMER_DEPTH, FULL_CONTROLNET_DEPTH = 24, 23
 
 
@@ -58,24 +62,16 @@ def _alternating(depth: int) -> tuple[int, ...]:
 
 def build(folder: Path, depth: int, cn_depth: int) -> tuple[Path, Path]:
     t, c = folder / f"transformer-{depth}", folder / f"controlnet-{cn_depth}"
-    t_cfg = dict(FULL_WIDTH_TRANSFORMER, num_layers=depth, dual_attention_layers=_alternating(depth))
-    c_cfg = dict(FULL_WIDTH_CONTROLNET, num_layers=cn_depth, dual_attention_layers=_alternating(cn_depth))
-    import torch
-    from diffusers import SD3ControlNetModel as TorchControlNet
-
-    build_once(t, lambda p: stream_weights(p, t_cfg, 0, torch.float32))
-    build_once(c, lambda p: stream_weights(p, c_cfg, 1, torch.float32, TorchControlNet))
+    build_once(t, lambda p: build_full_width_transformer(p, depth=depth, dual_attention_layers=_alternating(depth)))
+    build_once(c, lambda p: build_full_width_controlnet(p, depth=cn_depth, seed=1,
+                                                        dual_attention_layers=_alternating(cn_depth)))  # fmt: skip
     return t, c
 
 
 def weight_bytes(model: nn.Module, bits: int | None, dtype: mx.Dtype, policy=None) -> int:
-    """Bytes of a (lazy) model's parameters in `dtype`, after quantization to `bits` if given (nothing evaluated:
-    lazy arrays know their size)."""
+    """Bytes of a (lazy) model's parameters in `dtype`, after quantization to `bits` if given (nothing evaluated)."""
     model.set_dtype(dtype)
-    if bits is not None:
-        for path, b in quantization_plan(model, bits, 64, policy).items():
-            set_module(model, path, nn.QuantizedLinear.from_linear(module_at(model, path), 64, b))
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return mlx_param_bytes(lazy_quantize(model, bits, 64, policy))
 
 
 def full_depth_weights(bits: int | None, dtype: mx.Dtype) -> dict:
@@ -118,13 +114,9 @@ def bench(
         quantize_model(transformer, bits)
         quantize_model(net, bits, policy=QUANTIZATION_POLICY)
     mx.eval(transformer.parameters(), net.parameters())
-    rng = np.random.default_rng(0)
-    lat = size // 8
-    cfg = transformer.config
-    context = mx.array(rng.standard_normal((2, ctx_len, cfg.joint_attention_dim), dtype=np.float32))
-    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
-    x = mx.array(rng.standard_normal((1, lat, lat, 16), dtype=np.float32))
-    control = mx.array(rng.standard_normal((2, lat, lat, 16), dtype=np.float32)).astype(dtype)
+    cfg, lat = transformer.config, size // 8
+    x, context, pooled = map(mx.array, guided_inputs(cfg, size, ctx_len))
+    control = mx.random.normal((2, lat, lat, 16), key=mx.random.key(1)).astype(dtype)
     timesteps = FlowMatchSchedule().timesteps(28)
     velocity = GuidedDenoiser(transformer, context, pooled, timesteps, GuidanceConfig(scale=4.5), 0, dtype)
     extra = ControlNetResiduals([ControlUnit(net, control, 1.0, 0.0, 1.0)], context, pooled, timesteps, 0, True, dtype)
@@ -191,7 +183,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=2, help="transformer blocks built and run (default 2)")
     p.add_argument("--controlnet-depth", type=int, default=None, help="ControlNet blocks (default: --depth)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="both models' linear layers")
     p.add_argument("--ctx-len", type=int, default=333)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each step first (default 1)")
@@ -199,13 +191,10 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="build the weights here once and reuse them")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     args = p.parse_args()
-    dtype = DTYPES[args.dtype]
+    dtype = mlx_dtype(args.dtype)
     cn_depth = args.controlnet_depth or args.depth
 
-    print(
-        f"# {platform.platform()} mlx {mx.__version__} device {mx.default_device()} openblas {loaded_openblas or 'no'}",
-        flush=True,
-    )
+    print(f"# {machine()}", flush=True)
     weights = {q: full_depth_weights(q, mx.bfloat16) for q in (None, 8, 4)}
     for q, w in weights.items():
         print(
@@ -231,8 +220,7 @@ def main() -> None:
                 f"GiB, 23 residuals {r['residuals_bytes_23_blocks'] / 2**30:.2f} GiB",
                 flush=True,
             )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

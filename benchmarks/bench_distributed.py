@@ -3,17 +3,11 @@
     python benchmarks/bench_distributed.py              # 512 px, full-width MMDiT at depth 3, ~10 min on 2 cores
     python benchmarks/bench_distributed.py --quick      # toy sizes: checks the script in ~2 min
 
-  1. End to end on this machine: one process, then 2 ranks under `mlx.launch` with `--split seeds`
-     (data parallel) and `--split cfg`, on a pipeline of the real-width MMDiT at reduced depth with the
-     tiny fixture's VAE and text encoders (random prompt embeddings of the real shapes are passed in,
-     so the tiny text encoders never run). Seconds per image after loading, and the bytes each rank
-     put into collectives (Ranks.sent_bytes), per step and per image.
-  2. The parts of a step that --split cfg redistributes, timed in one process: the guided forward at
-     batch 2 (one process), at batch 1 (each rank), and the SLG skip pass at batch 1 (the cond rank).
-  3. Expected speed-up on two Macs for SD3.5 Medium at 1024 px (40 steps, SLG on 7 of them), from
-     those ratios and the exchanged bytes at 10 GbE and Thunderbolt bandwidths, for a range of
-     one-Mac step times (measure yours with bench_speed.py on the Mac).
-Results: tables on stdout, JSON in --json (default benchmarks/results/distributed.json).
+1. one process, then 2 ranks under `mlx.launch` (`--split seeds`, `--split cfg`) on the real-width MMDiT
+   at reduced depth with the tiny fixture's VAE (random prompt embeddings of the real shapes): seconds per
+   image and the bytes each rank sent (Ranks.sent_bytes); 2. the guided forward at batch 2 and 1 and the
+   SLG pass at batch 1, in one process; 3. the speed-up projected for two Macs at 1024 px from those
+   ratios and the exchanged bytes over 10 GbE and Thunderbolt. Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sd35m_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
+
+# isort: split
+from benchmarks.measure import write_json  # noqa: E402
 
 # effective payload bandwidths (bytes/s) and per-collective latency (s) assumed for the projection
 LINKS = {
@@ -106,10 +103,10 @@ def build_folder(tmp: Path, args) -> Path:
 
     folder = build_tiny_pipeline(tmp / "pipeline")
     if not args.quick:
-        from benchmarks.speed_fixtures import build_transformer_folder
+        from benchmarks.fixtures import build_medium_transformer
 
         shutil.rmtree(folder / "transformer")
-        build_transformer_folder(folder / "transformer", args.depth)
+        build_medium_transformer(folder / "transformer", args.depth)
     return folder
 
 
@@ -237,10 +234,7 @@ def main(argv=None) -> None:
           f"SLG pass at batch 1 {parts['skip1_s']:.3f} s")  # fmt: skip
     rows = projection(_ratios(parts, args), args.mac_step_s)
     print_projection(rows)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "load": load, "runs": runs, "parts": parts, "projection": rows},
-                              indent=1))  # fmt: skip
+    write_json(args.json, {"args": vars(args), "load": load, "runs": runs, "parts": parts, "projection": rows})
 
 
 if __name__ == "__main__":

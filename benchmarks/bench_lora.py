@@ -4,19 +4,15 @@ and the memory a LoRA adds, on the real SD3.5 Medium width at reduced depth.
     python -m benchmarks.bench_lora                       # depth 2, 512 px, float32, 3 repeats
     python -m benchmarks.bench_lora --depth 24 --dtype bfloat16 --json lora.json    # on a GPU
 
-Step: `SD3Transformer2DModel.denoise` at batch 2 (CFG) with precomputed modulations and 333 context
-tokens, as GuidedDenoiser runs it; every Linear of the transformer carries the LoRA (attention, MLP,
-adaLN, embedders: the worst case; most published LoRAs adapt attention only). Random weights: speed
-does not depend on their values. Load: the same LoRA written as a diffusers-format file for all 24
-blocks, through the real converter (key routing, shape checks), evaluated; plus the file's sha256.
-Memory added: active memory after loading and applying, minus before; expected ~ the file's size
-(factors stay in the file's dtype; one adapter in the compute dtype runs on views of them).
+Step: `SD3Transformer2DModel.denoise` at batch 2 with precomputed modulations, every Linear carrying the
+LoRA (the worst case). Load: the LoRA as a diffusers-format file for 24 blocks through the real converter,
+and its sha256. Memory added: active memory after loading and applying, minus before.
+Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,13 +29,12 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.measure import DTYPES, mlx_dtype, write_json  # noqa: E402
 from sd35m_mlx.lora import files  # noqa: E402
 from sd35m_mlx.lora.adapter import Factor  # noqa: E402
 from sd35m_mlx.lora.convert import KeyTables, convert  # noqa: E402
 from sd35m_mlx.lora.layers import apply, detach_all, layer_table  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def random_factors(table, rank: int, count: int, dtype, seed: int) -> dict[str, list[tuple[float, Factor]]]:
@@ -112,7 +107,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per setting (median; default 3)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
-    dtype = DTYPES[args.dtype]
+    dtype = mlx_dtype(args.dtype)
 
     config = MMDiTConfig(num_layers=args.depth, dual_attention_layers=tuple(range(min(args.depth, 13))))
     model = SD3Transformer2DModel(config)
@@ -201,7 +196,7 @@ def main() -> None:
             )
             del converted, arrays
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.metadata import KeyValueLine  # noqa: E402  (the cli folder; installed as sd35m_mlx_cli)
+from benchmarks.measure import time_runs  # noqa: E402
+from sd35m_mlx_cli.metadata import KeyValueLine  # noqa: E402
 
 # A1111's pattern, as cli/metadata.py used it before (modules/infotext_utils.py: re_param_code)
 A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -28,15 +28,6 @@ LINES = {
     "one key per item": lambda n: ("Key: value, " * (n // 12 + 1))[:n],
     "open quotes": lambda n: ('k: "a, ' * (n // 7 + 1))[:n],
 }
-
-
-def best_of(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv=None) -> None:
@@ -51,9 +42,9 @@ def main(argv=None) -> None:
         prev_ours = prev_regex = None
         for n in args.sizes:
             line = make(n)
-            ours = best_of(lambda line=line: KeyValueLine(line))
+            ours = min(time_runs(lambda line=line: KeyValueLine(line), 3))
             steps = KeyValueLine(line).steps / max(len(line), 1)
-            regex = best_of(lambda line=line: A1111_PARAM.findall(line), 1) if n <= args.regex_max else None
+            regex = min(time_runs(lambda line=line: A1111_PARAM.findall(line), 1)) if n <= args.regex_max else None
             grow = f"{ours / prev_ours:7.1f}" if prev_ours else " " * 7
             rgrow = f"{regex / prev_regex:7.1f}" if regex and prev_regex else " " * 7
             rtext = f"{regex:14.3f}" if regex is not None else f"{'-':>14}"

@@ -1,12 +1,11 @@
 """Live preview cost per step: "rgb" (latent RGB map) and "taesd" (TAESD3 decode), as a fraction of
-a guided denoising step of the full-width transformer at reduced depth (speed_fixtures.py), per size.
+a guided denoising step of the full-width transformer at reduced depth, per size.
 
     python benchmarks/bench_preview.py                       # depth 3, 512 px, float32
     python benchmarks/bench_preview.py --sizes 512 1024 --dtype bfloat16 --cache /tmp/bench-cache
 
-A preview's cost is the render (evaluated) plus the PIL conversion the callback receives; "rgb+cli"
-adds what `--preview` does with it (upscale to full size, PNG write). The 24-block step is
-extrapolated as step x 24 / depth (blocks dominate a step), so the fraction at full depth is lower.
+A preview = the render (evaluated) + the PIL image; "rgb+cli" adds `--preview`'s upscale and PNG write.
+The 24-block step is extrapolated as step x 24 / depth. Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 
 # isort: split
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.measure import build_once, time_runs  # noqa: E402
-from benchmarks.speed_fixtures import MEDIUM_DEPTH, build_transformer_folder  # noqa: E402
+from benchmarks.fixtures import MEDIUM_DEPTH, build_medium_transformer  # noqa: E402
+from benchmarks.measure import DTYPES, build_once, guided_inputs, mlx_dtype, time_runs  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
@@ -54,12 +52,8 @@ def random_taesd(dtype):
     return taesd
 
 
-def bench(size: int, model, taesd, dtype, runs: int, rng) -> dict:
-    cfg = model.config
-    lat = size // 8
-    x = mx.array(rng.standard_normal((1, lat, lat, cfg.in_channels), dtype=np.float32))
-    ctx = mx.array(rng.standard_normal((2, CTX_LEN, cfg.joint_attention_dim), dtype=np.float32))
-    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
+def bench(size: int, model, taesd, dtype, runs: int) -> dict:
+    x, ctx, pooled = map(mx.array, guided_inputs(model.config, size, CTX_LEN))
     den = GuidedDenoiser(model, ctx, pooled, [500.0], GuidanceConfig(scale=4.5), 0, dtype)
 
     def step():
@@ -89,23 +83,22 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes in px (default: 512)")
     p.add_argument("--depth", type=int, default=3, help="transformer blocks built (default: 3)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     p.add_argument("--runs", type=int, default=3, help="timed runs, best taken (default: 3)")
     p.add_argument("--cache", type=Path, default=None, help="keep the built weights here across runs")
     args = p.parse_args(argv)
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         folder = (args.cache or Path(tmp)) / f"transformer-d{args.depth}"
-        build_once(folder, lambda d: build_transformer_folder(d, args.depth))
+        build_once(folder, lambda d: build_medium_transformer(d, args.depth))
         model = load_transformer(folder, dtype)
         mx.eval(model.parameters())
         taesd = random_taesd(dtype)
-        rng = np.random.default_rng(0)
         print(f"mlx {mx.__version__}, {mx.default_device()}, {args.dtype}, depth {args.depth}")
         print("| size | step | rgb | rgb/step | rgb + --preview file | taesd | taesd/step | taesd/step (24 blocks) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for size in args.sizes:
-            r = bench(size, model, taesd, dtype, args.runs, rng)
+            r = bench(size, model, taesd, dtype, args.runs)
             full = r["step_s"] * MEDIUM_DEPTH / args.depth
             t = r.get("taesd_s")
             taesd_cols = f"{t * 1e3:.1f} ms | {t / r['step_s']:.2%} | {t / full:.2%}" if t else "n/a | n/a | n/a"

@@ -24,9 +24,7 @@ have no redundancy and reduced depth accumulates less error than 24 blocks.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from benchmarks.measure import machine, write_json  # noqa: E402
 from scripts.build_fixture import build_full_width_transformer  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
@@ -260,7 +259,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write results here")
     args = p.parse_args()
 
-    print(f"# {platform.platform()} mlx {mx.__version__} device {mx.default_device()}", flush=True)
+    print(f"# {machine()}", flush=True)
     rows, extra = [], {}
     if args.skip != "transformer":
         r, extra["transformer"] = transformer_bench(args)
@@ -284,9 +283,7 @@ def main() -> None:
     for comp, info in extra.items():
         sizes = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in info["full_model_bytes"].items())
         print(f"# full-depth {comp} weights: {sizes}")
-    if args.json:
-        meta = {k: v for k, v in vars(args).items() if k != "json"}
-        args.json.write_text(json.dumps({"args": meta, "rows": rows, **extra}, indent=2))
+    write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, **extra})
 
 
 if __name__ == "__main__":

@@ -3,26 +3,18 @@
     python benchmarks/bench_server.py                 # tiny fixture, 64 px, 2 steps; ~1 min on 2 CPU cores
     python benchmarks/bench_server.py --quick         # a few runs, for the smoke test
 
-On the tiny random-weight fixture a generate takes a fraction of a second, so the server's own work
-(HTTP, JSON, queue hand-off, the worker thread, PNG + metadata, base64, the rgb live preview) shows
-up against it. Measured, each as the minimum over --runs sequential requests (the least disturbed
-by other work on the machine; medians in brackets), the kinds interleaved run by run:
-
-1. `pipe.generate` in this process (no preview), and with the server's preview="rgb" + step callback.
-2. The same settings through `sd35m-mlx serve` in a process of its own (as it is deployed), with a
-   keep-alive httpx client: OpenAI `/v1/images/generations` (b64_json) and A1111
-   `/sdapi/v1/txt2img`; `GET /health` for the bare HTTP round trip. Overhead = server latency -
-   direct latency (minima); requests/s = 1 / latency (one job at a time by design).
-3. Serialisation alone at 1024 x 1024 (the real model's size): PNG with metadata + base64 of one image.
-4. Memory: the server process's resident set once up (idle, before and after the timed requests)
-   next to a fresh process's that loads the same pipeline and generates the same image, no server.
+On the tiny fixture a generate takes a fraction of a second, so the server's own work shows. Timed,
+interleaved run by run (minima, medians in brackets): `pipe.generate` in this process, with and without
+the server's rgb preview + step callback; the same through `sd35m-mlx serve` in its own process (OpenAI,
+A1111, `GET /health`) with a keep-alive httpx client; PNG + metadata + base64 of one 1024 px image. And
+the server process's resident set, idle, next to a process that only loads the pipeline and generates.
+Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import signal
 import statistics
@@ -38,6 +30,8 @@ import sd35m_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
 
 # isort: split
 import numpy as np  # noqa: E402
+
+from benchmarks.measure import time_runs, write_json  # noqa: E402
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -89,24 +83,12 @@ def summary(times: list[float]) -> dict:
 def timed_interleaved(fns: dict, runs: int) -> dict:
     """{name: summary} over `runs` rounds, each calling every fn once (after one warm-up round)."""
     for fn in fns.values():
-        fn()
+        fn()  # warm-up (first-call compilation, connection set-up)
     times: dict = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name] += time_runs(fn, 1)
     return {name: summary(t) for name, t in times.items()}
-
-
-def timed(fn, runs: int) -> dict:
-    fn()  # warm-up (first-call compilation, connection set-up)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return summary(times)
 
 
 def pipeline_only_rss(model: Path, size: int, steps: int) -> int:
@@ -192,9 +174,8 @@ def run(args) -> dict:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
     info = ModelInfo.of(pipe, model.name)
     spec = Spec(prompt="a red cube", width=1024, height=1024, seeds=[1])
-    results["serialise_1024"] = timed(
-        lambda: base64.b64encode(png_bytes(image, spec, 1, info, VERSION)), max(3, args.runs // 4)
-    )
+    serialise = {"serialise_1024": lambda: base64.b64encode(png_bytes(image, spec, 1, info, VERSION))}
+    results |= timed_interleaved(serialise, max(3, args.runs // 4))
 
     return results
 
@@ -244,8 +225,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     results = run(args)
     report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    write_json(args.json, results)
     return results
 
 

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # Run as a script, Python puts benchmarks/ first on sys.path, where our helper modules would shadow
@@ -53,8 +50,22 @@ import numpy as np  # noqa: E402
 
 from benchmarks import step_kernels as K  # noqa: E402
 from benchmarks import torch_side  # noqa: E402
-from benchmarks.measure import MLXPeak, build_once, mlx_param_bytes, time_once_or_warm, time_runs  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    DTYPES,
+    MLXPeak,
+    build_once,
+    gib,
+    guided_inputs,
+    log,
+    mlx_dtype,
+    mlx_once,
+    mlx_param_bytes,
+    time_once_or_warm,
+    time_runs,
+    write_json,
+)
 from benchmarks.speed_report import print_report  # noqa: E402
+from benchmarks.torch_side import TorchRunner  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
 from sd35m_mlx.loading.text_encoders import load_text_encoders  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
@@ -63,14 +74,9 @@ from sd35m_mlx.models.mmdit import MMDiTConfig  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
 
-DTYPES = ("float32", "bfloat16", "float16")
 PROMPT, GUIDANCE, TIMESTEP = torch_side.PROMPT, torch_side.GUIDANCE, torch_side.TIMESTEP
 LONG_S = 20.0  # text/VAE: a first run longer than this is the measurement (see time_once_or_warm)
 ONCE_RUNS = 3  # text/VAE runs shorter than LONG_S are cheap enough to take the best of at least this many
-
-
-def _gib(n):
-    return None if n is None else n / 2**30
 
 
 def _kind(dual: bool, pre_only: bool) -> str:
@@ -116,13 +122,9 @@ def extrapolate(step_s, block_s: dict[str, float], built: list[str], target: lis
 class OurStep:
     """Our guided step at one size: random inputs, the sampler's own denoiser, and timers."""
 
-    def __init__(self, model, size: int, ctx_len: int, dtype, rng):
-        cfg = model.config
-        lat = size // 8
+    def __init__(self, model, size: int, ctx_len: int, dtype, seed: int):
         self.model, self.dtype = model, dtype
-        self.x = rng.standard_normal((1, lat, lat, cfg.in_channels), dtype=np.float32)
-        self.ctx = rng.standard_normal((2, ctx_len, cfg.joint_attention_dim), dtype=np.float32)
-        self.pooled = rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32)
+        self.x, self.ctx, self.pooled = guided_inputs(model.config, size, ctx_len, seed)
         self.xm = mx.array(self.x)
         mx.eval(self.xm)
         self.den = None
@@ -166,40 +168,9 @@ def _mean_by_kind(kinds: list[str], seconds: list[float]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-class TorchRunner:
-    """Runs `torch_side` functions in one spawned process that never loads the system OpenBLAS
-    (see torch_side's docstring), or in this process with isolate=False (quick checks, tests)."""
-
-    def __init__(self, isolate: bool = True):
-        self.isolate = isolate
-        self._pool = None
-
-    def __call__(self, fn, *args):
-        if not self.isolate:
-            return fn(*args)
-        if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            old = os.environ.get("SD35M_MLX_NO_OPENBLAS")
-            os.environ["SD35M_MLX_NO_OPENBLAS"] = "1"  # the child imports this module, hence sd35m_mlx
-            try:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-                return self._pool.submit(fn, *args).result()  # the first submit starts the child
-            finally:
-                if old is None:
-                    del os.environ["SD35M_MLX_NO_OPENBLAS"]
-                else:
-                    os.environ["SD35M_MLX_NO_OPENBLAS"] = old
-        return self._pool.submit(fn, *args).result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-
 def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunner | None, device: str) -> list[dict]:
     """Sections 1, 3 and 4 at every size: ours, then diffusers (same inputs), then the kernels."""
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     ours = load_transformer(folder, dtype)
     mx.eval(ours.parameters())
     cfg = ours.config
@@ -210,8 +181,8 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
 
     results, velocities, inputs = [], [], []
     for n_size, size in enumerate(sizes):
-        _log(f"transformer {size}x{size}: ours")
-        step = OurStep(ours, size, args.ctx_len, dtype, np.random.default_rng(args.seed))
+        log(f"transformer {size}x{size}: ours")
+        step = OurStep(ours, size, args.ctx_len, dtype, args.seed)
         blocks = step.per_block()
         _free()
         first = step.warm()  # includes any compilation
@@ -220,7 +191,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         velocities.append(np.array(step.v.astype(mx.float32)))
         inputs.append((step.x, step.ctx, step.pooled))
 
-        _log(f"transformer {size}x{size}: kernels")
+        log(f"transformer {size}x{size}: kernels")
         shape = K.StepShape.of(cfg, 2, size // 8, size // 8, args.ctx_len)
         counts, counts_24 = K.step_kernels(shape, kinds), K.step_kernels(shape, medium)
         per_kind = {_kind(*k): K.block_kernels(shape, *k) for k in set(kinds) | set(medium)}
@@ -236,9 +207,9 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
             "first_step_s": first,
             "blocks": blocks,
             "block_s": _mean_by_kind(built, [b["s"] for b in blocks]),
-            "peak_gib": _gib(peak.peak),
-            "work_gib": _gib(peak.work),
-            "weights_gib": _gib(mlx_param_bytes(ours)),
+            "peak_gib": gib(peak.peak),
+            "work_gib": gib(peak.work),
+            "weights_gib": gib(mlx_param_bytes(ours)),
             "peak_method": peak.method,
         }
         o["step_24_s"] = extrapolate(o["step_s"], o["block_s"], built, target)
@@ -255,7 +226,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         if o["step_24_s"]:
             r["efficiency_24"] = o["step_24_s"] / total_24["sum_s"]
         if args.what_if and n_size == 0:
-            _log(f"transformer {size}x{size}: fusion candidates")
+            log(f"transformer {size}x{size}: fusion candidates")
             n_qkv = sum(1 + dual for dual, _ in medium)
             n_mod = counts_24[K.Kernel("modulate", (2, shape.tokens, shape.dim))]
             n_gate = counts_24[K.Kernel("gate_residual", (2, shape.tokens, shape.dim))]
@@ -267,7 +238,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
     _free()
 
     if torch_run is not None:
-        _log("transformer: diffusers, every size")
+        log("transformer: diffusers, every size")
         for r, v, (d, v_ref) in zip(
             results,
             velocities,
@@ -289,7 +260,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
 
 
 def _ours_text(folder: Path, args) -> tuple[dict, np.ndarray, np.ndarray, int]:
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     enc = load_text_encoders(folder, dtype)
     encoders = [enc.text_encoder, enc.text_encoder_2, enc.text_encoder_3]
     mx.eval([e.parameters() for e in encoders])
@@ -297,18 +268,8 @@ def _ours_text(folder: Path, args) -> tuple[dict, np.ndarray, np.ndarray, int]:
     ids = ids.input_ids.astype(np.int32)
     ids_mx = mx.array(ids)
     out: list = []
-    with MLXPeak() as peak:
-        s, runs, warm = time_once_or_warm(lambda: out.append(enc.encode_prompt(PROMPT)), _once_runs(args), LONG_S)
-    t5_s = time_once_or_warm(lambda: mx.eval(enc.text_encoder_3(ids_mx)), _once_runs(args), LONG_S)[0]
-    r = {
-        "s": s,
-        "runs": runs,
-        "warm": warm,
-        "t5_s": t5_s,
-        "peak_gib": _gib(peak.peak),
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(sum(mlx_param_bytes(e) for e in encoders)),
-    }
+    r = mlx_once(lambda: out.append(enc.encode_prompt(PROMPT)), _once_runs(args), LONG_S, encoders)
+    r["t5_s"] = time_once_or_warm(lambda: mx.eval(enc.text_encoder_3(ids_mx)), _once_runs(args), LONG_S)[0]
     return r, np.array(out[-1][0].astype(mx.float32)), ids, enc.text_encoder_3.config.num_layers
 
 
@@ -333,7 +294,7 @@ def bench_text(folder: Path, args, torch_run: TorchRunner | None, device: str, f
 
 
 def _ours_vae(folder: Path, z: np.ndarray, args) -> tuple[dict, np.ndarray]:
-    dtype = getattr(mx, args.dtype)
+    dtype = mlx_dtype(args.dtype)
     vae = load_vae(folder, dtype)
     mx.eval(vae.parameters())
     zm = mx.array(z)
@@ -344,17 +305,7 @@ def _ours_vae(folder: Path, z: np.ndarray, args) -> tuple[dict, np.ndarray]:
         out.append(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
         mx.eval(out[-1])
 
-    with MLXPeak() as peak:
-        s, runs, warm = time_once_or_warm(decode, _once_runs(args), LONG_S)
-    r = {
-        "s": s,
-        "runs": runs,
-        "warm": warm,
-        "peak_gib": _gib(peak.peak),
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(mlx_param_bytes(vae)),
-    }
-    return r, np.array(out[-1])
+    return mlx_once(decode, _once_runs(args), LONG_S, [vae]), np.array(out[-1])
 
 
 def bench_vae(folder: Path, size: int, args, torch_run: TorchRunner | None, device: str, full_size: bool) -> dict:
@@ -373,12 +324,8 @@ def bench_vae(folder: Path, size: int, args, torch_run: TorchRunner | None, devi
 # ---------------------------------------------------------------------------------------------
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def _meta(args, torch_info: dict) -> dict:
-    from benchmarks.speed_fixtures import medium_dual_layers
+    from benchmarks.fixtures import medium_dual_layers
 
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     return {
@@ -406,7 +353,7 @@ def _guarded(fn, *args) -> dict:
     try:
         return fn(*args)
     except Exception as e:
-        _log(f"{fn.__name__} failed: {type(e).__name__}: {e}")
+        log(f"{fn.__name__} failed: {type(e).__name__}: {e}")
         return {"error": f"{type(e).__name__}: {e}"}
 
 
@@ -447,13 +394,14 @@ def _cached(cache: Path | None, tmp: Path, name: str, build) -> Path:
     """The folder build(dir) writes: in `tmp`, or built once in `cache` and reused by later runs."""
     path = (cache or tmp) / name
     if not build_once(path, build):
-        _log(f"reusing {path}")
+        log(f"reusing {path}")
     return path
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from benchmarks.speed_fixtures import build_text_folder, build_transformer_folder, build_vae_folder
+    from benchmarks.fixtures import build_medium_transformer, build_text
+    from scripts.build_fixture import build_vae
 
     torch_run = None if args.skip_diffusers else TorchRunner(isolate=not args.torch_in_process)
     try:
@@ -461,48 +409,47 @@ def main(argv: list[str] | None = None) -> dict:
         device = info.get("torch_device", "cpu")
         results: dict = {"meta": _meta(args, info)}
         if results["meta"]["openblas_env"]:
-            _log("note: benchmark with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (OpenBLAS kernel choice)")
+            log("note: benchmark with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (OpenBLAS kernel choice)")
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            _log(f"building a full-width transformer, depth {args.depth}")
+            log(f"building a full-width transformer, depth {args.depth}")
             folder = _cached(
                 args.cache,
                 tmp,
                 f"transformer-d{args.depth}-s{args.seed}",
-                lambda d: build_transformer_folder(d, args.depth, args.seed),
+                lambda d: build_medium_transformer(d, args.depth, args.seed),
             )
             results["transformer"] = bench_transformer(folder, args.sizes, args, torch_run, device)
             _free()
             if args.quick and not (args.skip_text and args.skip_vae):
                 from scripts.build_fixture import build_tiny_pipeline
 
-                _log("building the tiny fixture pipeline")
+                log("building the tiny fixture pipeline")
                 text = build_tiny_pipeline(tmp / "pipe", seed=args.seed)
                 vae_folder = text / "vae"
             else:
                 if not args.skip_text:
-                    _log(f"building full-width text encoders (T5 with {args.t5_layers} layers)")
+                    log(f"building full-width text encoders (T5 with {args.t5_layers} layers)")
                     text = _cached(
                         args.cache,
                         tmp,
                         f"text-t5x{args.t5_layers}-s{args.seed}",
-                        lambda d: build_text_folder(d, args.t5_layers, args.seed),
+                        lambda d: build_text(d, args.t5_layers, seed=args.seed),
                     )
                 if not args.skip_vae:
-                    vae_folder = _cached(args.cache, tmp, f"vae-s{args.seed}", lambda d: build_vae_folder(d, args.seed))
+                    vae_folder = _cached(args.cache, tmp, f"vae-s{args.seed}", lambda d: build_vae(d, seed=args.seed))
             if not args.skip_text:
-                _log("prompt encoding")
+                log("prompt encoding")
                 results["text"] = _guarded(bench_text, text, args, torch_run, device, not args.quick)
             if not args.skip_vae:
-                _log(f"VAE decode {args.vae_size}x{args.vae_size}")
+                log(f"VAE decode {args.vae_size}x{args.vae_size}")
                 results["vae"] = _guarded(bench_vae, vae_folder, args.vae_size, args, torch_run, device, not args.quick)
     finally:
         if torch_run is not None:
             torch_run.close()
     print_report(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2, default=str))
-    _log(f"wrote {args.json}")
+    write_json(args.json, results)
+    log(f"wrote {args.json}")
     return results
 
 

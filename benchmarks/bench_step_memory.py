@@ -19,7 +19,6 @@ Random full-width weights (built once into --cache, or a temporary folder).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,9 +33,8 @@ import sd35m_mlx  # noqa: E402,F401
 # isort: split
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks.measure import build_once  # noqa: E402
+from benchmarks.measure import DTYPES, build_once, guided_inputs, mlx_dtype, write_json  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import bounded_work  # noqa: E402
@@ -90,26 +88,22 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=24)
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--margin-gib", type=float, default=1.0, help="'limit' mode: headroom above the weights")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--cache", type=Path, default=None, help="folder for the random weights (built once)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from benchmarks.speed_fixtures import build_transformer_folder
+    from benchmarks.fixtures import build_medium_transformer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = (args.cache or Path(tmp)) / f"transformer-d{args.depth}-s0"
-        build_once(folder, lambda d: build_transformer_folder(d, args.depth, 0))
-        dtype = getattr(mx, args.dtype)
+        build_once(folder, lambda d: build_medium_transformer(d, args.depth, 0))
+        dtype = mlx_dtype(args.dtype)
         model = load_transformer(folder, dtype)
         mx.eval(model.parameters())
-        rng = np.random.default_rng(0)
-        lat = args.size // 8
-        x = mx.array(rng.standard_normal((1, lat, lat, 16), dtype=np.float32))
-        ctx = mx.array(rng.standard_normal((2, 333, 4096), dtype=np.float32))
-        pooled = mx.array(rng.standard_normal((2, 2048), dtype=np.float32))
+        x, ctx, pooled = map(mx.array, guided_inputs(model.config, args.size, 333))
         print(f"# mlx {mx.__version__} {mx.default_device()} {args.dtype} depth {args.depth} {args.size}px batch 2")
         results = []
         for mode in args.modes:
@@ -117,8 +111,7 @@ def main(argv=None) -> list[dict]:
             results.append(r)
             ms, work = r["step_s"] * 1e3, r["work_gib"]
             print(f"{mode:>11} (margin {args.margin_gib} GiB): step {ms:9.2f} ms   work {work:6.2f} GiB", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
+    write_json(args.json, {"args": vars(args), "results": results})
     return results
 
 

@@ -4,24 +4,17 @@
     python benchmarks/bench_taesd.py --quick                  # 256 px: checks the script in seconds
     python benchmarks/bench_taesd.py --sizes 1024 --skip-vae --json out.json
 
-Full-size random weights in the real configs, written in the diffusers layout and read by each side's
-own loader: TAESD3 (scripts/build_fixture.py `TAESD3`) and SD3's AutoencoderKL
-(benchmarks/speed_fixtures.py). Each decode is the pipeline's last step: model latents -> unscale ->
-decode -> [0, 1], batch 1, under generate()'s work budget. Times are the best of --repeats runs after a
-warm-up (a first run over 30 s is the measurement). Peak: mx.get_peak_memory() after
-mx.reset_peak_memory(), above what was allocated before (the weights; listed apart). diffusers runs in a
-process of its own (see benchmarks/torch_side.py). On Linux CPU run it as
-`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_taesd.py`.
+Random weights in the real configs (scripts/build_fixture.py `TAESD3`, `VAE_FULL`), each read by its own
+side's loader; each decode is the pipeline's last step (unscale, decode, to [0, 1], batch 1) under
+generate()'s work budget; work above the weights. diffusers runs in a process of its own (torch_side.py).
+On Linux CPU unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE. Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # As bench_speed.py: the repo root, not benchmarks/, goes first on sys.path.
@@ -35,20 +28,13 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import torch_side  # noqa: E402
-from benchmarks.bench_speed import TorchRunner  # noqa: E402
-from benchmarks.measure import MLXPeak, build_once, mlx_param_bytes, time_once_or_warm  # noqa: E402
+from benchmarks import measure, torch_side  # noqa: E402
 from sd35m_mlx.images import decode_latents  # noqa: E402
 from sd35m_mlx.loading.taesd import load_taesd  # noqa: E402
 from sd35m_mlx.loading.vae import load_vae  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
 
 LONG_S = 30.0
-GIB = 2**30
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _measure(decode, model, repeats: int) -> tuple[dict, np.ndarray]:
@@ -59,12 +45,7 @@ def _measure(decode, model, repeats: int) -> tuple[dict, np.ndarray]:
             out.append(decode())
             mx.eval(out[-1])
 
-    gc.collect()
-    mx.clear_cache()
-    with MLXPeak() as peak:
-        s, runs, warm = time_once_or_warm(run, repeats, LONG_S)
-    result = dict(s=s, runs=runs, warm=warm, work_gib=peak.work / GIB, weights_gib=mlx_param_bytes(model) / GIB)
-    return result, np.array(out[-1])
+    return measure.mlx_once(run, repeats, LONG_S, [model], fresh=True), np.array(out[-1])
 
 
 def _vae_decode(vae, z: mx.array, dtype: mx.Dtype):
@@ -76,19 +57,19 @@ def _vae_decode(vae, z: mx.array, dtype: mx.Dtype):
 
 
 def bench_size(size: int, taesd, vae, folders: dict[str, Path], args, torch_run) -> dict:
-    dtype = getattr(mx, args.dtype)
+    dtype = measure.mlx_dtype(args.dtype)
     z = np.random.default_rng(args.seed).standard_normal((1, size // 8, size // 8, 16), dtype=np.float32)
     zm = mx.array(z)
     r: dict = {"size": size}
-    _log(f"{size} px: TAESD3 (ours)")
+    measure.log(f"{size} px: TAESD3 (ours)")
     r["taesd"], img = _measure(lambda: decode_latents(taesd, zm, taesd.dtype), taesd, args.repeats)
     if vae is not None:
-        _log(f"{size} px: VAE (ours)")
+        measure.log(f"{size} px: VAE (ours)")
         r["vae"], _ = _measure(_vae_decode(vae, zm, dtype), vae, args.repeats)
         r["taesd_over_vae_s"] = r["taesd"]["s"] / r["vae"]["s"]
         r["taesd_over_vae_work"] = r["taesd"]["work_gib"] / r["vae"]["work_gib"]
     if torch_run is not None:
-        _log(f"{size} px: AutoencoderTiny (diffusers)")
+        measure.log(f"{size} px: AutoencoderTiny (diffusers)")
         d, ref_img = torch_run(
             torch_side.decode_tiny, str(folders["taesd"]), z, args.dtype, args.device, args.repeats, LONG_S
         )
@@ -117,7 +98,7 @@ def print_report(results: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 512 1024)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="default float32")
+    p.add_argument("--dtype", choices=measure.DTYPES, default="float32", help="default float32")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up, best kept (default 2)")
     p.add_argument("--skip-vae", action="store_true", help="no full-VAE decode (slow on CPU: minutes at 1024 px)")
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
@@ -133,20 +114,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from benchmarks.speed_fixtures import build_vae_folder
-    from scripts.build_fixture import build_taesd
+    from scripts.build_fixture import build_taesd, build_vae
 
-    torch_run = None if args.skip_diffusers else TorchRunner()
+    torch_run = None if args.skip_diffusers else torch_side.TorchRunner()
     try:
         args.device = torch_run(torch_side.resolve_device, args.torch_device) if torch_run else None
         with tempfile.TemporaryDirectory() as tmp:
             root = args.cache or Path(tmp)
             folders = {"taesd": root / f"taesd3-s{args.seed}"}
-            build_once(folders["taesd"], lambda d: build_taesd(d, seed=args.seed))
+            measure.build_once(folders["taesd"], lambda d: build_taesd(d, seed=args.seed))
             if not args.skip_vae:
                 folders["vae"] = root / f"vae-s{args.seed}"
-                build_once(folders["vae"], lambda d: build_vae_folder(d, args.seed))
-            dtype = getattr(mx, args.dtype)
+                measure.build_once(folders["vae"], lambda d: build_vae(d, seed=args.seed))
+            dtype = measure.mlx_dtype(args.dtype)
             taesd = load_taesd(folders["taesd"], dtype)
             vae = None if args.skip_vae else load_vae(folders["vae"], dtype)
             mx.eval(taesd.parameters(), *([vae.parameters()] if vae is not None else []))
@@ -157,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"dtype": args.dtype, "device": str(mx.default_device()), "mlx": mx.__version__, "sizes": sizes}
     results["torch_device"] = args.device
     print_report(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    measure.write_json(args.json, results)
     return results
 
 

@@ -5,19 +5,15 @@ per-block checkpointing.
     python -m benchmarks.bench_training                                  # 512 and 1024 px, depths 2 and 4
     python -m benchmarks.bench_training --sizes 512 --bases bf16 q8 --json training.json
 
-A step is what `Trainer.train_step` does: the flow-matching loss (batch 1, 333 context tokens as T5 + CLIP
-give), LoRA gradients (rank 16, alpha 16, attention of both streams and attn2: the default targets), gradient
-clipping and the AdamW update, evaluated. Random weights (speed and memory do not depend on their values),
-blocks in SD3.5 Medium's proportion of kinds (speed_fixtures.medium_dual_layers). Peak: mx.get_peak_memory over
-the second step (weights, LoRA, optimizer state and activations: what the machine must hold); both grow
-linearly with depth, so 24 blocks = value(d2) + (24 - d2) * (value(d2) - value(d1)) / (d2 - d1).
+A step is `Trainer.train_step`'s (loss, LoRA gradients with the default targets, clipping, AdamW), on
+random weights with SD3.5 Medium's proportion of block kinds; peak = mx.get_peak_memory over the second
+step; 24 blocks = value(d2) + (24 - d2) * (value(d2) - value(d1)) / (d2 - d1). Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import sys
 import time
@@ -31,8 +27,8 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 # isort: split
 import mlx.core as mx  # noqa: E402
 
-from benchmarks.measure import mlx_param_bytes  # noqa: E402
-from benchmarks.speed_fixtures import MEDIUM_DEPTH, medium_dual_layers  # noqa: E402
+from benchmarks.fixtures import MEDIUM_DEPTH, medium_dual_layers  # noqa: E402
+from benchmarks.measure import DTYPES, mlx_dtype, mlx_param_bytes, write_json  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
 from sd35m_mlx.quantize import quantize_model  # noqa: E402
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule  # noqa: E402
@@ -42,7 +38,6 @@ from sd35m_mlx.training.optim import make_optimizer  # noqa: E402
 from sd35m_mlx.training.step import Batch, make_update  # noqa: E402
 
 BASES = {"full": None, "q8": 8, "q4": 4}
-DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def measure(
@@ -137,7 +132,7 @@ def main() -> None:
         for ckpt, compiled in itertools.product(args.checkpointing, modes[args.compile]):
             mx.clear_cache()
             r1, r2 = (
-                measure(d, size, base, ckpt, args.rank, DTYPES[args.dtype], compiled, not args.memory_only)
+                measure(d, size, base, ckpt, args.rank, mlx_dtype(args.dtype), compiled, not args.memory_only)
                 for d in (d1, d2)
             )
             t, p = (r1["seconds"], r2["seconds"]), (r1["peak"], r2["peak"])
@@ -157,7 +152,7 @@ def main() -> None:
                     results.append(dict(row, base=f"{name} (derived)", peak_bytes=q, peak_24_gb=derived))
                     print(f"  {name} base (derived): peak {q[0] / 1e9:.2f}/{q[1] / 1e9:.2f} GB -> {derived:.2f} GB")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,10 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_vae_tiling.py --sizes 1024 2048
     python benchmarks/bench_vae_tiling.py --quick        # toy VAE, 256 px: checks the script
 
-Each decode runs in a process of its own (clean MLX peak: `mx.get_peak_memory` after
-`mx.reset_peak_memory`, weights included) and writes its image; the parent compares every tiled image
-with the untiled one at the same size: PSNR over the untiled output's range and max abs difference,
-both on the decoder's raw output (about [-1, 1]; the pipeline then maps to [0, 1] and clips). Modes:
-untiled, tiled with shared GroupNorm statistics (the pipeline's), tiled with per-tile statistics.
+Each decode (untiled; tiled with shared GroupNorm statistics, the pipeline's; tiled per tile) runs in a
+process of its own (clean MLX peak, weights included) and writes its image; each tiled image is compared
+with the untiled one (PSNR over its range, max abs difference, raw decoder output).
+Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import DTYPES, write_json  # noqa: E402  (no mlx: the parent process stays small)
+
 MODES = ("untiled", "tiled", "tiled-per-tile")
 
 
@@ -33,11 +34,11 @@ def child(folder: str, size: int, mode: str, tile: int, dtype: str, out: str) ->
     import mlx.core as mx
     import numpy as np
 
-    from benchmarks.measure import MLXPeak
+    from benchmarks.measure import MLXPeak, mlx_dtype
     from sd35m_mlx.loading.vae import load_vae
     from sd35m_mlx.models import vae_tiling
 
-    dt = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype]
+    dt = mlx_dtype(dtype)
     vae = load_vae(folder, dt)
     mx.eval(vae.parameters())
     f = vae.config.downscale
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image sides (default 1024 2048)")
     p.add_argument("--tile", type=int, default=512, help="tile size in px (default 512, 25%% overlap)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="default float32 (CPU)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32 (CPU)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="default: all")
     p.add_argument("--skip-untiled-above", type=int, default=1024, help="no untiled decode above this side")
     p.add_argument("--fixtures", default="benchmarks/results/vae-fixture", help="where the VAE is built once")
@@ -82,13 +83,14 @@ def main(argv=None) -> None:
         print(json.dumps(child(folder, int(size), mode, int(tile), dtype, out)))
         return
 
+    from benchmarks.fixtures import FULL, TOY
     from benchmarks.measure import build_once
-    from benchmarks.memory_fixtures import FULL, TOY, build_vae
+    from scripts.build_fixture import build_vae
 
     sizes, fixtures = (TOY, Path(args.fixtures + "-quick")) if args.quick else (FULL, Path(args.fixtures))
     if args.quick:
         args.sizes, args.tile = [256], 64
-    build_once(fixtures, lambda d: build_vae(d / "vae", sizes=sizes))
+    build_once(fixtures, lambda d: build_vae(d / "vae", sizes=sizes.vae))
     work = fixtures / "outputs"
     work.mkdir(exist_ok=True)
     import numpy as np
@@ -116,8 +118,7 @@ def main(argv=None) -> None:
                 + (f"  PSNR {r['psnr_db']:.1f} dB  max abs {r['max_abs']:.2e}" if "psnr_db" in r else ""),
                 flush=True,
             )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

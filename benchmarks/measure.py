@@ -1,17 +1,25 @@
 """Timing and memory probes shared by both sides of the benchmarks.
 
 Every time is a wall-clock minimum over runs (the least disturbed by other work on the machine).
-MLX reports its own peak memory (`mx.get_peak_memory` after `mx.reset_peak_memory`). mlx is
-imported only inside the MLX probes, so the PyTorch side can use this module in a process of its own.
+MLX reports its own peak memory (`mx.get_peak_memory` after `mx.reset_peak_memory`); PyTorch's is
+the CUDA allocator's or the process's resident-set peak. mlx and torch are imported only inside their
+probes, so either side can use this module in a process of its own.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import os
+import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes by name, for both sides (`mlx_dtype`, torch)
 
 # ---------------------------------------------------------------------------------------------
 # Timing
@@ -42,6 +50,15 @@ def time_once_or_warm(
     return min(time_runs(fn, runs, sync)), runs, True
 
 
+def mlx_once(fn: Callable[[], object], runs: int, long_s: float, modules, fresh: bool = False) -> dict:
+    """`time_once_or_warm` of `fn` inside an MLXPeak: seconds, runs, warm, and peak, work and the weights of
+    `modules` in GiB (the speed benchmarks' once-per-image figures)."""
+    with MLXPeak(fresh) as peak:
+        s, runs, warm = time_once_or_warm(fn, runs, long_s)
+    weights = sum(mlx_param_bytes(m) for m in modules)
+    return dict(s=s, runs=runs, warm=warm, peak_gib=gib(peak.peak), work_gib=gib(peak.work), weights_gib=gib(weights))
+
+
 def time_kernel(fn: Callable[[], object], min_s: float = 0.3, max_runs: int = 5, min_runs: int = 1) -> float:
     """Best of evaluated MLX calls after one warm-up: at least `min_runs`, more while under `min_s`."""
     import mlx.core as mx
@@ -60,44 +77,16 @@ def time_kernel(fn: Callable[[], object], min_s: float = 0.3, max_runs: int = 5,
 # Memory
 
 
-@dataclass
-class MLXPeak:
-    """MLX's peak allocation over a `with` block; `work` excludes what was allocated before it."""
-
-    base: int = 0
-    peak: int = 0
-    method: str = "mx.get_peak_memory after mx.reset_peak_memory"
-
-    @property
-    def work(self) -> int:
-        return self.peak - self.base
-
-    def __enter__(self) -> MLXPeak:
-        import mlx.core as mx
-
-        mx.reset_peak_memory()
-        self.base = mx.get_active_memory()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import mlx.core as mx
-
-        self.peak = mx.get_peak_memory()
-
-
-def mlx_param_bytes(module) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-
-
-def proc_status_bytes(field_name: str) -> int:
-    """A size field (VmRSS, VmHWM) of /proc/self/status, in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field_name)
+def proc_status_bytes(field_name: str) -> int | None:
+    """A size field (VmRSS, VmHWM) of /proc/self/status, in bytes; None where there is no /proc (macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def reset_rss_peak() -> bool:
@@ -108,6 +97,132 @@ def reset_rss_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+@dataclass
+class MLXPeak:
+    """MLX's peak allocation over a `with` block; `work` excludes what was allocated before it.
+
+    `fresh`: first free Python garbage and MLX's buffer cache, and also record the process's resident-set
+    peak (VmHWM, reset through /proc/self/clear_refs; Linux), for honesty about what MLX does not count.
+    """
+
+    fresh: bool = False
+    base: int = 0
+    peak: int = 0
+    active_after: int = 0
+    seconds: float = 0.0
+    rss_before: int | None = None
+    rss_peak: int | None = None
+    method: str = "mx.get_peak_memory after mx.reset_peak_memory"
+    _rss_reset: bool = field(default=False, repr=False)
+
+    @property
+    def work(self) -> int:
+        return self.peak - self.base
+
+    def __enter__(self) -> MLXPeak:
+        import mlx.core as mx
+
+        if self.fresh:
+            gc.collect()
+            mx.clear_cache()
+            self._rss_reset = reset_rss_peak()
+            self.rss_before = proc_status_bytes("VmRSS")
+        self.base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import mlx.core as mx
+
+        self.seconds = time.perf_counter() - self._t0
+        self.peak = mx.get_peak_memory()
+        self.active_after = mx.get_active_memory()
+        if self._rss_reset and self.rss_before is not None:
+            self.rss_peak = proc_status_bytes("VmHWM")
+
+    def as_dict(self) -> dict:
+        return dict(seconds=self.seconds, active_before=self.base, active_after=self.active_after, peak=self.peak,
+                    work=self.work, rss_before=self.rss_before, rss_peak=self.rss_peak)  # fmt: skip
+
+
+@dataclass
+class TorchPeak:
+    """Peak memory of PyTorch work over a `with` block, above what was in use at its start.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU on Linux: the process's resident-set peak (VmHWM)
+    minus its resident size at the start. Elsewhere (macOS, MPS) no reliable resettable peak
+    exists: `work` stays None.
+    """
+
+    device: str = "cpu"
+    base: int = 0
+    peak: int | None = None
+    method: str = "n/a"
+    _armed: bool = field(default=False, repr=False)
+
+    @property
+    def work(self) -> int | None:
+        return None if self.peak is None else self.peak - self.base
+
+    def __enter__(self) -> TorchPeak:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.method, self._armed = "torch.cuda.max_memory_allocated", True
+        elif self.device == "cpu" and sys.platform.startswith("linux") and reset_rss_peak():
+            self.base = proc_status_bytes("VmRSS")
+            self.method, self._armed = "process RSS peak (VmHWM) minus RSS before", True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._armed:
+            return
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = proc_status_bytes("VmHWM")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def gib(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
+def mlx_dtype(name: str):
+    """The MLX dtype of one of `DTYPES`."""
+    import mlx.core as mx
+
+    return getattr(mx, name)
+
+
+def mlx_param_bytes(module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def lazy_quantize(model, bits: int | None, group_size: int = 64, policy=None):
+    """What `quantize_model` makes of `model` (same plan and layers) without evaluating anything: on a lazy
+    model, the bytes of the quantized weights are known from shapes alone."""
+    import mlx.nn as nn
+
+    from sd35m_mlx.quantize import module_at, quantization_plan, set_module
+
+    if bits:
+        for path, b in quantization_plan(model, bits, group_size, policy).items():
+            set_module(model, path, nn.QuantizedLinear.from_linear(module_at(model, path), group_size, b))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,3 +239,41 @@ def build_once(path: Path, build: Callable[[Path], object]) -> bool:
     build(path)
     (path / ".complete").write_text("")
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and results
+
+
+def guided_inputs(config, size: int, ctx_len: int, seed: int = 0):
+    """Random float32 inputs of one guided (CFG) step, as numpy arrays: latents (1, size/8, size/8, C),
+    context (2, ctx_len, joint width) and pooled text (2, pooled width); `config` an MMDiTConfig."""
+    import numpy as np
+
+    rng, lat = np.random.default_rng(seed), size // 8
+    x = rng.standard_normal((1, lat, lat, config.in_channels), dtype=np.float32)
+    ctx = rng.standard_normal((2, ctx_len, config.joint_attention_dim), dtype=np.float32)
+    return x, ctx, rng.standard_normal((2, config.pooled_projection_dim), dtype=np.float32)
+
+
+def machine() -> str:
+    """One line naming what the figures were measured on: platform, MLX and its device, OpenBLAS, load."""
+    import mlx.core as mx
+
+    from sd35m_mlx._blas import loaded_openblas
+
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+    return (f"{platform.platform()} mlx {mx.__version__} device {mx.default_device()} "
+            f"openblas {loaded_openblas or 'no'}, load average {load}")  # fmt: skip
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_json(path: str | Path | None, results) -> None:
+    """Write `results` to `path` (folders made as needed; nothing when `path` is None)."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -21,46 +21,29 @@ def table(title: str, headers: list[str], rows: list[list]) -> str:
 
 
 def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
-    out = []
+    def sides(r):
+        return r["ours"], r.get("diffusers", {})
+
     rows = []
     for r in rs:
-        o, d = r["ours"], r.get("diffusers", {})
-        rows.append(
-            [
-                f"{r['size']}px",
-                _f(o["step_s"]),
-                _f(d.get("step_s")),
-                _f(r.get("ratio"), ".2f"),
-                _f(o.get("step_24_s")),
-                _f(d.get("step_24_s")),
-                _f(r.get("ratio_24"), ".2f"),
-                _f(o["first_step_s"]),
-                _f(r.get("max_abs_err_over_std"), ".1e"),
-            ]
-        )
-    out.append(
+        o, d = sides(r)
+        rows.append([f"{r['size']}px", _f(o["step_s"]), _f(d.get("step_s")), _f(r.get("ratio"), ".2f"),
+                     _f(o.get("step_24_s")), _f(d.get("step_24_s")), _f(r.get("ratio_24"), ".2f"),
+                     _f(o["first_step_s"]), _f(r.get("max_abs_err_over_std"), ".1e")])  # fmt: skip
+    out = [
         table(
             f"Transformer step, batch 2 (CFG), {rs[0]['context_tokens']} context tokens: seconds "
             f"(measured at depth {meta['depth']}; '24' = 24 blocks extrapolated by block kind)",
             ["size", "ours", "diffusers", "ours/diff", "ours 24", "diff 24", "ours/diff 24", "ours 1st", "err/std"],
             rows,
         )
-    )
+    ]
     rows = []
     for r in rs:
-        o, d = r["ours"], r.get("diffusers", {})
+        o, d = sides(r)
         dw, dk = d.get("weights_gib"), d.get("work_gib")
-        rows.append(
-            [
-                f"{r['size']}px",
-                _f(o["weights_gib"], ".2f"),
-                _f(o["work_gib"], ".2f"),
-                _f(o["peak_gib"], ".2f"),
-                _f(dw, ".2f"),
-                _f(dk, ".2f"),
-                _f(None if dw is None or dk is None else dw + dk, ".2f"),
-            ]
-        )
+        gib = [o["weights_gib"], o["work_gib"], o["peak_gib"], dw, dk, None if dw is None or dk is None else dw + dk]
+        rows.append([f"{r['size']}px", *(_f(v, ".2f") for v in gib)])
     method = rs[0].get("diffusers", {}).get("peak_method", "n/a")
     out.append(
         table(
@@ -73,18 +56,9 @@ def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
     rows = []
     for r in rs:
         ob, db, kb = r["ours"]["block_s"], r.get("diffusers", {}).get("block_s", {}), r["kernels"]["block_sum_s"]
-        for kind in ob:
-            rows.append(
-                [
-                    f"{r['size']}px",
-                    kind,
-                    _f(ob[kind]),
-                    _f(db.get(kind)),
-                    _f(ob[kind] / db[kind] if db.get(kind) else None, ".2f"),
-                    _f(kb[kind]),
-                    _f(ob[kind] / kb[kind], ".2f"),
-                ]
-            )
+        for k in ob:
+            diff = _f(ob[k] / db[k] if db.get(k) else None, ".2f")
+            rows.append([f"{r['size']}px", k, _f(ob[k]), _f(db.get(k)), diff, _f(kb[k]), _f(ob[k] / kb[k], ".2f")])
     out.append(
         table(
             "One block, seconds (dual = MMDiT-X with attn2, blocks 0-12; plain = 13-22; "
@@ -118,17 +92,10 @@ def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
         )
     )
     rows = [
-        [
-            f"{r['size']}px",
-            _f(r["ours"]["step_s"]),
-            _f(r["kernels"]["sum_s"]),
-            _f(r["efficiency"], ".3f"),
-            _f(r["ours"].get("step_24_s")),
-            _f(r["kernels"]["sum_24_s"]),
-            _f(r.get("efficiency_24"), ".3f"),
-        ]
+        [f"{r['size']}px", _f(r["ours"]["step_s"]), _f(r["kernels"]["sum_s"]), _f(r["efficiency"], ".3f"),
+         _f(r["ours"].get("step_24_s")), _f(r["kernels"]["sum_24_s"]), _f(r.get("efficiency_24"), ".3f")]
         for r in rs
-    ]
+    ]  # fmt: skip
     out.append(
         table(
             "Backend efficiency: real step / sum of the kernels its math requires (target <= 1.10)",
@@ -174,14 +141,13 @@ def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
 def _once_rows(r: dict, extra: list) -> list:
     o, d = r["ours"], r.get("diffusers", {})
     runs = f"{o['runs']}{'' if o['warm'] else ' cold'}"
+    gib = [_f(v, ".2f") for v in (o["peak_gib"], o["work_gib"], d.get("work_gib"))]
     return [
         _f(o["s"]),
         _f(d.get("s")),
         _f(r.get("ratio"), ".2f"),
         *extra,
-        _f(o["peak_gib"], ".2f"),
-        _f(o["work_gib"], ".2f"),
-        _f(d.get("work_gib"), ".2f"),
+        *gib,
         _f(r.get("max_abs_err_over_std"), ".1e"),
         runs,
     ]

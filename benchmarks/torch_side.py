@@ -1,32 +1,27 @@
-"""The diffusers (PyTorch) side of bench_speed, run in a process of its own.
+"""The diffusers (PyTorch) side of the benchmarks, run in a process of its own (`TorchRunner`).
 
 Why a separate process: `import sd35m_mlx` loads the system OpenBLAS with RTLD_GLOBAL (for MLX's
-matmuls on Linux), and PyTorch's BLAS calls then resolve to it too. Inside PyTorch's own parallel
-loops (its CPU flash attention) that nests OpenBLAS threads in OpenMP threads: measured here,
-scaled_dot_product_attention at (2, 24, 589, 64) takes 2.5-3 s instead of 0.04 s. diffusers is
-timed as users run it, in a process that never loaded that OpenBLAS (SD35M_MLX_NO_OPENBLAS=1).
-
-Functions here take and return plain data (paths, numpy arrays, dicts) so they cross processes.
+matmuls on Linux), and PyTorch's BLAS calls then resolve to it too; nested in PyTorch's own parallel
+loops that made its CPU attention 60x slower (benchmarks/README.md). diffusers is timed as users run it,
+in a process that never loaded that OpenBLAS (SD35M_MLX_NO_OPENBLAS=1). Functions here take and return
+plain data (paths, numpy arrays, dicts) so they cross processes.
 """
 
 from __future__ import annotations
 
-import sys
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from benchmarks.measure import proc_status_bytes, reset_rss_peak, time_once_or_warm, time_runs
+from benchmarks.measure import TorchPeak, gib, time_once_or_warm, time_runs
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed, 8k"
 GUIDANCE = 4.5
 TIMESTEP = 750.0  # sigma 0.75; any value costs the same
-
-
-def _gib(n):
-    return None if n is None else n / 2**30
 
 
 def openblas_loaded() -> bool:
@@ -47,6 +42,37 @@ def process_info(device_name: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_process_openblas": openblas_loaded(),
     }
+
+
+class TorchRunner:
+    """Runs `torch_side` functions in one spawned process that never loads the system OpenBLAS
+    (see this module's docstring), or in this process with isolate=False (quick checks, tests)."""
+
+    def __init__(self, isolate: bool = True):
+        self.isolate = isolate
+        self._pool = None
+
+    def __call__(self, fn, *args):
+        if not self.isolate:
+            return fn(*args)
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            old = os.environ.get("SD35M_MLX_NO_OPENBLAS")
+            os.environ["SD35M_MLX_NO_OPENBLAS"] = "1"  # the child re-imports the main script, hence sd35m_mlx
+            try:
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+                return self._pool.submit(fn, *args).result()  # the first submit starts the child
+            finally:
+                if old is None:
+                    del os.environ["SD35M_MLX_NO_OPENBLAS"]
+                else:
+                    os.environ["SD35M_MLX_NO_OPENBLAS"] = old
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,49 +116,6 @@ def tensor_bytes(module) -> int:
     """Parameters and buffers (SD3's positional table is a buffer in diffusers)."""
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass
-class TorchPeak:
-    """Peak memory of PyTorch work over a `with` block, above what was in use at its start.
-
-    CUDA: torch.cuda.max_memory_allocated. CPU on Linux: the process's resident-set peak (VmHWM)
-    minus its resident size at the start. Elsewhere (macOS, MPS) no reliable resettable peak
-    exists: `work` stays None.
-    """
-
-    device: str = "cpu"
-    base: int = 0
-    peak: int | None = None
-    method: str = "n/a"
-    _armed: bool = field(default=False, repr=False)
-
-    @property
-    def work(self) -> int | None:
-        return None if self.peak is None else self.peak - self.base
-
-    def __enter__(self) -> TorchPeak:
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            self.method, self._armed = "torch.cuda.max_memory_allocated", True
-        elif self.device == "cpu" and sys.platform.startswith("linux") and reset_rss_peak():
-            self.base = proc_status_bytes("VmRSS")
-            self.method, self._armed = "process RSS peak (VmHWM) minus RSS before", True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._armed:
-            return
-        if self.device.startswith("cuda"):
-            import torch
-
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.peak = proc_status_bytes("VmHWM")
 
 
 _TAG = "kind::"
@@ -288,11 +271,19 @@ def _step(ref, x, ctx, pooled, tdtype, device: str, repeats: int) -> tuple[dict,
         "blocks_s": list(block_s),
         "profiled_step_s": profiled_s,
         "by_kind_s": breakdown,
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(tensor_bytes(ref)),
+        "work_gib": gib(peak.work),
+        "weights_gib": gib(tensor_bytes(ref)),
         "peak_method": peak.method,
     }
     return result, outs[-1].float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def _once(fn, repeats: int, long_s: float, device: str, modules) -> dict:
+    """Seconds and work of something done once per image (see time_once_or_warm), and its modules' weights."""
+    with TorchPeak(device) as peak:
+        s, runs, warm = time_once_or_warm(fn, repeats, long_s, torch_sync(device))
+    weights = sum(tensor_bytes(m) for m in modules)
+    return dict(s=s, runs=runs, warm=warm, work_gib=gib(peak.work), weights_gib=gib(weights), peak_method=peak.method)
 
 
 def encode_text(folder: str, ids: np.ndarray, dtype_name: str, device: str, repeats: int, long_s: float):
@@ -313,19 +304,8 @@ def encode_text(folder: str, ids: np.ndarray, dtype_name: str, device: str, repe
         out.append(pipe.encode_prompt(PROMPT, None, None, device=device, max_sequence_length=256))
 
     with torch.inference_mode():
-        with TorchPeak(device) as peak:
-            s, runs, warm = time_once_or_warm(encode, repeats, long_s, sync)
-        t5_s = time_once_or_warm(lambda: pipe.text_encoder_3(ids_t), repeats, long_s, sync)[0]
-    weights = sum(tensor_bytes(m) for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
-    result = {
-        "s": s,
-        "runs": runs,
-        "warm": warm,
-        "t5_s": t5_s,
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(weights),
-        "peak_method": peak.method,
-    }
+        result = _once(encode, repeats, long_s, device, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+        result["t5_s"] = time_once_or_warm(lambda: pipe.text_encoder_3(ids_t), repeats, long_s, sync)[0]
     return result, out[-1][0].float().cpu().numpy()
 
 
@@ -347,16 +327,8 @@ def decode_vae(
         lat = zt / ref.config.scaling_factor + ref.config.shift_factor
         out.append((ref.decode(lat, return_dict=False)[0] / 2 + 0.5).clamp(0, 1))
 
-    with torch.inference_mode(), TorchPeak(device) as peak:
-        s, runs, warm = time_once_or_warm(decode, repeats, long_s, torch_sync(device))
-    result = {
-        "s": s,
-        "runs": runs,
-        "warm": warm,
-        "work_gib": _gib(peak.work),
-        "weights_gib": _gib(tensor_bytes(ref)),
-        "peak_method": peak.method,
-    }
+    with torch.inference_mode():
+        result = _once(decode, repeats, long_s, device, (ref,))
     return result, out[-1].float().cpu().numpy().transpose(0, 2, 3, 1)
 
 

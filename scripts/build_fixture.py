@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,34 +30,14 @@ from sd35m_mlx.loading.tiny_tokenizers import CORPUS, train_clip_bpe, write_clip
 # features up to the T5 width is exercised, as in the real model (768 + 1280 < 4096).
 CLIP_NUM_MERGES = 400  # learned merges (fewer if the corpus runs out of repeated pairs)
 T5_SPM_VOCAB = 500  # sentencepiece pieces; T5Tokenizer adds 100 <extra_id_*> after them
-CLIP_L = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    projection_dim=32,
-    hidden_act="quick_gelu",
-)
-CLIP_G = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    projection_dim=64,
-    hidden_act="gelu",
-)
+CLIP_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+              hidden_act="quick_gelu")  # fmt: skip
+CLIP_G = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, projection_dim=64,
+              hidden_act="gelu")  # fmt: skip
 T5 = dict(
-    d_model=128,
-    d_ff=96,
-    d_kv=16,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-    layer_norm_epsilon=1e-6,
-)
+    d_model=128, d_ff=96, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
+)  # fmt: skip
 TRANSFORMER = dict(
     sample_size=32,  # 256 px default; tests pass explicit sizes
     patch_size=2,
@@ -73,39 +54,27 @@ TRANSFORMER = dict(
     qk_norm="rms_norm",
 )
 VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 32, 32, 32),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=8,
-    sample_size=256,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=True,
-    force_upcast=True,
-)
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32), layers_per_block=2, act_fn="silu",
+    latent_channels=16, norm_num_groups=8, sample_size=256, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True,
+)  # fmt: skip
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
+# SD3.5 Medium's own sizes, for full-size components (the benchmarks build them at reduced depth).
 FULL_WIDTH_TRANSFORMER = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_attention_heads=24,
-    attention_head_dim=64,
-    caption_projection_dim=1536,
-    joint_attention_dim=4096,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=64,
+    caption_projection_dim=1536, joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=384,
     qk_norm="rms_norm",
-)
+)  # fmt: skip
 FULL_WIDTH_DUAL_ATTENTION_LAYERS = tuple(range(13))
+CLIP_L_FULL = dict(CLIP_L, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768)  # fmt: skip
+CLIP_G_FULL = dict(CLIP_G, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280)  # fmt: skip
+T5_XXL = dict(T5, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24)
+CLIP_VOCAB, T5_VOCAB = 49408, 32128  # the real tokenizers' vocabularies
+VAE_FULL = dict(VAE, block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=1024)
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusion3Pipeline",
@@ -144,7 +113,7 @@ def _seeded(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1009 + salt)
 
 
-def _tensor_plan(model: torch.nn.Module) -> list[tuple[str, str, float, torch.Size]]:
+def tensor_plan(model: torch.nn.Module) -> list[tuple[str, str, float, torch.Size]]:
     """(state-dict name, kind, std, shape) for every parameter and persistent buffer, tied ones once.
 
     Works on a meta-device model. std keeps activations O(1): 1/sqrt(fan_in) for linear/conv
@@ -180,29 +149,83 @@ def _tensor_plan(model: torch.nn.Module) -> list[tuple[str, str, float, torch.Si
     return plan
 
 
-def _random_tensors(model: torch.nn.Module, seed: int, salt: int) -> Iterator[tuple[str, torch.Tensor]]:
+def random_tensors(model: torch.nn.Module, seed: int, salt: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of `tensor_plan`, one at a time, from a generator seeded by (seed, salt)."""
     gen = _seeded(seed, salt)
-    for name, kind, std, shape in _tensor_plan(model):
+    for name, kind, std, shape in tensor_plan(model):
         t = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
         yield name, (t.add_(1.0) if kind == "one_plus" else t)
 
 
 @torch.no_grad()
-def _randomise_(model: torch.nn.Module, seed: int, salt: int) -> torch.nn.Module:
+def randomise_(model: torch.nn.Module, seed: int, salt: int) -> torch.nn.Module:
+    """Overwrite `model`'s weights in place with `random_tensors`."""
     state = model.state_dict(keep_vars=True)
-    for name, value in _random_tensors(model, seed, salt):
+    for name, value in random_tensors(model, seed, salt):
         state[name].copy_(value)
     return model
+
+
+_randomise_ = randomise_  # the name tests/test_controlnet.py imports
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def write_random_safetensors(model: torch.nn.Module, path: Path, seed: int, salt: int, dtype: torch.dtype) -> int:
+    """Write `model`'s state dict (a meta-device model: shapes only) as random tensors, one at a time,
+    so a component never needs more memory than its largest tensor (T5-XXL is 19 GB in float32).
+    Returns the file's tensor bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, _, _, shape in tensor_plan(model):
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = dict(dtype=_SAFETENSORS_DTYPES[dtype], shape=list(shape), data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, tensor in random_tensors(model, seed, salt):
+            # numpy has no bfloat16: write the raw bits through a same-width integer view
+            f.write(tensor.to(dtype).view(_SAME_WIDTH_INT[dtype]).numpy().data)
+            del tensor
+    return offset
+
+
+def stream_component(
+    folder: str | Path, make: Callable[[], torch.nn.Module], *, seed: int, salt: int, dtype: torch.dtype
+) -> Path:
+    """A component folder (config.json + safetensors) of the model `make()` builds, built on the meta
+    device and written by `write_random_safetensors`: for components too large to hold in memory."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    with torch.device("meta"):
+        model = make()
+    if hasattr(model, "save_config"):  # diffusers
+        model.save_config(folder)
+        weights = "diffusion_pytorch_model.safetensors"
+    else:  # transformers
+        model.config.architectures = [type(model).__name__]
+        model.config.to_json_file(folder / "config.json")
+        weights = "model.safetensors"
+    write_random_safetensors(model, folder / weights, seed, salt, dtype)
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
 # Transformer
 
 
-def _transformer_config(**overrides) -> dict:
+def transformer_config(**overrides) -> dict:
     cfg = {**TRANSFORMER, **overrides}
     cfg["dual_attention_layers"] = tuple(cfg["dual_attention_layers"])
     return cfg
+
+
+_transformer_config = transformer_config  # the name tests/test_fixture.py imports
 
 
 def build_transformer(out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Path:
@@ -210,50 +233,69 @@ def build_transformer(out_dir: str | Path, *, seed: int = 0, **config_overrides)
     from diffusers import SD3Transformer2DModel
 
     out_dir = Path(out_dir)
-    model = SD3Transformer2DModel(**_transformer_config(**config_overrides))
-    _randomise_(model, seed, salt=1).save_pretrained(out_dir, safe_serialization=True)
+    model = SD3Transformer2DModel(**transformer_config(**config_overrides))
+    randomise_(model, seed, salt=1).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def _stream_transformer(out_dir: Path, config: dict, seed: int, dtype: torch.dtype, model_class=None) -> Path:
-    """Like build_transformer, but one tensor in memory at a time (the model is built on meta)."""
+def stream_transformer(out_dir: Path, config: dict, seed: int, dtype: torch.dtype, model_class=None) -> Path:
+    """Like build_transformer (same values), but one tensor in memory at a time (`stream_component`)."""
     from diffusers import SD3Transformer2DModel
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        model = (model_class or SD3Transformer2DModel)(**config)
-    model.save_config(out_dir)
-    plan = _tensor_plan(model)
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, _, _, shape in plan:
-        nbytes = math.prod(shape) * dtype.itemsize
-        span = [offset, offset + nbytes]
-        header[name] = dict(dtype=_SAFETENSORS_DTYPES[dtype], shape=list(shape), data_offsets=span)
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(out_dir / "diffusion_pytorch_model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for _, tensor in _random_tensors(model, seed, salt=1):
-            # numpy has no bfloat16: write the raw bits through a same-width integer view
-            f.write(tensor.to(dtype).view(_SAME_WIDTH_INT[dtype]).numpy().data)
-    return out_dir
+    return stream_component(out_dir, lambda: (model_class or SD3Transformer2DModel)(**config), seed=seed, salt=1,
+                            dtype=dtype)  # fmt: skip
+
+
+_stream_transformer = stream_transformer  # the name tests/test_fixture.py imports
 
 
 def build_full_width_transformer(
-    out_dir: str | Path, *, depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+    out_dir: str | Path,
+    *,
+    depth: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    dual_attention_layers: tuple[int, ...] | None = None,
+    width: dict = FULL_WIDTH_TRANSFORMER,
+    model_class=None,
 ) -> Path:
-    """The real SD3.5 Medium transformer width (1536, 24 heads, 384^2 table) at reduced depth."""
-    config = dict(
-        FULL_WIDTH_TRANSFORMER,
-        num_layers=depth,
-        dual_attention_layers=tuple(i for i in FULL_WIDTH_DUAL_ATTENTION_LAYERS if i < depth),
-    )
-    return _stream_transformer(Path(out_dir), config, seed, dtype)
+    """The real SD3.5 Medium transformer width (1536, 24 heads, 384^2 table) at reduced depth, streamed;
+    dual attention in blocks 0..12 unless given; `width` replaces the sizes (the benchmarks' toy runs)."""
+    if dual_attention_layers is None:  # SD3.5 Medium's: blocks 0..12
+        dual_attention_layers = tuple(i for i in FULL_WIDTH_DUAL_ATTENTION_LAYERS if i < depth)
+    config = dict(width, num_layers=depth, dual_attention_layers=tuple(dual_attention_layers))
+    return stream_transformer(Path(out_dir), config, seed, dtype, model_class)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders and VAE at any size, streamed
+
+
+def build_clip(folder: str | Path, sizes: dict, token_ids: dict, *, seed: int = 0, salt: int = 20,
+               dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
+    """A `text_encoder/` folder: CLIPTextModelWithProjection at `sizes` (CLIP_L_FULL, CLIP_G_FULL, ...) with
+    the real vocabulary and `token_ids` (bos/eos/pad_token_id)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=77, **token_ids, **sizes)
+    return stream_component(folder, lambda: CLIPTextModelWithProjection(config), seed=seed, salt=salt, dtype=dtype)
+
+
+def build_t5(folder: str | Path, layers: int, *, sizes: dict = T5_XXL, seed: int = 0, salt: int = 22,
+             dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
+    """A `text_encoder_3/` folder: a T5 v1.1 encoder (XXL width by default) with `layers` layers."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(**dict(sizes, num_layers=layers), vocab_size=T5_VOCAB, is_encoder_decoder=False, use_cache=False)
+    return stream_component(folder, lambda: T5EncoderModel(config), seed=seed, salt=salt, dtype=dtype)
+
+
+def build_vae(folder: str | Path, *, sizes: dict = VAE_FULL, seed: int = 0, salt: int = 23,
+              dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
+    """A `vae/` folder: SD3's AutoencoderKL (full size by default: 128, 256, 512, 512 channels)."""
+    from diffusers import AutoencoderKL
+
+    return stream_component(folder, lambda: AutoencoderKL(**sizes), seed=seed, salt=salt, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,22 +332,16 @@ def build_controlnet(out_dir: str | Path, *, seed: int = 0, style: str = "sd35m"
     config = {**(CONTROLNET_SD35M if style == "sd35m" else CONTROLNET_INSTANTX), **config_overrides}
     config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
     model = SD3ControlNetModel(**config)
-    _randomise_(model, seed, salt=6).save_pretrained(Path(out_dir), safe_serialization=True)
+    randomise_(model, seed, salt=6).save_pretrained(Path(out_dir), safe_serialization=True)
     return Path(out_dir)
 
 
-def build_full_width_controlnet(
-    out_dir: str | Path, *, depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Path:
-    """A ControlNet of SD3.5 Medium's width (tensorart SD3.5M layout: dual attention in 0-12) at reduced depth."""
+def build_full_width_controlnet(out_dir: str | Path, **kwargs) -> Path:
+    """A ControlNet of SD3.5 Medium's width (tensorart SD3.5M layout: dual attention in 0-12 unless given) at
+    reduced depth, streamed; the keywords of `build_full_width_transformer`."""
     from diffusers import SD3ControlNetModel
 
-    config = dict(
-        FULL_WIDTH_CONTROLNET,
-        num_layers=depth,
-        dual_attention_layers=tuple(i for i in FULL_WIDTH_DUAL_ATTENTION_LAYERS if i < depth),
-    )
-    return _stream_transformer(Path(out_dir), config, seed, dtype, SD3ControlNetModel)
+    return build_full_width_transformer(out_dir, width=FULL_WIDTH_CONTROLNET, model_class=SD3ControlNetModel, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +373,7 @@ def build_taesd(out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Pa
     from diffusers import AutoencoderTiny
 
     out_dir = Path(out_dir)
-    model = _randomise_(AutoencoderTiny(**{**TAESD3, **config_overrides}), seed, salt=7)
+    model = randomise_(AutoencoderTiny(**{**TAESD3, **config_overrides}), seed, salt=7)
     with torch.no_grad():  # pixels are the last conv's output: centre them in [0, 1], as a trained TAESD's
         model.decoder.layers[-1].weight.mul_(0.5)
         model.decoder.layers[-1].bias.add_(0.5)
@@ -377,13 +413,13 @@ def build_tiny_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
             **sizes,
         )
         model = CLIPTextModelWithProjection(config)
-        _randomise_(model, seed, salt).save_pretrained(out_dir / folder, safe_serialization=True)
+        randomise_(model, seed, salt).save_pretrained(out_dir / folder, safe_serialization=True)
 
     t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, is_encoder_decoder=False, use_cache=False, **T5))
-    _randomise_(t5, seed, salt=4).save_pretrained(out_dir / "text_encoder_3", safe_serialization=True)
+    randomise_(t5, seed, salt=4).save_pretrained(out_dir / "text_encoder_3", safe_serialization=True)
 
     vae = AutoencoderKL(**VAE)
-    _randomise_(vae, seed, salt=5).save_pretrained(out_dir / "vae", safe_serialization=True)
+    randomise_(vae, seed, salt=5).save_pretrained(out_dir / "vae", safe_serialization=True)
 
     build_transformer(out_dir / "transformer", seed=seed)
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(out_dir / "scheduler")

@@ -25,7 +25,7 @@ def args(tmp_path_factory):
 
 
 def test_bench_speed_sections_run_and_agree_with_diffusers(tiny_pipeline, args, capsys):
-    run = bench_speed.TorchRunner(isolate=False)
+    run = torch_side.TorchRunner(isolate=False)
     steps = bench_speed.bench_transformer(tiny_pipeline / "transformer", args.sizes, args, run, "cpu")
     text = bench_speed.bench_text(tiny_pipeline, args, run, "cpu", full_size=False)
     vae = bench_speed.bench_vae(tiny_pipeline / "vae", args.vae_size, args, run, "cpu", full_size=False)
@@ -60,7 +60,7 @@ def _openblas_after_importing_sd35m_mlx() -> bool:
 def test_diffusers_side_runs_without_our_openblas():
     """The spawned diffusers process imports sd35m_mlx yet must not load the system OpenBLAS: with it,
     torch's CPU attention runs ~60x slower and diffusers' figures would be wrong."""
-    run = bench_speed.TorchRunner(isolate=True)
+    run = torch_side.TorchRunner(isolate=True)
     try:
         assert run(_openblas_after_importing_sd35m_mlx) is False
         assert run(torch_side.process_info, "cpu")["torch_process_openblas"] is False
