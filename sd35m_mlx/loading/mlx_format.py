@@ -34,7 +34,7 @@ from ..models.t5 import T5Config, T5EncoderModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..quantize import Quantization, quantization_config
 from .parts import PipelineParts, load_schedule
-from .safetensors_io import WeightsError, load_into, load_safetensors, read_config
+from .safetensors_io import WeightsError, load_into, load_safetensors, read_config, read_json
 from .text_encoders import _CLIP_TOKENIZERS, _T5_TOKENIZERS, _tokenizer_class, load_tokenizer
 
 FORMAT_KEY = "sd35m_mlx"
@@ -202,7 +202,7 @@ def load_converted(folder: str | os.PathLike, dtype: mx.Dtype, *, load_t5: bool 
     and biases are cast. T5 never runs in float16 (it overflows): bfloat16 instead, with a warning.
     """
     folder = Path(folder)
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_json(folder / "model_index.json")
     version = (index.get(FORMAT_KEY) or {}).get("format")
     if version != FORMAT_VERSION:
         raise WeightsError(

@@ -52,7 +52,10 @@ def find_weight_files(folder: str | os.PathLike) -> list[Path]:
     for name in _INDEX_NAMES:
         index = folder / name
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            content = read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict):
+                raise WeightsError(f"{index}: no weight_map")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (folder / f).exists()]
             if missing:
@@ -102,23 +105,48 @@ def load_safetensors(
     return weights, origin
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; a one-line WeightsError naming the file when it is unreadable or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
     path = Path(folder) / name
     if not path.exists():
         raise WeightsError(f"{path}: missing (is {folder} a diffusers-layout component folder?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def materialize(*modules: nn.Module | None) -> None:
     """Read (and cast) lazily loaded weights one tensor at a time, largest first. Evaluated together (at
-    a first forward or one mx.eval), a float32 file's casts to bfloat16 are all in flight at once: up to
-    3x the loaded bytes for T5-XXL; one at a time the peak stays within ~1.02x (benchmarks/bench_memory.py)."""
-    arrays = [v for m in modules if m is not None for _, v in tree_flatten(m.parameters())]
-    for v in sorted(arrays, key=lambda a: a.nbytes, reverse=True):
-        mx.eval(v)
+    a first forward or one mx.eval), a float32 file's casts to bfloat16 are all in flight at once.
+
+    Each floating tensor is checked to be finite as it is read (one reduction, evaluated with it): a damaged
+    file or a broken conversion is refused here, naming the file and tensor, instead of giving black images."""
+    arrays = [(m, k, v) for m in modules if m is not None for k, v in tree_flatten(m.parameters())]
+    for m, name, v in sorted(arrays, key=lambda a: a[2].nbytes, reverse=True):
+        if not _is_float(v.dtype):
+            mx.eval(v)
+            continue
+        finite = mx.isfinite(v).all()
+        mx.eval(v, finite)
+        if not finite.item():
+            origins = getattr(m, "_weight_origins", {})
+            stem = name.rsplit(".", 1)[0]  # a quantized layer's scales/biases come from its weight
+            where = origins.get(name) or origins.get(f"{stem}.weight") or f"the {type(m).__name__} weights"
+            raise WeightsError(
+                f"{where}: tensor {name} has NaN or infinite values (a damaged download or a broken conversion; "
+                "fetch the file again)"
+            )
 
 
 def read_config_as(folder: str | os.PathLike, cls, what: str):
@@ -168,4 +196,5 @@ def load_into(
                 f"{tuple(weights[k].shape)}, expected {tuple(v.shape)}"
             )
     module.load_weights(list(weights.items()), strict=True)
+    object.__setattr__(module, "_weight_origins", dict(origin))  # for materialize's messages; not a parameter
     return module

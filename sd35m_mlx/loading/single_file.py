@@ -22,7 +22,6 @@ full-precision copy of a whole model is ever built.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -40,7 +39,7 @@ from ..sampling.schedule import FlowMatchSchedule
 from . import hub
 from .keymaps import map_mmdit_weights, map_vae_weights
 from .parts import PipelineParts, load_schedule
-from .safetensors_io import WeightsError, load_into, load_safetensors, read_header
+from .safetensors_io import WeightsError, load_into, load_safetensors, read_header, read_json
 from .text_encoders import load_tokenizer, sanitize_clip_weights, sanitize_t5_weights
 from .transformer import sanitize_transformer_weights
 from .vae import sanitize_vae_weights
@@ -344,7 +343,7 @@ def build_t5(
 
 def _hint(root: Path, folder: str) -> dict | None:
     path = root / folder / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _tokenizer(root: Path, name: str, class_name: str):

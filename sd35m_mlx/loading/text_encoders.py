@@ -3,7 +3,6 @@ diffusers-layout folder (text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/)."""
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ import mlx.core as mx
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.prompt_encoder import PromptEncoder
 from ..models.t5 import T5Config, T5EncoderModel
-from .safetensors_io import WeightsError, load_into, load_safetensors, read_config_as
+from .safetensors_io import WeightsError, load_into, load_safetensors, read_config_as, read_json
 
 # tokenizer classes a diffusers model_index.json may name for each slot (first: the default)
 _CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -82,7 +81,8 @@ def _tokenizer_class(folder: Path, slot: str, allowed: tuple[str, ...]) -> str:
     """The class model_index.json names for `slot` when it is one we accept, else the default."""
     index = folder / "model_index.json"
     if index.exists():
-        entry = json.loads(index.read_text()).get(slot) or [None, None]
+        content = read_json(index)
+        entry = (content.get(slot) if isinstance(content, dict) else None) or [None, None]
         if entry[-1] in allowed:
             return entry[-1]
     return allowed[0]
@@ -93,7 +93,8 @@ def _joint_attention_dim(folder: Path) -> int:
     for sub, key in (("transformer", "joint_attention_dim"), ("text_encoder_3", "d_model")):
         path = folder / sub / "config.json"
         if path.exists():
-            value = json.loads(path.read_text()).get(key)
+            content = read_json(path)
+            value = content.get(key) if isinstance(content, dict) else None
             if value:
                 return int(value)
     return T5Config.d_model

@@ -367,7 +367,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             self._release("transformer")
 
         # 5. Decode (the VAE tiles when needed; an inpainting crop is pasted back)
-        return decode_output(x, s, canvas, self._decoder, self.work_budget)
+        return decode_output(x, s, canvas, self._decoder, self.work_budget, self.dtype)
 
 
 def _encoders(prompt_encoder: PromptEncoder | None) -> list:

@@ -19,6 +19,7 @@ import numpy as np
 from ..editing.control import ControlNetResiduals, check_control, control_units
 from ..editing.inpaint import InpaintBlend, prepare_inpaint
 from ..images import from_pil_or_array, to_output
+from ..sampling.finite import FiniteLatents, check_finite
 from ..sampling.guidance import GuidanceConfig
 from ..sampling.loop import StepCallback, StepExtra
 from ..sampling.memory import bounded_work
@@ -160,11 +161,11 @@ def step_extras(
     decoder: Callable[[str], Decoder],
 ) -> list[StepExtra]:
     """The per-step features of this call, in the order the loop runs them (sampling/loop.py): cancel
-    (`cancel_check`), ControlNet residuals (a model input), the inpainting blend (after each step),
-    callback, previews. `conditions`: the (context, pooled) batch the transformer (`velocity`) gets, which
-    the ControlNets get too, with the `timesteps` and their control images encoded by `vae`;
-    `decoder("taesd")` renders preview="taesd"."""
-    extras: list[StepExtra] = [cancel_check]
+    (`cancel_check`), the NaN/infinity stop (sampling/finite.py), ControlNet residuals (a model input), the
+    inpainting blend (after each step), callback, previews. `conditions`: the (context, pooled) batch the
+    transformer (`velocity`) gets, which the ControlNets get too, with the `timesteps` and their control
+    images encoded by `vae`; `decoder("taesd")` renders preview="taesd"."""
+    extras: list[StepExtra] = [cancel_check, FiniteLatents(dtype)]
     if canvas.control is not None:
         context, pooled = conditions
         batch = context.shape[0] // (2 if do_cfg else 1)
@@ -192,7 +193,12 @@ def step_extras(
 
 
 def decode_output(
-    x: mx.array, s: GenerationSettings, canvas: Canvas, decoder: Callable[[str], Decoder], work_budget: int | None
+    x: mx.array,
+    s: GenerationSettings,
+    canvas: Canvas,
+    decoder: Callable[[str], Decoder],
+    work_budget: int | None,
+    dtype: mx.Dtype = mx.float32,
 ):
     """Latents -> images in [0, 1] by `decoder(s.decoder)` (the VAE, tiled when needed, or TAESD) under the
     pipeline's `work_budget` (sampling/memory.py), as `output_type` asks; an inpainting crop is pasted back
@@ -203,6 +209,7 @@ def decode_output(
     with bounded_work(work_budget):
         images = decode(x)
         mx.eval(images)
+    check_finite(images, "the decoded image", dtype)
     if canvas.inpaint is not None and canvas.inpaint.crop is not None:
         pasted = canvas.inpaint.paste_back(to_output(images, "pil"))
         return pasted if s.output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pasted])

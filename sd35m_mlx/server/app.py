@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 import sd35m_mlx
 
+from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
 from . import a1111_api, openai_api
 from .errors import RequestError, ShuttingDown, error_body
@@ -93,6 +94,8 @@ class Server:
         if job.state == FAILED:
             if isinstance(job.error, RequestError):
                 raise job.error
+            if isinstance(job.error, NonFiniteError):  # says why in one line, with no path or traceback
+                raise RequestError(f"generation failed: {job.error}", status=500)
             # the details (paths, traceback) stay in the server's log
             raise RequestError(f"generation failed ({type(job.error).__name__}); see the server's log", status=500)
         if job.state == CANCELLED and job.cancel_reason == "server shutting down":
