@@ -47,6 +47,9 @@ def convert(
     dst = check_destination(destination)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from a service user reading it
     try:
         say(f"Loading {source} ({DTYPE_NAMES.get(dtype, dtype)}{'' if load_t5 else ', no T5'})")
         parts = load_pipeline_parts(source, dtype, load_t5=load_t5)

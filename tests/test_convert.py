@@ -5,6 +5,8 @@ float32 throughout, so equality is exact (np.array_equal): a converted folder ho
 """
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import mlx.core as mx
@@ -227,3 +229,15 @@ def test_convert_help_explains_every_option():
 def test_converted_folder_is_detected_only_by_its_marker(tiny_pipeline, converted):
     assert is_converted_folder(converted) and not is_converted_folder(tiny_pipeline)
     assert not is_converted_folder(Path("/nonexistent"))
+
+
+def test_the_converted_folder_honours_the_umask(tiny_pipeline, tmp_path):
+    """A service user (another account) must be able to read a model converted with the usual umask 022."""
+    old = os.umask(0o022)
+    try:
+        dst = convert(tiny_pipeline, tmp_path / "shared", dtype=mx.float32, load_t5=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o755
+    for f in dst.rglob("*"):
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f
