@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.metadata import KeyValueLine  # noqa: E402  (the cli folder; installed as sd35m_mlx_cli)
+from sd35m_mlx_cli.metadata import KeyValueLine  # noqa: E402
 
 # A1111's pattern, as cli/metadata.py used it before (modules/infotext_utils.py: re_param_code)
 A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

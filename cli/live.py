@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 from PIL import Image
 
+from sd35m_mlx.defaults import TAESD3_REPO
+
 from .errors import UsageError
 from .output import check_writable, write_preview
-
-DEFAULT_TAESD = "madebyollin/taesd3"  # as sd35m_mlx.pipeline.DEFAULT_TAESD (not imported: --help stays fast)
 
 OPTIONS = [
     click.option(
@@ -39,7 +39,7 @@ OPTIONS = [
     click.option(
         "--taesd",
         metavar="PATH_OR_REPO",
-        default=DEFAULT_TAESD,
+        default=TAESD3_REPO,
         help="TAESD3 weights for --draft and --preview-method taesd: a Hub id, folder or .safetensors file.",
     ),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sd35m_mlx.record import (  # re-exported: the CLI's modules read them here
+from sd35m_mlx.defaults import (  # re-exported: the CLI's modules read them here
     DEFAULT_MODEL,
     DTYPES,
     MAX_SEED,
@@ -16,8 +16,8 @@ from sd35m_mlx.record import (  # re-exported: the CLI's modules read them here
     TRAINED_MAX,
     TRAINED_MIN,
     TRAINED_MP,
-    Settings,
 )
+from sd35m_mlx.record import Settings
 
 from .errors import UsageError
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .defaults import TAESD3_REPO
 from .editing.controlnets import ControlNetMixin
 from .generation import (
     conditioning,
@@ -40,7 +41,7 @@ from .vae_tiling import VAETiling
 from .validation import ARGUMENTS, ModelLimits
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-DEFAULT_TAESD = "madebyollin/taesd3"  # loaded on first use by preview="taesd" / decoder="taesd"
+DEFAULT_TAESD = TAESD3_REPO  # loaded on first use by preview="taesd" / decoder="taesd"
 
 
 def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:

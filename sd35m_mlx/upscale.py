@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from PIL import Image
 
-MULTIPLE = 16  # VAE factor 8 x patch size 2
+from .defaults import scaled_size
 
 
 def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
     """width x height scaled by `factor`, each rounded to a multiple of 16."""
     if not isinstance(factor, (int, float)) or not factor >= 1:
         raise ValueError(f"factor must be a number >= 1, got {factor!r}")
-    return (max(MULTIPLE, round(width * factor / MULTIPLE) * MULTIPLE),
-            max(MULTIPLE, round(height * factor / MULTIPLE) * MULTIPLE))  # fmt: skip
+    return scaled_size(width, height, factor)
 
 
 def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -24,13 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from . import defaults as D
+from .defaults import MAX_PROMPT_CHARS, MAX_SEED, MAX_SEQUENCE_LENGTH, SAMPLERS
+
 MAX_STEPS = 1000
 MAX_BATCH = 64  # images from one generate() call: prompts x num_images_per_prompt
-# CLIP reads 77 tokens and T5 at most 512 (about 2,000 characters of English); a prompt far above both is
-# a mistake or an attack (tokenizers are linear, but a server should not tokenize megabytes per request).
-MAX_PROMPT_CHARS = 10_000
-MAX_SEQUENCE_LENGTH = 512  # T5's limit; diffusers refuses more
-MAX_SEED = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
 MAX_GUIDANCE = 100.0  # ComfyUI's cap for cfg; useful values are 1-10, far larger ones only saturate
 MAX_LATENT = 1e4  # initial noise is ~N(0, 1); on the tiny fixture 1e37 (float32) or 1e30 (float16) gave NaN pixels
 
@@ -70,19 +68,19 @@ class GenerationSettings:
     prompt_3: Any = None
     height: Any = None
     width: Any = None
-    num_inference_steps: Any = 40
-    guidance_scale: Any = 4.5
+    num_inference_steps: Any = D.STEPS
+    guidance_scale: Any = D.GUIDANCE
     seed: Any = None
     latents: Any = None
     num_images_per_prompt: Any = 1
-    max_sequence_length: Any = 256
-    sampler: Any = "euler"
+    max_sequence_length: Any = D.SEQUENCE_LENGTH
+    sampler: Any = D.SAMPLER
     skip_guidance_layers: Any = None
-    skip_layer_guidance_scale: Any = 2.8
-    skip_layer_guidance_start: Any = 0.01
-    skip_layer_guidance_stop: Any = 0.2
+    skip_layer_guidance_scale: Any = D.SLG_SCALE
+    skip_layer_guidance_start: Any = D.SLG_START
+    skip_layer_guidance_stop: Any = D.SLG_STOP
     image: Any = None
-    strength: Any = 0.6
+    strength: Any = D.STRENGTH
     output_type: Any = "pil"
     callback: Any = None
     prompt_embeds: Any = None
@@ -267,8 +265,6 @@ class _Validator:
             if steps - min(steps * strength, steps) >= steps:  # img2img's start index, as diffusers rounds it
                 raise InvalidValue(f"{n('strength')} {strength} is too small: no step would run (at least 1e-15)")
         height, width = self._size(s, batch * images_per_prompt)
-        from .sampling.samplers import SAMPLERS  # lazily: the samplers module imports mlx
-
         out = replace(
             s,
             prompt=prompt,
@@ -386,7 +382,7 @@ class _Validator:
                     f"{self.n('image')} is too small: {image_w}x{image_h} (needs at least {multiple} px a side)"
                 )
         else:
-            default = {"height": 1024, "width": 1024}
+            default = {"height": D.SIZE, "width": D.SIZE}
         size = {name: given.get(name, default[name]) for name in ("height", "width")}
         for name, v in size.items():
             if v % multiple:

@@ -15,6 +15,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..defaults import SAMPLERS
 from ..record import size_for_image
 from .errors import RequestError
 from .jobs import CANCELLED, Job
@@ -36,7 +37,7 @@ class GenerationsBody(BaseModel):
     negative_prompt: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
-    sampler: Literal["euler", "dpmpp_2m"] | None = None
+    sampler: Literal[SAMPLERS] | None = None
     stream: bool | None = None
 
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..record import MAX_SEED, MIN_SIDE, MULTIPLE, SAMPLER_NAMES, Settings, png_info
+from ..defaults import MAX_PROMPT_CHARS, MAX_SEED, MIN_SIDE, MULTIPLE
+from ..record import SAMPLER_NAMES, Settings, png_info
 from .errors import RequestError
-
-MAX_PROMPT_CHARS = 10_000  # far above what CLIP (77 tokens) and T5 (512 tokens) read; bounds the work per request
 
 
 @dataclass(frozen=True)
