@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,28 @@ class Settings:
         d = dataclasses.asdict(self)
         d["slg_layers"] = list(self.slg_layers)
         return d
+
+    def fit_slg(self, num_layers: int) -> Settings:
+        """The default SLG layers (the model card's 7, 8, 9) only where a model of `num_layers` blocks has them;
+        SLG off where it has none. Other layers (restored from a PNG) are left for the validator to refuse."""
+        if not self.slg or self.slg_layers != D.SLG_LAYERS:
+            return self
+        kept = tuple(i for i in self.slg_layers if i < num_layers)
+        if kept == self.slg_layers:
+            return self
+        return dataclasses.replace(self, slg_layers=kept) if kept else dataclasses.replace(self, slg=False)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)  # 32-bit: easy to type back
+
+
+def plan_seeds(seeds: Sequence[int], n: int) -> list[int]:
+    """The given seeds, then +1 from the last up to n images (as A1111 does); from a random one if none."""
+    out = list(seeds) or [random_seed()]
+    while len(out) < n:
+        out.append((out[-1] + 1) % (D.MAX_SEED + 1))
+    return out
 
 
 def size_for_image(w: int, h: int, width: int | None, height: int | None) -> tuple[int, int]:
