@@ -18,7 +18,6 @@ OPTIONS = [
     click.option(
         "--preview",
         metavar="FILE.png",
-        default=None,
         help="Rewrite FILE.png with the image as it forms (atomically: viewers and Quick Look refresh it). "
         "[default: off]",
     ),
