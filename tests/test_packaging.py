@@ -2,6 +2,8 @@
 or a wheel install silently lacks it."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,3 +24,28 @@ def test_the_library_never_imports_the_cli():
         if re.search(r"^\s*(from|import)\s+sd35m_mlx_cli\b", p.read_text(), re.M)
     ]
     assert offenders == []
+
+
+HELP_IMPORTS = """
+import sys
+from importlib.metadata import entry_points
+
+(main,) = [ep.load() for ep in entry_points(group="console_scripts") if ep.name == "sd35m-mlx"]
+for args in ([], ["generate"], ["convert"], ["serve"], ["train"]):
+    sys.argv = ["sd35m-mlx", *args, "--help"]
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code == 0, (args, e.code)
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "sd35m_mlx"))))
+"""
+
+
+def test_help_imports_no_mlx():
+    """`sd35m-mlx --help` (and each command's) stays fast: it must not import mlx, only the MLX-free parts of the
+    library (defaults, record). Run in a fresh interpreter through the console script's entry point."""
+    done = subprocess.run([sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported = done.stdout.splitlines()[-1].split()
+    assert [m for m in imported if m.split(".")[0] == "mlx"] == []
+    assert "sd35m_mlx.defaults" in imported  # the check saw the library's modules at all
