@@ -49,3 +49,23 @@ def test_help_imports_no_mlx():
     imported = done.stdout.splitlines()[-1].split()
     assert [m for m in imported if m.split(".")[0] == "mlx"] == []
     assert "sd35m_mlx.defaults" in imported  # the check saw the library's modules at all
+
+
+# The constants the MLX-free front ends share with the library, and literals that would betray a copy.
+SHARED = ("DEFAULT_MODEL", "TAESD3_REPO", "SAMPLERS", "DTYPES", "MULTIPLE", "MAX_SEQUENCE_LENGTH", "MAX_SEED",
+          "MAX_PROMPT_CHARS", "TRAINED_MP", "MAX_SIDE")  # fmt: skip
+SHARED_LITERALS = ('"stabilityai/stable-diffusion-3.5-medium"', '"madebyollin/taesd3"', "2**64")
+
+
+def test_shared_constants_are_defined_only_in_defaults():
+    """One home for each (sd35m_mlx/defaults.py): a copy in the CLI, the server or a loader would drift."""
+    assignment = re.compile(rf"^[ \t]*(?:\w+[ \t]*,[ \t]*)*({'|'.join(SHARED)})\b[^=\n(]*=(?!=)", re.M)
+    home = ROOT / "sd35m_mlx" / "defaults.py"
+    assert {m[1] for m in assignment.finditer(home.read_text())} == set(SHARED)  # the pattern finds them
+    copies = []
+    for p in [*(ROOT / "sd35m_mlx").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
+        if p != home:
+            text = p.read_text()
+            copies += [f"{p.relative_to(ROOT)}: {m[1]}" for m in assignment.finditer(text)]
+            copies += [f"{p.relative_to(ROOT)}: {lit}" for lit in SHARED_LITERALS if lit in text]
+    assert copies == [], "import these from sd35m_mlx.defaults"

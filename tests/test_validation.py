@@ -140,11 +140,6 @@ def test_generation_settings_defaults_are_generate_defaults():
     assert set(v.ARGUMENTS) == set(params) - {"self"}, "a generate() argument the validator does not know"
 
 
-def test_cli_limits_mirror_the_validation_module():
-    assert cli_settings.MAX_SEED == v.MAX_SEED
-    assert cli_settings.MAX_SEQUENCE_LENGTH == v.MAX_SEQUENCE_LENGTH
-
-
 def test_normalises_numpy_scalars_and_empty_layer_list():
     s = validate_generation(
         prompt="a",
