@@ -113,7 +113,7 @@ OPTIONS = [
         "--num-images",
         type=int,
         default=1,
-        help="Number of images. Seeds continue from the last --seed (+1 each), or are random.",
+        help="Number of images. Seeds continue from the last --seed, or from a random one (+1 each).",
     ),
     click.option("--sampler", type=click.Choice(SAMPLERS), default=_D.sampler, help="Sampler."),
     option_with_default_in_help(

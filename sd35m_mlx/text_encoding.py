@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 import mlx.core as mx
 import numpy as np
 
-from .defaults import MAX_SEQUENCE_LENGTH
+from .defaults import MAX_SEQUENCE_LENGTH, SEQUENCE_LENGTH
 from .models.clip import CLIPTextModel
 from .models.t5 import T5EncoderModel
 
@@ -118,7 +118,7 @@ class PromptEncoder:
         negative_prompt: str | Sequence[str] | None = "",
         prompt_2: str | Sequence[str] | None = None,
         prompt_3: str | Sequence[str] | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int = SEQUENCE_LENGTH,
         num_images_per_prompt: int = 1,
         do_classifier_free_guidance: bool = True,
         negative_prompt_2: str | Sequence[str] | None = None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from PIL import Image
 
-from .defaults import scaled_size
+from .defaults import SIZE, STEPS, scaled_size
 
 
 def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
@@ -57,9 +57,9 @@ def upscale_generate(
     strength: float = 0.35,
     upscale_steps: int | None = None,
     second=None,
-    width: int = 1024,
-    height: int = 1024,
-    num_inference_steps: int = 40,
+    width: int = SIZE,
+    height: int = SIZE,
+    num_inference_steps: int = STEPS,
     seed: int | None = None,
     **generate_kwargs,
 ) -> UpscaleResult:

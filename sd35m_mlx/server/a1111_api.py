@@ -16,6 +16,7 @@ import time
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from ..defaults import SAMPLER
 from ..record import Settings, parameters_text
 from .errors import RequestError
 from .jobs import Job
@@ -31,7 +32,7 @@ SAMPLER_ALIASES = {
     "dpmpp_2m": "dpmpp_2m",
     "k_dpmpp_2m": "dpmpp_2m",
 }
-DEFAULT_SAMPLER = "euler"
+
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
 
@@ -70,11 +71,11 @@ class Img2ImgBody(Txt2ImgBody):
 def map_sampler(name: str | None) -> tuple[str, str | None]:
     """Our sampler for an A1111 name, and a note when we run something other than what was asked."""
     if not name:
-        return DEFAULT_SAMPLER, None
+        return SAMPLER, None
     ours = SAMPLER_ALIASES.get(name.strip().lower())
     if ours is not None:
         return ours, None
-    return DEFAULT_SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(DEFAULT_SAMPLER)}"
+    return SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(SAMPLER)}"
 
 
 def spec_from(body: Txt2ImgBody, limits) -> Spec:

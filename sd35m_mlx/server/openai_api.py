@@ -15,7 +15,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..defaults import SAMPLERS, STRENGTH
+from ..defaults import SAMPLERS, SIZE, STRENGTH
 from ..record import Settings, size_for_image
 from .errors import RequestError
 from .jobs import CANCELLED, Job
@@ -87,7 +87,7 @@ def router(server) -> APIRouter:
 
     @r.post("/v1/images/generations")
     async def generations(body: GenerationsBody, request: Request):
-        size = (1024, 1024) if body.size in (None, "auto") else parse_size(body.size)
+        size = (SIZE, SIZE) if body.size in (None, "auto") else parse_size(body.size)
         job = await server.run(spec_from(body, size, server.config.limits), request)
         return answer(job, body, request)
 
