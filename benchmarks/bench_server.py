@@ -168,12 +168,13 @@ def run(args) -> dict:
     # 3. serialisation of one 1024 px image (random pixels: PNG's worst case; a real image compresses better)
     from PIL import Image
 
+    from sd35m_mlx.record import Settings
     from sd35m_mlx.server.app import VERSION
     from sd35m_mlx.server.spec import ModelInfo, Spec, png_bytes
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
     info = ModelInfo.of(pipe, model.name)
-    spec = Spec(prompt="a red cube", width=1024, height=1024, seeds=[1])
+    spec = Spec(Settings("a red cube", width=1024, height=1024), seeds=[1])
     serialise = {"serialise_1024": lambda: base64.b64encode(png_bytes(image, spec, 1, info, VERSION))}
     results |= timed_interleaved(serialise, max(3, args.runs // 4))
 

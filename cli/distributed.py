@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from . import job as job_phases
 from .errors import RunError, UsageError, one_line
 from .output import plan_paths
 from .progress import format_seconds, peak_memory
@@ -67,15 +68,13 @@ def _describe(error: BaseException) -> str:
 
 def prepare(ctx, reporter, params, ranks, split):
     """Checks and loading on every rank, then the agreement: a failure or difference anywhere stops all.
-    The same phases as one process (cli/generate.py: plan, load), so every option works here too."""
+    The same phases as one process (cli/job.py: plan, load), so every option works here too."""
     from sd35m_mlx.distributed import differences, fingerprint
-
-    from . import generate
 
     error, identity, seeds, pipe, job = None, None, None, None, None
     t0 = time.perf_counter()
     try:
-        job = generate.plan(ctx, params, writer=ranks.primary)  # only rank 0 writes files and previews
+        job = job_phases.plan(ctx, params, writer=ranks.primary)  # only rank 0 writes files and previews
         seeds = job.seeds
         if split == "cfg":
             if ranks.size != 2:
@@ -88,7 +87,7 @@ def prepare(ctx, reporter, params, ranks, split):
             reporter.say(note)
         how = "each image split over both" if split == "cfg" else "images spread over them"
         reporter.say(f"Loading {job.settings.model} ({job.settings.dtype}) on {ranks.size} ranks, {how}")
-        pipe = generate.load(job, params, reporter)
+        pipe = job_phases.load(job, params, reporter)
         shared = {k: v for k, v in job.settings.to_json().items() if k != "seed"}  # seeds: rank 0's are used
         inputs = {"--image": job.settings.image} if job.settings.image else {}
         identity = fingerprint({**shared, "split": split}, job.folder, load_t5=job.settings.t5, files=inputs)
@@ -111,8 +110,6 @@ def generate_seeds(reporter, pipe, job, params, ranks):
     """Data parallel: round by round, each rank makes one image and rank 0 writes the round's files."""
     from sd35m_mlx.distributed import gather_images, my_index, rounds
 
-    from . import generate
-
     written: list[tuple[Path, int]] = []
     taken: set[Path] = set()
     n, s = len(job.seeds), job.settings
@@ -122,7 +119,7 @@ def generate_seeds(reporter, pipe, job, params, ranks):
         if i is not None:
             label = f"[{i + 1}/{n}] ({len(round_) - 1} more on the other ranks)"
             try:
-                image = generate.make_image(pipe, job, params, reporter, i, label=label)
+                image = job_phases.make_image(pipe, job, params, reporter, i, label=label)
             except Exception as e:
                 error = e
         what = f"making images {round_[0] + 1}-{round_[-1] + 1}" if len(round_) > 1 else f"making image {round_[0] + 1}"
@@ -130,15 +127,13 @@ def generate_seeds(reporter, pipe, job, params, ranks):
         images = gather_images(ranks, image, (s.width, s.height), len(round_), "collecting images")
         if ranks.primary:
             for j, img in zip(round_, images, strict=True):
-                written.append(generate.write(reporter, job, img, j, params["overwrite"], taken))
+                written.append(job_phases.write(reporter, job, img, j, params["overwrite"], taken))
     return written
 
 
 def generate_split_cfg(reporter, pipe, job, params, ranks):
     """One image at a time, each on both ranks (sd35m_mlx/distributed/cfg_split.py)."""
     from sd35m_mlx.distributed import split_cfg
-
-    from . import generate
 
     split_cfg(pipe, ranks)
     written: list[tuple[Path, int]] = []
@@ -148,7 +143,7 @@ def generate_split_cfg(reporter, pipe, job, params, ranks):
         label = f"[{i + 1}/{n}] (split over 2 ranks)"
         # the other rank computes the same latents; only rank 0 decodes and writes
         overrides = {} if ranks.primary else {"output_type": "latent"}
-        image = generate.make_image(pipe, job, params, reporter, i, label=label, **overrides)
+        image = job_phases.make_image(pipe, job, params, reporter, i, label=label, **overrides)
         if ranks.primary:
-            written.append(generate.write(reporter, job, image, i, params["overwrite"], taken))
+            written.append(job_phases.write(reporter, job, image, i, params["overwrite"], taken))
     return written

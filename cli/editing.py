@@ -18,14 +18,12 @@ OPTIONS = [
     click.option(
         "--mask",
         metavar="PATH",
-        default=None,
         help="Inpainting mask for --image: white is repainted, black kept (grey levels are split at 50%). "
         "A mask of another size is resized (with a warning).",
     ),
     click.option(
         "--padding-mask-crop",
         type=int,
-        default=None,
         metavar="PX",
         help="With --mask: repaint only a crop around the mask, padded by PX pixels, at full resolution, "
         "then paste it back into the picture.  [default: off]",
@@ -33,7 +31,6 @@ OPTIONS = [
     click.option(
         "--outpaint",
         metavar="L,T,R,B",
-        default=None,
         help="Extend --image by these margins in pixels (left, top, right, bottom) and paint them in; "
         "--strength defaults to 1.0 and the output size is the extended canvas's.",
     ),
@@ -88,7 +85,6 @@ OPTIONS = [
     click.option(
         "--control-preprocess",
         type=click.Choice(("canny",)),
-        default=None,
         help="Turn each --control-image into an edge map first (OpenCV Canny, thresholds 100/200; needs "
         'the control extra: pip install "sd35m-mlx[control]").  [default: use the images as given]',
     ),

@@ -9,16 +9,15 @@ from pathlib import Path
 import click
 from PIL import Image
 
+from sd35m_mlx.defaults import TAESD3_REPO
+
 from .errors import UsageError
 from .output import check_writable, write_preview
-
-DEFAULT_TAESD = "madebyollin/taesd3"  # as sd35m_mlx.pipeline.DEFAULT_TAESD (not imported: --help stays fast)
 
 OPTIONS = [
     click.option(
         "--preview",
         metavar="FILE.png",
-        default=None,
         help="Rewrite FILE.png with the image as it forms (atomically: viewers and Quick Look refresh it). "
         "[default: off]",
     ),
@@ -39,7 +38,7 @@ OPTIONS = [
     click.option(
         "--taesd",
         metavar="PATH_OR_REPO",
-        default=DEFAULT_TAESD,
+        default=TAESD3_REPO,
         help="TAESD3 weights for --draft and --preview-method taesd: a Hub id, folder or .safetensors file.",
     ),
 ]

@@ -51,6 +51,12 @@ RESTORABLE = {
     **{name: name for name in EDITING_FIELDS},
 }
 
+
+def option_with_default_in_help(*decls, **kwargs):
+    """An option whose help states its default itself ("per model", "as --steps"): click's would mislead."""
+    return click.option(*decls, show_default=False, **kwargs)
+
+
 OPTIONS = [
     click.argument("prompt", required=False),
     click.option(
@@ -63,51 +69,42 @@ OPTIONS = [
         "cache alone). The default repo is gated: accept its licence on huggingface.co and run "
         "`hf auth login` (or set HF_TOKEN).",
     ),
-    click.option(
+    option_with_default_in_help(
         "--revision",
-        default=None,
-        show_default=False,
         help="Branch, tag or commit hash of a Hub --model.  [default: main]",
     ),
     click.option("--negative-prompt", default=_D.negative_prompt, help="What to steer away from."),
-    click.option(
+    option_with_default_in_help(
         "--width",
         type=int,
-        default=None,
-        show_default=False,
         help=f"Image width in px: a multiple of 16, {MIN_SIDE} up to the model's positional table ({MAX_SIDE} "
         f"for SD3.5 Medium, 3072 for SD3 Medium and SD3.5 Large); outside the trained {TRAINED_MP[0]}-"
         f"{TRAINED_MP[1]} megapixels a warning.  [default: {_D.width}; with --image its size, or about 1 "
         f"megapixel if outside {TRAINED_MIN}-{TRAINED_MAX}, keeping its aspect]",
     ),
-    click.option(
+    option_with_default_in_help(
         "--height",
         type=int,
-        default=None,
-        show_default=False,
         help=f"Image height in px, as --width.  [default: {_D.height}; with --image as --width]",
     ),
-    click.option(
+    option_with_default_in_help(
         "--steps",
         type=int,
         default=_D.steps,
-        show_default=False,
         help=f"Denoising steps (1-1000).  [default: per model, printed: {FAMILY_HELP}]",
     ),
-    click.option(
+    option_with_default_in_help(
         "--cfg",
         type=float,
         default=_D.cfg,
-        show_default=False,
         help="Classifier-free guidance scale (0-100); 1 or less turns guidance (and SLG) off.  [default: per model, "
         "as --steps]",
     ),
-    click.option(
+    option_with_default_in_help(
         "--seed",
         "seeds",
         type=int,
         multiple=True,
-        show_default=False,
         help="Random seed; repeat for one image per seed. The same seed and settings give the same "
         "image.  [default: random, always printed]",
     ),
@@ -116,13 +113,12 @@ OPTIONS = [
         "--num-images",
         type=int,
         default=1,
-        help="Number of images. Seeds continue from the last --seed (+1 each), or are random.",
+        help="Number of images. Seeds continue from the last --seed, or from a random one (+1 each).",
     ),
     click.option("--sampler", type=click.Choice(SAMPLERS), default=_D.sampler, help="Sampler."),
-    click.option(
+    option_with_default_in_help(
         "--slg/--no-slg",
         default=_D.slg,
-        show_default=False,
         help="Skip Layer Guidance on layers 7, 8, 9 over the first 1-20% of steps, as the SD3.5 Medium model "
         "card recommends (needs --cfg above 1).  [default: on for SD3.5 Medium, off for the other models]",
     ),
@@ -142,14 +138,12 @@ OPTIONS = [
     click.option(
         "--quantize",
         type=click.Choice(("4", "8")),
-        default=None,
         help="Quantize the MMDiT's linear layers to 4 or 8 bits as they load (less memory; 8 bits is close "
         "to bfloat16, 4 bits visibly drifts). On Linux CPU quantized matmul is slow.  [default: off]",
     ),
     click.option(
         "--t5-quantize",
         type=click.Choice(("4", "8", "none")),
-        default=None,
         help="Quantize T5's linear layers (4 bits keeps T5-XXL near 2.9 GB).  [default: as --quantize]",
     ),
     click.option(
@@ -168,7 +162,6 @@ OPTIONS = [
     click.option(
         "--image",
         metavar="PATH",
-        default=None,
         help="Input image for img2img, resized to --width x --height.",
     ),
     click.option(
@@ -181,7 +174,6 @@ OPTIONS = [
     click.option(
         "--upscale",
         type=float,
-        default=None,
         metavar="FACTOR",
         help="Two passes: generate at --width x --height, enlarge by FACTOR (Lanczos, in pixels; 1-4), then "
         "refine with img2img at the larger size, same seed; the VAE runs in tiles when the size needs it. "
@@ -193,18 +185,14 @@ OPTIONS = [
         default=_D.upscale_strength,
         help="How far the second pass moves from the enlarged image, in (0, 1].",
     ),
-    click.option(
+    option_with_default_in_help(
         "--upscale-steps",
         type=int,
-        default=None,
-        show_default=False,
         help="Steps of the second pass (it runs the last strength x steps of them).  [default: as --steps]",
     ),
-    click.option(
+    option_with_default_in_help(
         "--upscale-model",
         metavar="MODEL",
-        default=None,
-        show_default=False,
         help="Another SD3-family checkpoint for the second pass (e.g. SD3.5 Medium after SD3.5 Large), any "
         "--model form, run with the first pass's guidance settings; with --low-memory the first model is released "
         "before it loads.  [default: --model]",
@@ -225,7 +213,6 @@ OPTIONS = [
     click.option(
         "--from-image",
         metavar="PNG",
-        default=None,
         help="Re-run the settings stored in a PNG (ours, or A1111-style parameters). "
         "Options given on the command line take precedence.",
     ),

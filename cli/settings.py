@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from sd35m_mlx.record import (  # re-exported: the CLI's modules read them here
+from sd35m_mlx.defaults import (  # re-exported: the CLI's modules read them here
     DEFAULT_MODEL,
     DTYPES,
     MAX_SEED,
@@ -16,8 +14,8 @@ from sd35m_mlx.record import (  # re-exported: the CLI's modules read them here
     TRAINED_MAX,
     TRAINED_MIN,
     TRAINED_MP,
-    Settings,
 )
+from sd35m_mlx.record import Settings
 
 from .errors import UsageError
 
@@ -115,14 +113,13 @@ def fit_to_model(s: Settings, limits) -> tuple[Settings, list[str]]:
     missing ones are dropped, with a note. Other layers (restored from a PNG) must exist.
     """
     notes = []
-    if s.slg and s.slg_layers == Settings.slg_layers and any(i >= limits.num_layers for i in s.slg_layers):
-        kept = tuple(i for i in s.slg_layers if i < limits.num_layers)
+    fitted = s.fit_slg(limits.num_layers)
+    if fitted != s:
         missing = ", ".join(str(i) for i in s.slg_layers if i >= limits.num_layers)
-        then = f"SLG runs on layer(s) {', '.join(map(str, kept))}" if kept else "SLG is off"
+        then = f"SLG runs on layer(s) {', '.join(map(str, fitted.slg_layers))}" if fitted.slg else "SLG is off"
         notes.append(
             f"Note: this model has {limits.num_layers} transformer blocks; the default SLG layer(s) {missing} "
             f"are not among them, so {then}"
         )
-        s = dataclasses.replace(s, slg_layers=kept) if kept else dataclasses.replace(s, slg=False)
-    check(s, limits)
-    return s, notes
+    check(fitted, limits)
+    return fitted, notes

@@ -10,50 +10,38 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
-# Mirrors sd35m_mlx.sampling.samplers.SAMPLERS (tests pin the match); importing it would load mlx for --help.
-SAMPLERS = ("euler", "dpmpp_2m")
-DTYPES = ("float32", "bfloat16", "float16")
-
-MULTIPLE = 16  # VAE factor 8 x patch size 2
-# Size limits for our front ends (CLI, server): MAX_SIDE is SD3.5 Medium's positional table (384 patches x 16 px); the
-# pipeline refuses more than a smaller table allows (192 x 16 = 3072 px for SD3 Medium and SD3.5
-# Large). The model card's trained range only warns: 0.25-2 megapixels (TRAINED_MP, 2^20 px each)
-# and sides of TRAINED_MIN-TRAINED_MAX px (what an --image is fitted to). Small sizes stay allowed for
-# tests and previews; far above 2 MP the model repeats its subjects (the two-pass --upscale is the way up).
-MIN_SIDE, MAX_SIDE = 64, 6144
-TRAINED_MIN, TRAINED_MAX = 256, 1440
-TRAINED_MP = (0.25, 2.0)
-MAX_SEQUENCE_LENGTH = 512  # T5's limit in diffusers
-MAX_SEED = 2**64 - 1  # mx.random.key takes a uint64
+from . import defaults as D
+from .defaults import MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN
 
 
 @dataclass(frozen=True)
 class Settings:
     prompt: str
     negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = 40
-    cfg: float = 4.5
+    width: int = D.SIZE
+    height: int = D.SIZE
+    steps: int = D.STEPS
+    cfg: float = D.GUIDANCE
     seed: int = 0
-    sampler: str = "euler"
+    sampler: str = D.SAMPLER
     slg: bool = True
-    slg_layers: tuple[int, ...] = (7, 8, 9)  # the model card's choice for SD3.5 Medium
-    slg_scale: float = 2.8
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
-    max_sequence_length: int = 256
+    slg_layers: tuple[int, ...] = D.SLG_LAYERS
+    slg_scale: float = D.SLG_SCALE
+    slg_start: float = D.SLG_START
+    slg_stop: float = D.SLG_STOP
+    max_sequence_length: int = D.SEQUENCE_LENGTH
     t5: bool = True
     dtype: str = "float32"
     quantize: int | None = None  # MMDiT linear layers, bits
     t5_quantize: str | None = None  # "4", "8" or "none"; None: as quantize
-    model: str = DEFAULT_MODEL
+    model: str = D.DEFAULT_MODEL
     image: str | None = None
     strength: float | None = None
     loras: tuple[tuple[str, float, str], ...] = ()  # (source, weight, short sha256) per LoRA
@@ -79,8 +67,7 @@ class Settings:
         """(width, height) of the second pass, or None without --upscale."""
         if self.upscale is None:
             return None
-        # as sd35m_mlx.upscale.target_size (a test pins it), without importing mlx for --help
-        return tuple(max(MULTIPLE, round(v * self.upscale / MULTIPLE) * MULTIPLE) for v in (self.width, self.height))
+        return D.scaled_size(self.width, self.height, self.upscale)
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""
@@ -107,6 +94,28 @@ class Settings:
         d = dataclasses.asdict(self)
         d["slg_layers"] = list(self.slg_layers)
         return d
+
+    def fit_slg(self, num_layers: int) -> Settings:
+        """The default SLG layers (the model card's 7, 8, 9) only where a model of `num_layers` blocks has them;
+        SLG off where it has none. Other layers (restored from a PNG) are left for the validator to refuse."""
+        if not self.slg or self.slg_layers != D.SLG_LAYERS:
+            return self
+        kept = tuple(i for i in self.slg_layers if i < num_layers)
+        if kept == self.slg_layers:
+            return self
+        return dataclasses.replace(self, slg_layers=kept) if kept else dataclasses.replace(self, slg=False)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)  # 32-bit: easy to type back
+
+
+def plan_seeds(seeds: Sequence[int], n: int) -> list[int]:
+    """The given seeds, then +1 from the last up to n images (as A1111 does); from a random one if none."""
+    out = list(seeds) or [random_seed()]
+    while len(out) < n:
+        out.append((out[-1] + 1) % (D.MAX_SEED + 1))
+    return out
 
 
 def size_for_image(w: int, h: int, width: int | None, height: int | None) -> tuple[int, int]:

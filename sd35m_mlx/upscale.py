@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from PIL import Image
 
-MULTIPLE = 16  # VAE factor 8 x patch size 2
+from .defaults import SIZE, STEPS, scaled_size
 
 
 def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
     """width x height scaled by `factor`, each rounded to a multiple of 16."""
     if not isinstance(factor, (int, float)) or not factor >= 1:
         raise ValueError(f"factor must be a number >= 1, got {factor!r}")
-    return (max(MULTIPLE, round(width * factor / MULTIPLE) * MULTIPLE),
-            max(MULTIPLE, round(height * factor / MULTIPLE) * MULTIPLE))  # fmt: skip
+    return scaled_size(width, height, factor)
 
 
 def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -58,9 +57,9 @@ def upscale_generate(
     strength: float = 0.35,
     upscale_steps: int | None = None,
     second=None,
-    width: int = 1024,
-    height: int = 1024,
-    num_inference_steps: int = 40,
+    width: int = SIZE,
+    height: int = SIZE,
+    num_inference_steps: int = STEPS,
     seed: int | None = None,
     **generate_kwargs,
 ) -> UpscaleResult:

@@ -18,19 +18,25 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import defaults as D
+from .defaults import MAX_PROMPT_CHARS, MAX_SEED, MAX_SEQUENCE_LENGTH, SAMPLERS
+
+if TYPE_CHECKING:  # names for the annotations only: this module imports neither mlx nor PIL
+    import mlx.core as mx
+    from PIL import Image
+
+    Array = np.ndarray | mx.array  # or nested lists of numbers
+    ImageInput = Image.Image | str | os.PathLike | Array  # a file, a PIL image, (H, W, 3) or (B, H, W, 3) RGB
+    Prompt = str | Sequence[str]
+
 MAX_STEPS = 1000
 MAX_BATCH = 64  # images from one generate() call: prompts x num_images_per_prompt
-# CLIP reads 77 tokens and T5 at most 512 (about 2,000 characters of English); a prompt far above both is
-# a mistake or an attack (tokenizers are linear, but a server should not tokenize megabytes per request).
-MAX_PROMPT_CHARS = 10_000
-MAX_SEQUENCE_LENGTH = 512  # T5's limit; diffusers refuses more
-MAX_SEED = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
 MAX_GUIDANCE = 100.0  # ComfyUI's cap for cfg; useful values are 1-10, far larger ones only saturate
 MAX_LATENT = 1e4  # initial noise is ~N(0, 1); on the tiny fixture 1e37 (float32) or 1e30 (float16) gave NaN pixels
 
@@ -62,43 +68,44 @@ class ModelLimits:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """generate()'s arguments (defaults pinned equal to generate()'s by a test); `validated()` checks them."""
+    """generate()'s arguments, typed as `validated()` returns them (tuples for sequences); built from what a
+    caller passed they may hold anything, which `validated()` checks. Defaults pinned to generate()'s by a test."""
 
-    prompt: Any = None
-    negative_prompt: Any = ""
-    prompt_2: Any = None
-    prompt_3: Any = None
-    height: Any = None
-    width: Any = None
-    num_inference_steps: Any = 40
-    guidance_scale: Any = 4.5
-    seed: Any = None
-    latents: Any = None
-    num_images_per_prompt: Any = 1
-    max_sequence_length: Any = 256
-    sampler: Any = "euler"
-    skip_guidance_layers: Any = None
-    skip_layer_guidance_scale: Any = 2.8
-    skip_layer_guidance_start: Any = 0.01
-    skip_layer_guidance_stop: Any = 0.2
-    image: Any = None
-    strength: Any = 0.6
-    output_type: Any = "pil"
-    callback: Any = None
-    prompt_embeds: Any = None
-    negative_prompt_embeds: Any = None
-    pooled_prompt_embeds: Any = None
-    negative_pooled_prompt_embeds: Any = None
-    preview: Any = None
-    preview_every: Any = 1
-    on_preview: Any = None
-    decoder: Any = "vae"
-    mask_image: Any = None
-    padding_mask_crop: Any = None
-    control_image: Any = None
-    controlnet_conditioning_scale: Any = 1.0
-    control_guidance_start: Any = 0.0
-    control_guidance_end: Any = 1.0
+    prompt: Prompt | None = None
+    negative_prompt: Prompt = ""
+    prompt_2: Prompt | None = None
+    prompt_3: Prompt | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = D.STEPS
+    guidance_scale: float = D.GUIDANCE
+    seed: int | None = None
+    latents: Array | None = None  # NHWC initial noise
+    num_images_per_prompt: int = 1
+    max_sequence_length: int = D.SEQUENCE_LENGTH
+    sampler: str = D.SAMPLER
+    skip_guidance_layers: Sequence[int] | None = None
+    skip_layer_guidance_scale: float = D.SLG_SCALE
+    skip_layer_guidance_start: float = D.SLG_START
+    skip_layer_guidance_stop: float = D.SLG_STOP
+    image: ImageInput | None = None
+    strength: float = D.STRENGTH
+    output_type: str = "pil"  # "pil", "np" or "latent"
+    callback: Callable[[int, int, mx.array], bool | None] | None = None
+    prompt_embeds: Array | None = None
+    negative_prompt_embeds: Array | None = None
+    pooled_prompt_embeds: Array | None = None
+    negative_pooled_prompt_embeds: Array | None = None
+    preview: str | None = None  # "rgb" or "taesd"
+    preview_every: int = 1
+    on_preview: Callable[[int, int, Image.Image], None] | None = None
+    decoder: str = "vae"  # or "taesd"
+    mask_image: ImageInput | None = None
+    padding_mask_crop: int | None = None
+    control_image: ImageInput | Sequence[ImageInput] | None = None
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0
+    control_guidance_start: float | Sequence[float] = 0.0
+    control_guidance_end: float | Sequence[float] = 1.0
 
     def validated(self, limits: ModelLimits | None = None, names: Mapping[str, str] | None = None):
         """A copy with every value checked and normalised; raises InvalidValue / InvalidType."""
@@ -267,8 +274,6 @@ class _Validator:
             if steps - min(steps * strength, steps) >= steps:  # img2img's start index, as diffusers rounds it
                 raise InvalidValue(f"{n('strength')} {strength} is too small: no step would run (at least 1e-15)")
         height, width = self._size(s, batch * images_per_prompt)
-        from .sampling.samplers import SAMPLERS  # lazily: the samplers module imports mlx
-
         out = replace(
             s,
             prompt=prompt,
@@ -386,7 +391,7 @@ class _Validator:
                     f"{self.n('image')} is too small: {image_w}x{image_h} (needs at least {multiple} px a side)"
                 )
         else:
-            default = {"height": 1024, "width": 1024}
+            default = {"height": D.SIZE, "width": D.SIZE}
         size = {name: given.get(name, default[name]) for name in ("height", "width")}
         for name, v in size.items():
             if v % multiple:

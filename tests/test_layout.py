@@ -106,19 +106,7 @@ def _path_within(graph: dict[str, set[str]], component: set[str]) -> list[str]:
     raise AssertionError(f"no cycle through {start}")  # unreachable for a strongly connected component
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        "sd35m_mlx",
-        pytest.param(
-            "sd35m_mlx_cli",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="cli/generate.py <-> cli/distributed.py until cli/job.py lands (issue 22): drop this mark then",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("package", ["sd35m_mlx", "sd35m_mlx_cli"])
 def test_no_import_circles(package):
     found = cycles(import_graph(package))
     assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)

@@ -135,11 +135,6 @@ def test_generation_settings_defaults_are_generate_defaults():
     assert set(v.ARGUMENTS) == set(params) - {"self"}, "a generate() argument the validator does not know"
 
 
-def test_cli_limits_mirror_the_validation_module():
-    assert cli_settings.MAX_SEED == v.MAX_SEED
-    assert cli_settings.MAX_SEQUENCE_LENGTH == v.MAX_SEQUENCE_LENGTH
-
-
 def test_normalises_numpy_scalars_and_empty_layer_list():
     s = validate_generation(
         prompt="a",
@@ -581,3 +576,22 @@ def test_round_trip_still_exact():
 
 def test_invalid_value_and_type_are_value_and_type_errors():
     assert issubclass(InvalidValue, ValueError) and issubclass(InvalidType, TypeError)
+
+
+def test_seed_plan_runs_on_from_the_last_seed_and_wraps():
+    from sd35m_mlx.record import plan_seeds
+
+    assert plan_seeds((5, 9), 4) == [5, 9, 10, 11]
+    assert plan_seeds((3,), 1) == [3] and plan_seeds((1, 2, 3), 2) == [1, 2, 3]  # given seeds are all kept
+    assert plan_seeds((v.MAX_SEED,), 2) == [v.MAX_SEED, 0]  # mx.random.key's range
+    first, *rest = plan_seeds((), 3)
+    assert 0 <= first < 2**32 and rest == [first + 1, first + 2]  # random start, then +1 as A1111 does
+
+
+def test_fit_slg_keeps_the_default_layers_the_model_has():
+    s = cli_settings.Settings(prompt="p")
+    assert s.fit_slg(24) is s
+    assert s.fit_slg(9).slg_layers == (7, 8) and s.fit_slg(9).slg
+    assert not s.fit_slg(4).slg and s.fit_slg(4).slg_layers == s.slg_layers
+    chosen = cli_settings.Settings(prompt="p", slg_layers=(3, 30))  # restored from a PNG: the validator's to refuse
+    assert chosen.fit_slg(4) is chosen

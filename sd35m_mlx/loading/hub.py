@@ -22,7 +22,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-DEFAULT_REPO = "stabilityai/stable-diffusion-3.5-medium"
+from ..defaults import DEFAULT_MODEL as DEFAULT_REPO
 
 # Non-variant names only (no `*.fp16.safetensors`), safetensors only (never .bin/.pt/.ckpt pickles).
 _WEIGHT_NAMES = (

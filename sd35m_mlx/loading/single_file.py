@@ -30,6 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..defaults import DEFAULT_MODEL as _REPO
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from ..models.prompt_encoder import PromptEncoder
@@ -54,7 +55,6 @@ TEXT_ENCODER_FILES = {
     "clip_g": ("clip_g.safetensors",),
     "t5xxl": ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"),
 }
-_REPO = "stabilityai/stable-diffusion-3.5-medium"
 
 Shapes = Mapping[str, tuple[int, ...]]
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..defaults import TAESD3_REPO
 from ..models.taesd import AutoencoderTiny, TAESDConfig
 from . import hub
 from .safetensors_io import WeightsError, load_into, load_safetensors, read_config_as
 from .vae import sanitize_vae_weights
 
-TAESD3_REPO = "madebyollin/taesd3"
 _HUB_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 _WHAT = "AutoencoderTiny"

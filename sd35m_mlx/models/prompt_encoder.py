@@ -13,10 +13,9 @@ from contextlib import AbstractContextManager, nullcontext
 import mlx.core as mx
 import numpy as np
 
+from ..defaults import MAX_SEQUENCE_LENGTH, SEQUENCE_LENGTH
 from .clip import CLIPTextModel
 from .t5 import T5EncoderModel
-
-MAX_T5_TOKENS = 512  # T5 was trained on 512 tokens; diffusers refuses more
 
 
 def _no_stage(names: tuple[str, ...]) -> AbstractContextManager:
@@ -119,7 +118,7 @@ class PromptEncoder:
         negative_prompt: str | Sequence[str] | None = "",
         prompt_2: str | Sequence[str] | None = None,
         prompt_3: str | Sequence[str] | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int = SEQUENCE_LENGTH,
         num_images_per_prompt: int = 1,
         do_classifier_free_guidance: bool = True,
         negative_prompt_2: str | Sequence[str] | None = None,
@@ -138,8 +137,10 @@ class PromptEncoder:
         """
         if not isinstance(max_sequence_length, (int, np.integer)) or not 0 < max_sequence_length:
             raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
-        if max_sequence_length > MAX_T5_TOKENS:
-            raise ValueError(f"max_sequence_length cannot be greater than {MAX_T5_TOKENS}, got {max_sequence_length}")
+        if max_sequence_length > MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"max_sequence_length cannot be greater than {MAX_SEQUENCE_LENGTH}, got {max_sequence_length}"
+            )
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         depth = min(e.config.num_hidden_layers for e in (self.text_encoder, self.text_encoder_2))

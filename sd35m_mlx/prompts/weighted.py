@@ -28,7 +28,8 @@ from contextlib import AbstractContextManager, nullcontext
 import mlx.core as mx
 import numpy as np
 
-from ..models.prompt_encoder import MAX_T5_TOKENS, PromptEncoder
+from ..defaults import MAX_SEQUENCE_LENGTH as MAX_T5_TOKENS
+from ..models.prompt_encoder import PromptEncoder
 from .syntax import is_break, parse_attention
 
 MAX_CLIP_CHUNKS = 16  # 1,200 CLIP tokens; the transformer's context grows by 77 tokens a chunk

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_map
 
+from .. import defaults as D
+
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    scale: float = 4.5
+    scale: float = D.GUIDANCE
     skip_layers: tuple[int, ...] | None = None
-    skip_scale: float = 2.8
-    skip_start: float = 0.01
-    skip_stop: float = 0.2
+    skip_scale: float = D.SLG_SCALE
+    skip_start: float = D.SLG_START
+    skip_stop: float = D.SLG_STOP
 
     @property
     def cfg(self) -> bool:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..defaults import SAMPLERS
+
 
 class EulerSampler:
     """diffusers' FlowMatchEulerDiscreteScheduler.step: x + (sigma_next - sigma) * v."""
@@ -55,7 +57,8 @@ class DPMPP2MSampler:
 
 
 _SAMPLERS = {"euler": EulerSampler, "dpmpp_2m": DPMPP2MSampler}
-SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
+if tuple(_SAMPLERS) != SAMPLERS:  # the front ends offer defaults.SAMPLERS without importing mlx
+    raise ImportError(f"sd35m_mlx.defaults.SAMPLERS {SAMPLERS} must name the samplers here: {tuple(_SAMPLERS)}")
 
 
 def make_sampler(name: str, sigmas: Sequence[float] | np.ndarray) -> EulerSampler | DPMPP2MSampler:

@@ -17,7 +17,8 @@ import time
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from ..record import parameters_text
+from ..defaults import SAMPLER
+from ..record import Settings, parameters_text
 from .a1111_fields import ignored_notes
 from .errors import RequestError
 from .jobs import Job
@@ -33,7 +34,7 @@ SAMPLER_ALIASES = {
     "dpmpp_2m": "dpmpp_2m",
     "k_dpmpp_2m": "dpmpp_2m",
 }
-DEFAULT_SAMPLER = "euler"
+
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
 
@@ -72,32 +73,25 @@ class Img2ImgBody(Txt2ImgBody):
 def map_sampler(name: str | None) -> tuple[str, str | None]:
     """Our sampler for an A1111 name, and a note when we run something other than what was asked."""
     if not name:
-        return DEFAULT_SAMPLER, None
+        return SAMPLER, None
     ours = SAMPLER_ALIASES.get(name.strip().lower())
     if ours is not None:
         return ours, None
-    return DEFAULT_SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(DEFAULT_SAMPLER)}"
+    return SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(SAMPLER)}"
 
 
 def spec_from(body: Txt2ImgBody, limits) -> Spec:
     sampler, note = map_sampler(body.sampler_name or body.sampler_index)
     n = (body.batch_size if body.batch_size is not None else 1) * (body.n_iter if body.n_iter is not None else 1)
     seed = body.seed if body.seed is not None and body.seed >= 0 else None  # -1 (any negative): random
-    spec = Spec(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler,
-                seeds=seeds_for(seed, n, limits, "batch_size"))  # fmt: skip
+    settings = Settings(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler)
+    spec = Spec(settings, seeds=seeds_for(seed, n, limits, "batch_size"))
     if note:
         spec.notes.append(note)
     if body.scheduler and body.scheduler.lower() not in ("automatic", "simple", "default"):
         spec.notes.append(f"scheduler {body.scheduler!r} is not available; ran the model's own (shifted sigmas)")
     spec.notes.extend(ignored_notes(body.model_extra or {}))
-    for ours, theirs in (
-        ("steps", body.steps),
-        ("cfg", body.cfg_scale),
-        ("width", body.width),
-        ("height", body.height),
-    ):
-        if theirs is not None:
-            setattr(spec, ours, theirs)
+    spec.given(steps=body.steps, cfg=body.cfg_scale, width=body.width, height=body.height)
     return spec
 
 
@@ -105,26 +99,26 @@ def router(server) -> APIRouter:
     r = APIRouter(prefix="/sdapi/v1")
 
     def answer(job: Job, body: Txt2ImgBody) -> dict:
-        spec = job.spec
+        spec, asked = job.spec, job.spec.settings
         seeds = [res.seed for res in job.results] or spec.seeds
         infotexts = [parameters_text(settings_for(spec, s, server.model), server.worker.version) for s in seeds]
         info = {
-            "prompt": spec.prompt,
-            "all_prompts": [spec.prompt] * len(seeds),
-            "negative_prompt": spec.negative_prompt,
-            "all_negative_prompts": [spec.negative_prompt] * len(seeds),
+            "prompt": asked.prompt,
+            "all_prompts": [asked.prompt] * len(seeds),
+            "negative_prompt": asked.negative_prompt,
+            "all_negative_prompts": [asked.negative_prompt] * len(seeds),
             "seed": seeds[0],
             "all_seeds": seeds,
             "subseed": seeds[0],
             "all_subseeds": seeds,
             "subseed_strength": 0,
-            "width": spec.width,
-            "height": spec.height,
-            "sampler_name": sampler_label(spec.sampler),
-            "cfg_scale": spec.cfg,
-            "steps": spec.steps,
+            "width": asked.width,
+            "height": asked.height,
+            "sampler_name": sampler_label(asked.sampler),
+            "cfg_scale": asked.cfg,
+            "steps": asked.steps,
             "batch_size": len(spec.seeds),
-            "denoising_strength": spec.strength if spec.image is not None else None,
+            "denoising_strength": asked.strength,
             "sd_model_name": server.model.name,
             "sd_model_hash": None,
             "index_of_first_image": 0,
@@ -156,7 +150,7 @@ def router(server) -> APIRouter:
         spec.image = await asyncio.to_thread(open_image, data, "init_images", server.config.max_upload_pixels)
         if body.mask:
             await inpainting(body, spec)
-        spec.strength = body.denoising_strength if body.denoising_strength is not None else 0.75  # A1111's default
+        spec.given(strength=body.denoising_strength if body.denoising_strength is not None else 0.75)  # A1111's default
         job = await server.run(spec, request)
         return answer(job, body)
 

@@ -49,7 +49,7 @@ class Job:
         self.started: float | None = None
         self.image_index = 0  # which of the spec's images is being made
         self.step = 0
-        self.total = spec.steps
+        self.total = spec.settings.steps
         self.preview: Image.Image | None = None
         self.preview_step = 0
         self._loop = loop

@@ -15,7 +15,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..record import size_for_image
+from ..defaults import SAMPLERS, SIZE, STRENGTH
+from ..record import Settings, size_for_image
 from .errors import RequestError
 from .jobs import CANCELLED, Job
 from .masks import openai_mask
@@ -36,7 +37,7 @@ class GenerationsBody(BaseModel):
     negative_prompt: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
-    sampler: Literal["euler", "dpmpp_2m"] | None = None
+    sampler: Literal[SAMPLERS] | None = None
     stream: bool | None = None
 
 
@@ -47,19 +48,9 @@ class EditsBody(GenerationsBody):
 def spec_from(body: GenerationsBody, size: tuple[int, int], limits: Limits) -> Spec:
     if body.stream:
         raise RequestError("stream: streaming responses are not available; send stream=false", "stream")
-    spec = Spec(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt or "",
-        width=size[0],
-        height=size[1],
-        seeds=seeds_for(body.seed, body.n, limits),
-    )
-    if body.steps is not None:
-        spec.steps = body.steps
-    if body.guidance_scale is not None:
-        spec.cfg = body.guidance_scale
-    if body.sampler is not None:
-        spec.sampler = body.sampler
+    settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt or "", width=size[0], height=size[1])
+    spec = Spec(settings, seeds=seeds_for(body.seed, body.n, limits))
+    spec.given(steps=body.steps, cfg=body.guidance_scale, sampler=body.sampler)
     return spec
 
 
@@ -90,13 +81,13 @@ def router(server) -> APIRouter:
             "created": int(job.created),
             "data": data,
             "model": body.model or server.model.name,
-            "size": f"{spec.width}x{spec.height}",
+            "size": f"{spec.settings.width}x{spec.settings.height}",
             "output_format": "png",
         }
 
     @r.post("/v1/images/generations")
     async def generations(body: GenerationsBody, request: Request):
-        size = (1024, 1024) if body.size in (None, "auto") else parse_size(body.size)
+        size = (SIZE, SIZE) if body.size in (None, "auto") else parse_size(body.size)
         job = await server.run(spec_from(body, size, server.config.limits), request)
         return answer(job, body, request)
 
@@ -132,10 +123,10 @@ def router(server) -> APIRouter:
             size = parse_size(body.size)
         spec = spec_from(body, size, server.config.limits)
         spec.image, spec.mask = image, mask
-        if body.strength is not None:
-            spec.strength = body.strength
-        elif mask is not None:  # OpenAI repaints the transparent region from scratch (its pixels are often
-            spec.strength = 1.0  # blank): full strength unless asked otherwise
+        # OpenAI repaints the transparent region from scratch (its pixels are often blank): full strength
+        # unless asked otherwise
+        default = 1.0 if mask is not None else STRENGTH
+        spec.given(strength=body.strength if body.strength is not None else default)
         job = await server.run(spec, request)
         return answer(job, body, request)
 

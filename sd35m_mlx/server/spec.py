@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import io
 import math
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from ..record import MAX_SEED, MIN_SIDE, MULTIPLE, SAMPLER_NAMES, Settings, png_info
+from ..defaults import MAX_PROMPT_CHARS, MAX_SEED, MIN_SIDE, MULTIPLE
+from ..record import SAMPLER_NAMES, Settings, plan_seeds, png_info
 from .errors import RequestError
-
-MAX_PROMPT_CHARS = 10_000  # far above what CLIP (77 tokens) and T5 (512 tokens) read; bounds the work per request
 
 
 @dataclass(frozen=True)
@@ -30,34 +28,28 @@ class Limits:
 
 @dataclass
 class Spec:
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = 40
-    cfg: float = 4.5
-    sampler: str = "euler"
-    seeds: list[int] = field(default_factory=lambda: [random_seed()])
-    image: Image.Image | None = None  # img2img input, already decoded and checked
-    strength: float = 0.6
+    """One request: the settings of its images as their PNGs record them (the seed, the model and how it was
+    loaded are filled in per image by `settings_for`), a seed per image, and the decoded input images."""
+
+    settings: Settings
+    seeds: list[int] = field(default_factory=lambda: plan_seeds((), 1))
+    image: Image.Image | None = None  # img2img input, already decoded and checked (settings.strength is set with it)
     mask: Image.Image | None = None  # inpainting: "L", white = repaint, the image's size (server/masks.py)
     padding_mask_crop: int | None = None  # inpainting: repaint a crop around the mask (px of padding)
     notes: list[str] = field(default_factory=list)  # what we ran differently from what was asked
 
-
-def random_seed() -> int:
-    return secrets.randbelow(2**32)  # 32-bit, as the CLI: easy to type back
+    def given(self, **changes) -> None:
+        """Set the settings a client gave (None: not given, the default stays)."""
+        self.settings = replace(self.settings, **{k: v for k, v in changes.items() if v is not None})
 
 
 def seeds_for(first: int | None, n: int, limits: Limits, param: str = "n") -> list[int]:
     """n seeds from `first` (+1 each, as the CLI and A1111 do); random when `first` is None."""
     if not 1 <= n <= limits.max_images:
         raise RequestError(f"{param} must be between 1 and {limits.max_images} images, got {n}", param)
-    if first is None:
-        first = random_seed()
-    if not 0 <= first <= MAX_SEED:
+    if first is not None and not 0 <= first <= MAX_SEED:
         raise RequestError(f"seed must be between 0 and {MAX_SEED} (or omitted for a random one), got {first}", "seed")
-    return [(first + i) % (MAX_SEED + 1) for i in range(n)]
+    return plan_seeds(() if first is None else (first,), n)
 
 
 def parse_size(size: str, param: str = "size") -> tuple[int, int]:
@@ -71,23 +63,24 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
 
 def check(spec: Spec, limits: Limits, model_max_side: int) -> None:
     """Raise RequestError for anything the model cannot run or the server will not take."""
-    if len(spec.prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(f"prompt is too long: {len(spec.prompt)} characters (at most {MAX_PROMPT_CHARS})", "prompt")
-    if len(spec.negative_prompt) > MAX_PROMPT_CHARS:
+    s = spec.settings
+    if len(s.prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt is too long: {len(s.prompt)} characters (at most {MAX_PROMPT_CHARS})", "prompt")
+    if len(s.negative_prompt) > MAX_PROMPT_CHARS:
         raise RequestError(f"negative_prompt is too long (at most {MAX_PROMPT_CHARS} characters)", "negative_prompt")
     top = min(limits.max_side, model_max_side)
-    for name, v in (("width", spec.width), ("height", spec.height)):
+    for name, v in (("width", s.width), ("height", s.height)):
         if not MIN_SIDE <= v <= top:
             raise RequestError(f"{name} must be between {MIN_SIDE} and {top} px, got {v}", name)
         if v % MULTIPLE:
             near = min(max(round(v / MULTIPLE) * MULTIPLE, MIN_SIDE), top)
             raise RequestError(f"{name} must be a multiple of {MULTIPLE}, got {v} (try {near})", name)
-    if not 1 <= spec.steps <= limits.max_steps:
-        raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {spec.steps}", "steps")
-    if not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= 100):
-        raise RequestError(f"guidance scale must be a number between 0 and 100, got {spec.cfg}", "guidance_scale")
-    if spec.image is not None and not (math.isfinite(spec.strength) and 0 < spec.strength <= 1):
-        raise RequestError(f"strength must be in (0, 1], got {spec.strength}", "strength")
+    if not 1 <= s.steps <= limits.max_steps:
+        raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {s.steps}", "steps")
+    if not (math.isfinite(s.cfg) and 0 <= s.cfg <= 100):
+        raise RequestError(f"guidance scale must be a number between 0 and 100, got {s.cfg}", "guidance_scale")
+    if spec.image is not None and not (s.strength is not None and math.isfinite(s.strength) and 0 < s.strength <= 1):
+        raise RequestError(f"strength must be in (0, 1], got {s.strength}", "strength")
     if not 1 <= len(spec.seeds) <= limits.max_images:
         raise RequestError(
             f"the number of images must be between 1 and {limits.max_images}, got {len(spec.seeds)}", "n"
@@ -125,36 +118,21 @@ class ModelInfo:
 
 
 def settings_for(spec: Spec, seed: int, model: ModelInfo) -> Settings:
-    """The CLI's Settings record for one image (what the PNG stores; `--from-image` re-runs it)."""
-    slg_layers = tuple(i for i in Settings.slg_layers if i < model.num_layers)  # SLG's layers where the model has them
-    return Settings(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        width=spec.width,
-        height=spec.height,
-        steps=spec.steps,
-        cfg=spec.cfg,
-        seed=seed,
-        sampler=spec.sampler,
-        slg=bool(slg_layers),
-        slg_layers=slg_layers or Settings.slg_layers,
-        dtype=model.dtype,
-        t5=model.t5,
-        quantize=model.quantize,
-        t5_quantize=model.t5_quantize,
-        model=model.name,
-        strength=spec.strength if spec.image is not None else None,
-    )
+    """The settings of one image (what the PNG stores; `sd35m-mlx --from-image` re-runs it)."""
+    loaded = dict(dtype=model.dtype, t5=model.t5, quantize=model.quantize, t5_quantize=model.t5_quantize)
+    return replace(spec.settings, seed=seed, model=model.name, **loaded).fit_slg(
+        model.num_layers
+    )  # SLG's default layers where the model has them
 
 
 def generate_kwargs(spec: Spec, seed: int, model: ModelInfo) -> dict:
     """Keyword arguments for `pipe.generate` (prompt included): the same call a script would make."""
     kwargs = settings_for(spec, seed, model).generate_kwargs()
     if spec.image is not None:
-        kwargs.update(image=spec.image, strength=spec.strength)
+        kwargs.update(image=spec.image, strength=spec.settings.strength)
     if spec.mask is not None:
         kwargs.update(mask_image=spec.mask, padding_mask_crop=spec.padding_mask_crop)
-    return {"prompt": spec.prompt, **kwargs}
+    return {"prompt": spec.settings.prompt, **kwargs}
 
 
 def png_bytes(image: Image.Image, spec: Spec, seed: int, model: ModelInfo, version: str) -> bytes:

@@ -1,0 +1,208 @@
+"""One command's job in four phases, shared by one process (cli/generate.py) and several (cli/distributed.py):
+`plan` checks everything that needs no model, `load` loads and fits the settings to it, `make_image` makes
+image i, `write` writes it with its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+from PIL import Image
+
+import sd35m_mlx
+from sd35m_mlx.record import plan_seeds, png_info, size_for_image
+
+from . import editing, live, lora
+from . import model as model_io
+from .errors import UsageError, one_line
+from .family import apply_family_defaults
+from .metadata import read_settings_noting
+from .options import RESTORABLE
+from .output import check_writable, plan_paths, write_png
+from .progress import Reporter
+from .settings import Settings, check, fit_to_model
+from .upscale import second_model_loader, two_pass
+
+VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
+
+
+@dataclasses.dataclass
+class Job:
+    """What one command makes, checked before the model loads: the settings, a seed and a path per image,
+    the editing inputs (--mask, --outpaint, --controlnet), the live preview file and the model folder."""
+
+    settings: Settings
+    seeds: list[int]
+    paths: list[Path]
+    notes: list[str]
+    edit: editing.Editing
+    preview: Path | None
+    folder: str
+    explicit: set[str]  # steps / cfg / slg the user chose (or the PNG stored): no per-model default for them
+    second_model: Callable | None = None  # --upscale-model's loader (cli/upscale.py)
+
+
+def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
+    """Every check that needs no model; `writer`: this process writes the files (their folders are checked)."""
+    restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
+    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
+    settings, seeds, notes = build_settings(ctx, params)
+    edit = editing.prepare(editing.inputs(settings), given(ctx, "strength"))  # read and checked (also restored)
+    if settings.upscale is not None and edit.kwargs:
+        raise UsageError("--upscale does not combine with --mask, --outpaint or --controlnet yet")
+    settings = dataclasses.replace(settings, strength=edit.strength) if edit.strength else settings
+    paths = plan_paths(params["output"], seeds)
+    if writer:
+        for folder in {p.parent for p in paths}:
+            check_writable(folder)
+    preview = live.check(params, lambda name: given(ctx, name)) if writer else None
+    folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
+    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit)
+
+
+def load(job: Job, params: dict, reporter: Reporter):
+    """The pipeline with the job's LoRAs and ControlNets; job.settings fitted to what the model accepts."""
+    s = job.settings
+    pipe = model_io.load_pipeline(
+        job.folder,
+        s.dtype,
+        s.t5,
+        quantize=s.quantize,
+        t5_quantize=s.t5_quantize,
+        low_memory=params["low_memory"],
+        **live.loader_options(params),
+        **({"loras": [(src, w) for src, w, _ in s.loras]} if s.loras else {}),
+    )
+    notes = []
+    if s.loras:
+        loras, notes = lora.with_hashes(s.loras, pipe.lora_info())
+        s = dataclasses.replace(s, loras=loras)
+    job.edit.load(pipe, s.quantize)
+    s, defaults = apply_family_defaults(s, pipe, job.explicit)  # steps, guidance, SLG per model (cli/family.py)
+    notes += [defaults] if defaults else []
+    limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
+    if limits is not None:
+        s, fitted = fit_to_model(s, limits)
+        notes += fitted
+    for note in notes:
+        reporter.say(note)
+    job.settings = s
+    job.second_model = second_model_loader(s, params["revision"], params["low_memory"])
+    return pipe
+
+
+def make_image(pipe, job: Job, params: dict, reporter: Reporter, i: int, *, label: str | None = None, **overrides):
+    """Image i of the job (its seed); `overrides` go to generate() (output_type="latent" returns latents)."""
+    s = dataclasses.replace(job.settings, seed=job.seeds[i])
+    label = label or f"[{i + 1}/{len(job.seeds)}]"
+    steps = f"{s.steps} step{'s' * (s.steps != 1)}"
+    steps += f", img2img strength {s.strength}" if s.image else ""
+    reporter.say(f"{label} seed {s.seed}, {s.width}x{s.height}, {steps}: encoding prompt")
+    extra = live.generate_kwargs(params, job.preview, s.width, s.height) | job.edit.kwargs | overrides
+    if s.upscale is not None:  # two passes (cli/upscale.py): plan() refused editing inputs with it
+        images = two_pass(pipe, s, reporter, label, job.second_model, **extra)
+    else:
+        images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
+    return images if overrides.get("output_type") == "latent" else job.edit.finish(images)[0]
+
+
+def write(reporter: Reporter, job: Job, image, i: int, overwrite: bool, taken: set[Path]) -> tuple[Path, int]:
+    """Write image i (never over another file unless --overwrite); (path written, seed)."""
+    s, path = dataclasses.replace(job.settings, seed=job.seeds[i]), job.paths[i]
+    final = write_png(image, path, png_info(s, VERSION), overwrite=overwrite, taken=taken)
+    if final != path:
+        reporter.say(f"[{i + 1}/{len(job.seeds)}] {path} exists; wrote {final} instead (--overwrite replaces)")
+    reporter.result(final)
+    return final, s.seed
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+
+def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, dict[str, str]]:
+    """params with the PNG's stored settings in place of defaults; the stored fields with no option; why
+    stored values were left out as invalid (field -> message)."""
+    stored, invalid = read_settings_noting(png)
+    params = dict(params)
+    for name, field in RESTORABLE.items():
+        if stored.get(field) is not None and not given(ctx, name):
+            params[name] = (stored[field],) if name == "seeds" else stored[field]
+    extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop", "loras") if k in stored}
+    return params, extra, invalid
+
+
+def image_size(path: str, option: str = "--image") -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{option} {path}: cannot read it as an image ({one_line(e)})") from None
+
+
+def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str]]:
+    """The checked settings, one seed per image, and notes to print once every check has passed."""
+    extra, invalid = {}, {}
+    from_image = params.pop("from_image")
+    if from_image:
+        params, extra, invalid = restore(ctx, params, from_image)
+    notes = [f"Note: --from-image {from_image}: ignored a stored value ({why})" for why in invalid.values()]
+    loras, lora_notes = lora.plan(given(ctx, "loras"), params, extra.pop("loras", None))
+    if params["num_images"] < 1:
+        raise UsageError(f"--num-images must be at least 1, got {params['num_images']}")
+    if not params["prompt"]:
+        why = f"; its stored prompt is unusable ({invalid['prompt']})" if "prompt" in invalid else ""
+        raise UsageError("missing PROMPT (or --from-image PNG)" + why)
+    image = params["image"]
+    if image is None and given(ctx, "strength"):
+        raise UsageError("--strength only applies with --image")
+    for name in ("upscale_strength", "upscale_steps", "upscale_model"):
+        if params["upscale"] is None and given(ctx, name):
+            raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
+    width, height = params["width"], params["height"]
+    source = editing.size_source(params)  # --image (extended by --outpaint), else the first --control-image
+    if source is not None:
+        w, h = editing.canvas_size(params, *image_size(source[1], source[0]))
+        width, height = size_for_image(w, h, width, height)
+        if not (given(ctx, "width") and given(ctx, "height")) and (width, height) != (w, h):
+            notes.append(f"{source[0]} is {w}x{h}; generating at {width}x{height} (--width/--height choose)")
+    dtype = params["dtype"] if params["dtype"] != "auto" else model_io.default_dtype()
+    try:
+        settings = Settings(
+            prompt=str(params["prompt"]),
+            negative_prompt=str(params["negative_prompt"] or ""),
+            width=int(width or Settings.width),
+            height=int(height or Settings.height),
+            steps=int(params["steps"]),
+            cfg=float(params["cfg"]),
+            sampler=str(params["sampler"]),
+            slg=bool(params["slg"]),
+            slg_scale=float(params["slg_scale"]),
+            max_sequence_length=int(params["max_sequence_length"]),
+            t5=bool(params["t5"]),
+            dtype=str(dtype),
+            quantize=int(params["quantize"]) if params["quantize"] is not None else None,
+            t5_quantize=str(params["t5_quantize"]) if params["t5_quantize"] is not None else None,
+            model=str(params["model"]),
+            image=str(image) if image is not None else None,
+            strength=float(params["strength"]) if image is not None else None,
+            loras=loras,
+            upscale=float(params["upscale"]) if params["upscale"] is not None else None,
+            upscale_strength=float(params["upscale_strength"]),
+            upscale_steps=int(params["upscale_steps"]) if params["upscale_steps"] is not None else None,
+            upscale_model=str(params["upscale_model"]) if params["upscale_model"] is not None else None,
+            **editing.settings_fields(params),
+            **extra,
+        )
+        seeds = [int(s) for s in plan_seeds(tuple(params["seeds"]), params["num_images"])]
+    except (TypeError, ValueError) as e:  # click has typed the command line: only stored values can be off
+        raise UsageError(f"--from-image {from_image}: unusable stored settings ({e})") from None
+    warnings = check(settings)
+    for seed in seeds:
+        check(dataclasses.replace(settings, seed=seed))
+    return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings]
