@@ -140,14 +140,16 @@ def rooms_imported(graph: dict[str, set[str]], room: str) -> set[str]:
 
 
 def test_models_import_no_other_room_and_sampling_reads_no_files():
-    """models/ is pure mlx.nn; sampling/ never reaches up into loading/ (the loader builds the schedule)."""
+    """models/ is pure mlx.nn; sampling/ never reaches up into loading/ (the loader builds the schedule). Both may
+    read defaults.py, the MLX-free constants at the bottom of the house."""
     graph = import_graph("sd35m_mlx")
-    assert rooms_imported(graph, "models") == set()
-    assert rooms_imported(graph, "sampling") <= {"sd35m_mlx.images"}
+    assert rooms_imported(graph, "models") <= {"sd35m_mlx.defaults"}
+    assert rooms_imported(graph, "sampling") <= {"sd35m_mlx.images", "sd35m_mlx.defaults"}
 
 
 def test_few_loose_modules_at_the_top():
-    top = sorted(p.name for p in PACKAGES["sd35m_mlx"].glob("*.py") if p.name != "__init__.py")
+    # __init__.py and __main__.py (`python -m sd35m_mlx`) are the package's doors, not rooms
+    top = sorted(p.name for p in PACKAGES["sd35m_mlx"].glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} loose modules at the top of sd35m_mlx/: {top}"
 
 

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..defaults import MAX_SEED
+
 if TYPE_CHECKING:
     import mlx.core as mx
 
 RNG_SOURCES = ("cpu", "nv", "mlx")
-SEED_LIMIT = 2**64  # seeds are integers in [0, SEED_LIMIT), as torch.Generator.manual_seed accepts them
+SEED_LIMIT = MAX_SEED + 1  # seeds are integers in [0, SEED_LIMIT), as torch.Generator.manual_seed accepts them
 
 
 def check_rng(rng: object) -> str:
@@ -37,12 +39,12 @@ def check_rng(rng: object) -> str:
 
 
 def check_seed(seed: object) -> int:
-    """The seed as an int in [0, 2**64), or a TypeError/ValueError saying what is wrong."""
+    """The seed as an int in [0, MAX_SEED], or a TypeError/ValueError saying what is wrong."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     seed = int(seed)
     if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed}")
     return seed
 
 
