@@ -57,8 +57,13 @@ def option_with_default_in_help(*decls, **kwargs):
     return click.option(*decls, show_default=False, **kwargs)
 
 
+def join_words(ctx: click.Context, param: click.Parameter, words: tuple[str, ...]) -> str | None:
+    """`sd35m-mlx a cat` is the prompt "a cat", as mflux and A1111 users type it (quoting is not needed)."""
+    return " ".join(words) if words else None
+
+
 OPTIONS = [
-    click.argument("prompt", required=False),
+    click.argument("prompt", nargs=-1, callback=join_words),
     click.option(
         "--model",
         default=DEFAULT_MODEL,

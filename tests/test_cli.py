@@ -357,6 +357,18 @@ def test_a_prompt_starting_with_a_command_like_word_is_still_a_prompt(fake):
     assert [c["prompt"] for c in fake.calls] == ["convert my photo", "generate"]
 
 
+def test_unquoted_words_are_one_prompt_and_subcommands_still_dispatch(fake):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["a", "cat", "in", "a", "hat", "--model", "model", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["a", "--steps", "1", "cat", "--model", "model"])  # options between words
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(cli, ["serve me tea", "--model", "model", "--steps", "1"]).exit_code == 0  # quoted
+    assert [c["prompt"] for c in fake.calls] == ["a cat in a hat", "a cat", "serve me tea"]
+    result = runner.invoke(cli, ["doctor", "--help"])  # a bare command word still selects the command
+    assert result.exit_code == 0 and "doctor" in result.stdout.lower()
+
+
 def test_subcommands_can_join_without_taking_prompts(fake):
     from sd35m_mlx_cli.generate import generate
     from sd35m_mlx_cli.group import DefaultGroup
