@@ -44,13 +44,14 @@ class Job:
     folder: str
     explicit: set[str]  # steps / cfg / slg the user chose (or the PNG stored): no per-model default for them
     second_model: Callable | None = None  # --upscale-model's loader (cli/upscale.py)
+    size_from: dict[str, str] = dataclasses.field(default_factory=dict)  # side -> the picture that set it
 
 
 def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
     """Every check that needs no model; `writer`: this process writes the files (their folders are checked)."""
     restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
     explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
-    settings, seeds, notes = build_settings(ctx, params)
+    settings, seeds, notes, size_from = build_settings(ctx, params)
     edit = editing.prepare(editing.inputs(settings), given(ctx, "strength"))  # read and checked (also restored)
     if settings.upscale is not None and edit.kwargs:
         raise UsageError("--upscale does not combine with --mask, --outpaint or --controlnet yet")
@@ -61,7 +62,7 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
             check_writable(folder)
     preview = live.check(params, lambda name: given(ctx, name)) if writer else None
     folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
-    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit)
+    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit, size_from=size_from)
 
 
 def load(job: Job, params: dict, reporter: Reporter):
@@ -86,7 +87,7 @@ def load(job: Job, params: dict, reporter: Reporter):
     notes += [defaults] if defaults else []
     limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
     if limits is not None:
-        s, fitted = fit_to_model(s, limits)
+        s, fitted = fit_to_model(s, limits, job.size_from)  # every size the run reaches, before the first step
         notes += fitted
     for note in notes:
         reporter.say(note)
@@ -145,8 +146,9 @@ def image_size(path: str, option: str = "--image") -> tuple[int, int]:
         raise UsageError(f"{option} {path}: cannot read it as an image ({one_line(e)})") from None
 
 
-def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str]]:
-    """The checked settings, one seed per image, and notes to print once every check has passed."""
+def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str], dict[str, str]]:
+    """The checked settings, one seed per image, notes to print once every check has passed, and the sides
+    the user did not give, with the picture that set them ("width" -> "--image photo.png")."""
     extra, invalid = {}, {}
     from_image = params.pop("from_image")
     if from_image:
@@ -166,8 +168,12 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
     width, height = params["width"], params["height"]
     source = editing.size_source(params)  # --image (extended by --outpaint), else the first --control-image
+    size_from = {}
     if source is not None:
-        w, h = editing.canvas_size(params, *image_size(source[1], source[0]))
+        picture = image_size(source[1], source[0])
+        w, h = editing.canvas_size(params, *picture)
+        extended = " extended by --outpaint" if (w, h) != picture else ""
+        size_from = {side: f"{source[0]} {source[1]}{extended}" for side in ("width", "height") if not params[side]}
         width, height = size_for_image(w, h, width, height)
         if not (given(ctx, "width") and given(ctx, "height")) and (width, height) != (w, h):
             notes.append(f"{source[0]} is {w}x{h}; generating at {width}x{height} (--width/--height choose)")
@@ -205,4 +211,4 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     warnings = check(settings)
     for seed in seeds:
         check(dataclasses.replace(settings, seed=seed))
-    return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings]
+    return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings], size_from
