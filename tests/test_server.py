@@ -215,7 +215,10 @@ def test_progress_during_a_run_and_interrupt(server, http):
     t.join(60)
     assert not t.is_alive()
     r = out["result"]
-    assert r.status_code == 200 and r.json()["images"] == []  # A1111: an interrupted job answers what it has
+    # A1111: an interrupted job answers the image as it stood (its current latents, decoded), not nothing
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    partial = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert partial.size == (64, 64) and np.asarray(partial).std() > 0  # decoded pixels, not a blank
     assert json.loads(r.json()["info"])["interrupted"] is True
     assert http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 

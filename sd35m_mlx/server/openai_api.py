@@ -67,10 +67,11 @@ def router(server) -> APIRouter:
     r = APIRouter()
 
     def answer(job: Job, body: GenerationsBody, request: Request) -> dict:
-        if job.state == CANCELLED and not job.results:  # another client's POST /sdapi/v1/interrupt
+        results = [r for r in job.results if not r.partial]  # an interrupted image is A1111's answer only
+        if job.state == CANCELLED and not results:  # another client's POST /sdapi/v1/interrupt
             raise RequestError("the job was interrupted before an image was done", status=409)
         data = []
-        for result in job.results:
+        for result in results:
             if body.response_format == "url":
                 item = {"url": str(request.url_for("image_file", name=server.save(result.png)))}
             else:
