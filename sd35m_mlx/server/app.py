@@ -24,7 +24,7 @@ from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
 from . import a1111_api, openai_api
 from .errors import RequestError, ShuttingDown, error_body
-from .guards import ApiKey, BodyLimit, HostOrigin
+from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .jobs import CANCELLED, FAILED, Job, Worker
 from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
 from .uploads import DEFAULT_MAX_PIXELS
@@ -51,6 +51,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides IPs, loopback and this machine's names
     cors_origins: tuple[str, ...] = ()  # web pages on other origins allowed to call us (CORS)
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
+    signed_urls: bool = False  # with api_key: response_format="url" URLs carry ?exp=&sig= and open without the key
 
 
 class Server:
@@ -61,6 +62,7 @@ class Server:
         self.config = config
         self.model = ModelInfo.of(pipe, config.model_name, **config.load_options)
         self.worker = Worker(pipe, self.model, VERSION, config.max_queue)
+        self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self._tmp = None
         if config.output_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="sd35m-mlx-serve-")
@@ -116,6 +118,13 @@ class Server:
         (self.output_dir / name).write_bytes(png)
         return name
 
+    def image_url(self, request: Request, name: str) -> str:
+        """The URL of a saved image; signed (usable without the key until the file expires) when enabled."""
+        url = request.url_for("image_file", name=name)
+        if self.signer is None:
+            return str(url)
+        return f"{url}?{self.signer.query(url.path, URL_LIFETIME_S)}"
+
     def close(self) -> None:
         self.worker.close()
         if self._tmp is not None:
@@ -138,7 +147,8 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.server = server
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(ApiKey, key=config.api_key)  # outside the body limit: 401 comes before reading a body
+    # outside the body limit: 401 comes before reading a body
+    app.add_middleware(ApiKey, key=config.api_key, signer=server.signer)
     if config.cors_origins:  # outside the key check: a browser's preflight carries no key
         from starlette.middleware.cors import CORSMiddleware
 

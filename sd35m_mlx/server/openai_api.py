@@ -73,7 +73,7 @@ def router(server) -> APIRouter:
         data = []
         for result in results:
             if body.response_format == "url":
-                item = {"url": str(request.url_for("image_file", name=server.save(result.png)))}
+                item = {"url": server.image_url(request, server.save(result.png))}
             else:
                 item = {"b64_json": base64.b64encode(result.png).decode("ascii")}
             data.append({**item, "revised_prompt": None, "seed": result.seed})
