@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from PIL import Image
 
 import sd35m_mlx
-from sd35m_mlx.record import plan_seeds, png_info, size_for_image
+from sd35m_mlx.record import QUALITY, plan_seeds, settings_save_options, size_for_image
 
 from . import editing, live, lora
 from . import model as model_io
@@ -22,7 +22,7 @@ from .errors import UsageError, one_line
 from .family import apply_family_defaults
 from .metadata import read_settings_noting
 from .options import RESTORABLE
-from .output import check_writable, plan_paths, write_png
+from .output import check_writable, image_format, plan_paths, write_image
 from .progress import Reporter
 from .settings import Settings, check, fit_to_model
 from .upscale import second_model_loader, two_pass
@@ -111,10 +111,13 @@ def make_image(pipe, job: Job, params: dict, reporter: Reporter, i: int, *, labe
     return images if overrides.get("output_type") == "latent" else job.edit.finish(images)[0]
 
 
-def write(reporter: Reporter, job: Job, image, i: int, overwrite: bool, taken: set[Path]) -> tuple[Path, int]:
-    """Write image i (never over another file unless --overwrite); (path written, seed)."""
+def write(
+    reporter: Reporter, job: Job, image, i: int, overwrite: bool, taken: set[Path], quality: int = QUALITY
+) -> tuple[Path, int]:
+    """Write image i (never over another file unless --overwrite) in its path's format; (path written, seed)."""
     s, path = dataclasses.replace(job.settings, seed=job.seeds[i]), job.paths[i]
-    final = write_png(image, path, png_info(s, VERSION), overwrite=overwrite, taken=taken)
+    options = settings_save_options(s, VERSION, image_format(path), quality)
+    final = write_image(image, path, options, overwrite=overwrite, taken=taken)
     if final != path:
         reporter.say(f"[{i + 1}/{len(job.seeds)}] {path} exists; wrote {final} instead (--overwrite replaces)")
     reporter.result(final)

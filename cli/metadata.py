@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, SAMPLER_NAMES, strip_tags
+from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, SAMPLER_NAMES, stored_text, strip_tags
 
 from .errors import UsageError
 from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS
@@ -258,7 +258,7 @@ def read_settings_noting(path: str | Path) -> tuple[dict, dict[str, str]]:
     """read_settings, and why each stored value that was invalid was left out (field -> message)."""
     try:
         with Image.open(path) as im:
-            text = dict(getattr(im, "text", {}) or {})
+            text = stored_text(im)  # PNG text chunks, or a JPEG's / WebP's EXIF
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError) as e:
         raise UsageError(f"--from-image: cannot read {path}: {e}") from None
     for key in (JSON_KEY, PARAMETERS_KEY):

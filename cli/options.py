@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from sd35m_mlx.record import QUALITY
+
 from . import lora
 from .editing import EDITING_FIELDS
 from .family import FAMILY_HELP
@@ -206,8 +208,16 @@ OPTIONS = [
         "-o",
         "--output",
         default=DEFAULT_TEMPLATE,
-        help="Output PNG: a path, a folder, or a template with {seed} and {index} (1-based). "
-        "Several images and no placeholder: name-1.png, name-2.png, ...",
+        help="Output image: a path, a folder, or a template with {seed} and {index} (1-based). "
+        "Several images and no placeholder: name-1.png, name-2.png, ... A .jpg/.jpeg or .webp name writes "
+        "that format, its settings in EXIF as A1111 writes them (--from-image reads them back).",
+    ),
+    click.option(
+        "--quality",
+        type=click.IntRange(1, 100),
+        default=QUALITY,
+        show_default=True,
+        help="JPEG / WebP quality (PNG is lossless and ignores it).",
     ),
     click.option(
         "--overwrite",
