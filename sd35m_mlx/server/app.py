@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 import sd35m_mlx
 
+from ..record import MEDIA_TYPES
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
 from . import a1111_api, openai_api
@@ -34,7 +35,7 @@ VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 # as both dialects' messages say (only A1111 sets padding_mask_crop)
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale",
              "padding_mask_crop": "inpaint_full_res_padding"}  # fmt: skip
-_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 URL_LIFETIME_S = 3600
 
 
@@ -104,7 +105,7 @@ class Server:
             raise ShuttingDown()
         return job
 
-    def save(self, png: bytes) -> str:
+    def save(self, png: bytes, suffix: str = "png") -> str:
         """Store an image for response_format="url"; its unguessable name is all a URL reveals. Images
         older than URL_LIFETIME_S are removed (as OpenAI's URLs expire after an hour), only ours."""
         now = time.time()
@@ -114,7 +115,7 @@ class Server:
                     old.unlink()
             except OSError:  # removed meanwhile, or not ours to remove
                 pass
-        name = f"{uuid.uuid4().hex}.png"
+        name = f"{uuid.uuid4().hex}.{suffix}"
         (self.output_dir / name).write_bytes(png)
         return name
 
@@ -191,7 +192,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
         path = server.output_dir / name
         if not _FILE_NAME.match(name) or not path.is_file():
             raise RequestError("no such image", "name", 404)
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1].upper()])
 
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))

@@ -13,14 +13,14 @@ import time
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..defaults import SAMPLERS, SIZE, STRENGTH
 from ..record import Settings, size_for_image
 from .errors import RequestError
 from .jobs import CANCELLED, Job
 from .masks import openai_mask
-from .spec import Limits, Spec, parse_size, seeds_for
+from .spec import Limits, Spec, parse_size, reencode, seeds_for
 from .uploads import open_image
 
 
@@ -31,6 +31,8 @@ class GenerationsBody(BaseModel):
     n: int = 1
     size: str | None = None  # "WxH"; None or "auto": 1024x1024 (edits: the image's size)
     response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None  # the settings ride along (EXIF for jpeg/webp)
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality, as OpenAI: 100 = best
     model: str | None = None
     # extensions
     seed: int | None = None
@@ -70,12 +72,15 @@ def router(server) -> APIRouter:
         results = [r for r in job.results if not r.partial]  # an interrupted image is A1111's answer only
         if job.state == CANCELLED and not results:  # another client's POST /sdapi/v1/interrupt
             raise RequestError("the job was interrupted before an image was done", status=409)
+        fmt = body.output_format or "png"
+        quality = body.output_compression if body.output_compression is not None else 100
         data = []
         for result in results:
+            encoded = reencode(result.png, fmt.upper(), quality)
             if body.response_format == "url":
-                item = {"url": server.image_url(request, server.save(result.png))}
+                item = {"url": server.image_url(request, server.save(encoded, fmt))}
             else:
-                item = {"b64_json": base64.b64encode(result.png).decode("ascii")}
+                item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
             data.append({**item, "revised_prompt": None, "seed": result.seed})
         spec = job.spec
         return {
@@ -83,7 +88,7 @@ def router(server) -> APIRouter:
             "data": data,
             "model": body.model or server.model.name,
             "size": f"{spec.settings.width}x{spec.settings.height}",
-            "output_format": "png",
+            "output_format": fmt,
         }
 
     @r.post("/v1/images/generations")
