@@ -138,16 +138,17 @@ def step_extras(
     conditions: tuple[mx.array, mx.array],
     velocity,
     do_cfg: bool,
+    timesteps,
 ) -> list[StepExtra]:
     """The per-step features of this call, in the order the loop runs them (sampling/loop.py): cancel,
     ControlNet residuals (a model input), the inpainting blend (after each step), callback, previews.
-    `conditions`: the (context, pooled) batch the transformer gets, which the ControlNets get too."""
+    `conditions`: the (context, pooled) batch the transformer gets, which the ControlNets get too;
+    `timesteps`: the run's schedule as the model sees it (sigma * 1000)."""
     extras: list[StepExtra] = [pipe._cancellation.check]
     if canvas.control is not None:
         context, pooled = conditions
         batch = context.shape[0] // (2 if do_cfg else 1)
         units = control_units(pipe.controlnets, canvas.control, pipe.vae, s.height, s.width, batch, do_cfg, pipe.dtype)
-        timesteps = pipe.schedule.timesteps(s.num_inference_steps)
         extras.append(
             ControlNetResiduals(
                 units,

@@ -17,7 +17,26 @@ from PIL.PngImagePlugin import PngInfo
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 # Mirrors sd35m_mlx.sampling.samplers.SAMPLERS (tests pin the match); importing it would load mlx for --help.
-SAMPLERS = ("euler", "dpmpp_2m")
+SAMPLERS = (
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "lcm",
+    "ipndm",
+    "deis",
+    "res_multistep",
+    "gradient_estimation",
+    "ddim",
+    "uni_pc",
+    "uni_pc_bh2",
+)
 DTYPES = ("float32", "bfloat16", "float16")
 
 MULTIPLE = 16  # VAE factor 8 x patch size 2
