@@ -3,6 +3,10 @@ the same denoiser and the same injected noise on both sides: an analytic denoise
 step counts (and an img2img start), the tiny SD3.5 transformer through diffusers for a few; ControlNet and
 inpainting on a sampler's extra model evaluations against diffusers' FlowMatchHeun pipelines."""
 
+import os
+import sys
+import types
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -270,3 +274,131 @@ def test_inpainting_known_region_reaches_heuns_second_evaluation_as_diffusers(ou
     # latents (std ~1): float rounding carried through 7 model calls, as tests/test_inpaint.py
     err = np.abs(lat - expected).max()
     assert err <= 1e-4, f"max abs latent difference {err:.2e} > 1e-4"
+
+
+# -- the protocol: schedules, model calls, the sigmas announced ahead, bad input -----------------------------
+
+TWO_CALLS = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_model_calls_and_announced_sigmas(name):
+    """Second-order single-step samplers call the model twice per step except the last (to sigma 0); every
+    sigma the run evaluates is in `model_sigmas`, so the pipeline can compute its modulations up front."""
+    steps, start = 6, 2
+    sigmas = _sigmas(name, steps)
+    x = np.random.default_rng(0).standard_normal((1, 2, 2, 3), dtype=np.float32)
+    pool = [np.random.default_rng(k).standard_normal(x.shape, dtype=np.float32) for k in range(2 * steps)]
+    _, calls, _, sampler = _run_ours(name, sigmas, x, start, pool)
+    run = steps - start
+    assert len(calls) == (2 * run - 1 if name in TWO_CALLS else run)
+    assert [i for i, _ in calls] == sorted(i for i, _ in calls)  # step indices in order
+    announced = {float(np.float32(s)) for s in sampler.model_sigmas(start)}
+    assert {float(np.float32(s)) for _, s in calls} <= announced
+
+
+def test_schedules_as_comfyui_builds_them():
+    sigmas_for = FlowMatchSchedule(shift=SHIFT).sigmas
+    np.testing.assert_array_equal(sampler_schedule("euler", sigmas_for, 5), sigmas_for(5))
+    six = sigmas_for(6)
+    np.testing.assert_array_equal(sampler_schedule("dpm_2", sigmas_for, 5), np.concatenate([six[:-2], [0.0]]))
+    for name in SAMPLERS:
+        assert sampler_class(name).discard_penultimate_sigma == (name in ref.DISCARD_PENULTIMATE)
+
+
+def test_noise_is_required_where_drawn_and_names_are_checked():
+    sigmas = FlowMatchSchedule().sigmas(4)
+    assert NOISE_SAMPLERS == {
+        "euler_ancestral",
+        "dpm_2_ancestral",
+        "dpmpp_2s_ancestral",
+        "dpmpp_sde",
+        "dpmpp_2m_sde",
+        "dpmpp_3m_sde",
+        "lcm",
+    }
+    with pytest.raises(ValueError, match="draws fresh noise every step"):
+        make_sampler("euler_ancestral", sigmas)
+    with pytest.raises(ValueError, match=r"unknown sampler 'k_euler'; choose one of euler, euler_ancestral"):
+        make_sampler("k_euler", sigmas)
+
+
+def test_low_memory_precomputes_the_midpoints_before_releasing_the_weights(tiny_pipeline, ours):
+    """low_memory drops the adaLN weights once the modulations exist: dpm_2's midpoints must be among them."""
+    from sd35m_mlx import StableDiffusion35
+
+    staged = StableDiffusion35.from_pretrained(tiny_pipeline, dtype="float32", low_memory=True)
+    kw = dict(height=H, width=W, num_inference_steps=3, seed=5, output_type="np", sampler="dpm_2")
+    assert np.array_equal(staged.generate("a capybara", **kw), ours.generate("a capybara", **kw))
+
+
+def test_cfg_split_gets_its_half_of_an_off_schedule_sigmas_modulations(tiny_pipeline):
+    """The CFG split's rank keeps its half of the batch's modulations for a sampler's midpoints too."""
+    from types import SimpleNamespace
+
+    from mlx.utils import tree_flatten
+
+    from sd35m_mlx.distributed.cfg_split import CfgSplitDenoiser
+    from sd35m_mlx.loading.transformer import load_transformer
+    from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser
+
+    transformer = load_transformer(tiny_pipeline / "transformer", mx.float32)
+    cfg = transformer.config
+    rng = np.random.default_rng(0)
+    context = mx.array(rng.standard_normal((2, 5, cfg.joint_attention_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32))
+    args = (transformer, context, pooled, [1000.0, 600.0], GuidanceConfig(scale=4.5), 0, mx.float32)
+    whole = GuidedDenoiser(*args)
+    for rank, half in ((0, slice(0, 1)), (1, slice(1, 2))):
+        split = CfgSplitDenoiser(*args, ranks=SimpleNamespace(size=2, rank=rank))
+        for sigma in (0.6, 0.77):  # on the schedule, and a midpoint
+            got, want = tree_flatten(split._mods(0, sigma)), tree_flatten(whole._mods(0, sigma))
+            assert len(got) == len(want)
+            for (_, g), (_, w) in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.array(g), np.array(w[half]))
+
+
+@pytest.mark.skipif(not os.environ.get("SD35M_COMFYUI"), reason="set SD35M_COMFYUI to a ComfyUI checkout")
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_reference_equals_comfyuis_own_functions(name):
+    """tests/comfy_reference.py against ComfyUI's own sampler functions (not on the package index; point
+    SD35M_COMFYUI at a checkout, e.g. commit a125cd84). Its heavy imports are stubbed: the functions run with
+    injected noise, so torchsde's Brownian tree and scipy's quadrature (lms only) are never reached."""
+    stubs = ["scipy", "scipy.integrate", "torchsde", "comfy.model_patcher", "comfy.ldm", "comfy.ldm.modules"]
+    stubs += ["comfy.ldm.modules.diffusionmodules", "comfy.ldm.modules.diffusionmodules.util"]
+    for stub in stubs:
+        sys.modules.setdefault(stub, types.ModuleType(stub))
+    sys.modules["comfy.ldm.modules.diffusionmodules.util"].make_beta_schedule = None
+    sys.path.insert(0, os.environ["SD35M_COMFYUI"])
+    import comfy.model_sampling as model_sampling
+    from comfy.extra_samplers import uni_pc
+    from comfy.k_diffusion import sampling
+
+    class Flow(model_sampling.ModelSamplingDiscreteFlow, model_sampling.CONST):
+        pass
+
+    flow = Flow()
+    flow.set_parameters(shift=SHIFT)
+    wrapped = types.SimpleNamespace(model_sampling=flow)
+
+    class Model:  # what KSAMPLER hands the sampler functions, as far as they look
+        inner_model = types.SimpleNamespace(
+            inner_model=wrapped, model_patcher=types.SimpleNamespace(get_model_object=lambda _: flow)
+        )
+
+        def __call__(self, x, sigma, **_):
+            return _denoised_torch(x, sigma.reshape(-1)[0])
+
+    functions = {"ddim": sampling.sample_euler, "uni_pc": uni_pc.sample_unipc, "uni_pc_bh2": uni_pc.sample_unipc_bh2}
+    function = functions.get(name) or getattr(sampling, f"sample_{name}")
+    for steps in (1, 2, 3, 7):
+        sigmas = torch.from_numpy(_sigmas(name, steps))
+        rng = np.random.default_rng(steps)
+        x = torch.from_numpy(rng.standard_normal((2, 3, 4, 5), dtype=np.float32))
+        pool = [rng.standard_normal(tuple(x.shape), dtype=np.float32) for _ in range(2 * steps)]
+        expected = ref.run(name, _denoised_torch, x, sigmas, _Injected(pool).torch, SHIFT)
+        kw = {"noise_sampler": _Injected(pool).torch} if name in NOISE_SAMPLERS | {"res_multistep"} else {}
+        s = sigmas.clone()
+        got = flow.inverse_noise_scaling(s[-1], function(Model(), x.clone(), s, extra_args={}, disable=True, **kw))
+        # the same float32 operations, save DEIS's autograd and sums: 1.2e-6 measured at commit a125cd84
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
