@@ -153,9 +153,7 @@ def _diffusers_decode(pipe, latents):
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-@pytest.mark.parametrize(
-    "name", ["euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "lcm", "uni_pc"]
-)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_generate_matches_comfyui_sampler_on_the_tiny_model(ours, diffusers_pipe, monkeypatch, name):
     """generate(sampler=...) end to end (the schedule ComfyUI's KSampler builds, every extra evaluation's
     timestep and modulations, the per-step noise) against the reference on diffusers' transformer and VAE."""
