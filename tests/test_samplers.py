@@ -400,3 +400,12 @@ def test_reference_equals_comfyuis_own_functions(name):
         got = flow.inverse_noise_scaling(s[-1], function(Model(), x.clone(), s, extra_args={}, disable=True, **kw))
         # the same float32 operations, save DEIS's autograd and sums: 1.2e-6 measured at commit a125cd84
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_bench_samplers_counts_model_calls(ours):
+    """benchmarks/bench_samplers.py keeps running against the pipeline (its timings mean nothing here)."""
+    from benchmarks.bench_samplers import bench
+
+    r = bench(ours, ["euler", "heun", "dpm_2"], steps=3, size=64, runs=1)
+    assert [r[n]["model_calls"] for n in ("euler", "heun", "dpm_2")] == [3, 5, 5]
+    assert r["euler"]["relative_to_euler"] == 1.0
