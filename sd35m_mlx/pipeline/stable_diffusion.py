@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from ..images import decode_latents
@@ -25,7 +26,7 @@ from ..sampling.cancel import Cancellation, cancellable
 from ..sampling.guidance import GuidedDenoiser
 from ..sampling.loop import denoise
 from ..sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, physical_memory
-from ..sampling.samplers import make_sampler
+from ..sampling.samplers import make_sampler, sampler_schedule
 from ..sampling.schedule import FlowMatchSchedule
 from ..validation import ARGUMENTS, ModelLimits
 from .controlnets import ControlNetMixin
@@ -328,9 +329,10 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
 
         # 3. Schedule and initial latents (img2img / inpainting: the source image noised to the start step)
-        sigmas = self.schedule.sigmas(s.num_inference_steps)
-        timesteps = self.schedule.timesteps(s.num_inference_steps)
+        sigmas = sampler_schedule(s.sampler, self.schedule.sigmas, s.num_inference_steps)
+        timesteps = sigmas[:-1] * np.float32(self.schedule.num_train_timesteps)
         begin = initial_latents(s, canvas, self.limits, cond.shape[0], sigmas, self._encode)
+        sampler = make_sampler(s.sampler, sigmas, _sampler_noise(s.seed), shift=self.schedule.shift)
 
         # 4. Denoising loop: per-step extras (ControlNet, inpainting, callback, previews) plug in as StepExtras
         velocity = self.velocity_factory(
@@ -342,6 +344,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             begin.start,
             self.dtype,
         )
+        velocity.precompute(sampler.model_sigmas(begin.start))  # a sampler's midpoints too, before any release
         if self.low_memory and self._reload is not None:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
@@ -360,14 +363,27 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             decoder=self._decoder,
         )
         try:
-            sampler = make_sampler(s.sampler, sigmas)
-            x = denoise(begin.x, sigmas, begin.start, sampler, velocity, extras, self.work_budget)
+            x = denoise(begin.x, begin.start, sampler, velocity, extras, self.work_budget)
         finally:  # also when cancelled or a callback raised: the pipeline stays usable
             del velocity
             self._release("transformer")
 
         # 5. Decode (the VAE tiles when needed; an inpainting crop is pasted back)
         return decode_output(x, s, canvas, self._decoder, self.work_budget, self.dtype)
+
+
+def _sampler_noise(seed: int | None):
+    """Fresh noise for the samplers that draw it (ancestral, SDE, LCM): one generator seeded with the seed,
+    one draw per call, as ComfyUI's default_noise_sampler. MLX's generator stands in until the torch-compatible
+    one (sampling/noise.py) takes its place."""
+    key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+
+    def draw(shape: tuple[int, ...]) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.normal(shape, key=sub)
+
+    return draw
 
 
 def _encoders(prompt_encoder: PromptEncoder | None) -> list:
