@@ -157,7 +157,7 @@ def _diffusers_decode(pipe, latents):
 def test_generate_matches_comfyui_sampler_on_the_tiny_model(ours, diffusers_pipe, monkeypatch, name):
     """generate(sampler=...) end to end (the schedule ComfyUI's KSampler builds, every extra evaluation's
     timestep and modulations, the per-step noise) against the reference on diffusers' transformer and VAE."""
-    import sd35m_mlx.pipeline as pipeline_module
+    from sd35m_mlx.pipeline import stable_diffusion as pipeline_module
 
     steps = 4
     rng = np.random.default_rng(7)
