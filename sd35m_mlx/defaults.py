@@ -11,6 +11,10 @@ TAESD3_REPO = "madebyollin/taesd3"  # the tiny decoder behind preview="taesd" / 
 
 SAMPLERS = ("euler", "dpmpp_2m")  # sampling/samplers.py builds its registry over these names
 DTYPES = ("float32", "bfloat16", "float16")
+# how prompts are read: "plain" is diffusers' encode_prompt (generate()'s default), "weighted" A1111's syntax and
+# long prompts (prompts/weighted.py; the CLI's and the server's default, as A1111 users expect)
+PROMPT_SYNTAXES = ("plain", "weighted")
+PROMPT_SYNTAX = "plain"
 
 MULTIPLE = 16  # image sides: VAE factor 8 x patch size 2
 
