@@ -29,7 +29,49 @@ OPTIONS = [
         help="Weight of each --lora, in the same order (repeatable); with --from-image alone, re-weights "
         "the image's LoRAs.  [default: 1.0 each]",
     ),
+    click.option(
+        "--lora-dir",
+        envvar="SD35M_MLX_LORA_DIR",
+        metavar="FOLDER",
+        help="A folder of LoRA .safetensors files (sub-folders too) that `<lora:NAME:WEIGHT>` tags in PROMPT name, "
+        "as in AUTOMATIC1111: NAME is the file's path in the folder without .safetensors (or its file name when "
+        "unique); the tag is removed from the text the encoders read. Also SD35M_MLX_LORA_DIR.",
+    ),
 ]
+
+TagFiles = list[tuple[str, float]]  # (file, weight) per tag, for from_pretrained(loras=...)
+
+
+def resolve_tags(prompt: str, negative_prompt: str, lora_dir: str | None) -> tuple[Loras, TagFiles]:
+    """The prompt's `<lora:NAME:WEIGHT>` tags found in --lora-dir: ((NAME, weight, "") for the record, files to
+    load). Tags in the negative prompt are refused: a LoRA cannot be applied negatively, and silently dropping
+    one would hide a mistake. Every failure is one line (exit 2)."""
+    from sd35m_mlx.prompts.syntax import extract_lora_tags
+
+    try:
+        _, tags = extract_lora_tags(prompt)
+        _, negative_tags = extract_lora_tags(negative_prompt)
+    except ValueError as e:
+        raise UsageError(f"PROMPT: {e}") from None
+    if negative_tags:
+        raise UsageError(
+            f"--negative-prompt: <lora:{negative_tags[0][0]}> tags apply in PROMPT only (a LoRA is not applied "
+            "negatively); remove it from the negative prompt"
+        )
+    if not tags:
+        return (), []
+    if not lora_dir:
+        raise UsageError(
+            f"PROMPT names <lora:{tags[0][0]}>: give the folder of LoRA files with --lora-dir (or SD35M_MLX_LORA_DIR)"
+        )
+    from sd35m_mlx.lora.library import LoraLibrary
+
+    try:
+        library = LoraLibrary(lora_dir)
+        entries = [(library.get(name), weight) for name, weight in tags]
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--lora-dir: {e}") from None
+    return tuple((e.name, w, "") for e, w in entries), [(str(e.path.resolve()), w) for e, w in entries]
 
 
 def plan(given: bool, params: dict, stored: Loras | None) -> tuple[Loras, list[str]]:
@@ -69,6 +111,11 @@ def _available(source: str) -> bool:
     if len(parts) >= 3 and source.endswith(".safetensors") and not source.startswith(("/", ".", "~")):
         return hub.is_hub_id("/".join(parts[:2]))
     return hub.is_hub_id(source)
+
+
+def tags_with_hashes(tags: Loras, info: list[dict]) -> Loras:
+    """The tags' LoRAs with the loaded pipeline's short sha256 of each (same order)."""
+    return tuple((name, w, item["sha256"]) for (name, w, _), item in zip(tags, info, strict=True))
 
 
 def with_hashes(loras: Loras, info: list[dict]) -> tuple[Loras, list[str]]:

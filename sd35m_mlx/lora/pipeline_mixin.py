@@ -132,14 +132,15 @@ class LoraMixin:
     def use_loras(
         self, loras: Sequence[tuple[str | os.PathLike, float]], max_loaded: int = MAX_CACHED_LORAS
     ) -> list[str]:
-        """Make exactly these LoRA files active, with these weights; every other adapter is off. Returns their
-        adapter names.
+        """Make exactly these LoRA files active, with these weights; every other adapter is off. Returns the
+        adapter name of each entry.
 
         For a server that switches LoRAs per request: a file loaded by an earlier call is reused (keyed by its
         real path, size and modification time, so an edited file loads again), and beyond `max_loaded` files
         the least recently used is unloaded. The same file twice adds its weights."""
         state = self._loras
         weights: dict[str, float] = {}
+        names = []
         for path, weight in loras:
             real = Path(path).resolve(strict=True)
             stat = real.stat()
@@ -150,12 +151,13 @@ class LoraMixin:
                 state.cached[key] = name
             state.cached.move_to_end(key)
             weights[name] = weights.get(name, 0.0) + float(weight)
+            names.append(name)
         while len(state.cached) > max(max_loaded, len(weights)):  # the requested ones are the most recent
             _, name = state.cached.popitem(last=False)
             state.adapters.pop(name, None)
             state.active.pop(name, None)
         self.set_adapters(list(weights), list(weights.values()))
-        return list(weights)
+        return names
 
     def get_active_adapters(self) -> list[str]:
         return list(self._loras.active)

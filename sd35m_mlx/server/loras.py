@@ -1,0 +1,100 @@
+"""LoRAs by name for both dialects: `<lora:NAME:WEIGHT>` tags in a prompt (and the OpenAI extension
+`loras: [{"name", "weight"}]`, written as tags) resolved in `serve --lora-dir`, A1111's `GET /sdapi/v1/loras`
+and `POST /sdapi/v1/refresh-loras`, and switching the pipeline's adapters inside the job (one job at a time).
+
+Names are keys of the folder's listing (lora/library.py), never paths: no request reads outside the folder,
+and no answer holds an absolute path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from ..lora.library import LoraLibrary
+from ..prompts.syntax import MAX_WEIGHT, extract_lora_tags
+from .errors import RequestError
+from .spec import Spec
+
+
+class LoraRef(BaseModel):
+    """The OpenAI dialect's extension (as stable-diffusion.cpp's server takes it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    weight: float = 1.0
+
+
+def as_tags(loras: list[LoraRef] | None) -> str:
+    """The extension's LoRAs as prompt tags, so the PNG's prompt replays them (`sd35m-mlx --from-image`)."""
+    out = ""
+    for ref in loras or []:
+        if any(c in ref.name for c in "<>:") or not -MAX_WEIGHT <= ref.weight <= MAX_WEIGHT:
+            raise RequestError(f"loras: {ref.name!r} with weight {ref.weight} is not a LoRA name and weight", "loras")
+        out += f" <lora:{ref.name}:{ref.weight:g}>"
+    return out
+
+
+def resolve(spec: Spec, library: LoraLibrary | None) -> None:
+    """Find the prompt's tags in the library: `spec.lora_files` to load, `settings.lora_tags` to record.
+    A bad tag, a tag in the negative prompt, an unknown or path-like name, or no folder: RequestError (400)."""
+    s = spec.settings
+    try:
+        _, tags = extract_lora_tags(s.prompt)
+        _, negative_tags = extract_lora_tags(s.negative_prompt)
+    except ValueError as e:
+        raise RequestError(str(e), "prompt") from None
+    if negative_tags:
+        raise RequestError("<lora:...> tags apply in the prompt only, not in negative_prompt", "negative_prompt")
+    if not tags:
+        return
+    if library is None:
+        raise RequestError(
+            f"the prompt names <lora:{tags[0][0]}>, but this server has no LoRA folder (serve --lora-dir)",
+            "prompt",
+        )
+    try:
+        entries = [(library.get(name), weight) for name, weight in tags]
+    except (ValueError, TypeError) as e:
+        raise RequestError(str(e).replace(str(library.folder), "the LoRA folder"), "prompt") from None
+    spec.settings = replace(s, lora_tags=tuple((e.name, w, "") for e, w in entries))
+    spec.lora_files = [(str(e.path), w) for e, w in entries]
+
+
+def activate(pipe, spec: Spec) -> None:
+    """In the job: exactly the request's LoRAs active (loaded ones reused, lora/pipeline_mixin.use_loras), and
+    their hashes into the settings the PNG records. A pipeline with no adapters and a request with none: nothing."""
+    if not hasattr(pipe, "use_loras") or not (spec.lora_files or pipe.get_active_adapters()):
+        return
+    names = pipe.use_loras(spec.lora_files)
+    hashes = {item["name"]: item["sha256"] for item in pipe.lora_info()}
+    tags = spec.settings.lora_tags
+    spec.settings = replace(
+        spec.settings, lora_tags=tuple((n, w, hashes.get(a, "")) for (n, w, _), a in zip(tags, names, strict=True))
+    )
+
+
+def router(server) -> APIRouter:
+    r = APIRouter(prefix="/sdapi/v1")
+
+    @r.get("/loras")
+    async def loras() -> list[dict]:
+        library = server.loras
+        if library is None:
+            return []
+        root = library.folder.resolve()
+        return [
+            {"name": e.name, "alias": e.alias, "path": e.path.relative_to(root).as_posix(), "metadata": e.metadata}
+            for e in library.entries()
+        ]
+
+    @r.post("/refresh-loras")
+    async def refresh_loras() -> None:
+        if server.loras is not None:
+            await asyncio.to_thread(server.loras.refresh)
+
+    return r
