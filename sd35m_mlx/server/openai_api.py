@@ -53,6 +53,7 @@ def spec_from(body: GenerationsBody, size: tuple[int, int], limits: Limits) -> S
     if body.stream:
         raise RequestError("stream: streaming responses are not available; send stream=false", "stream")
     settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt or "", width=size[0], height=size[1])
+    # A1111's syntax by default; the `loras` extension as prompt tags, so the PNG's prompt replays them
     settings = replace(
         settings, prompt=body.prompt + as_tags(body.loras), prompt_syntax=body.prompt_syntax or "weighted"
     )
