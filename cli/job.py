@@ -47,10 +47,11 @@ class Job:
     tag_files: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # PROMPT's <lora:> tags (cli/lora.py)
 
 
-def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
-    """Every check that needs no model; `writer`: this process writes the files (their folders are checked)."""
+def plan(ctx: click.Context, params: dict, *, writer: bool = True, chosen: frozenset = frozenset()) -> Job:
+    """Every check that needs no model; `writer`: this process writes the files (their folders are checked);
+    `chosen`: parameters given other than on the command line (a --prompts-file line's options)."""
     restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
-    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
+    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n) or n in chosen}
     settings, seeds, notes = build_settings(ctx, params)
     lora_tags, tag_files = lora.resolve_tags(settings.prompt, settings.negative_prompt, params.pop("lora_dir", None))
     settings = dataclasses.replace(settings, lora_tags=lora_tags)
@@ -69,10 +70,13 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
     return job
 
 
-def load(job: Job, params: dict, reporter: Reporter):
-    """The pipeline with the job's LoRAs and ControlNets; job.settings fitted to what the model accepts."""
+def load(job: Job, params: dict, reporter: Reporter, pipe=None):
+    """The pipeline with the job's LoRAs and ControlNets; job.settings fitted to what the model accepts.
+    `pipe`: the one loaded for an earlier job (--prompts-file), switched to this job's LoRAs."""
     s = job.settings
-    pipe = model_io.load_pipeline(
+    if pipe is not None:
+        pipe.use_loras([(src, w) for src, w, _ in s.loras] + job.tag_files)
+    pipe = pipe or model_io.load_pipeline(
         job.folder,
         s.dtype,
         s.t5,

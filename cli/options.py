@@ -226,6 +226,13 @@ OPTIONS = [
         help="Re-run the settings stored in a PNG (ours, or A1111-style parameters). "
         "Options given on the command line take precedence.",
     ),
+    click.option(
+        "--prompts-file",
+        metavar="FILE",
+        help="One image job per line (blank lines and # comments skipped): a prompt, or AUTOMATIC1111's per-line "
+        'options (--prompt "..." --negative_prompt "..." --steps N --seed N --cfg_scale X --width W --height H '
+        "--sampler_name NAME); the command's options are the defaults. The model loads once.",
+    ),
     *LIVE_OPTIONS,
     click.option(
         "--split",

@@ -3,6 +3,7 @@ encoding bit for bit, "weighted" is prompts/weighted.py's; `<lora:NAME:W>` tags 
 exactly as --lora loads the same file, are recorded as typed, and bad tags exit 2 with one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,42 @@ def test_cli_prompt_syntax_default_weighted_and_old_pngs_replay_plain(tiny_pipel
     result = CliRunner().invoke(cli, ["--from-image", "old.png", "-o", "replay.png"])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open("replay.png")), np.asarray(want["plain"]))
+
+
+def test_prompts_file_runs_each_line_with_its_options_and_loras(tiny_pipeline, lora_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(tiny_pipeline), "--width", "64", "--height", "64", "--steps", "2", "--dtype", "float32"]
+    assert _run(tiny_pipeline, "a red cube <lora:ink:0.7>", "--lora-dir", str(lora_dir), "-o", "tag.png").exit_code == 0
+    ball = ["a blue ball", *common, "--steps", "1", "--cfg", "3", "--seed", "9", "-o", "ball.png"]
+    assert CliRunner().invoke(cli, ball).exit_code == 0
+    Path("prompts.txt").write_text(
+        "# a comment, then a blank line\n\n"
+        "a red cube <lora:ink:0.7>\n"
+        '--prompt "a blue ball" --steps 1 --seed 9 --cfg_scale 3 --sampler_name Euler\n'
+    )
+    args = [
+        "--prompts-file",
+        "prompts.txt",
+        *common,
+        "--seed",
+        "3",
+        "--lora-dir",
+        str(lora_dir),
+        "-o",
+        "out-{index}.png",
+    ]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open("out-1.png")), np.asarray(Image.open("tag.png")))
+    assert np.array_equal(np.asarray(Image.open("out-2.png")), np.asarray(Image.open("ball.png")))  # LoRA off again
+
+    for line, message in (
+        ("--prompt x --restore_faces true", "line 1: unknown option '--restore_faces'"),
+        ("--prompt x --steps many", "line 1: --steps 'many'"),
+        ("--prompt x --sampler_name 'Euler a'", "unknown sampler 'Euler a'"),
+        ("x <lora:../etc>", "line 1: --lora-dir"),
+    ):
+        Path("bad.txt").write_text(line + "\n")
+        result = CliRunner().invoke(cli, ["--prompts-file", "bad.txt", *common, "--lora-dir", str(lora_dir)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
