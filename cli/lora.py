@@ -43,35 +43,16 @@ TagFiles = list[tuple[str, float]]  # (file, weight) per tag, for from_pretraine
 
 
 def resolve_tags(prompt: str, negative_prompt: str, lora_dir: str | None) -> tuple[Loras, TagFiles]:
-    """The prompt's `<lora:NAME:WEIGHT>` tags found in --lora-dir: ((NAME, weight, "") for the record, files to
-    load). Tags in the negative prompt are refused: a LoRA cannot be applied negatively, and silently dropping
-    one would hide a mistake. Every failure is one line (exit 2)."""
-    from sd35m_mlx.prompts.syntax import extract_lora_tags
+    """The prompt's `<lora:NAME:WEIGHT>` tags found in --lora-dir (lora/library.py `tagged_loras`): ((NAME,
+    weight, "") for the record, files to load). Every failure is one line (exit 2)."""
+    from sd35m_mlx.lora.library import LoraLibrary, tagged_loras
 
     try:
-        _, tags = extract_lora_tags(prompt)
-        _, negative_tags = extract_lora_tags(negative_prompt)
-    except ValueError as e:
-        raise UsageError(f"PROMPT: {e}") from None
-    if negative_tags:
-        raise UsageError(
-            f"--negative-prompt: <lora:{negative_tags[0][0]}> tags apply in PROMPT only (a LoRA is not applied "
-            "negatively); remove it from the negative prompt"
-        )
-    if not tags:
-        return (), []
-    if not lora_dir:
-        raise UsageError(
-            f"PROMPT names <lora:{tags[0][0]}>: give the folder of LoRA files with --lora-dir (or SD35M_MLX_LORA_DIR)"
-        )
-    from sd35m_mlx.lora.library import LoraLibrary
-
-    try:
-        library = LoraLibrary(lora_dir)
-        entries = [(library.get(name), weight) for name, weight in tags]
+        library = LoraLibrary(lora_dir) if lora_dir else None
+        found = tagged_loras(prompt, negative_prompt, library, "give it with --lora-dir (or SD35M_MLX_LORA_DIR)")
     except (ValueError, TypeError) as e:
-        raise UsageError(f"--lora-dir: {e}") from None
-    return tuple((e.name, w, "") for e, w in entries), [(str(e.path.resolve()), w) for e, w in entries]
+        raise UsageError(f"PROMPT: {e}") from None
+    return tuple((e.name, w, "") for e, w in found), [(str(e.path.resolve()), w) for e, w in found]
 
 
 def plan(given: bool, params: dict, stored: Loras | None) -> tuple[Loras, list[str]]:

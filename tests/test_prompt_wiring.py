@@ -131,7 +131,7 @@ def test_tags_need_a_folder_and_stay_out_of_the_negative_prompt(tiny_pipeline, l
     result = _run(tiny_pipeline, "x <lora:ink>", env={"SD35M_MLX_LORA_DIR": ""})
     assert result.exit_code == 2 and "--lora-dir (or SD35M_MLX_LORA_DIR)" in result.output
     result = _run(tiny_pipeline, "x", "--negative-prompt", "<lora:ink>", "--lora-dir", str(lora_dir))
-    assert result.exit_code == 2 and "apply in PROMPT only" in result.output
+    assert result.exit_code == 2 and "apply in the prompt only" in result.output
     result = _run(tiny_pipeline, "x", "--prompt-syntax", "compel")
     assert result.exit_code == 2 and "weighted" in result.output
 
@@ -193,7 +193,7 @@ def test_prompts_file_runs_each_line_with_its_options_and_loras(tiny_pipeline, l
         ("--prompt x --restore_faces true", "line 1: unknown option '--restore_faces'"),
         ("--prompt x --steps many", "line 1: --steps 'many'"),
         ("--prompt x --sampler_name 'Euler a'", "unknown sampler 'Euler a'"),
-        ("x <lora:../etc>", "line 1: --lora-dir"),
+        ("x <lora:../etc>", "line 1: PROMPT: LoRA name"),
     ):
         Path("bad.txt").write_text(line + "\n")
         result = CliRunner().invoke(cli, ["--prompts-file", "bad.txt", *common, "--lora-dir", str(lora_dir)])

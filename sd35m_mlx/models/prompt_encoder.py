@@ -132,18 +132,9 @@ class PromptEncoder:
         `stage(names)`, if given, is entered around the use of the named encoder attributes (T5's, then
         both CLIPs'): a caller short of memory loads them on entry and releases them on exit.
         """
-        prompts, batch, skips = self.prepare(
-            prompt,
-            negative_prompt,
-            prompt_2,
-            prompt_3,
-            max_sequence_length,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt_2,
-            negative_prompt_3,
-            clip_skip,
-        )
+        prompts, batch, skips = self.prepare(prompt, negative_prompt, prompt_2, prompt_3, max_sequence_length,
+                                             num_images_per_prompt, do_classifier_free_guidance, negative_prompt_2,
+                                             negative_prompt_3, clip_skip)  # fmt: skip
 
         # prompt and negative prompt run through each encoder as one batch: weights are read once
         # (T5-XXL is 9.5 GB in bfloat16); each row's result does not depend on the others. T5 first,

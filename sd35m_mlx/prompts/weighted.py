@@ -164,18 +164,9 @@ def encode_prompt_weighted(
     (B, 77 * chunks + max_sequence_length, joint dim), chunks the same for prompt and negative prompt.
     Raises ValueError for a prompt of more than MAX_CLIP_CHUNKS chunks.
     """
-    prompts, batch, skips = encoder.prepare(
-        prompt,
-        negative_prompt,
-        prompt_2,
-        prompt_3,
-        max_sequence_length,
-        num_images_per_prompt,
-        do_classifier_free_guidance,
-        negative_prompt_2,
-        negative_prompt_3,
-        clip_skip,
-    )
+    prompts, batch, skips = encoder.prepare(prompt, negative_prompt, prompt_2, prompt_3, max_sequence_length,
+                                            num_images_per_prompt, do_classifier_free_guidance, negative_prompt_2,
+                                            negative_prompt_3, clip_skip)  # fmt: skip
     parsed = [[parse_attention(p) for p in texts] for texts in prompts]
     chunk_length = encoder.clip_max_length - 2
     chunks_l = [clip_chunks(encoder.tokenizer, p, chunk_length) for p in parsed[0]]

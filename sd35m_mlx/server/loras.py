@@ -14,8 +14,8 @@ from dataclasses import replace
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
-from ..lora.library import LoraLibrary
-from ..prompts.syntax import MAX_WEIGHT, extract_lora_tags
+from ..lora.library import LoraLibrary, tagged_loras
+from ..prompts.syntax import MAX_WEIGHT
 from .errors import RequestError
 from .spec import Spec
 
@@ -40,29 +40,16 @@ def as_tags(loras: list[LoraRef] | None) -> str:
 
 
 def resolve(spec: Spec, library: LoraLibrary | None) -> None:
-    """Find the prompt's tags in the library: `spec.lora_files` to load, `settings.lora_tags` to record.
-    A bad tag, a tag in the negative prompt, an unknown or path-like name, or no folder: RequestError (400)."""
-    s = spec.settings
+    """Find the prompt's tags in the library (lora/library.py `tagged_loras`): `spec.lora_files` to load,
+    `settings.lora_tags` to record. Anything wrong: RequestError (400), with no local path in it."""
     try:
-        _, tags = extract_lora_tags(s.prompt)
-        _, negative_tags = extract_lora_tags(s.negative_prompt)
-    except ValueError as e:
-        raise RequestError(str(e), "prompt") from None
-    if negative_tags:
-        raise RequestError("<lora:...> tags apply in the prompt only, not in negative_prompt", "negative_prompt")
-    if not tags:
-        return
-    if library is None:
-        raise RequestError(
-            f"the prompt names <lora:{tags[0][0]}>, but this server has no LoRA folder (serve --lora-dir)",
-            "prompt",
-        )
-    try:
-        entries = [(library.get(name), weight) for name, weight in tags]
+        s = spec.settings
+        found = tagged_loras(s.prompt, s.negative_prompt, library, "start serve with --lora-dir")
     except (ValueError, TypeError) as e:
-        raise RequestError(str(e).replace(str(library.folder), "the LoRA folder"), "prompt") from None
-    spec.settings = replace(s, lora_tags=tuple((e.name, w, "") for e, w in entries))
-    spec.lora_files = [(str(e.path), w) for e, w in entries]
+        folder = str(library.folder) if library is not None else None
+        raise RequestError(str(e).replace(folder, "the LoRA folder") if folder else str(e), "prompt") from None
+    spec.settings = replace(spec.settings, lora_tags=tuple((e.name, w, "") for e, w in found))
+    spec.lora_files = [(str(e.path), w) for e, w in found]
 
 
 def activate(pipe, spec: Spec) -> None:
