@@ -111,6 +111,18 @@ def test_loras_lists_relative_paths_and_metadata_and_refresh_finds_new_files(htt
     assert _txt2img(http, "x <lora:new>").shape == (64, 64, 3)
 
 
+def test_a_lora_that_does_not_fit_is_400_without_paths_and_the_server_goes_on(http, lora_dir):
+    rng = np.random.default_rng(2)
+    save(lora_dir / "wide.safetensors", {  # a width-64 model's LoRA; the tiny transformer is 32 wide
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": rng.standard_normal((4, 64)),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": rng.standard_normal((64, 4)),
+    })  # fmt: skip
+    assert http.post("/sdapi/v1/refresh-loras").status_code == 200
+    r = http.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:wide>", **TXT})
+    assert r.status_code == 400 and "wide" in r.text and str(lora_dir) not in r.text, r.text
+    assert _txt2img(http, "a red cube").shape == (64, 64, 3)
+
+
 def test_a_server_without_a_folder_refuses_tags(pipe):
     with RunningServer(pipe) as s, s.client() as http:
         r = http.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:ink>", **TXT})

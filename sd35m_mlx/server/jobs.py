@@ -238,6 +238,8 @@ class Worker:
             job.finish(DONE)
         except GenerationCancelled:
             job.finish(CANCELLED)
+        except RequestError as e:  # found in the job: a LoRA file that does not fit the model (server/loras.py)
+            job.finish(FAILED, e)
         except (ValueError, TypeError) as e:  # generate's own argument checks: a request the spec let through
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             job.finish(FAILED, RequestError(message, PARAMS.get(message.split()[0])))

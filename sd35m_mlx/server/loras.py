@@ -57,7 +57,13 @@ def activate(pipe, spec: Spec) -> None:
     their hashes into the settings the PNG records. A pipeline with no adapters and a request with none: nothing."""
     if not hasattr(pipe, "use_loras") or not (spec.lora_files or pipe.get_active_adapters()):
         return
-    names = pipe.use_loras(spec.lora_files)
+    try:
+        names = pipe.use_loras(spec.lora_files)
+    except (ValueError, OSError) as e:  # a file that does not fit this model, or gone since the listing
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        for (path, _), (name, _, _) in zip(spec.lora_files, spec.settings.lora_tags, strict=True):
+            message = message.replace(path, name)  # the client knows the name, never the server's path
+        raise RequestError(f"LoRA: {message}", "prompt") from None
     hashes = {item["name"]: item["sha256"] for item in pipe.lora_info()}
     tags = spec.settings.lora_tags
     spec.settings = replace(
