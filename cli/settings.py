@@ -62,6 +62,7 @@ OPTION_NAMES = {
     "seed": "--seed",
     "max_sequence_length": "--max-sequence-length",
     "sampler": "--sampler",
+    "prompt_syntax": "--prompt-syntax",
     "skip_guidance_layers": "the --from-image PNG's SLG layers",  # the CLI takes them only from a PNG
     "skip_layer_guidance_scale": "--slg-scale",
     "skip_layer_guidance_start": "the --from-image PNG's SLG start",
@@ -84,8 +85,8 @@ def check(s: Settings, limits=None) -> list[str]:
     if s.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {s.dtype!r}; choose one of {', '.join(DTYPES)}")
     try:
-        validate_generation(limits, names=OPTION_NAMES, prompt=s.prompt, **s.generate_kwargs())
-    except InvalidInput as e:
+        validate_generation(limits, names=OPTION_NAMES, prompt=s.encoder_prompt, **s.generate_kwargs())
+    except (InvalidInput, ValueError) as e:  # ValueError: PROMPT's <lora:...> tags (sd35m_mlx.prompts.syntax)
         raise UsageError(str(e)) from None
     if s.upscale is not None:
         if not 1 <= s.upscale <= 4:

@@ -16,6 +16,10 @@ SAMPLERS = (
     "uni_pc_bh2",
 )  # fmt: skip
 DTYPES = ("float32", "bfloat16", "float16")
+# how prompts are read: "plain" is diffusers' encode_prompt (generate()'s default), "weighted" A1111's syntax and
+# long prompts (prompts/weighted.py; the CLI's and the server's default, as A1111 users expect)
+PROMPT_SYNTAXES = ("plain", "weighted")
+PROMPT_SYNTAX = "plain"
 
 MULTIPLE = 16  # image sides: VAE factor 8 x patch size 2
 
