@@ -11,7 +11,7 @@ import click
 
 import sd35m_mlx
 
-from . import distributed, editing
+from . import distributed, editing, prompts_file
 from .errors import RunError, UsageError, one_line
 from .group import DefaultCommand
 from .job import load, make_image, plan, write
@@ -60,8 +60,14 @@ def generate(ctx: click.Context, quiet: bool, verbose: bool, **params) -> None:
 
 def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     split = params.pop("split", "seeds")
+    prompts = params.pop("prompts_file", None)
     if (ranks := distributed.join(split)) is not None:  # started by mlx.launch: cli/distributed.py
+        if prompts:
+            raise UsageError("--prompts-file does not run under mlx.launch yet; give PROMPT")
         return distributed.run(ctx, reporter, params, ranks, split)
+
+    if prompts:  # one job per line, the model loaded once
+        return prompts_file.run(ctx, reporter, params, prompts)
 
     # 1. Everything that can fail fast fails before the model loads: nothing is written on failure.
     job = plan(ctx, params)

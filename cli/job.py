@@ -45,13 +45,17 @@ class Job:
     explicit: set[str]  # steps / cfg / slg the user chose (or the PNG stored): no per-model default for them
     second_model: Callable | None = None  # --upscale-model's loader (cli/upscale.py)
     size_from: dict[str, str] = dataclasses.field(default_factory=dict)  # side -> the picture that set it
+    tag_files: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # PROMPT's <lora:> tags (cli/lora.py)
 
 
-def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
-    """Every check that needs no model; `writer`: this process writes the files (their folders are checked)."""
+def plan(ctx: click.Context, params: dict, *, writer: bool = True, chosen: frozenset = frozenset()) -> Job:
+    """Every check that needs no model; `writer`: this process writes the files (their folders are checked);
+    `chosen`: parameters given other than on the command line (a --prompts-file line's options)."""
     restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
-    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n)}
+    explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n) or n in chosen}
     settings, seeds, notes, size_from = build_settings(ctx, params)
+    lora_tags, tag_files = lora.resolve_tags(settings.prompt, settings.negative_prompt, params.pop("lora_dir", None))
+    settings = dataclasses.replace(settings, lora_tags=lora_tags)
     edit = editing.prepare(editing.inputs(settings), given(ctx, "strength"))  # read and checked (also restored)
     if settings.upscale is not None and edit.kwargs:
         raise UsageError("--upscale does not combine with --mask, --outpaint or --controlnet yet")
@@ -62,13 +66,18 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True) -> Job:
             check_writable(folder)
     preview = live.check(params, lambda name: given(ctx, name)) if writer else None
     folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
-    return Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit, size_from=size_from)
+    job = Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit, size_from=size_from)
+    job.tag_files = tag_files
+    return job
 
 
-def load(job: Job, params: dict, reporter: Reporter):
-    """The pipeline with the job's LoRAs and ControlNets; job.settings fitted to what the model accepts."""
+def load(job: Job, params: dict, reporter: Reporter, pipe=None):
+    """The pipeline with the job's LoRAs and ControlNets; job.settings fitted to what the model accepts.
+    `pipe`: the one loaded for an earlier job (--prompts-file), switched to this job's LoRAs."""
     s = job.settings
-    pipe = model_io.load_pipeline(
+    if pipe is not None:
+        pipe.use_loras([(src, w) for src, w, _ in s.loras] + job.tag_files)
+    pipe = pipe or model_io.load_pipeline(
         job.folder,
         s.dtype,
         s.t5,
@@ -76,12 +85,13 @@ def load(job: Job, params: dict, reporter: Reporter):
         t5_quantize=s.t5_quantize,
         low_memory=params["low_memory"],
         **live.loader_options(params),
-        **({"loras": [(src, w) for src, w, _ in s.loras]} if s.loras else {}),
+        **({"loras": [(src, w) for src, w, _ in s.loras] + job.tag_files} if s.loras or job.tag_files else {}),
     )
     notes = []
-    if s.loras:
-        loras, notes = lora.with_hashes(s.loras, pipe.lora_info())
-        s = dataclasses.replace(s, loras=loras)
+    if s.loras or s.lora_tags:
+        info = pipe.lora_info()
+        loras, notes = lora.with_hashes(s.loras, info[: len(s.loras)])
+        s = dataclasses.replace(s, loras=loras, lora_tags=lora.tags_with_hashes(s.lora_tags, info[len(s.loras) :]))
     job.edit.load(pipe, s.quantize)
     s, defaults = apply_family_defaults(s, pipe, job.explicit)  # steps, guidance, SLG per model (cli/family.py)
     notes += [defaults] if defaults else []
@@ -107,7 +117,7 @@ def make_image(pipe, job: Job, params: dict, reporter: Reporter, i: int, *, labe
     if s.upscale is not None:  # two passes (cli/upscale.py): plan() refused editing inputs with it
         images = two_pass(pipe, s, reporter, label, job.second_model, **extra)
     else:
-        images = pipe.generate(s.prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
+        images = pipe.generate(s.encoder_prompt, callback=reporter.steps(label), **(s.generate_kwargs() | extra))
     return images if overrides.get("output_type") == "latent" else job.edit.finish(images)[0]
 
 
@@ -136,6 +146,8 @@ def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, dic
     for name, field in RESTORABLE.items():
         if stored.get(field) is not None and not given(ctx, name):
             params[name] = (stored[field],) if name == "seeds" else stored[field]
+    if "prompt_syntax" not in stored and not given(ctx, "prompt_syntax"):
+        params["prompt_syntax"] = "plain"  # written before --prompt-syntax: its prompt was encoded plain
     extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop", "loras") if k in stored}
     return params, extra, invalid
 
@@ -190,6 +202,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             steps=int(params["steps"]),
             cfg=float(params["cfg"]),
             sampler=str(params["sampler"]),
+            prompt_syntax=str(params["prompt_syntax"]),
             slg=bool(params["slg"]),
             slg_scale=float(params["slg_scale"]),
             max_sequence_length=int(params["max_sequence_length"]),

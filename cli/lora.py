@@ -29,7 +29,30 @@ OPTIONS = [
         help="Weight of each --lora, in the same order (repeatable); with --from-image alone, re-weights "
         "the image's LoRAs.  [default: 1.0 each]",
     ),
+    click.option(
+        "--lora-dir",
+        envvar="SD35M_MLX_LORA_DIR",
+        metavar="FOLDER",
+        help="A folder of LoRA .safetensors files (sub-folders too) that `<lora:NAME:WEIGHT>` tags in PROMPT name, "
+        "as in AUTOMATIC1111: NAME is the file's path in the folder without .safetensors (or its file name when "
+        "unique); the tag is removed from the text the encoders read. Also SD35M_MLX_LORA_DIR.",
+    ),
 ]
+
+TagFiles = list[tuple[str, float]]  # (file, weight) per tag, for from_pretrained(loras=...)
+
+
+def resolve_tags(prompt: str, negative_prompt: str, lora_dir: str | None) -> tuple[Loras, TagFiles]:
+    """The prompt's `<lora:NAME:WEIGHT>` tags found in --lora-dir (lora/library.py `tagged_loras`): ((NAME,
+    weight, "") for the record, files to load). Every failure is one line (exit 2)."""
+    from sd35m_mlx.lora.library import LoraLibrary, tagged_loras
+
+    try:
+        library = LoraLibrary(lora_dir) if lora_dir else None
+        found = tagged_loras(prompt, negative_prompt, library, "give it with --lora-dir (or SD35M_MLX_LORA_DIR)")
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"PROMPT: {e}") from None
+    return tuple((e.name, w, "") for e, w in found), [(str(e.path.resolve()), w) for e, w in found]
 
 
 def plan(given: bool, params: dict, stored: Loras | None) -> tuple[Loras, list[str]]:
@@ -69,6 +92,11 @@ def _available(source: str) -> bool:
     if len(parts) >= 3 and source.endswith(".safetensors") and not source.startswith(("/", ".", "~")):
         return hub.is_hub_id("/".join(parts[:2]))
     return hub.is_hub_id(source)
+
+
+def tags_with_hashes(tags: Loras, info: list[dict]) -> Loras:
+    """The tags' LoRAs with the loaded pipeline's short sha256 of each (same order)."""
+    return tuple((name, w, item["sha256"]) for (name, w, _), item in zip(tags, info, strict=True))
 
 
 def with_hashes(loras: Loras, info: list[dict]) -> tuple[Loras, list[str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sd35m_mlx.defaults import PROMPT_SYNTAXES
 from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, SAMPLER_NAMES, stored_text, strip_tags
 
 from .errors import UsageError
@@ -117,6 +118,8 @@ def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
     kv = dict(items or [])
     if sampler := {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", "")):
         raw["sampler"] = sampler
+    if "Prompt syntax" in kv:
+        raw["prompt_syntax"] = kv["Prompt syntax"]
     invalid = {}
     for key, name, kind in (
         ("Steps", "steps", int),
@@ -166,6 +169,7 @@ def _field_rules() -> dict:
         "cfg": lambda x, n: v.real(x, n, 0.0, v.MAX_GUIDANCE),
         "seed": lambda x, n: v.integer(x, n, 0, v.MAX_SEED),
         "sampler": lambda x, n: v.choice(x, n, SAMPLERS),
+        "prompt_syntax": lambda x, n: v.choice(x, n, PROMPT_SYNTAXES),
         "slg": v.boolean,
         "slg_layers": lambda x, n: v.layer_indices(x, n, None) or (),
         "slg_scale": lambda x, n: v.real(x, n, 0.0, v.MAX_GUIDANCE),

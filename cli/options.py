@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from sd35m_mlx.defaults import PROMPT_SYNTAXES
 from sd35m_mlx.record import QUALITY
 
 from . import lora
@@ -36,6 +37,7 @@ RESTORABLE = {
     "cfg": "cfg",
     "seeds": "seed",
     "sampler": "sampler",
+    "prompt_syntax": "prompt_syntax",
     "slg": "slg",
     "slg_scale": "slg_scale",
     "max_sequence_length": "max_sequence_length",
@@ -123,6 +125,13 @@ OPTIONS = [
         help="Number of images. Seeds continue from the last --seed, or from a random one (+1 each).",
     ),
     click.option("--sampler", type=click.Choice(SAMPLERS), default=_D.sampler, help="Sampler."),
+    click.option(
+        "--prompt-syntax",
+        type=click.Choice(PROMPT_SYNTAXES),
+        default="weighted",
+        help="weighted: AUTOMATIC1111's prompt syntax, (word:1.3) [word] BREAK, and prompts longer than 77 CLIP "
+        "tokens (in chunks); plain: the text as diffusers encodes it. A PNG from before this option replays plain.",
+    ),
     option_with_default_in_help(
         "--slg/--no-slg",
         default=_D.slg,
@@ -230,6 +239,13 @@ OPTIONS = [
         metavar="PNG",
         help="Re-run the settings stored in a PNG (ours, or A1111-style parameters). "
         "Options given on the command line take precedence.",
+    ),
+    click.option(
+        "--prompts-file",
+        metavar="FILE",
+        help="One image job per line (blank lines and # comments skipped): a prompt, or AUTOMATIC1111's per-line "
+        'options (--prompt "..." --negative_prompt "..." --steps N --seed N --cfg_scale X --width W --height H '
+        "--sampler_name NAME); the command's options are the defaults. The model loads once.",
     ),
     *LIVE_OPTIONS,
     click.option(

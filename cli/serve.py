@@ -35,6 +35,13 @@ def public_name(model: str) -> str:
 @click.option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for every network (set a key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, help="Port (0: any free one, printed).")
 @click.option(
+    "--lora-dir",
+    envvar="SD35M_MLX_LORA_DIR",
+    metavar="FOLDER",
+    help="A folder of LoRA .safetensors files: prompts' <lora:NAME:WEIGHT> tags (and the OpenAI extension "
+    "`loras`) load them by name, /sdapi/v1/loras lists them. Also SD35M_MLX_LORA_DIR.  [default: none; tags refused]",
+)
+@click.option(
     "--api-key",
     envvar="SD35M_MLX_API_KEY",
     show_envvar=True,
@@ -81,8 +88,8 @@ def public_name(model: str) -> str:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
-    host, port, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts, cors_origins, read_timeout,
-    signed_urls, verbose, **params,
+    host, port, lora_dir, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts, cors_origins,
+    read_timeout, signed_urls, verbose, **params,
 ) -> None:  # fmt: skip
     """Keep the model loaded and serve it over HTTP: OpenAI's Images API (/v1/images/generations,
     /v1/images/edits), AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress, interrupt) and a web
@@ -104,6 +111,8 @@ def serve(
         from sd35m_mlx.server.spec import Limits
     except ImportError as e:
         raise RunError(one_line(e)) from None
+    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
+        raise UsageError(f"--lora-dir {lora_dir} is not a folder")
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UsageError(f"--output-dir {output_dir} is not a folder")
 
@@ -149,6 +158,7 @@ def serve(
         cors_origins=tuple(cors_origins),
         read_timeout=read_timeout,
         signed_urls=signed_urls,
+        lora_dir=lora_dir,
     )
     run_server(pipe, host=host, port=port, config=config, verbose=verbose, sock=sock,
                say=lambda m: click.echo(m, err=True))  # fmt: skip

@@ -62,6 +62,7 @@ OPTION_NAMES = {
     "seed": "--seed",
     "max_sequence_length": "--max-sequence-length",
     "sampler": "--sampler",
+    "prompt_syntax": "--prompt-syntax",
     "skip_guidance_layers": "the --from-image PNG's SLG layers",  # the CLI takes them only from a PNG
     "skip_layer_guidance_scale": "--slg-scale",
     "skip_layer_guidance_start": "the --from-image PNG's SLG start",
@@ -88,8 +89,8 @@ def check(s: Settings, limits=None, size_from: dict[str, str] | None = None) -> 
     size_from = size_from or {}
     names = OPTION_NAMES | {side: f"the {side} of {src}" for side, src in size_from.items()}
     try:
-        validate_generation(limits, names=names, prompt=s.prompt, **s.generate_kwargs())
-    except InvalidInput as e:
+        validate_generation(limits, names=names, prompt=s.encoder_prompt, **s.generate_kwargs())
+    except (InvalidInput, ValueError) as e:  # ValueError: PROMPT's <lora:...> tags (sd35m_mlx.prompts.syntax)
         resize = "; pass --width/--height to resize" if any(names[side] in str(e) for side in size_from) else ""
         raise UsageError(f"{e}{resize}") from None
     if s.upscale is not None:

@@ -41,7 +41,7 @@ def two_pass(pipe, s: Settings, reporter, label: str, second_model, **extra):
     reporter.say(f"{label} second pass: {w}x{h}, {steps} steps at strength {s.upscale_strength}")
     result = upscale_generate(
         pipe,
-        s.prompt,
+        s.encoder_prompt,
         factor=s.upscale,
         strength=s.upscale_strength,
         upscale_steps=s.upscale_steps,

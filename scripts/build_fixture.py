@@ -24,35 +24,17 @@ from pathlib import Path
 
 import torch
 
+from sd35m_mlx.loading.tiny_random import CLIP_G, CLIP_L, T5
+from sd35m_mlx.loading.tiny_random import TRANSFORMER as TINY_TRANSFORMER
 from sd35m_mlx.loading.tiny_tokenizers import CORPUS, train_clip_bpe, write_clip_tokenizer, write_t5_tokenizer
 
-# Sizes. CLIP-L width + CLIP-G width (32 + 64) < T5 width (128), so the zero padding of the CLIP
-# features up to the T5 width is exercised, as in the real model (768 + 1280 < 4096).
+# Sizes: the toy model of sd35m_mlx/loading/tiny_random.py (CLIP-L, CLIP-G, T5 and the transformer's widths),
+# with a positional table (24: 384 px) larger than the test latents, so the crop matters.
 CLIP_NUM_MERGES = 400  # learned merges (fewer if the corpus runs out of repeated pairs)
 T5_SPM_VOCAB = 500  # sentencepiece pieces; T5Tokenizer adds 100 <extra_id_*> after them
-CLIP_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
-              hidden_act="quick_gelu")  # fmt: skip
-CLIP_G = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, projection_dim=64,
-              hidden_act="gelu")  # fmt: skip
-T5 = dict(
-    d_model=128, d_ff=96, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
-    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
-)  # fmt: skip
 TRANSFORMER = dict(
-    sample_size=32,  # 256 px default; tests pass explicit sizes
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=4,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    caption_projection_dim=32,
-    joint_attention_dim=T5["d_model"],
-    pooled_projection_dim=CLIP_L["projection_dim"] + CLIP_G["projection_dim"],
-    pos_embed_max_size=24,  # 48x48 latents, 384x384 px: larger than test latents so the crop matters
-    dual_attention_layers=(0, 1),
-    qk_norm="rms_norm",
-)
+    TINY_TRANSFORMER, sample_size=32, patch_size=2, in_channels=16, out_channels=16, pos_embed_max_size=24
+)  # fmt: skip
 VAE = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32), layers_per_block=2, act_fn="silu",

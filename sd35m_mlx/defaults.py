@@ -9,8 +9,17 @@ from __future__ import annotations
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 TAESD3_REPO = "madebyollin/taesd3"  # the tiny decoder behind preview="taesd" / decoder="taesd"
 
-SAMPLERS = ("euler", "dpmpp_2m")  # sampling/samplers.py builds its registry over these names
+# ComfyUI's names (comfy/samplers.py KSAMPLER_NAMES); sampling/samplers/ builds its registry over these names
+SAMPLERS = (
+    "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m",
+    "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "ipndm", "deis", "res_multistep", "gradient_estimation", "ddim", "uni_pc",
+    "uni_pc_bh2",
+)  # fmt: skip
 DTYPES = ("float32", "bfloat16", "float16")
+# how prompts are read: "plain" is diffusers' encode_prompt (generate()'s default), "weighted" A1111's syntax and
+# long prompts (prompts/weighted.py; the CLI's and the server's default, as A1111 users expect)
+PROMPT_SYNTAXES = ("plain", "weighted")
+PROMPT_SYNTAX = "plain"
 
 MULTIPLE = 16  # image sides: VAE factor 8 x patch size 2
 

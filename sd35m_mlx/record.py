@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import defaults as D
 from .defaults import MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN
+from .prompts.syntax import extract_lora_tags
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Settings:
     cfg: float = D.GUIDANCE
     seed: int = 0
     sampler: str = D.SAMPLER
+    prompt_syntax: str = "plain"  # a PNG that does not record it was encoded plain (the CLI's default is weighted)
     slg: bool = True
     slg_layers: tuple[int, ...] = D.SLG_LAYERS
     slg_scale: float = D.SLG_SCALE
@@ -46,6 +48,9 @@ class Settings:
     image: str | None = None
     strength: float | None = None
     loras: tuple[tuple[str, float, str], ...] = ()  # (source, weight, short sha256) per LoRA
+    # the prompt's `<lora:NAME:W>` tags as resolved in a LoRA folder: (NAME, weight, short sha256), for the record;
+    # a re-run resolves the tags again (they stay in `prompt`, as A1111 keeps them)
+    lora_tags: tuple[tuple[str, float, str], ...] = ()
     upscale: float | None = None  # two-pass upscale factor (sd35m_mlx/upscale.py); None: one pass
     upscale_strength: float = 0.35
     upscale_steps: int | None = None  # None: as steps
@@ -70,6 +75,11 @@ class Settings:
             return None
         return D.scaled_size(self.width, self.height, self.upscale)
 
+    @property
+    def encoder_prompt(self) -> str:
+        """The prompt as generate() reads it: `<lora:...>` tags removed (they name LoRAs, cli/lora.py, server)."""
+        return extract_lora_tags(self.prompt)[0]
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `StableDiffusion35.generate` (the prompt first, positionally)."""
         kwargs = dict(
@@ -82,6 +92,7 @@ class Settings:
             num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
             sampler=self.sampler,
+            prompt_syntax=self.prompt_syntax,
             skip_guidance_layers=list(self.slg_layers) if self.slg else None,
             skip_layer_guidance_scale=self.slg_scale,
             skip_layer_guidance_start=self.slg_start,
@@ -156,6 +167,8 @@ def parameters_text(s: Settings, version: str) -> str:
         "Size": f"{s.width}x{s.height}",
         "Model": _name(s.model),
     }
+    if s.prompt_syntax != "plain":  # absent: plain, as every PNG written before the option
+        items["Prompt syntax"] = s.prompt_syntax
     if s.image is not None:
         items["Denoising strength"] = s.strength
     if s.slg and s.cfg > 1:
@@ -172,10 +185,10 @@ def parameters_text(s: Settings, version: str) -> str:
     items.update(editing_items(s))
     if not s.t5:
         items["T5"] = "off"
-    if s.loras:
-        items["Lora hashes"] = hashes_text(s.loras)
+    if s.loras or s.lora_tags:
+        items["Lora hashes"] = hashes_text(s.loras + s.lora_tags)
     items["Version"] = version
-    lines = [s.prompt + prompt_tags(s.loras)]
+    lines = [s.prompt + prompt_tags(s.loras)]  # the tags' LoRAs (lora_tags) are in the prompt already
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in items.items()))

@@ -84,6 +84,7 @@ class GenerationSettings:
     num_images_per_prompt: int = 1
     max_sequence_length: int = D.SEQUENCE_LENGTH
     sampler: str = D.SAMPLER
+    prompt_syntax: str = D.PROMPT_SYNTAX  # "plain" or "weighted"
     skip_guidance_layers: Sequence[int] | None = None
     skip_layer_guidance_scale: float = D.SLG_SCALE
     skip_layer_guidance_start: float = D.SLG_START
@@ -288,6 +289,7 @@ class _Validator:
             num_images_per_prompt=images_per_prompt,
             max_sequence_length=integer(s.max_sequence_length, n("max_sequence_length"), 1, MAX_SEQUENCE_LENGTH),
             sampler=choice(s.sampler, n("sampler"), SAMPLERS),
+            prompt_syntax=choice(s.prompt_syntax, n("prompt_syntax"), D.PROMPT_SYNTAXES),
             skip_guidance_layers=layer_indices(
                 s.skip_guidance_layers, n("skip_guidance_layers"), self.limits and self.limits.num_layers
             ),

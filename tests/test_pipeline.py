@@ -151,7 +151,7 @@ def test_callback_sees_every_step_and_can_cancel(ours):
         (dict(strength=0.0, image=np.zeros((64, 64, 3), np.float32)), "strength"),
         (dict(strength=1.5, image=np.zeros((64, 64, 3), np.float32)), "strength"),
         (dict(latents=np.zeros((1, 4, 4, 16), np.float32)), "latents must have shape"),
-        (dict(sampler="ddim"), "unknown sampler"),
+        (dict(sampler="euler_a"), "unknown sampler"),
         (dict(output_type="tensor"), "output_type"),
     ],
 )

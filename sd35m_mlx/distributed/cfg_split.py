@@ -31,13 +31,16 @@ class CfgSplitDenoiser(GuidedDenoiser):
             raise ValueError(f"split='cfg' needs exactly 2 ranks, got {ranks.size}")
         if not guidance.cfg:
             raise ValueError(f"split='cfg' needs guidance_scale > 1 (two halves to split), got {guidance.scale}")
-        super().__init__(transformer, context, pooled, timesteps, guidance, start, dtype)
         self.ranks = ranks
         b = context.shape[0] // 2
-        half = slice(0, b) if ranks.rank == UNCOND_RANK else slice(b, 2 * b)
-        self.context = self.context[half]
-        self.modulations = [tree_map(lambda a: a[half], m) for m in self.modulations]
-        mx.eval(self.context, self.modulations)
+        self._half = slice(0, b) if ranks.rank == UNCOND_RANK else slice(b, 2 * b)
+        super().__init__(transformer, context, pooled, timesteps, guidance, start, dtype)
+        self.context = self.context[self._half]
+        mx.eval(self.context)
+
+    def _modulations(self, timesteps) -> list:
+        """This rank's half of the whole batch's modulations (the schedule's, and any other sigma's)."""
+        return [tree_map(lambda a: a[self._half], m) for m in super()._modulations(timesteps)]
 
     def _forward(self, x, mods, skip_layers=None) -> mx.array:
         """The transformer's output in the model dtype (GuidedDenoiser._denoise before its float32 cast)."""
@@ -46,9 +49,9 @@ class CfgSplitDenoiser(GuidedDenoiser):
             self.pos = self.transformer.pos_embed.cropped_pos_embed(x.shape[1] // p, x.shape[2] // p)
         return self.transformer.denoise(x, self.context, mods, skip_layers, pos=self.pos)
 
-    def __call__(self, i: int, x: mx.array) -> mx.array:
+    def __call__(self, i: int, x: mx.array, sigma: float | None = None) -> mx.array:
         g = self.guidance
-        mods = self.modulations[i - self.start]
+        mods = self._mods(i, sigma)
         xin = x.astype(self.dtype)
         mine = [self._forward(xin, mods)]
         skip = g.skip_active(i, self.num_steps)

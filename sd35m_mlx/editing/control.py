@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..images import from_pil_or_array
 from ..models.controlnet import SD3ControlNetModel
+from ..sampling.guidance import ModulationTable
 from ..sampling.loop import Step, StepExtra
 
 
@@ -150,8 +151,15 @@ def encode_control_image(vae, image, height: int, width: int, no_shift: bool, dt
     return (z - shift) * vae.config.scaling_factor
 
 
+def _modulations_of(net: SD3ControlNetModel, pooled: mx.array):
+    return lambda timesteps: net.schedule_modulations(mx.array(timesteps), pooled)
+
+
 class ControlNetResiduals(StepExtra):
-    """Gives the velocity function `block_residuals`: the ControlNets' outputs summed, on their active steps."""
+    """Gives the velocity function `block_residuals`: the ControlNets' outputs summed, on their active steps.
+
+    Every model evaluation gets them at its own sigma (timestep sigma * 1000), a sampler's midpoints too; the
+    on/off window goes by step index."""
 
     def __init__(
         self,
@@ -170,15 +178,14 @@ class ControlNetResiduals(StepExtra):
         self.cfg = cfg
         self.dtype = dtype
         self.patch_embed = patch_embed  # the transformer's, for ControlNets without their own
-        t = mx.array(timesteps[start:], dtype=mx.float32)
-        self.contexts, self.modulations = [], []
+        self.contexts, self.tables = [], []
         for u in self.units:  # the text side and adaLN vectors of each ControlNet, for every step, once
             ctx = u.net.context_embedder(context.astype(dtype)) if u.net.joint else None
             pooled_in = mx.zeros_like(pooled) if u.net.config.force_zeros_for_pooled_projection else pooled
             self.contexts.append(ctx)
-            self.modulations.append(u.net.schedule_modulations(t, pooled_in.astype(dtype)))
+            self.tables.append(ModulationTable(_modulations_of(u.net, pooled_in.astype(dtype)), timesteps[start:]))
         self.pos: list = [None] * len(self.units)
-        mx.eval(self.contexts, self.modulations)
+        mx.eval(self.contexts)
 
     def model_inputs(self, step: Step, x: mx.array) -> dict:
         i = step.index
@@ -191,8 +198,7 @@ class ControlNetResiduals(StepExtra):
             if self.pos[k] is None:
                 p = u.net.config.patch_size
                 self.pos[k] = embed.cropped_pos_embed(x.shape[1] // p, x.shape[2] // p)
-            r = u.net.residuals(
-                xin, u.latents, self.contexts[k], self.modulations[k][i - self.start], u.scale, embed, self.pos[k]
-            )
+            mods = self.tables[k].at(step.sigma)  # the timestep of this evaluation (a sampler's midpoint too)
+            r = u.net.residuals(xin, u.latents, self.contexts[k], mods, u.scale, embed, self.pos[k])
             total = r if total is None else [a + b for a, b in zip(total, r, strict=True)]
         return {} if total is None else {"block_residuals": total}

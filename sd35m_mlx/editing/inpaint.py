@@ -21,12 +21,21 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom (PIL crop box)
 
 
 class InpaintBlend(StepExtra):
-    """After each step: latents = (1 - mask) * image latents noised to sigma_next + mask * latents."""
+    """After each step: latents = (1 - mask) * image latents noised to sigma_next + mask * latents.
+
+    Every model evaluation sees the known region noised to its own sigma, as ComfyUI's KSamplerX0Inpaint
+    feeds it: for a step's first evaluation that is what the previous step's blend left (the mask is 0/1,
+    so blending again changes nothing); a sampler's extra evaluations (heun's at sigma_next, midpoints)
+    would otherwise see its own estimate of the known region."""
 
     def __init__(self, image_latents: mx.array, noise: mx.array, mask: mx.array):
         self.image_latents = image_latents
         self.noise = noise
         self.mask = mask  # (1 or B, h, w, 1), 1 = repaint
+
+    def model_latents(self, step: Step, x: mx.array) -> mx.array:
+        s = step.sigma
+        return (1 - self.mask) * (s * self.noise + (1.0 - s) * self.image_latents) + self.mask * x
 
     def after_step(self, step: Step, x_in: mx.array, velocity: mx.array, x: mx.array) -> mx.array:
         if step.count == step.total:  # the last step: the clean image latents

@@ -28,9 +28,16 @@ from .tiny_tokenizers import CORPUS, train_clip_bpe, write_clip_tokenizer, write
 
 NAME = "tiny-random"
 
-CLIP_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-CLIP_G = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
-T5 = dict(d_model=128, d_ff=96, d_kv=16, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
+# The same toy sizes as the test fixtures (scripts/build_fixture.py imports these). CLIP-L + CLIP-G width
+# (32 + 64) < T5 width (128), so the zero padding of the CLIP features up to T5's width is exercised.
+CLIP_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+              hidden_act="quick_gelu")  # fmt: skip
+CLIP_G = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, projection_dim=64,
+              hidden_act="gelu")  # fmt: skip
+T5 = dict(
+    d_model=128, d_ff=96, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
+)  # fmt: skip
 TRANSFORMER = dict(
     num_layers=4,
     num_attention_heads=2,
@@ -87,8 +94,8 @@ def build_parts(dtype: mx.Dtype = mx.float32, *, load_t5: bool = True) -> Pipeli
     tok = load_tokenizer(tokenizers / "tokenizer", "CLIPTokenizer")
     tok_2 = load_tokenizer(tokenizers / "tokenizer_2", "CLIPTokenizer")
     clip_ids = dict(vocab_size=len(tok.get_vocab()), eos_token_id=tok.eos_token_id)
-    clip_l = CLIPTextModel(CLIPTextConfig.from_dict({**CLIP_L, **clip_ids, "hidden_act": "quick_gelu"}))
-    clip_g = CLIPTextModel(CLIPTextConfig.from_dict({**CLIP_G, **clip_ids, "hidden_act": "gelu"}))
+    clip_l = CLIPTextModel(CLIPTextConfig.from_dict({**CLIP_L, **clip_ids}))
+    clip_g = CLIPTextModel(CLIPTextConfig.from_dict({**CLIP_G, **clip_ids}))
     t5 = tok_3 = None
     if load_t5:
         tok_3 = load_tokenizer(tokenizers / "tokenizer_3", "T5TokenizerFast")

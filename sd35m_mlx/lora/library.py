@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..loading.safetensors_io import WeightsError, read_header
+from ..prompts.syntax import extract_lora_tags
 
 SUFFIX = ".safetensors"
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words")  # writers that record one
@@ -134,3 +135,21 @@ class LoraLibrary:
     def resolve(self, name: str) -> Path:
         """The file of the LoRA `name` (see `get`), its real path inside the folder."""
         return self.get(name).path.resolve(strict=True)
+
+
+def tagged_loras(
+    prompt: str, negative_prompt: str, library: LoraLibrary | None, no_folder: str
+) -> list[tuple[LoraEntry, float]]:
+    """The prompt's `<lora:NAME:WEIGHT>` tags found in `library`: [(entry, weight)], in order (the CLI's and the
+    server's). ValueError (one line) for a bad tag, a tag in the negative prompt (a LoRA is not applied
+    negatively, and dropping it silently would hide a mistake), a name the library refuses, or tags without
+    a library (`no_folder` says how to give one)."""
+    _, tags = extract_lora_tags(prompt)
+    _, negative_tags = extract_lora_tags(negative_prompt)
+    if negative_tags:
+        raise ValueError(
+            f"<lora:{negative_tags[0][0]}>: LoRA tags apply in the prompt only, not in the negative prompt"
+        )
+    if tags and library is None:
+        raise ValueError(f"the prompt names <lora:{tags[0][0]}>, but there is no LoRA folder: {no_folder}")
+    return [(library.get(name), weight) for name, weight in tags]

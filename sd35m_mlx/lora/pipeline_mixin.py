@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ class _LoraState:
     active: dict[str, float] = field(default_factory=dict)  # name -> weight, in load order
     fused_scale: float | None = None
     tables: KeyTables | None = None
+    # use_loras' files: (real path, size, mtime) -> adapter name, least recently used first
+    cached: OrderedDict[tuple[str, int, int], str] = field(default_factory=OrderedDict)
+
+
+MAX_CACHED_LORAS = 8  # adapters use_loras keeps loaded between calls (a SD3.5 Medium LoRA is ~20-200 MB)
 
 
 class LoraMixin:
@@ -122,6 +128,36 @@ class LoraMixin:
             raise ValueError("set_adapters while LoRAs are fused: call unfuse_lora() first")
         state.active = dict(zip(names, weights, strict=True))
         self._lora_refresh()
+
+    def use_loras(
+        self, loras: Sequence[tuple[str | os.PathLike, float]], max_loaded: int = MAX_CACHED_LORAS
+    ) -> list[str]:
+        """Make exactly these LoRA files active, with these weights; every other adapter is off. Returns the
+        adapter name of each entry.
+
+        For a server that switches LoRAs per request: a file loaded by an earlier call is reused (keyed by its
+        real path, size and modification time, so an edited file loads again), and beyond `max_loaded` files
+        the least recently used is unloaded. The same file twice adds its weights."""
+        state = self._loras
+        weights: dict[str, float] = {}
+        names = []
+        for path, weight in loras:
+            real = Path(path).resolve(strict=True)
+            stat = real.stat()
+            key = (str(real), stat.st_size, stat.st_mtime_ns)
+            name = state.cached.get(key)
+            if name is None or name not in state.adapters:
+                name = self.load_lora_weights(real, adapter_name=_next_name(state.adapters, "cached"))
+                state.cached[key] = name
+            state.cached.move_to_end(key)
+            weights[name] = weights.get(name, 0.0) + float(weight)
+            names.append(name)
+        while len(state.cached) > max(max_loaded, len(weights)):  # the requested ones are the most recent
+            _, name = state.cached.popitem(last=False)
+            state.adapters.pop(name, None)
+            state.active.pop(name, None)
+        self.set_adapters(list(weights), list(weights.values()))
+        return names
 
     def get_active_adapters(self) -> list[str]:
         return list(self._loras.active)
@@ -260,11 +296,11 @@ class LoraMixin:
         return state.tables
 
 
-def _next_name(adapters: Mapping[str, Adapter]) -> str:
+def _next_name(adapters: Mapping[str, Adapter], prefix: str = "default") -> str:
     i = 0
-    while f"default_{i}" in adapters:
+    while f"{prefix}_{i}" in adapters:
         i += 1
-    return f"default_{i}"
+    return f"{prefix}_{i}"
 
 
 def _tensors_from_dict(d: Mapping) -> dict[str, mx.array]:

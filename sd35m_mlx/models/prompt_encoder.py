@@ -98,10 +98,7 @@ class PromptEncoder:
         encoder = (self.text_encoder, self.text_encoder_2)[index]
         ids = self._tokenize(tokenizer, prompts, self.clip_max_length, "CLIP can only handle sequences up to")
         out = encoder(ids)
-        if len(set(clip_skips)) == 1:
-            states = out.hidden_states[-((clip_skips[0] or 0) + 2)]
-        else:
-            states = mx.stack([out.hidden_states[-((s or 0) + 2)][i] for i, s in enumerate(clip_skips)])
+        states = hidden_layer(out.hidden_states, clip_skips)
         return states.astype(self.dtype), out.text_embeds.astype(self.dtype)
 
     def _t5(self, prompts: list[str], max_sequence_length: int) -> mx.array:
@@ -135,6 +132,42 @@ class PromptEncoder:
         `stage(names)`, if given, is entered around the use of the named encoder attributes (T5's, then
         both CLIPs'): a caller short of memory loads them on entry and releases them on exit.
         """
+        prompts, batch, skips = self.prepare(prompt, negative_prompt, prompt_2, prompt_3, max_sequence_length,
+                                             num_images_per_prompt, do_classifier_free_guidance, negative_prompt_2,
+                                             negative_prompt_3, clip_skip)  # fmt: skip
+
+        # prompt and negative prompt run through each encoder as one batch: weights are read once
+        # (T5-XXL is 9.5 GB in bfloat16); each row's result does not depend on the others. T5 first,
+        # then the CLIPs, each evaluated: with a `stage` that loads and releases the encoders
+        # (low_memory), T5 is never resident beside the CLIPs; the results are the same either way.
+        stage = stage or _no_stage
+        with stage(("text_encoder_3",)):
+            t5 = self._t5(prompts[2], max_sequence_length)
+            mx.eval(t5)
+        with stage(("text_encoder", "text_encoder_2")):
+            states_l, pooled_l = self._clip(0, prompts[0], skips)
+            states_g, pooled_g = self._clip(1, prompts[1], skips)
+            mx.eval(states_l, pooled_l, states_g, pooled_g)
+
+        return assemble(
+            t5, (states_l, states_g), (pooled_l, pooled_g), batch, num_images_per_prompt, do_classifier_free_guidance
+        )
+
+    def prepare(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        prompt_2: str | Sequence[str] | None,
+        prompt_3: str | Sequence[str] | None,
+        max_sequence_length: int,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt_2: str | Sequence[str] | None,
+        negative_prompt_3: str | Sequence[str] | None,
+        clip_skip: int | None,
+    ) -> tuple[list[list[str]], int, list[int | None]]:
+        """encode_prompt's checks and defaults, shared with prompts/weighted.py: ([CLIP-L, CLIP-G, T5 texts,
+        each the prompts then (with CFG) the negative prompts], batch, clip_skip per row)."""
         if not isinstance(max_sequence_length, (int, np.integer)) or not 0 < max_sequence_length:
             raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
         if max_sequence_length > MAX_SEQUENCE_LENGTH:
@@ -169,33 +202,40 @@ class PromptEncoder:
                 prompts[i] = prompts[i] + neg
         # diffusers applies clip_skip to the prompt only, never to the negative prompt
         skips = [clip_skip] * batch + [None] * (batch if do_classifier_free_guidance else 0)
+        return prompts, batch, skips
 
-        # prompt and negative prompt run through each encoder as one batch: weights are read once
-        # (T5-XXL is 9.5 GB in bfloat16); each row's result does not depend on the others. T5 first,
-        # then the CLIPs, each evaluated: with a `stage` that loads and releases the encoders
-        # (low_memory), T5 is never resident beside the CLIPs; the results are the same either way.
-        stage = stage or _no_stage
-        with stage(("text_encoder_3",)):
-            t5 = self._t5(prompts[2], max_sequence_length)
-            mx.eval(t5)
-        with stage(("text_encoder", "text_encoder_2")):
-            states_l, pooled_l = self._clip(0, prompts[0], skips)
-            states_g, pooled_g = self._clip(1, prompts[1], skips)
-            mx.eval(states_l, pooled_l, states_g, pooled_g)
 
-        clip = mx.concatenate([states_l, states_g], axis=-1)
-        width = t5.shape[-1]
-        if clip.shape[-1] > width:
-            raise ValueError(f"CLIP features ({clip.shape[-1]}) are wider than the T5 context ({width})")
-        clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
-        context = mx.concatenate([clip, t5], axis=1)
-        pooled = mx.concatenate([pooled_l, pooled_g], axis=-1)
-        if num_images_per_prompt > 1:
-            context = mx.repeat(context, num_images_per_prompt, axis=0)
-            pooled = mx.repeat(pooled, num_images_per_prompt, axis=0)
-        mx.eval(context, pooled)
+def hidden_layer(hidden_states: Sequence[mx.array], skips: Sequence[int | None]) -> mx.array:
+    """Each row's CLIP states: hidden_states[-2] (diffusers' penultimate layer), clip_skip more layers back."""
+    layers = [-((s or 0) + 2) for s in skips]
+    if len(set(layers)) == 1:
+        return hidden_states[layers[0]][: len(layers)]
+    return mx.stack([hidden_states[layer][i] for i, layer in enumerate(layers)])
 
-        n = batch * num_images_per_prompt
-        if not do_classifier_free_guidance:
-            return context, None, pooled, None
-        return context[:n], context[n:], pooled[:n], pooled[n:]
+
+def assemble(
+    t5: mx.array,
+    clip_states: tuple[mx.array, mx.array],
+    clip_pooled: tuple[mx.array, mx.array],
+    batch: int,
+    num_images_per_prompt: int,
+    do_classifier_free_guidance: bool,
+) -> tuple[mx.array, mx.array | None, mx.array, mx.array | None]:
+    """encode_prompt's 4-tuple from the encoders' rows (prompts, then negatives): [CLIP-L | CLIP-G zero-padded
+    to the T5 width ; T5] on the token axis, pooled [CLIP-L | CLIP-G], each repeated per image; evaluated."""
+    clip = mx.concatenate(list(clip_states), axis=-1)
+    width = t5.shape[-1]
+    if clip.shape[-1] > width:
+        raise ValueError(f"CLIP features ({clip.shape[-1]}) are wider than the T5 context ({width})")
+    clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
+    context = mx.concatenate([clip, t5], axis=1)
+    pooled = mx.concatenate(list(clip_pooled), axis=-1)
+    if num_images_per_prompt > 1:
+        context = mx.repeat(context, num_images_per_prompt, axis=0)
+        pooled = mx.repeat(pooled, num_images_per_prompt, axis=0)
+    mx.eval(context, pooled)
+
+    n = batch * num_images_per_prompt
+    if not do_classifier_free_guidance:
+        return context, None, pooled, None
+    return context[:n], context[n:], pooled[:n], pooled[n:]

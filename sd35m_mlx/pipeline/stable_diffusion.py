@@ -7,10 +7,13 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
+from ..defaults import PROMPT_SYNTAXES
 from ..images import decode_latents, to_output
 from ..loading import hub
 from ..loading.parts import PipelineParts
@@ -20,12 +23,13 @@ from ..loading.taesd import TAESD3_REPO, load_taesd
 from ..lora import LoraMixin
 from ..models.mmdit import SD3Transformer2DModel
 from ..models.prompt_encoder import PromptEncoder
+from ..prompts.weighted import encode_prompt_weighted
 from ..quantize import quantize_parts
 from ..sampling.cancel import Cancellation, cancellable
 from ..sampling.guidance import GuidedDenoiser
 from ..sampling.loop import denoise
 from ..sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work, physical_memory
-from ..sampling.samplers import make_sampler
+from ..sampling.samplers import make_sampler, sampler_schedule
 from ..sampling.schedule import FlowMatchSchedule
 from ..validation import ARGUMENTS, ModelLimits
 from .controlnets import ControlNetMixin
@@ -199,19 +203,24 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             mx.clear_cache()
 
     @serialized
-    def encode_prompt(self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, **kwargs):
+    def encode_prompt(
+        self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, *, prompt_syntax: str = "plain", **kwargs
+    ):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them.
 
-        In low_memory mode with the encoders released, T5 loads and runs alone, then the two CLIPs."""
+        `prompt_syntax`: "plain" encodes as diffusers does; "weighted" reads A1111's syntax (`(x:1.2)`, `[x]`,
+        BREAK) and prompts longer than 77 CLIP tokens (prompts/weighted.py). In low_memory mode with the
+        encoders released, T5 loads and runs alone, then the two CLIPs."""
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise ValueError(f"unknown prompt_syntax {prompt_syntax!r}; choose one of {', '.join(PROMPT_SYNTAXES)}")
         if self.low_memory and self._reload is not None and self.prompt_encoder is None:
             encoder = self._reload("prompt_encoder").prompt_encoder  # lazy: each stage reads its encoders
             self._lora_attach("prompt_encoder", encoder)  # text encoder LoRAs, on the lazy weights
             kwargs["stage"] = _loaded_for_stage(encoder)
         else:
             encoder = self._component("prompt_encoder")
-        embeds = encoder.encode_prompt(
-            prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs
-        )
+        encode = encoder.encode_prompt if prompt_syntax == "plain" else partial(encode_prompt_weighted, encoder)
+        embeds = encode(prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs)
         mx.eval([e for e in embeds if e is not None])  # evaluated: usable from any thread (threads.py)
         return embeds
 
@@ -289,6 +298,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         num_images_per_prompt: int = 1,
         max_sequence_length: int = 256,
         sampler: str = "euler",
+        prompt_syntax: str = "plain",
         skip_guidance_layers: Sequence[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
@@ -324,6 +334,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         `preview` ("rgb" or "taesd") calls `on_preview(step, total, PIL.Image)` with the current
         estimate of the first image every `preview_every` steps and on the last (sampling/preview.py).
+        `prompt_syntax="weighted"` reads A1111's prompt syntax and long prompts (see `encode_prompt`).
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
         """
@@ -338,9 +349,10 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
 
         # 3. Schedule and initial latents (img2img / inpainting: the source image noised to the start step)
-        sigmas = self.schedule.sigmas(s.num_inference_steps)
-        timesteps = self.schedule.timesteps(s.num_inference_steps)
+        sigmas = sampler_schedule(s.sampler, self.schedule.sigmas, s.num_inference_steps)
+        timesteps = sigmas[:-1] * np.float32(self.schedule.num_train_timesteps)
         begin = initial_latents(s, canvas, self.limits, cond.shape[0], sigmas, self._encode)
+        sampler = make_sampler(s.sampler, sigmas, _sampler_noise(s.seed), shift=self.schedule.shift)
 
         # 4. Denoising loop: per-step extras (ControlNet, inpainting, callback, previews) plug in as StepExtras
         velocity = self.velocity_factory(
@@ -352,6 +364,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             begin.start,
             self.dtype,
         )
+        velocity.precompute(sampler.model_sigmas(begin.start))  # a sampler's midpoints too, before any release
         if self.low_memory and self._reload is not None:
             velocity.transformer.release_modulation_weights()  # precomputed above; reloaded next time
             gc.collect()
@@ -370,14 +383,27 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             decoder=self._decoder,
         )
         try:
-            sampler = make_sampler(s.sampler, sigmas)
-            x = denoise(begin.x, sigmas, begin.start, sampler, velocity, extras, self.work_budget)
+            x = denoise(begin.x, begin.start, sampler, velocity, extras, self.work_budget)
         finally:  # also when cancelled or a callback raised: the pipeline stays usable
             del velocity
             self._release("transformer")
 
         # 5. Decode (the VAE tiles when needed; an inpainting crop is pasted back)
         return decode_output(x, s, canvas, self._decoder, self.work_budget, self.dtype)
+
+
+def _sampler_noise(seed: int | None):
+    """Fresh noise for the samplers that draw it (ancestral, SDE, LCM): one generator seeded with the seed,
+    one draw per call, as ComfyUI's default_noise_sampler. MLX's generator stands in until the torch-compatible
+    one (sampling/noise.py) takes its place."""
+    key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+
+    def draw(shape: tuple[int, ...]) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.normal(shape, key=sub)
+
+    return draw
 
 
 def _encoders(prompt_encoder: PromptEncoder | None) -> list:

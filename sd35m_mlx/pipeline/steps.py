@@ -93,6 +93,7 @@ def conditioning(s: GenerationSettings, do_cfg: bool, encode_prompt: Callable[..
         num_images_per_prompt=s.num_images_per_prompt,
         max_sequence_length=s.max_sequence_length,
         do_classifier_free_guidance=do_cfg,
+        prompt_syntax=s.prompt_syntax,
     )
 
 

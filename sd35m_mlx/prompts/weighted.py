@@ -28,8 +28,7 @@ from contextlib import AbstractContextManager, nullcontext
 import mlx.core as mx
 import numpy as np
 
-from ..defaults import MAX_SEQUENCE_LENGTH as MAX_T5_TOKENS
-from ..models.prompt_encoder import PromptEncoder
+from ..models.prompt_encoder import PromptEncoder, assemble, hidden_layer
 from .syntax import is_break, parse_attention
 
 MAX_CLIP_CHUNKS = 16  # 1,200 CLIP tokens; the transformer's context grows by 77 tokens a chunk
@@ -113,13 +112,10 @@ def _clip(
     ids = [t for t, _ in tokens] + ([empty[0]] if weighted else [])
     out = model(mx.array(np.array(ids, dtype=np.int32)))
 
-    layers = [-((s or 0) + 2) for s in skips] * n_chunks
-    if len(set(layers)) == 1:
-        states = out.hidden_states[layers[0]][: len(tokens)]
-    else:
-        states = mx.stack([out.hidden_states[layer][i] for i, layer in enumerate(layers)])
+    row_skips = list(skips) * n_chunks
+    states = hidden_layer(out.hidden_states, row_skips)
     if weighted:
-        z_empty = mx.stack([out.hidden_states[layer][-1] for layer in layers])
+        z_empty = mx.stack([out.hidden_states[-((s or 0) + 2)][-1] for s in row_skips])
         states = _apply_weights(states, z_empty, weights)
     states = states.reshape(n_chunks, rows, length, -1).transpose(1, 0, 2, 3).reshape(rows, n_chunks * length, -1)
     return states.astype(encoder.dtype), out.text_embeds[:rows].astype(encoder.dtype)
@@ -148,15 +144,6 @@ def _t5(encoder: PromptEncoder, parsed: list[Parsed], max_sequence_length: int) 
     return out.astype(encoder.dtype)
 
 
-def _as_list(prompt: str | Sequence[str], what: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    prompts = list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
-
-
 def encode_prompt_weighted(
     encoder: PromptEncoder,
     prompt: str | Sequence[str],
@@ -177,34 +164,9 @@ def encode_prompt_weighted(
     (B, 77 * chunks + max_sequence_length, joint dim), chunks the same for prompt and negative prompt.
     Raises ValueError for a prompt of more than MAX_CLIP_CHUNKS chunks.
     """
-    if not isinstance(max_sequence_length, (int, np.integer)) or not 0 < max_sequence_length:
-        raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
-    if max_sequence_length > MAX_T5_TOKENS:
-        raise ValueError(f"max_sequence_length cannot be greater than {MAX_T5_TOKENS}, got {max_sequence_length}")
-    if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-    depth = min(e.config.num_hidden_layers for e in (encoder.text_encoder, encoder.text_encoder_2))
-    if clip_skip is not None and not 0 <= clip_skip < depth:
-        raise ValueError(f"clip_skip must be in [0, {depth - 1}] for these CLIP encoders, got {clip_skip}")
-
-    # the same defaults as encode_prompt (diffusers' `or`): prompt_2 / prompt_3 fall back to prompt
-    prompts = [_as_list(prompt, "prompt")]
-    prompts += [_as_list(p or prompt, name) for p, name in ((prompt_2, "prompt_2"), (prompt_3, "prompt_3"))]
-    if do_classifier_free_guidance:
-        negative_prompt = negative_prompt or ""
-        negatives = [negative_prompt, negative_prompt_2 or negative_prompt, negative_prompt_3 or negative_prompt]
-    batch = len(prompts[0])
-    for i, name in enumerate(("prompt", "prompt_2", "prompt_3")):
-        if len(prompts[i]) != batch:
-            raise ValueError(f"{name} has {len(prompts[i])} entries, but prompt has {batch}")
-        if do_classifier_free_guidance:
-            neg = negatives[i]
-            neg = [neg] * batch if isinstance(neg, str) else _as_list(neg, f"negative_{name}")
-            if len(neg) != batch:
-                raise ValueError(f"negative_{name} has {len(neg)} entries, but prompt has {batch}")
-            prompts[i] = prompts[i] + neg
-    skips = [clip_skip] * batch + [None] * (batch if do_classifier_free_guidance else 0)
-
+    prompts, batch, skips = encoder.prepare(prompt, negative_prompt, prompt_2, prompt_3, max_sequence_length,
+                                            num_images_per_prompt, do_classifier_free_guidance, negative_prompt_2,
+                                            negative_prompt_3, clip_skip)  # fmt: skip
     parsed = [[parse_attention(p) for p in texts] for texts in prompts]
     chunk_length = encoder.clip_max_length - 2
     chunks_l = [clip_chunks(encoder.tokenizer, p, chunk_length) for p in parsed[0]]
@@ -224,19 +186,6 @@ def encode_prompt_weighted(
         states_g, pooled_g = _clip(encoder, 1, chunks_g, skips, n_chunks)
         mx.eval(states_l, pooled_l, states_g, pooled_g)
 
-    clip = mx.concatenate([states_l, states_g], axis=-1)
-    width = t5.shape[-1]
-    if clip.shape[-1] > width:
-        raise ValueError(f"CLIP features ({clip.shape[-1]}) are wider than the T5 context ({width})")
-    clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
-    context = mx.concatenate([clip, t5], axis=1)
-    pooled = mx.concatenate([pooled_l, pooled_g], axis=-1)
-    if num_images_per_prompt > 1:
-        context = mx.repeat(context, num_images_per_prompt, axis=0)
-        pooled = mx.repeat(pooled, num_images_per_prompt, axis=0)
-    mx.eval(context, pooled)
-
-    n = batch * num_images_per_prompt
-    if not do_classifier_free_guidance:
-        return context, None, pooled, None
-    return context[:n], context[n:], pooled[:n], pooled[n:]
+    return assemble(
+        t5, (states_l, states_g), (pooled_l, pooled_g), batch, num_images_per_prompt, do_classifier_free_guidance
+    )

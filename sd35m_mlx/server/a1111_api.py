@@ -13,6 +13,8 @@ import asyncio
 import base64
 import json
 import time
+from dataclasses import replace
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
@@ -55,6 +57,7 @@ class Txt2ImgBody(BaseModel):
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
+    prompt_syntax: Literal["weighted", "plain"] | None = None  # extension: "plain" as diffusers encodes
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -85,6 +88,7 @@ def spec_from(body: Txt2ImgBody, limits) -> Spec:
     n = (body.batch_size if body.batch_size is not None else 1) * (body.n_iter if body.n_iter is not None else 1)
     seed = body.seed if body.seed is not None and body.seed >= 0 else None  # -1 (any negative): random
     settings = Settings(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler)
+    settings = replace(settings, prompt_syntax=body.prompt_syntax or "weighted")  # A1111 reads its syntax
     spec = Spec(settings, seeds=seeds_for(seed, n, limits, "batch_size"))
     if note:
         spec.notes.append(note)

@@ -29,9 +29,9 @@ IGNORED = {
     "script_args": [],
     "alwayson_scripts": {},
     "resize_mode": 0,
-    "image_cfg_scale": None,
+    "image_cfg_scale": (None, 1.5),  # instruct-pix2pix only; 1.5 is what clients send
     "include_init_images": False,
-    "initial_noise_multiplier": None,
+    "initial_noise_multiplier": (None, 1.0),
     "latent_mask": None,
     "inpainting_mask_weight": None,
     "firstpass_image": None,

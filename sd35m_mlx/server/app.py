@@ -20,13 +20,15 @@ from starlette.exceptions import HTTPException
 
 import sd35m_mlx
 
+from ..lora.library import LoraLibrary
 from ..record import MEDIA_TYPES
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
-from . import a1111_api, openai_api
+from . import a1111_api, loras, openai_api
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .jobs import CANCELLED, FAILED, Job, Worker
+from .loras import resolve as resolve_loras
 from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
 from .uploads import DEFAULT_MAX_PIXELS
 
@@ -53,6 +55,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()  # web pages on other origins allowed to call us (CORS)
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
     signed_urls: bool = False  # with api_key: response_format="url" URLs carry ?exp=&sig= and open without the key
+    lora_dir: str | None = None  # the folder <lora:NAME> tags name (serve --lora-dir); None: tags are refused
 
 
 class Server:
@@ -64,6 +67,7 @@ class Server:
         self.model = ModelInfo.of(pipe, config.model_name, **config.load_options)
         self.worker = Worker(pipe, self.model, VERSION, config.max_queue)
         self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
+        self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
         self._tmp = None
         if config.output_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="sd35m-mlx-serve-")
@@ -75,6 +79,7 @@ class Server:
     def check(self, spec: Spec) -> Spec:
         """The server's limits, then generate()'s own checks: a bad request fails now, not after the queue."""
         check(spec, self.config.limits, self.model.max_side)
+        resolve_loras(spec, self.loras)
         if hasattr(self.pipe, "limits"):  # test doubles have none
             kwargs = generate_kwargs(spec, spec.seeds[0], self.model)
             try:
@@ -196,6 +201,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
 
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))
+    app.include_router(loras.router(server))
     return app
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .errors import QueueFull, RequestError, ShuttingDown
+from .loras import activate as activate_loras
 from .spec import ModelInfo, Spec, generate_kwargs, png_bytes
 
 log = logging.getLogger("sd35m_mlx.server")
@@ -240,6 +241,7 @@ class Worker:
 
         job.state, job.started = RUNNING, time.time()
         try:
+            activate_loras(self.pipe, job.spec)  # this job's LoRAs only (server/loras.py)
             for i, seed in enumerate(job.spec.seeds):
                 job.image_index, job.step = i, 0
                 if job.cancel_reason is not None:
@@ -254,6 +256,8 @@ class Worker:
         except GenerationCancelled:
             self._keep_partial(job)
             job.finish(CANCELLED)
+        except RequestError as e:  # found in the job: a LoRA file that does not fit the model (server/loras.py)
+            job.finish(FAILED, e)
         except (ValueError, TypeError) as e:  # generate's own argument checks: a request the spec let through
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             job.finish(FAILED, RequestError(message, PARAMS.get(message.split()[0])))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from dataclasses import replace
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,7 @@ from ..defaults import SAMPLERS, SIZE, STRENGTH
 from ..record import Settings, size_for_image
 from .errors import RequestError
 from .jobs import CANCELLED, Job
+from .loras import LoraRef, as_tags
 from .masks import openai_mask
 from .spec import Limits, Spec, parse_size, reencode, seeds_for
 from .uploads import open_image
@@ -41,6 +43,8 @@ class GenerationsBody(BaseModel):
     guidance_scale: float | None = None
     sampler: Literal[SAMPLERS] | None = None
     stream: bool | None = None
+    prompt_syntax: Literal["weighted", "plain"] | None = None  # A1111's syntax by default
+    loras: list[LoraRef] | None = None  # [{"name", "weight"}] in serve --lora-dir, as prompt tags (server/loras.py)
 
 
 class EditsBody(GenerationsBody):
@@ -51,6 +55,10 @@ def spec_from(body: GenerationsBody, size: tuple[int, int], limits: Limits) -> S
     if body.stream:
         raise RequestError("stream: streaming responses are not available; send stream=false", "stream")
     settings = Settings(prompt=body.prompt, negative_prompt=body.negative_prompt or "", width=size[0], height=size[1])
+    # A1111's syntax by default; the `loras` extension as prompt tags, so the PNG's prompt replays them
+    settings = replace(
+        settings, prompt=body.prompt + as_tags(body.loras), prompt_syntax=body.prompt_syntax or "weighted"
+    )
     spec = Spec(settings, seeds=seeds_for(body.seed, body.n, limits))
     spec.given(steps=body.steps, cfg=body.guidance_scale, sampler=body.sampler)
     return spec

@@ -37,6 +37,7 @@ class Spec:
     mask: Image.Image | None = None  # inpainting: "L", white = repaint, the image's size (server/masks.py)
     padding_mask_crop: int | None = None  # inpainting: repaint a crop around the mask (px of padding)
     notes: list[str] = field(default_factory=list)  # what we ran differently from what was asked
+    lora_files: list[tuple[str, float]] = field(default_factory=list)  # the prompt's <lora:> tags' files (loras.py)
 
     def given(self, **changes) -> None:
         """Set the settings a client gave (None: not given, the default stays)."""
@@ -132,7 +133,7 @@ def generate_kwargs(spec: Spec, seed: int, model: ModelInfo) -> dict:
         kwargs.update(image=spec.image, strength=spec.settings.strength)
     if spec.mask is not None:
         kwargs.update(mask_image=spec.mask, padding_mask_crop=spec.padding_mask_crop)
-    return {"prompt": spec.settings.prompt, **kwargs}
+    return {"prompt": spec.settings.encoder_prompt, **kwargs}
 
 
 def png_bytes(image: Image.Image, spec: Spec, seed: int, model: ModelInfo, version: str) -> bytes:
