@@ -2,7 +2,9 @@
 
 Unknown fields are ignored (clients send `quality`, `style`, `user`, ...); `model` is echoed and never
 loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, and
-`strength` for edits. An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit (server/masks.py).
+`strength` for edits. `output_format` (png, jpeg, webp) and `output_compression` (the JPEG/WebP quality, 0-100)
+as OpenAI's gpt-image models take them. An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit
+(server/masks.py).
 """
 
 from __future__ import annotations
