@@ -180,7 +180,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
     target = [_kind(*k) for k in medium]
 
     results, velocities, inputs = [], [], []
-    for n_size, size in enumerate(sizes):
+    for size in sizes:
         log(f"transformer {size}x{size}: ours")
         step = OurStep(ours, size, args.ctx_len, dtype, args.seed)
         blocks = step.per_block()
@@ -225,14 +225,6 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         r["efficiency"] = o["step_s"] / total["sum_s"]
         if o["step_24_s"]:
             r["efficiency_24"] = o["step_24_s"] / total_24["sum_s"]
-        if args.what_if and n_size == 0:
-            log(f"transformer {size}x{size}: fusion candidates")
-            n_qkv = sum(1 + dual for dual, _ in medium)
-            n_mod = counts_24[K.Kernel("modulate", (2, shape.tokens, shape.dim))]
-            n_gate = counts_24[K.Kernel("gate_residual", (2, shape.tokens, shape.dim))]
-            r["what_if_24_blocks"] = K.fusion_candidates(shape, dtype, n_qkv, n_mod, n_gate, len(medium))
-            r["attention_parts"] = K.attention_parts(shape, dtype)
-            _free()
         results.append(r)
     del ours
     _free()
@@ -369,7 +361,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
     p.add_argument("--skip-text", action="store_true", help="no prompt-encoding benchmark")
     p.add_argument("--skip-vae", action="store_true", help="no VAE benchmark")
-    p.add_argument("--no-what-if", dest="what_if", action="store_false", help="skip the fusion candidates")
     p.add_argument("--torch-device", default="auto", help="diffusers device: auto (cuda, mps, cpu) or a name")
     p.add_argument(
         "--torch-in-process",

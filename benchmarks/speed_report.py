@@ -117,24 +117,6 @@ def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
                 rows,
             )
         )
-        if "what_if_24_blocks" in r:
-            rows = [
-                [w["candidate"], _f(w["base_s"] * 1e3, ".4g"), _f(w.get("alt_s") and w["alt_s"] * 1e3, ".4g"),
-                 w.get("per_step", "-"), _f(w.get("saving_s"))]
-                for w in r["what_if_24_blocks"]
-            ]  # fmt: skip
-            out.append(
-                table(
-                    f"What-if at {r['size']}px (image stream; saving per 24-block step)",
-                    ["candidate", "as run ms", "alternative ms", "x per step", "saving s"],
-                    rows,
-                )
-            )
-            a = r["attention_parts"]
-            out.append(
-                f"joint attention at {r['size']}px: fused kernel {_f(a['sdpa_s'])} s; "
-                f"unfused QK^T {_f(a['qk_matmul_s'])} s + softmax {_f(a['softmax_s'])} s + PV {_f(a['pv_matmul_s'])} s"
-            )
     return out
 
 
