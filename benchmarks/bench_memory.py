@@ -120,7 +120,7 @@ def load(kind: str, folder: str, dtype: str, bits: int | None, group_size: int, 
     as `evaluate` says (EVALUATE_MODES). Peak and resident bytes are recorded per phase."""
     from sd35m_mlx.loading.text_encoders import load_t5_encoder
     from sd35m_mlx.loading.transformer import load_transformer
-    from sd35m_mlx.quantize import quantization_plan, quantize_model
+    from sd35m_mlx.quantize import quantize_model
 
     loader = load_transformer if kind == "transformer" else load_t5_encoder
     dt = mlx_dtype(dtype)
@@ -132,12 +132,6 @@ def load(kind: str, folder: str, dtype: str, bits: int | None, group_size: int, 
 
     with MLXPeak(fresh=True) as w:
         model = loader(folder, dt)
-        if evaluate == "per tensor":
-            planned = {f"{p}.weight" for p in (quantization_plan(model, bits, group_size) if bits else {})}
-            rest = [v for k, v in tree_flatten(model.parameters()) if k not in planned]
-            for v in sorted(rest, key=lambda a: -a.nbytes):
-                mx.eval(v)
-            phase("not quantized, per tensor")
         if bits:
             quantize_model(model, bits, group_size)
             phase("quantize_model")
@@ -412,10 +406,8 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
     if "load" in args.sections:
         for kind, unit, sizes in (("transformer", "d", args.load_depths), ("t5", "l", args.t5_layers)):
             for file in ("f32", REAL_FILE[kind]):
-                modes = ("first use", "mx.eval", "per tensor") if file == "f32" else ("first use", "per tensor")
+                modes = ("first use", "mx.eval") if file == "f32" else ("first use",)
                 for n, bits, mode in itertools.product(sizes, (None, 8, 4), modes):
-                    if mode == "per tensor" and n != sizes[-1]:
-                        continue  # one tensor's transient by construction: the larger size is enough
                     folder = str(f[f"{kind}_{unit}{n}" + ("" if file == "f32" else f"_{file}")])
                     est = 25 if bits and mode == "first use" else 8
                     add(load_job_name(kind, unit, n, file, bits, mode), "load", 4, est, kind=kind, folder=folder,

@@ -23,7 +23,6 @@ FULL_DEPTH = {"transformer": 24, "t5": 24}  # SD3.5 Medium blocks, T5-XXL layers
 EVALUATE_MODES = {
     "first use": "the rest evaluated by a first forward (2 tokens), as the pipeline does",
     "mx.eval": "the rest evaluated at once: mx.eval(model.parameters())",
-    "per tensor": "proposed: tensors not quantized evaluated one at a time, largest first, before quantizing",
 }
 REAL_FILE = {"transformer": "bf16", "t5": "f16"}  # how the published checkpoint stores them
 
@@ -211,14 +210,9 @@ def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> li
     return rows
 
 
-def _phase_end_full(phase: str, mode: str, acc_entry: dict) -> int:
+def _phase_end_full(phase: str, acc_entry: dict) -> int:
     """Full-size bytes resident at the end of a load phase."""
-    total, q = acc_entry["total"], acc_entry["quantized_layers"]
-    if phase == "not quantized, per tensor":
-        return total - q
-    if phase == "quantize_model":
-        return total if mode == "per tensor" else q
-    return total
+    return acc_entry["quantized_layers"] if phase == "quantize_model" else acc_entry["total"]
 
 
 def load_report(measured: dict[str, dict | None], acc: dict, args) -> list[dict]:
@@ -242,7 +236,7 @@ def load_report(measured: dict[str, dict | None], acc: dict, args) -> list[dict]
                 excess = (
                     e1 + (FULL_DEPTH[kind] - n1) * (e1 - e0) / (n1 - n0) if grows else max(e for _, e in transients)
                 )
-                end = _phase_end_full(ph["phase"], mode, acc[kind][variant])
+                end = _phase_end_full(ph["phase"], acc[kind][variant])
                 if end + excess > full_peak:
                     full_peak, full_excess, grows_any = end + excess, excess, grows
             full = acc[kind][variant]["total"]
@@ -442,18 +436,16 @@ def checks_and_verdict(results: dict, measured: dict[str, dict | None], args) ->
     )
     load = results["load"]
     for file_kind, label in (("f32", "float32 files"), ("real", "files as published (bf16 MMDiT, fp16 T5)")):
-        for modes, how in ((("first use", "mx.eval"), "as sd35m_mlx loads today"), (("per tensor",), "per tensor")):
-            rows = [r for r in load if r["evaluate"] in modes]
-            rows = [r for r in rows if (r["file"] == "f32") == (file_kind == "f32")]
-            if not rows:
-                continue
-            worst = max(rows, key=lambda r: r["full_size_ratio"])
-            status = "holds" if worst["full_size_ratio"] <= LOAD_TARGET else "MISSED"
-            verdict.append(
-                f"Streaming load <= {LOAD_TARGET}x, {label}, {how}: {status}; worst full-size peak/loaded "
-                f"{worst['full_size_ratio']:.2f} ({worst['component']} -> {worst['variant']}, rest evaluated by "
-                f"'{worst['evaluate']}', excess {_gb(worst['full_size_excess'])} GB)."
-            )
+        rows = [r for r in load if (r["file"] == "f32") == (file_kind == "f32")]
+        if not rows:
+            continue
+        worst = max(rows, key=lambda r: r["full_size_ratio"])
+        status = "holds" if worst["full_size_ratio"] <= LOAD_TARGET else "MISSED"
+        verdict.append(
+            f"Streaming load <= {LOAD_TARGET}x, {label}: {status}; worst full-size peak/loaded "
+            f"{worst['full_size_ratio']:.2f} ({worst['component']} -> {worst['variant']}, rest evaluated by "
+            f"'{worst['evaluate']}', excess {_gb(worst['full_size_excess'])} GB)."
+        )
     return checks, verdict
 
 
