@@ -142,12 +142,10 @@ def activations(measured: dict[str, dict | None], args) -> dict:
     return acts
 
 
-def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> list[dict]:
+def derive(acc: dict, acts: dict, args) -> list[dict]:
     """Stage peaks of the full-size pipeline per configuration (steady state: a new prompt on a pipeline
     that has generated before, so the VAE weights are resident; low_memory has released the text
-    encoders after encoding and the transformer after denoising, and reloads them when needed).
-    `transformer_at_load`: from_pretrained(low_memory=True) was measured holding the quantized
-    transformer, so the first image's text stage has it beside the text encoders."""
+    encoders after encoding and the transformer after denoising, and reloads them when needed)."""
     rows = []
     vae, clip = acc["vae"], acc["clip_l"] + acc["clip_g"]
     mods, inputs = acc["modulations"], acc["inputs"]
@@ -192,21 +190,6 @@ def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> li
                 peak_cpu=None if cpu is None else res + extra[stage] + cpu,
             )
             rows.append(row)
-        if transformer_at_load and c.staged and c.transformer != "bf16":
-            # first image: from_pretrained quantized (so evaluated) the transformer's layers at load, and they
-            # are still resident while the text encoders run; the VAE has not been read yet
-            text = rows[-4]
-            first = tr["quantized_layers"] - vae
-            rows.append(
-                dict(
-                    text,
-                    stage="text, first image",
-                    resident=text["resident"] + first,
-                    resident_what="text encoders + quantized MMDiT layers (evaluated by from_pretrained)",
-                    peak_metal=None if text_work is None else text["peak_metal"] + first,
-                    peak_cpu=None if text_work is None else text["peak_cpu"] + first,
-                )
-            )
     return rows
 
 
@@ -412,20 +395,6 @@ def checks_and_verdict(results: dict, measured: dict[str, dict | None], args) ->
             f"{_gb(b_staged['metal'])} GB in stage '{worst['stage']}' "
             f"({_gb(worst['resident'])} GB weights: {worst['resident_what']})."
         )
-        steady = [r for r in results["stages"] if r["config"] == "(b) T5 4 bit + MMDiT 8 bit, staged"
-                  and r["stage"] != "text, first image"]  # fmt: skip
-        steady_peak = max(r["peak_metal"] or 0 for r in steady)
-        under = "under" if steady_peak < TARGET_GB * GB else "over"
-        verdict.append(f"Steady state (first image's text stage aside): {_gb(steady_peak)} GB ({under} the target).")
-        first = [r for r in results["stages"] if r["stage"] == "text, first image" and "not staged" not in r["config"]]
-        if first:
-            q = results["full_size"]["transformer"]["q8"]["quantized_layers"]
-            verdict.append(
-                f"First image: from_pretrained(quantize=8, t5_quantize=4) evaluates the MMDiT's quantized layers "
-                f"({_gb(q)} GB) at load, so they sit beside T5 and CLIP during the first text encoding "
-                f"({_gb(first[0]['peak_metal'])} GB). Deferring the transformer's load/quantization to its first "
-                f"use when low_memory is on removes them from that stage."
-            )
         if b_staged["cpu"] is not None:
             verdict.append(f"On this CPU backend (attention scores materialised): {_gb(b_staged['cpu'])} GB.")
     tr = results["full_size"]["transformer"]
@@ -454,9 +423,7 @@ def derive_results(measured: dict[str, dict | None], args, meta: dict) -> dict:
     peaks per configuration, load ratios, checks and verdict."""
     acc = full_size_accounting(args.group_size, args.steps, ctx_len=CLIP_TOKENS + args.t5_tokens, size=args.size)
     acts = activations(measured, args)
-    # since the lazy-transformer fix, from_pretrained(low_memory=True) reads no transformer weight
-    p = measured.get("pipeline load q8 t5q4 staged")
-    stages = derive(acc, acts, args, transformer_at_load=bool(p and p["quantized_layer_bytes"].get("transformer")))
+    stages = derive(acc, acts, args)  # from_pretrained(low_memory=True) reads no transformer weight
     config_peaks = {}
     for c in CONFIGS:
         rows = [r for r in stages if r["config"] == c.name]
