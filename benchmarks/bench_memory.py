@@ -250,7 +250,8 @@ def denoise(folder: str, dtype: str, size: int, attention: str, steps: int, ctx_
 
 
 def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
-    """Load the VAE, then measure `decode(model, unscaled z)` as `generate` runs it: clip to [0, 1] in float32."""
+    """Load the VAE, then measure `decode(model)`'s decode as `generate` runs it (images.decode_latents)."""
+    from sd35m_mlx.images import decode_latents
     from sd35m_mlx.loading.vae import load_vae
 
     dt = mlx_dtype(dtype)
@@ -259,8 +260,7 @@ def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
     z = mx.random.normal((1, size // 8, size // 8, model.config.latent_channels), key=mx.random.key(0))
     mx.eval(z)
     with MLXPeak(fresh=True) as w:
-        img = decode(model, model.unscale_latents(z).astype(dt))
-        img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        img = decode_latents(model, z, dt, decode(model))
         mx.eval(img)
     return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
 
@@ -268,7 +268,7 @@ def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
 @case
 def vae(folder: str, dtype: str, size: int) -> dict:
     """The decode of `generate`: unscale, decode stage by stage, clip to [0, 1] in float32; batch 1."""
-    return _decode_case(folder, dtype, size, lambda model, z: model.decode(z))
+    return _decode_case(folder, dtype, size, lambda model: model.decode)
 
 
 @case
@@ -276,7 +276,7 @@ def vae_tiled(folder: str, dtype: str, size: int) -> dict:
     """The decode `generate` runs in low_memory: tiled (512 px tiles, 25% overlap, shared statistics)."""
     from sd35m_mlx.models.vae_tiling import decode_tiled
 
-    return _decode_case(folder, dtype, size, lambda model, z: decode_tiled(model, z, 64, 16))
+    return _decode_case(folder, dtype, size, lambda model: lambda z: decode_tiled(model, z, 64, 16))
 
 
 @case

@@ -67,6 +67,7 @@ from benchmarks.measure import (  # noqa: E402
 from benchmarks.speed_report import print_report  # noqa: E402
 from benchmarks.torch_side import TorchRunner  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
+from sd35m_mlx.images import decode_latents  # noqa: E402
 from sd35m_mlx.loading.text_encoders import load_text_encoders  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.loading.vae import load_vae  # noqa: E402
@@ -293,8 +294,7 @@ def _ours_vae(folder: Path, z: np.ndarray, args) -> tuple[dict, np.ndarray]:
     out: list = []
 
     def decode():  # as the pipeline's step 5
-        img = vae.decode(vae.unscale_latents(zm).astype(dtype))
-        out.append(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        out.append(decode_latents(vae, zm, dtype))
         mx.eval(out[-1])
 
     return mlx_once(decode, _once_runs(args), LONG_S, [vae]), np.array(out[-1])
