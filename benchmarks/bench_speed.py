@@ -4,18 +4,9 @@
     python benchmarks/bench_speed.py --quick               # toy sizes: checks the script in ~1 min
     python benchmarks/bench_speed.py --sizes 512 --skip-diffusers --json out.json
 
-On the same machine, same random weights (built locally, diffusers layout), same dtype:
-  1. the transformer step as the sampler runs it (GuidedDenoiser: batch 2 for CFG, context of 333
-     tokens embedded once, adaLN modulations precomputed, one mx.eval) vs diffusers'
-     SD3Transformer2DModel forward + CFG; full SD3.5 Medium width at reduced depth (default 3:
-     one dual-attention, one plain and the context-pre-only block), 24 blocks extrapolated from
-     per-block times; seconds, ours/diffusers, peak memory;
-  2. prompt encoding (full CLIP-L and CLIP-G, T5-XXL width with --t5-layers layers, extrapolated
-     to 24) and VAE decode (full SD3 VAE) vs diffusers;
-  3. the step by kind of work (linear, attention, norms, elementwise): ours from each kernel timed
-     alone at the real shapes, diffusers from torch.profiler;
-  4. backend efficiency: our real step / sum of the kernels its math requires (target <= 1.10).
-Results: a table on stdout, JSON in --json (default benchmarks/results/speed.json).
+Ours (the sampler's real guided step, prompt encoding, VAE decode) vs diffusers on the same random
+weights, inputs and dtype; the step also by kind of work and against the sum of the kernels its math
+requires (backend efficiency). What each section measures and how: benchmarks/README.md, bench_speed.py.
 
 Runs as is on macOS (Metal), Linux CPU and Linux CUDA (mlx[cuda]); diffusers runs on CUDA or MPS
 when present (--torch-device). On Linux CPU, run benchmarks (only them, not tests) with

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from benchmarks.measure import lazy_quantize, mlx_param_bytes
+from benchmarks.measure import lazy_quantize, mlx_param_bytes, table
 
 GB = 1e9
 TARGET_GB = 3.5  # issue 16: 1024 px on an 8 GB Mac (was 6 GB)
@@ -252,103 +252,89 @@ def _gb(x) -> str:
 
 
 def print_report(results: dict) -> None:
-    meta = results["meta"]
+    meta, m = results["meta"], results["measured"]
     print(f"\n# {meta['platform']} | mlx {meta['mlx']} | {meta['device']} | sizes: {meta['sizes']}")
-    load_rows = results["load"]
-    if load_rows:
-        print("\n## 1. Streaming load (loaded as bfloat16; quantized as quantize_model streams it)\n")
-        for mode, what in EVALUATE_MODES.items():
-            print(f"- {mode}: {what}")
-        print("\n| component (file -> loaded) | rest evaluated | depth/layers | loaded GB | peak/loaded | excess GB | "
-              "RSS peak GB | full size: GB, excess GB, peak/loaded |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+    if load_rows := results["load"]:
         groups: dict = {}
         for r in load_rows:
             groups.setdefault((r["component"], r["file"], r["variant"], r["evaluate"]), []).append(r)
-        for (component, file, variant, mode), rows in groups.items():
-            last = rows[-1]
+        rows = []
+        for (component, file, variant, mode), rs in groups.items():
+            last = rs[-1]
             ok = "ok" if last["full_size_ratio"] <= LOAD_TARGET else "OVER"
             grows = ", grows: extrapolated" if last["excess_grows"] else ""
-
-            def cells(key, fmt, rows=rows):
-                return " / ".join(fmt(r[key]) for r in rows)
-
-            print(
-                f"| {component} ({file} -> {variant}) | {mode} | {cells('depth', str)} | {cells('loaded', _gb)} | "
-                f"{cells('ratio', lambda x: f'{x:.2f}')} | {cells('excess', _gb)} | {cells('rss_peak', _gb)} | "
-                f"{_gb(last['full_size'])}, {_gb(last['full_size_excess'])}{grows}, "
-                f"**{last['full_size_ratio']:.2f}** {ok} |"
-            )
-        m, notes = results["measured"], []
+            cells = lambda key, fmt, rs=rs: " / ".join(fmt(r[key]) for r in rs)  # noqa: E731
+            rows.append([f"{component} ({file} -> {variant})", mode, cells("depth", str), cells("loaded", _gb),
+                         cells("ratio", lambda x: f"{x:.2f}"), cells("excess", _gb), cells("rss_peak", _gb),
+                         f"{_gb(last['full_size'])}, {_gb(last['full_size_excess'])}{grows}, "
+                         f"{last['full_size_ratio']:.2f} {ok}"])  # fmt: skip
+        print(table("1. Streaming load (loaded as bfloat16; quantized as quantize_model streams it)",
+                    ["component (file -> loaded)", "rest evaluated", "depth/layers", "loaded GB", "peak/loaded",
+                     "excess GB", "RSS peak GB", "full size: GB, excess GB, peak/loaded"], rows))  # fmt: skip
+        for mode, what in EVALUATE_MODES.items():
+            print(f"- {mode}: {what}")
         if p := m.get("pipeline load q8 t5q4 staged"):
             q, gb = p["quantized_layer_bytes"], {k: _gb(p[k]) for k in ("resident_after_from_pretrained", "loaded")}
-            notes.append(f"\nfrom_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident "
-                         f"right after loading {gb['resident_after_from_pretrained']} GB = quantized layers of the "
-                         f"transformer {_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB "
-                         f"(evaluated by quantize_model; the rest stays lazy); everything evaluated: {gb['loaded']} GB,"
-                         f" peak/loaded {p['ratio']:.3f}. Process RSS before loading (interpreter, MLX, sd35m_mlx): "
-                         f"{_gb(p['rss_process_before_load'])} GB.")  # fmt: skip
+            print(f"from_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident "
+                  f"right after loading {gb['resident_after_from_pretrained']} GB = quantized layers of the "
+                  f"transformer {_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB "
+                  f"(evaluated by quantize_model; the rest stays lazy); everything evaluated: {gb['loaded']} GB,"
+                  f" peak/loaded {p['ratio']:.3f}. Process RSS before loading (interpreter, MLX, sd35m_mlx): "
+                  f"{_gb(p['rss_process_before_load'])} GB.")  # fmt: skip
         if p := m.get("pipeline load bf16"):
-            notes.append(f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full "
-                         f"CLIP-L/G and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, peak during "
-                         f"from_pretrained {_gb(p['after_from_pretrained']['peak'])} GB, peak/loaded "
-                         f"{p['ratio']:.3f} (target {LOAD_TARGET}).")  # fmt: skip
+            print(f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full "
+                  f"CLIP-L/G and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, peak during "
+                  f"from_pretrained {_gb(p['after_from_pretrained']['peak'])} GB, peak/loaded "
+                  f"{p['ratio']:.3f} (target {LOAD_TARGET}).")  # fmt: skip
         if qc := m.get("qcheck"):
             mb = {k: f"{qc[k] / 1e6:.2f} MB" for k in ("bfloat16", "8 bit", "4 bit", "output_bytes")}
-            notes.append(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
-                         f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
-                         f"(output {mb['output_bytes']})")  # fmt: skip
-        print("\n".join(notes))
+            print(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
+                  f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
+                  f"(output {mb['output_bytes']})")  # fmt: skip
 
-    m = results["measured"]
-    print("\n## 2a. Activation work measured (peak above what was allocated before; full width)\n")
-    print("| measurement | depth/layers | work GB | RSS peak - before GB | weights GB | s |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for name, r in m.items():
-        if r is None:
-            continue
-        if name.startswith("denoise"):
+        if r is not None and name.startswith("denoise"):
             w = r["step"]
             rss = None if w["rss_peak"] is None else w["rss_peak"] - w["rss_before"]
-            print(f"| {name} (step) | {r['depth']} | {_gb(w['work'])} | {_gb(rss)} | {_gb(r['weights'])} | "
-                  f"{w['seconds']:.0f} |")  # fmt: skip
+            rows.append(
+                [f"{name} (step)", r["depth"], _gb(w["work"]), _gb(rss), _gb(r["weights"]), f"{w['seconds']:.0f}"]
+            )
             adaln = f"{_gb(r['modulation_weights'])} adaLN, {_gb(r['released'])} released"
-            print(f"| {name} (set-up: transient) | {r['depth']} | {_gb(r['init_transient'])} | - | {adaln} | "
-                  f"{r['init']['seconds']:.1f} |")  # fmt: skip
-        elif name.startswith(("text", "vae")):
+            rows.append([f"{name} (set-up: transient)", r["depth"], _gb(r["init_transient"]), "-", adaln,
+                         f"{r['init']['seconds']:.1f}"])  # fmt: skip
+        elif r is not None and name.startswith(("text", "vae")):
             rss = None if r["rss_peak"] is None else r["rss_peak"] - r["rss_before"]
-            depth = r.get("t5_layers", "-")
-            print(f"| {name} | {depth} | {_gb(r['work'])} | {_gb(rss)} | {_gb(r['weights'])} | {r['seconds']:.0f} |")
+            rows.append([name, r.get("t5_layers", "-"), _gb(r["work"]), _gb(rss), _gb(r["weights"]),
+                         f"{r['seconds']:.0f}"])  # fmt: skip
+    print(table("2a. Activation work measured (peak above what was allocated before; full width)",
+                ["measurement", "depth/layers", "work GB", "RSS peak - before GB", "weights GB", "s"],
+                rows))  # fmt: skip
     for check in results["checks"]:
         print(f"- {check}")
 
     acc = results["full_size"]
-    print("\n## 2b. Full-size weights (bfloat16; quantized per sd35m_mlx.quantize's plan, group size "
-          f"{meta['group_size']}), GB\n")  # fmt: skip
-    print("| component | bf16 | 8 bit | 4 bit | adaLN + conditioning embedders (bf16 / 8 / 4 bit) |")
-    print("|---|---|---|---|---|")
     tr, t5 = acc["transformer"], acc["t5"]
-    print(f"| MMDiT | {_gb(tr['bf16']['total'])} | {_gb(tr['q8']['total'])} | {_gb(tr['q4']['total'])} | "
-          f"{_gb(tr['bf16']['modulation_weights'])} / {_gb(tr['q8']['modulation_weights'])} / "
-          f"{_gb(tr['q4']['modulation_weights'])} |")  # fmt: skip
-    print(f"| T5-XXL | {_gb(t5['bf16']['total'])} | {_gb(t5['q8']['total'])} | {_gb(t5['q4']['total'])} | |")
-    print(f"| CLIP-L + CLIP-G | {_gb(acc['clip_l'] + acc['clip_g'])} | | | |")
-    print(f"| VAE | {_gb(acc['vae'])} | | | |")
-    print(f"\nadaLN modulations for {meta['steps']} steps at batch 2: {_gb(acc['modulations'])} GB; "
+    adaln = " / ".join(_gb(tr[v]["modulation_weights"]) for v in ("bf16", "q8", "q4"))
+    rows = [["MMDiT", *(_gb(tr[v]["total"]) for v in ("bf16", "q8", "q4")), adaln],
+            ["T5-XXL", *(_gb(t5[v]["total"]) for v in ("bf16", "q8", "q4")), ""],
+            ["CLIP-L + CLIP-G", _gb(acc["clip_l"] + acc["clip_g"]), "", "", ""],
+            ["VAE", _gb(acc["vae"]), "", "", ""]]  # fmt: skip
+    print(table(f"2b. Full-size weights (bfloat16; quantized per sd35m_mlx.quantize's plan, group size "
+                f"{meta['group_size']}), GB", ["component", "bf16", "8 bit", "4 bit",
+                "adaLN + conditioning embedders (bf16 / 8 / 4 bit)"], rows))  # fmt: skip
+    print(f"adaLN modulations for {meta['steps']} steps at batch 2: {_gb(acc['modulations'])} GB; "
           f"prompt embeddings, latents and other inputs: {_gb(acc['inputs'])} GB")  # fmt: skip
 
-    print(f"\n## 2c. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, "
-          f"{meta['ctx_len']} tokens (derived: resident + inputs + measured work), GB\n")  # fmt: skip
-    print("| configuration | stage | resident weights | what | + inputs, modulations | + work (Metal) | "
-          "peak, Metal | peak, this CPU |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["stages"]:
-        print(f"| {r['config']} | {r['stage']} | {_gb(r['resident'])} | {r['resident_what']} | {_gb(r['extra'])} | "
-              f"{_gb(r['work_metal'])} | {_gb(r['peak_metal'])} | {_gb(r['peak_cpu'])} |")  # fmt: skip
+    rows = [[r["config"], r["stage"], _gb(r["resident"]), r["resident_what"], _gb(r["extra"]), _gb(r["work_metal"]),
+             _gb(r["peak_metal"]), _gb(r["peak_cpu"])] for r in results["stages"]]  # fmt: skip
+    print(table(f"2c. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, {meta['ctx_len']} "
+                "tokens (derived: resident + inputs + measured work), GB", ["configuration", "stage",
+                "resident weights", "what", "+ inputs, modulations", "+ work (Metal)", "peak, Metal",
+                "peak, this CPU"], rows))  # fmt: skip
     print("\nPeak of each configuration (max over stages):\n")
     for name, v in results["config_peaks"].items():
         print(f"- {name}: Metal {_gb(v['metal'])} GB, this CPU {_gb(v['cpu'])} GB")
-
     print("\n## 3. Verdict\n")
     for line in results["verdict"]:
         print(f"- {line}")
