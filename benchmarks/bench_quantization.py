@@ -29,7 +29,7 @@ import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-# Run as a file, the script's own folder heads sys.path, where sibling modules (kernels.py) would
+# Run as a file, the script's own folder heads sys.path, where sibling modules (measure.py, ...) would
 # shadow installed packages of the same name: put the repository root there instead.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
