@@ -5,11 +5,14 @@ import base64
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 pytest.importorskip("fastapi")
+
+from tests.server_helpers import pixels  # noqa: E402
 
 
 def _b64_png(text: dict | None = None) -> str:
@@ -77,3 +80,109 @@ def test_webuiapi_startup_calls(server):
     assert api.get_sd_vae() == [] and api.get_latent_upscale_modes() == []
     assert api.util_get_model_names() == [m["title"] for m in api.get_sd_models()]
     api.refresh_checkpoints()
+
+
+# -- several models ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_pipeline):
+    """A server started on the tiny fixture that may switch to `tiny-random`; `loaded` keeps a weakref to
+    every pipeline a loader made, to see them released."""
+    import weakref
+
+    from sd35m_mlx import StableDiffusion35
+    from tests.server_helpers import RunningServer
+
+    loaded = []
+
+    def loader(source):
+        def load():
+            pipe = StableDiffusion35.from_pretrained(source, dtype="float32")
+            loaded.append(weakref.ref(pipe))
+            return pipe
+
+        return load
+
+    first = loader(tiny_pipeline)()
+    loaders = {"sd35m-tiny": loader(tiny_pipeline), "tiny-random": loader("tiny-random")}
+    with RunningServer(first, model_name="sd35m-tiny", loaders=loaders) as s:
+        del first
+        s.loaded = loaded
+        yield s
+
+
+def direct(source, **kwargs):
+    from sd35m_mlx import StableDiffusion35
+
+    pipe = StableDiffusion35.from_pretrained(source, dtype="float32")
+    return np.asarray(pipe.generate(**kwargs)[0].convert("RGB"))
+
+
+TINY = dict(prompt="a red cube", width=64, height=64, steps=1, seed=5, cfg_scale=4.0)
+KWARGS = dict(prompt="a red cube", width=64, height=64, num_inference_steps=1, seed=5, guidance_scale=4.0)
+
+
+def test_models_listed_without_paths(two_models, tiny_pipeline):
+    with two_models.client() as http:
+        models = http.get("/sdapi/v1/sd-models").json()
+        assert [(m["title"], m["filename"], m["hash"]) for m in models] == [
+            ("sd35m-tiny", "sd35m-tiny", None), ("tiny-random", "tiny-random", None)]  # fmt: skip
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["sd35m-tiny", "tiny-random"]
+        for bad in ("nope", str(tiny_pipeline), "/etc/passwd", "../sd35m-tiny"):
+            r = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": bad})
+            assert r.status_code == 400 and "sd35m-tiny, tiny-random" in r.text, r.text
+            r = http.post("/sdapi/v1/txt2img", json={**TINY, "override_settings": {"sd_model_checkpoint": bad}})
+            assert r.status_code == 400 and "the choices" in r.text, r.text
+        assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sd35m-tiny"
+
+
+def test_switching_gives_the_other_models_pixels_and_releases_memory(two_models, tiny_pipeline):
+    import gc
+
+    with two_models.client() as http:
+        before = pixels(http.post("/sdapi/v1/txt2img", json=TINY).json()["images"][0])
+        np.testing.assert_array_equal(before, direct(tiny_pipeline, **KWARGS))
+        old = two_models.worker.pipe
+        import weakref
+
+        old_ref = weakref.ref(old)
+        del old
+        assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-random"}).status_code == 200
+        assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-random"
+        gc.collect()
+        assert old_ref() is None  # the previous pipeline is gone, not kept beside the new one
+        r = http.post("/sdapi/v1/txt2img", json=TINY).json()
+        np.testing.assert_array_equal(pixels(r["images"][0]), direct("tiny-random", **KWARGS))
+        assert json.loads(r["info"])["sd_model_name"] == "tiny-random"
+        assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd35m-tiny"}).status_code == 200
+        np.testing.assert_array_equal(pixels(http.post("/sdapi/v1/txt2img", json=TINY).json()["images"][0]), before)
+
+
+def test_override_settings_applies_to_one_request(two_models):
+    random_pixels = direct("tiny-random", **KWARGS)
+    with two_models.client() as http:
+        payload = {**TINY, "override_settings": {"sd_model_checkpoint": "tiny-random"}}
+        r = http.post("/sdapi/v1/txt2img", json=payload).json()
+        np.testing.assert_array_equal(pixels(r["images"][0]), random_pixels)
+        info = json.loads(r["info"])
+        assert info["sd_model_name"] == "tiny-random" and info["warnings"] == []
+        assert "Model: tiny-random" in info["infotexts"][0]
+    two_models.wait_idle()
+    assert two_models.worker.model.name == "sd35m-tiny"  # switched back (A1111's restore_afterwards default)
+    with two_models.client() as http:
+        payload["override_settings_restore_afterwards"] = False
+        assert http.post("/sdapi/v1/txt2img", json=payload).status_code == 200
+    assert two_models.worker.model.name == "tiny-random"  # kept
+    with two_models.client() as http:
+        assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd35m-tiny"}).status_code == 200
+
+
+def test_webuiapi_switches_models(two_models):
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=two_models.port)
+    assert api.util_get_model_names() == ["sd35m-tiny", "tiny-random"]
+    api.util_set_model("tiny-random")
+    assert api.util_get_current_model() == "tiny-random"
+    api.util_set_model("sd35m-tiny")
+    assert two_models.worker.model.name == "sd35m-tiny"

@@ -4,7 +4,8 @@ samplers, options.
 Takes the whole payload real clients send (hires fix, subseeds, scripts, override_settings, ...):
 fields we do not support are ignored and named in `info.warnings` (a1111_fields.py), and samplers we do
 not have run as our default, said there too.
-Nothing in a payload can load a model or name a file (`override_settings` is ignored).
+Nothing in a payload can name a file: `sd_model_checkpoint` (in /options or `override_settings`) picks one of
+the titles `serve --model` listed at start (server/models.py); other override_settings are ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .a1111_fields import ignored_notes
 from .errors import RequestError
 from .jobs import Job
 from .masks import a1111_mask
+from .models import choose
 from .spec import Spec, sampler_label, seeds_for, settings_for
 from .uploads import decode_base64, open_image, open_upload
 
@@ -95,9 +97,22 @@ def spec_from(body: Txt2ImgBody, limits) -> Spec:
         spec.notes.append(note)
     if body.scheduler and body.scheduler.lower() not in ("automatic", "simple", "default"):
         spec.notes.append(f"scheduler {body.scheduler!r} is not available; ran the model's own (shifted sigmas)")
-    spec.notes.extend(ignored_notes(body.model_extra or {}))
+    extra = dict(body.model_extra or {})
+    if isinstance(extra.get("override_settings"), dict):  # the checkpoint is ours to act on (checkpoint_override)
+        extra["override_settings"] = {k: v for k, v in extra["override_settings"].items() if k != "sd_model_checkpoint"}
+    spec.notes.extend(ignored_notes(extra))
     spec.given(steps=body.steps, cfg=body.cfg_scale, width=body.width, height=body.height)
     return spec
+
+
+def checkpoint_override(body: Txt2ImgBody, spec: Spec, served: dict) -> None:
+    """override_settings.sd_model_checkpoint: this request runs on that model, then the server switches back
+    unless override_settings_restore_afterwards is false (A1111's default: true)."""
+    overrides = (body.model_extra or {}).get("override_settings")
+    if not isinstance(overrides, dict) or overrides.get("sd_model_checkpoint") is None:
+        return
+    spec.checkpoint = choose(served, overrides["sd_model_checkpoint"], "override_settings.sd_model_checkpoint").title
+    spec.restore = (body.model_extra or {}).get("override_settings_restore_afterwards", True) is not False
 
 
 def router(server) -> APIRouter:
@@ -105,8 +120,9 @@ def router(server) -> APIRouter:
 
     def answer(job: Job, body: Txt2ImgBody) -> dict:
         spec, asked = job.spec, job.spec.settings
+        model = job.model or server.model
         seeds = [res.seed for res in job.results] or spec.seeds
-        infotexts = [parameters_text(settings_for(spec, s, server.model), server.worker.version) for s in seeds]
+        infotexts = [parameters_text(settings_for(spec, s, model), server.worker.version) for s in seeds]
         info = {
             "prompt": asked.prompt,
             "all_prompts": [asked.prompt] * len(seeds),
@@ -124,7 +140,7 @@ def router(server) -> APIRouter:
             "steps": asked.steps,
             "batch_size": len(spec.seeds),
             "denoising_strength": asked.strength,
-            "sd_model_name": server.model.name,
+            "sd_model_name": model.name,
             "sd_model_hash": None,
             "index_of_first_image": 0,
             "infotexts": infotexts,
@@ -141,7 +157,9 @@ def router(server) -> APIRouter:
 
     @r.post("/txt2img")
     async def txt2img(body: Txt2ImgBody, request: Request):
-        job = await server.run(spec_from(body, server.config.limits), request)
+        spec = spec_from(body, server.config.limits)
+        checkpoint_override(body, spec, server.served)
+        job = await server.run(spec, request)
         return answer(job, body)
 
     @r.post("/img2img")
@@ -149,6 +167,7 @@ def router(server) -> APIRouter:
         if not body.init_images:
             raise RequestError("init_images is required: a list with one base64-encoded image", "init_images")
         spec = spec_from(body, server.config.limits)
+        checkpoint_override(body, spec, server.served)
         if len(body.init_images) > 1:
             spec.notes.append("several init_images: used the first for every image")
         data = decode_base64(body.init_images[0], "init_images")
@@ -200,8 +219,8 @@ def router(server) -> APIRouter:
 
     @r.get("/sd-models")
     async def sd_models():
-        name = server.model.name
-        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}]
+        return [{"title": c.title, "model_name": c.title, "hash": None, "sha256": None, "filename": c.filename,
+                 "config": None} for c in server.served.values()]  # fmt: skip
 
     @r.get("/samplers")
     async def samplers():
@@ -216,9 +235,9 @@ def router(server) -> APIRouter:
 
     @r.post("/options")
     async def set_options(request: Request):
-        """Options are read-only here (one model, fixed settings); a client may post them back unchanged,
-        and other keys are ignored as A1111 ignores unknown ones. Naming another checkpoint is an error, as in
-        A1111 ("model ... not found"): the client would otherwise believe it switched."""
+        """Only sd_model_checkpoint takes effect: it switches to another served model (after the queued jobs).
+        A client may post the other options back unchanged; other keys are ignored as A1111 ignores unknown
+        ones. Naming a checkpoint we do not serve is an error, as in A1111 ("model ... not found")."""
         try:
             changes = await request.json()
         except ValueError:
@@ -226,9 +245,8 @@ def router(server) -> APIRouter:
         if not isinstance(changes, dict):
             raise RequestError("options must be a JSON object")
         wanted = changes.get("sd_model_checkpoint")
-        if wanted is not None and wanted != server.model.name:
-            message = f"sd_model_checkpoint {str(wanted)[:100]!r} is not served here; the choices: {server.model.name}"
-            raise RequestError(message, "sd_model_checkpoint")
+        if wanted is not None:
+            await server.switch(choose(server.served, wanted).title)
         return None
 
     @r.get("/scripts")

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 import sd35m_mlx
 
 from ..lora.library import LoraLibrary
-from ..record import MEDIA_TYPES
+from ..record import MEDIA_TYPES, Settings
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
 from . import a1111_api, loras, openai_api
@@ -29,6 +29,7 @@ from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .jobs import CANCELLED, FAILED, Job, Worker
 from .loras import resolve as resolve_loras
+from .models import checkpoints, choose
 from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
 from .uploads import DEFAULT_MAX_PIXELS
 
@@ -56,16 +57,22 @@ class ServerConfig:
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
     signed_urls: bool = False  # with api_key: response_format="url" URLs carry ?exp=&sig= and open without the key
     lora_dir: str | None = None  # the folder <lora:NAME> tags name (serve --lora-dir); None: tags are refused
+    # public title -> () -> pipeline: the models requests may switch to (server/models.py); model_name is the first
+    loaders: dict = field(default_factory=dict)
 
 
 class Server:
     """What the routes share: the worker, the model's description, the output folder."""
 
     def __init__(self, pipe, config: ServerConfig):
-        self.pipe = pipe
         self.config = config
-        self.model = ModelInfo.of(pipe, config.model_name, **config.load_options)
-        self.worker = Worker(pipe, self.model, VERSION, config.max_queue)
+        self.served = checkpoints(config.model_name, config.loaders)
+
+        def describe(pipe, title: str) -> ModelInfo:
+            return ModelInfo.of(pipe, title, **config.load_options)
+
+        model = describe(pipe, config.model_name)
+        self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe)
         self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
         self._tmp = None
@@ -75,6 +82,25 @@ class Server:
         else:
             self.output_dir = Path(config.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def pipe(self):
+        """The resident model's pipeline (it changes when a request switches models)."""
+        return self.worker.pipe
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.worker.model
+
+    async def switch(self, title: str) -> None:
+        """Make `title` the resident model, in the worker's thread after the jobs queued before."""
+        spec = Spec(Settings(prompt=""), seeds=[], checkpoint=choose(self.served, title).title, restore=False)
+        job = self.worker.submit(spec, asyncio.get_running_loop())
+        await job.wait()
+        if job.state == FAILED:
+            if isinstance(job.error, RequestError):
+                raise job.error
+            raise RequestError(f"loading {title} failed; see the server's log", "sd_model_checkpoint", 500)
 
     def check(self, spec: Spec) -> Spec:
         """The server's limits, then generate()'s own checks: a bad request fails now, not after the queue."""

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import QueueFull, RequestError, ShuttingDown
 from .loras import activate as activate_loras
+from .models import Checkpoint, release
 from .spec import ModelInfo, Spec, generate_kwargs, png_bytes
 
 log = logging.getLogger("sd35m_mlx.server")
@@ -55,6 +56,7 @@ class Job:
         self.preview: Image.Image | None = None
         self.preview_step = 0
         self.latents = None  # the running image's latest latents: what an interrupt decodes
+        self.model: ModelInfo | None = None  # the model the job ran on (set by the worker)
         self._loop = loop
         self._future = loop.create_future() if loop is not None else None
         self._finished = threading.Event()
@@ -133,9 +135,12 @@ def _resolve(future: asyncio.Future) -> None:
 class Worker:
     """Owns the pipeline: one thread, one job at a time, a FIFO of at most `max_queue` waiting jobs."""
 
-    def __init__(self, pipe, model: ModelInfo, version: str, max_queue: int = 8):
+    def __init__(self, pipe, model: ModelInfo, version: str, max_queue: int = 8,
+                 served: dict[str, Checkpoint] | None = None, describe: Callable | None = None):  # fmt: skip
         self.pipe = pipe
         self.model = model
+        self.served = served or {}  # title -> Checkpoint: the models a job may switch to (server/models.py)
+        self.describe = describe  # (pipe, title) -> ModelInfo of a newly loaded model
         self.version = version
         self.max_queue = max_queue
         self.current: Job | None = None
@@ -240,7 +245,10 @@ class Worker:
         from sd35m_mlx.sampling.loop import GenerationCancelled
 
         job.state, job.started = RUNNING, time.time()
+        before = self.model.name
         try:
+            self.use(job.spec.checkpoint)
+            job.model = self.model
             activate_loras(self.pipe, job.spec)  # this job's LoRAs only (server/loras.py)
             for i, seed in enumerate(job.spec.seeds):
                 job.image_index, job.step = i, 0
@@ -264,3 +272,29 @@ class Worker:
         except Exception as e:  # our fault: logged with its traceback, answered 500, the worker goes on
             log.exception("generation failed")
             job.finish(FAILED, e)
+        finally:  # after the answer: the next job waits for it, the client does not
+            if job.spec.checkpoint is not None and job.spec.restore and self.pipe is not None:
+                try:
+                    self.use(before)
+                except Exception:
+                    log.exception("switching back to %s failed", before)
+
+    def use(self, title: str | None) -> None:
+        """Make `title` the resident model (worker thread only): the old one is released before the new one
+        loads, so two are never held at once. A load that fails brings the previous model back."""
+        if title is None or title == self.model.name:
+            return
+        wanted, previous = self.served[title], self.served.get(self.model.name)
+        if wanted.load is None or self.describe is None:
+            raise RequestError(f"sd_model_checkpoint {title!r} cannot be loaded again", "sd_model_checkpoint")
+        self.pipe = None
+        release()
+        try:
+            pipe = wanted.load()
+        except Exception:
+            log.exception("loading %s failed", title)
+            if previous is not None and previous.load is not None:
+                self.pipe = previous.load()
+            raise
+        self.pipe, self.model = pipe, self.describe(pipe, title)
+        log.info("switched to %s", title)

@@ -148,7 +148,8 @@ def router(server) -> APIRouter:
 
     @r.get("/v1/models")
     async def models():
-        model = {"id": server.model.name, "object": "model", "created": int(time.time()), "owned_by": "sd35m-mlx"}
-        return {"object": "list", "data": [model]}
+        now = int(time.time())
+        data = [{"id": title, "object": "model", "created": now, "owned_by": "sd35m-mlx"} for title in server.served]
+        return {"object": "list", "data": data}
 
     return r
