@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def model_options(f):
     """Attach the generate command's model options (same names, defaults and help) to `f`."""
     probe = generate_options(lambda: None)
     for param in probe.__click_params__:  # click keeps them in reverse order, and so does appending here
+        if param.name == "model":  # serve takes several: clients switch between them (server/models.py)
+            help = (
+                f"{param.help} Repeatable: the first is loaded at start, clients switch to the others by name "
+                "(A1111 sd_model_checkpoint), one resident at a time, each loaded with the same options."
+            )
+            param = click.Option(["--model"], multiple=True, default=(param.default,), help=help)
         if param.name in MODEL_OPTIONS:
             f.__click_params__ = [*getattr(f, "__click_params__", []), param]
     return f
@@ -128,26 +135,25 @@ def serve(
     except OSError as e:  # the port is taken, the address is not ours, ...
         raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     load_t5 = params["t5"]
-    folder = model_io.resolve_model(params["model"], revision=params["revision"], load_t5=load_t5)
+    titles = [public_name(m) for m in params["model"]]
+    if len(set(titles)) < len(titles):
+        raise UsageError(f"--model: two models would have the same name ({', '.join(titles)}); rename a folder")
+    folders = [model_io.resolve_model(m, revision=params["revision"], load_t5=load_t5) for m in params["model"]]
     dtype = params["dtype"] if params["dtype"] != "auto" else model_io.default_dtype()
     quantize = int(params["quantize"]) if params["quantize"] is not None else None
-    click.echo(f"Loading {params['model']} ({dtype}{'' if load_t5 else ', no T5'})", err=True)
+    load = functools.partial(model_io.load_pipeline, dtype=dtype, load_t5=load_t5, quantize=quantize,
+                             t5_quantize=params["t5_quantize"], low_memory=params["low_memory"])  # fmt: skip
+    click.echo(f"Loading {params['model'][0]} ({dtype}{'' if load_t5 else ', no T5'})", err=True)
     t0 = time.perf_counter()
     try:
-        pipe = model_io.load_pipeline(
-            folder,
-            dtype,
-            load_t5,
-            quantize=quantize,
-            t5_quantize=params["t5_quantize"],
-            low_memory=params["low_memory"],
-        )
+        pipe = load(folders[0])
     except Exception as e:
         raise RunError(one_line(e)) from None
     click.echo(f"Loaded in {time.perf_counter() - t0:.1f} s", err=True)
 
     config = ServerConfig(
-        model_name=public_name(params["model"]),
+        model_name=titles[0],
+        loaders={title: functools.partial(load, folder) for title, folder in zip(titles, folders, strict=True)},
         api_key=api_key or None,
         max_queue=queue_size,
         max_body_bytes=max_body_mb << 20,

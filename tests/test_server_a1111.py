@@ -186,3 +186,23 @@ def test_webuiapi_switches_models(two_models):
     assert api.util_get_current_model() == "tiny-random"
     api.util_set_model("sd35m-tiny")
     assert two_models.worker.model.name == "sd35m-tiny"
+
+
+def test_serve_takes_several_models(monkeypatch, tiny_pipeline):
+    from click.testing import CliRunner
+
+    import sd35m_mlx.server.run as run
+    from sd35m_mlx_cli.main import cli
+
+    got = {}
+    monkeypatch.setattr(run, "serve", lambda pipe, **kw: got.update(pipe=pipe, **kw))
+    args = ["serve", "--model", "tiny-random", "--model", str(tiny_pipeline), "--port", "0", "--dtype", "float32"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    config = got["config"]
+    assert config.model_name == "tiny-random" and list(config.loaders) == ["tiny-random", "sd35m-tiny"]
+    assert str(tiny_pipeline.parent) not in repr(list(config.loaders))
+    other = config.loaders["sd35m-tiny"]()  # loaded only when a client switches
+    assert other.transformer_config.num_layers == got["pipe"].transformer_config.num_layers
+    twice = CliRunner().invoke(cli, ["serve", "--model", str(tiny_pipeline), "--model", str(tiny_pipeline)])
+    assert twice.exit_code == 2 and "same name" in twice.output
