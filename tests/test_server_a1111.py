@@ -206,3 +206,42 @@ def test_serve_takes_several_models(monkeypatch, tiny_pipeline):
     assert other.transformer_config.num_layers == got["pipe"].transformer_config.num_layers
     twice = CliRunner().invoke(cli, ["serve", "--model", str(tiny_pipeline), "--model", str(tiny_pipeline)])
     assert twice.exit_code == 2 and "same name" in twice.output
+
+
+# -- hires fix -----------------------------------------------------------------------------------------------
+
+
+def test_enable_hr_equals_upscale_generate(server, pipe, http):
+    from sd35m_mlx.upscale import upscale_generate
+
+    payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5,
+               "hr_upscaler": "Latent (nearest)", "hr_prompt": "another"}  # fmt: skip
+    r = http.post("/sdapi/v1/txt2img", json=payload)
+    assert r.status_code == 200, r.text
+    got = pixels(r.json()["images"][0])
+    kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
+    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.5, upscale_steps=2, **kwargs).images[0]
+    assert got.shape == (96, 96, 3)
+    np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
+    info = json.loads(r.json()["info"])
+    assert any("ran Lanczos" in w for w in info["warnings"]) and any("hr_prompt" in w for w in info["warnings"])
+    assert not any("enable_hr" in w or "hr_scale" in w for w in info["warnings"])
+    text = info["infotexts"][0]
+    assert "Hires upscale: 1.5" in text and "Hires steps: 2" in text and "Hires denoising strength: 0.5" in text
+
+
+def test_enable_hr_by_size_and_too_big(server, http):
+    r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_resize_x": 128, "hr_resize_y": 128})
+    assert r.status_code == 200, r.text
+    assert pixels(r.json()["images"][0]).shape == (128, 128, 3)
+    server.wait_idle()
+    submitted = []
+    real = server.worker.submit
+    server.worker.submit = lambda *a: submitted.append(a) or real(*a)
+    try:
+        r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_scale": 1000})
+    finally:
+        server.worker.submit = real
+    assert r.status_code == 400 and "hires size" in r.text and submitted == []  # refused before any work
+    r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_scale": 0.5})
+    assert r.status_code == 400 and "hr_scale" in r.text

@@ -25,6 +25,7 @@ from ..prompts.infotext import infotext_parameters
 from ..record import PARAMETERS_KEY, Settings, parameters_text, stored_text
 from .a1111_fields import ignored_notes
 from .errors import RequestError
+from .hires import HIRES_FIELDS, apply_hires
 from .jobs import Job
 from .masks import a1111_mask
 from .models import choose
@@ -86,7 +87,8 @@ def map_sampler(name: str | None) -> tuple[str, str | None]:
     return SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(SAMPLER)}"
 
 
-def spec_from(body: Txt2ImgBody, limits) -> Spec:
+def spec_from(body: Txt2ImgBody, limits, hires: bool = False) -> Spec:
+    """hires: txt2img's hires fix fields act (server/hires.py); img2img ignores them as A1111 does."""
     sampler, note = map_sampler(body.sampler_name or body.sampler_index)
     n = (body.batch_size if body.batch_size is not None else 1) * (body.n_iter if body.n_iter is not None else 1)
     seed = body.seed if body.seed is not None and body.seed >= 0 else None  # -1 (any negative): random
@@ -100,8 +102,11 @@ def spec_from(body: Txt2ImgBody, limits) -> Spec:
     extra = dict(body.model_extra or {})
     if isinstance(extra.get("override_settings"), dict):  # the checkpoint is ours to act on (checkpoint_override)
         extra["override_settings"] = {k: v for k, v in extra["override_settings"].items() if k != "sd_model_checkpoint"}
-    spec.notes.extend(ignored_notes(extra))
+    notes = ignored_notes(extra)  # (with enable_hr: the hires fields; those hires.py acts on are not ignored)
+    spec.notes.extend(n for n in notes if not (hires and n.split("=")[0] in HIRES_FIELDS))
     spec.given(steps=body.steps, cfg=body.cfg_scale, width=body.width, height=body.height)
+    if hires:
+        apply_hires(extra, spec, extra.get("denoising_strength"))
     return spec
 
 
@@ -157,7 +162,7 @@ def router(server) -> APIRouter:
 
     @r.post("/txt2img")
     async def txt2img(body: Txt2ImgBody, request: Request):
-        spec = spec_from(body, server.config.limits)
+        spec = spec_from(body, server.config.limits, hires=True)
         checkpoint_override(body, spec, server.served)
         job = await server.run(spec, request)
         return answer(job, body)

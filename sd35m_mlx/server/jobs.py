@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .errors import QueueFull, RequestError, ShuttingDown
+from .hires import make_images
 from .loras import activate as activate_loras
 from .models import Checkpoint, release
 from .spec import ModelInfo, Spec, generate_kwargs, png_bytes
@@ -256,7 +257,8 @@ class Worker:
                     raise GenerationCancelled(job.cancel_reason)
                 kwargs = generate_kwargs(job.spec, seed, self.model)
                 # rgb previews: a 16->3 map at latent resolution, far under 1% of a step (sd35m_mlx/sampling/preview.py)
-                images = self.pipe.generate(**kwargs, callback=job.on_step, preview="rgb", on_preview=job.on_preview)
+                images = make_images(self.pipe, job.spec, kwargs, callback=job.on_step, preview="rgb",
+                                     on_preview=job.on_preview)  # fmt: skip
                 job.latents = None
                 job.results.append(Result(png_bytes(images[0], job.spec, seed, self.model, self.version), seed))
             self._durations.append(time.time() - job.started)

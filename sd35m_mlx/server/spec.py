@@ -78,6 +78,11 @@ def check(spec: Spec, limits: Limits, model_max_side: int) -> None:
         if v % MULTIPLE:
             near = min(max(round(v / MULTIPLE) * MULTIPLE, MIN_SIDE), top)
             raise RequestError(f"{name} must be a multiple of {MULTIPLE}, got {v} (try {near})", name)
+    if s.upscale is not None and max(s.upscale_size) > top:  # the hires fix's second pass (server/hires.py)
+        w, h = s.upscale_size
+        raise RequestError(f"the hires size {w}x{h} is beyond {top} px; lower hr_scale or hr_resize", "hr_scale")
+    if s.upscale_steps is not None and s.upscale_steps > limits.max_steps:
+        raise RequestError(f"hr_second_pass_steps must be at most {limits.max_steps}", "hr_second_pass_steps")
     if not 1 <= s.steps <= limits.max_steps:
         raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {s.steps}", "steps")
     if not (math.isfinite(s.cfg) and 0 <= s.cfg <= 100):
