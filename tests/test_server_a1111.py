@@ -89,15 +89,18 @@ def test_webuiapi_startup_calls(server):
 def two_models(tiny_pipeline):
     """A server started on the tiny fixture that may switch to `tiny-random`; `loaded` keeps a weakref to
     every pipeline a loader made, to see them released."""
+    import gc
     import weakref
 
     from sd35m_mlx import StableDiffusion35
     from tests.server_helpers import RunningServer
 
-    loaded = []
+    loaded, alive_at_load = [], []
 
     def loader(source):
         def load():
+            gc.collect()
+            alive_at_load.append(sum(ref() is not None for ref in loaded))
             pipe = StableDiffusion35.from_pretrained(source, dtype="float32")
             loaded.append(weakref.ref(pipe))
             return pipe
@@ -108,7 +111,7 @@ def two_models(tiny_pipeline):
     loaders = {"sd35m-tiny": loader(tiny_pipeline), "tiny-random": loader("tiny-random")}
     with RunningServer(first, model_name="sd35m-tiny", loaders=loaders) as s:
         del first
-        s.loaded = loaded
+        s.loaded, s.alive_at_load = loaded, alive_at_load
         yield s
 
 
@@ -152,6 +155,8 @@ def test_switching_gives_the_other_models_pixels_and_releases_memory(two_models,
         assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-random"
         gc.collect()
         assert old_ref() is None  # the previous pipeline is gone, not kept beside the new one
+        assert sum(ref() is not None for ref in two_models.loaded) == 1  # one model resident, never two
+        assert two_models.alive_at_load[-1] == 0  # released before the next one loaded
         r = http.post("/sdapi/v1/txt2img", json=TINY).json()
         np.testing.assert_array_equal(pixels(r["images"][0]), direct("tiny-random", **KWARGS))
         assert json.loads(r["info"])["sd_model_name"] == "tiny-random"
