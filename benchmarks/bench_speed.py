@@ -5,8 +5,7 @@
     python benchmarks/bench_speed.py --sizes 512 --skip-diffusers --json out.json
 
 Ours (the sampler's real guided step, prompt encoding, VAE decode) vs diffusers on the same random
-weights, inputs and dtype; the step also by kind of work and against the sum of the kernels its math
-requires (backend efficiency). What each section measures and how: benchmarks/README.md, bench_speed.py.
+weights, inputs and dtype. What each section measures and how: benchmarks/README.md, bench_speed.py.
 
 Runs as is on macOS (Metal), Linux CPU and Linux CUDA (mlx[cuda]); diffusers runs on CUDA or MPS
 when present (--torch-device). On Linux CPU, run benchmarks (only them, not tests) with
@@ -39,7 +38,6 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import step_kernels as K  # noqa: E402
 from benchmarks import torch_side  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     DTYPES,
@@ -108,7 +106,7 @@ def extrapolate(step_s, block_s: dict[str, float], built: list[str], target: lis
 
 
 # ---------------------------------------------------------------------------------------------
-# 1, 3, 4: the transformer step
+# 1: the transformer step
 
 
 class OurStep:
@@ -161,15 +159,13 @@ def _mean_by_kind(kinds: list[str], seconds: list[float]) -> dict[str, float]:
 
 
 def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunner | None, device: str) -> list[dict]:
-    """Sections 1, 3 and 4 at every size: ours, then diffusers (same inputs), then the kernels."""
+    """Section 1 at every size: ours, then diffusers (same inputs)."""
     dtype = mlx_dtype(args.dtype)
     ours = load_transformer(folder, dtype)
     mx.eval(ours.parameters())
     cfg = ours.config
-    kinds = block_kinds(cfg)
-    built = [_kind(*k) for k in kinds]
-    medium = block_kinds(MMDiTConfig())
-    target = [_kind(*k) for k in medium]
+    built = [_kind(*k) for k in block_kinds(cfg)]
+    target = [_kind(*k) for k in block_kinds(MMDiTConfig())]
 
     results, velocities, inputs = [], [], []
     for size in sizes:
@@ -183,19 +179,12 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         velocities.append(np.array(step.v.astype(mx.float32)))
         inputs.append((step.x, step.ctx, step.pooled))
 
-        log(f"transformer {size}x{size}: kernels")
-        shape = K.StepShape.of(cfg, 2, size // 8, size // 8, args.ctx_len)
-        counts, counts_24 = K.step_kernels(shape, kinds), K.step_kernels(shape, medium)
-        per_kind = {_kind(*k): K.block_kernels(shape, *k) for k in set(kinds) | set(medium)}
-        seconds = K.time_kernels(set(counts) | set(counts_24), dtype, min_runs=args.repeats)
-        # the real step again after the kernels: on a shared machine both then sample the same period
-        times_after = step.timed(args.repeats)
         del step
         _free()
 
         o = {
-            "step_s": min(times + times_after),
-            "step_runs_s": times + times_after,
+            "step_s": min(times),
+            "step_runs_s": times,
             "first_step_s": first,
             "blocks": blocks,
             "block_s": _mean_by_kind(built, [b["s"] for b in blocks]),
@@ -205,19 +194,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
             "peak_method": peak.method,
         }
         o["step_24_s"] = extrapolate(o["step_s"], o["block_s"], built, target)
-        total, total_24 = K.summarize(counts, seconds), K.summarize(counts_24, seconds)
-        r = {"size": size, "batch": 2, "context_tokens": args.ctx_len, "depth": cfg.num_layers, "ours": o}
-        r["kernels"] = {
-            **total,
-            "sum_24_s": total_24["sum_s"],
-            "by_kind_24_s": total_24["by_kind_s"],
-            "block_sum_s": {k: K.summarize(c, seconds)["sum_s"] for k, c in per_kind.items()},
-            "table": K.kernel_table(counts, seconds),
-        }
-        r["efficiency"] = o["step_s"] / total["sum_s"]
-        if o["step_24_s"]:
-            r["efficiency_24"] = o["step_24_s"] / total_24["sum_s"]
-        results.append(r)
+        results.append({"size": size, "batch": 2, "context_tokens": args.ctx_len, "depth": cfg.num_layers, "ours": o})
     del ours
     _free()
 

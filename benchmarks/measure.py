@@ -59,20 +59,6 @@ def mlx_once(fn: Callable[[], object], runs: int, long_s: float, modules, fresh:
     return dict(s=s, runs=runs, warm=warm, peak_gib=gib(peak.peak), work_gib=gib(peak.work), weights_gib=gib(weights))
 
 
-def time_kernel(fn: Callable[[], object], min_s: float = 0.3, max_runs: int = 5, min_runs: int = 1) -> float:
-    """Best of evaluated MLX calls after one warm-up: at least `min_runs`, more while under `min_s`."""
-    import mlx.core as mx
-
-    mx.eval(fn())
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < min_runs or (runs < max_runs and spent < min_s):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        dt = time.perf_counter() - t0
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
-    return best
-
-
 # ---------------------------------------------------------------------------------------------
 # Memory
 
