@@ -3,14 +3,12 @@
     python benchmarks/bench_distributed.py              # 512 px, full-width MMDiT at depth 3, ~10 min on 2 cores
     python benchmarks/bench_distributed.py --quick      # toy sizes: checks the script in ~2 min
 
-One process, then 2 ranks under `mlx.launch` (`--split seeds`, `--split cfg`) on the real-width MMDiT at
-reduced depth with the tiny fixture's VAE (random prompt embeddings of the real shapes): seconds per image
-and the bytes each rank sent (Ranks.sent_bytes). Method and figures: benchmarks/README.md.
+One process, then 2 ranks under `mlx.launch` (`--split seeds`, `--split cfg`). Method and figures:
+benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import sd35m_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
 
 # isort: split
-from benchmarks.measure import write_json  # noqa: E402
+from benchmarks.measure import parser, write_json  # noqa: E402
 
 WORKER = r"""
 import json, sys, time
@@ -68,14 +66,16 @@ ranks.close()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(
+        __doc__,
+        json=str(REPO / "benchmarks" / "results" / "distributed.json"),
+        quick="toy sizes: the tiny fixture's transformer, 64 px",
+    )
     p.add_argument("--size", type=int, default=512, help="image side in px for the end-to-end runs")
     p.add_argument("--depth", type=int, default=3, help="MMDiT blocks (full width)")
     p.add_argument("--steps", type=int, default=6, help="steps per image in the end-to-end runs")
     p.add_argument("--images", type=int, default=2, help="images per end-to-end run")
     p.add_argument("--ctx-len", type=int, default=333, help="context tokens (77 CLIP + 256 T5)")
-    p.add_argument("--quick", action="store_true", help="toy sizes: the tiny fixture's transformer, 64 px")
-    p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "distributed.json"))
     return p.parse_args(argv)
 
 

@@ -3,12 +3,8 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_memory.py     # ~12 min, 2-core CPU
     python benchmarks/bench_memory.py --quick                                          # toy sizes, ~30 s
 
-Random weights in the real diffusers layout (benchmarks/fixtures.py). Every measurement runs in a process
-of its own (up to --parallel at a time): MLX peak (`mx.get_peak_memory` after `mx.reset_peak_memory`)
-and the process's resident-set peak. Peak per stage of the full SD3.5 Medium (resident
-weights from shapes + measured activation work at full width and reduced depth; attention both as Metal's
-fused kernel holds it and as MLX's CPU backend does) and the verdict on the target. The derivation
-and the tables are memory_report.py's; method and figures: benchmarks/README.md. GB = 1e9 bytes.
+Each measurement runs in a process of its own (--parallel at a time); memory_report.py derives the
+full-size stage peaks and the verdict from them. Method and figures: benchmarks/README.md. GB = 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ from benchmarks.measure import (  # noqa: E402
     machine,
     mlx_dtype,
     mlx_param_bytes,
+    parser,
     write_json,
 )
 from benchmarks.memory_report import (  # noqa: E402
@@ -341,8 +338,11 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="toy widths, 256 px: checks the script in about a minute")
+    p = parser(
+        __doc__,
+        json=ROOT / "benchmarks" / "results" / "memory.json",
+        quick="toy widths, 256 px: checks the script in about a minute",
+    )
     p.add_argument("--size", type=int, default=None, help="image side for denoising (default 1024; quick 256)")
     p.add_argument("--vae-size", type=int, default=None, help="image side for the VAE decode (default --size)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2], help="transformer depths of the step check")
@@ -367,7 +367,6 @@ def parse_args(argv=None):
     p.add_argument("--parallel", type=int, default=2, help="measurement processes at a time")
     p.add_argument("--mem-budget-gb", type=float, default=14.0, help="rough RSS budget of parallel measurements")
     p.add_argument("--fixtures", type=Path, default=None, help="keep (and reuse) the built weights here")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -2,15 +2,10 @@
 
     python benchmarks/bench_speed.py                       # depth 3, 512 and 1024 px, text, VAE
     python benchmarks/bench_speed.py --quick               # toy sizes: checks the script in ~1 min
-    python benchmarks/bench_speed.py --sizes 512 --skip-diffusers --json out.json
 
 Ours (the sampler's real guided step, prompt encoding, VAE decode) vs diffusers on the same random
-weights, inputs and dtype. What each section measures and how: benchmarks/README.md, bench_speed.py.
-
-Runs as is on macOS (Metal), Linux CPU and Linux CUDA (mlx[cuda]); diffusers runs on CUDA or MPS
-when present (--torch-device). On Linux CPU, run benchmarks (only them, not tests) with
-`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_speed.py ...` so OpenBLAS
-picks its fastest kernels, and benchmark in float32: MLX's CPU backend is slow in bf16/fp16.
+weights, inputs and dtype. How to run it on each platform, what each section measures, and figures:
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ import numpy as np  # noqa: E402
 
 from benchmarks import torch_side  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
-    DTYPES,
     MLXPeak,
     build_once,
     gib,
@@ -49,6 +43,7 @@ from benchmarks.measure import (  # noqa: E402
     mlx_dtype,
     mlx_once,
     mlx_param_bytes,
+    parser,
     time_once_or_warm,
     time_runs,
     write_json,
@@ -318,12 +313,16 @@ def _guarded(fn, *args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(
+        __doc__,
+        json=Path(__file__).parent / "results" / "speed.json",
+        dtype="float32",
+        repeats=1,
+        quick="toy run: depth 1, 256 px, tiny text encoders and VAE",
+    )
     p.add_argument("--depth", type=int, default=None, help="transformer blocks built (default 3; --quick: 1)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 512 1024)")
     p.add_argument("--ctx-len", type=int, default=333, help="context tokens: 77 CLIP + 256 T5 (default 333)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype, both sides (default float32)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up, best kept (default 1)")
     p.add_argument("--vae-size", type=int, default=None, help="VAE decode px (default 1024; 512 on a CPU device)")
     p.add_argument("--t5-layers", type=int, default=2, help="T5-XXL layers built (default 2; 24 extrapolated)")
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
@@ -337,10 +336,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default 0)")
     p.add_argument("--cache", type=Path, default=None, help="build the random weights here once and reuse them")
-    p.add_argument("--quick", action="store_true", help="toy run: depth 1, 256 px, tiny text encoders and VAE")
-    p.add_argument(
-        "--json", type=Path, default=Path(__file__).parent / "results" / "speed.json", help="(default %(default)s)"
-    )
     args = p.parse_args(argv)
     args.depth = args.depth or (1 if args.quick else 3)
     args.sizes = args.sizes or ([256] if args.quick else [512, 1024])

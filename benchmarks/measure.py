@@ -8,6 +8,7 @@ probes, so either side can use this module in a process of its own.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -256,6 +257,20 @@ def machine() -> str:
 def log(msg: str) -> None:
     """Progress on stderr, with the time of day."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parser(doc: str, json=None, dtype: str | None = None, repeats: int | None = None, quick: str | None = None):
+    """Every script's argument parser with the options they share: --json, and where a default is given
+    --dtype, --repeats, --quick (its help)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=json, help="write the results here (default %(default)s)")
+    if dtype:
+        p.add_argument("--dtype", choices=DTYPES, default=dtype, help="compute dtype (default %(default)s)")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats, help="timed runs, the best kept (default %(default)s)")
+    if quick:
+        p.add_argument("--quick", action="store_true", help=quick)
+    return p
 
 
 def write_json(path: str | Path | None, results) -> None:

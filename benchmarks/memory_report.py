@@ -1,8 +1,5 @@
-"""bench_memory.py's derivation and report: full-size weights from shapes, stage peaks per configuration,
-checks and verdict, and the tables printed from them (GB = 1e9 bytes).
-
-Runs in the main process on the workers' measurements; the full-size modules are lazy (shapes only,
-nothing is allocated).
+"""bench_memory.py's derivation and report, in the main process on the workers' measurements: full-size
+weights from lazy modules (shapes only), stage peaks per configuration, checks, verdict and tables.
 """
 
 from __future__ import annotations
@@ -208,22 +205,9 @@ def print_report(results: dict) -> None:
     for check in results["checks"]:
         print(f"- {check}")
 
-    acc = results["full_size"]
-    tr, t5 = acc["transformer"], acc["t5"]
-    adaln = " / ".join(_gb(tr[v]["modulation_weights"]) for v in ("bf16", "q8", "q4"))
-    rows = [["MMDiT", *(_gb(tr[v]["total"]) for v in ("bf16", "q8", "q4")), adaln],
-            ["T5-XXL", *(_gb(t5[v]["total"]) for v in ("bf16", "q8", "q4")), ""],
-            ["CLIP-L + CLIP-G", _gb(acc["clip_l"] + acc["clip_g"]), "", "", ""],
-            ["VAE", _gb(acc["vae"]), "", "", ""]]  # fmt: skip
-    print(table(f"2b. Full-size weights (bfloat16; quantized per sd35m_mlx.quantize's plan, group size "
-                f"{meta['group_size']}), GB", ["component", "bf16", "8 bit", "4 bit",
-                "adaLN + conditioning embedders (bf16 / 8 / 4 bit)"], rows))  # fmt: skip
-    print(f"adaLN modulations for {meta['steps']} steps at batch 2: {_gb(acc['modulations'])} GB; "
-          f"prompt embeddings, latents and other inputs: {_gb(acc['inputs'])} GB")  # fmt: skip
-
     rows = [[r["config"], r["stage"], _gb(r["resident"]), r["resident_what"], _gb(r["extra"]), _gb(r["work_metal"]),
              _gb(r["peak_metal"]), _gb(r["peak_cpu"])] for r in results["stages"]]  # fmt: skip
-    print(table(f"2c. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, {meta['ctx_len']} "
+    print(table(f"2b. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, {meta['ctx_len']} "
                 "tokens (derived: resident + inputs + measured work), GB", ["configuration", "stage",
                 "resident weights", "what", "+ inputs, modulations", "+ work (Metal)", "peak, Metal",
                 "peak, this CPU"], rows))  # fmt: skip
@@ -278,12 +262,6 @@ def checks_and_verdict(results: dict, measured: dict[str, dict | None], args) ->
         )
         if b_staged["cpu"] is not None:
             verdict.append(f"On this CPU backend (attention scores materialised): {_gb(b_staged['cpu'])} GB.")
-    tr = results["full_size"]["transformer"]
-    verdict.append(
-        "adaLN + conditioning-embedder weights released by low_memory after the modulations are computed: "
-        f"bf16 {_gb(tr['bf16']['modulation_weights'])} GB, MMDiT 8 bit {_gb(tr['q8']['modulation_weights'])} GB, "
-        f"4 bit {_gb(tr['q4']['modulation_weights'])} GB (already subtracted in the staged 'denoise step' rows)."
-    )
     return checks, verdict
 
 

@@ -1,10 +1,6 @@
-"""The diffusers (PyTorch) side of the benchmarks, run in a process of its own (`TorchRunner`).
-
-Why a separate process: `import sd35m_mlx` loads the system OpenBLAS with RTLD_GLOBAL (for MLX's
-matmuls on Linux), and PyTorch's BLAS calls then resolve to it too; nested in PyTorch's own parallel
-loops that made its CPU attention 60x slower (benchmarks/README.md). diffusers is timed as users run it,
-in a process that never loaded that OpenBLAS (SD35M_MLX_NO_OPENBLAS=1). Functions here take and return
-plain data (paths, numpy arrays, dicts) so they cross processes.
+"""The diffusers (PyTorch) side of the benchmarks, run in a process of its own (`TorchRunner`): with
+the system OpenBLAS that `import sd35m_mlx` loads, PyTorch's CPU attention runs 60x slower
+(benchmarks/README.md, "Why diffusers runs in a separate process"). Functions take and return plain data.
 """
 
 from __future__ import annotations

@@ -95,4 +95,3 @@ def test_bench_controlnet_runs_on_the_tiny_fixture(tiny_pipeline, tmp_path):
     r = bench_controlnet.bench(tiny_pipeline / "transformer", net, 64, mx.float32, None, 16, 0, 1)
     assert r["controlnet_step_s"] > 0 and r["plain_step_s"] > 0 and "extrapolated_ratio" in r
     assert r["controlnet_step_work_bytes"] > 0 and r["plain_step_work_bytes"] > 0
-    assert r["flop_ratio_24_23_blocks"] > 1.5
