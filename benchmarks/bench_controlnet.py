@@ -1,19 +1,13 @@
 """What one ControlNet costs per denoising step: time relative to a plain step, and memory.
 
     python benchmarks/bench_controlnet.py                      # depth 2, 512 and 1024 px, float32
-    python benchmarks/bench_controlnet.py --sizes 512 --quantize 8
     python benchmarks/bench_controlnet.py --depth 24 --controlnet-depth 23 --dtype bfloat16   # a GPU, full depth
 
-The full-width transformer and a tensorart-style SD3.5M ControlNet at reduced depth (dual attention in one
-block of two); a guided step through GuidedDenoiser with and without the ControlNetResiduals extra, timed
-interleaved (wall and process CPU time), extrapolated per block to 24 + 23 blocks; full-depth weights
-counted from lazy parameters. On Linux unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE.
 Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -28,13 +22,13 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from benchmarks.measure import (  # noqa: E402
-    DTYPES,
     build_once,
     guided_inputs,
     lazy_quantize,
     machine,
     mlx_dtype,
     mlx_param_bytes,
+    parser,
     write_json,
 )
 from scripts.build_fixture import (  # noqa: E402
@@ -83,26 +77,6 @@ def full_depth_weights(bits: int | None, dtype: mx.Dtype) -> dict:
         "transformer_bytes": weight_bytes(SD3Transformer2DModel(t), bits, dtype),
         "controlnet_bytes": weight_bytes(SD3ControlNetModel(c), bits, dtype, QUANTIZATION_POLICY),
     }
-
-
-def block_flops(n: int, m: int, d: int, dual: bool, context_out: bool) -> float:
-    """Multiply-add FLOPs of one joint block for n image and m context tokens, width d (batch 1)."""
-    f = 2 * 3 * (n + m) * d * d + 4 * (n + m) ** 2 * d + 2 * n * d * d + 16 * n * d * d  # qkv, attention, out, MLP
-    if context_out:
-        f += 2 * m * d * d + 16 * m * d * d  # context output projection and MLP
-    if dual:
-        f += 2 * 4 * n * d * d + 4 * n * n * d  # attn2: qkv, out, attention
-    return f
-
-
-def flop_ratio(size: int, ctx_len: int, d: int = 1536) -> float:
-    """(24-block transformer + 23-block ControlNet) / transformer, counted: the cost a machine running the
-    step at one efficiency would see (13 dual-attention blocks in each, the transformer's last block
-    context-pre-only, every ControlNet block with its residual Linear)."""
-    n = (size // 16) ** 2
-    transformer = sum(block_flops(n, ctx_len, d, i < 13, i < 23) for i in range(24))
-    controlnet = sum(block_flops(n, ctx_len, d, i < 13, True) + 2 * n * d * d for i in range(23))
-    return (transformer + controlnet) / transformer
 
 
 def bench(
@@ -170,7 +144,6 @@ def bench(
         / net.config.num_layers
         * FULL_CONTROLNET_DEPTH
         / (plain_cpu / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH),
-        "flop_ratio_24_23_blocks": flop_ratio(size, ctx_len, cfg.hidden_size),
         "weights_bytes_measured": base,
         "plain_step_work_bytes": plain_peak,
         "controlnet_step_work_bytes": cn_peak,
@@ -179,17 +152,14 @@ def bench(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, dtype="float32", repeats=2)
     p.add_argument("--depth", type=int, default=2, help="transformer blocks built and run (default 2)")
     p.add_argument("--controlnet-depth", type=int, default=None, help="ControlNet blocks (default: --depth)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="both models' linear layers")
     p.add_argument("--ctx-len", type=int, default=333)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each step first (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved; the best counts")
     p.add_argument("--cache", type=Path, default=None, help="build the weights here once and reuse them")
-    p.add_argument("--json", type=Path, default=None, help="write results here")
     args = p.parse_args()
     dtype = mlx_dtype(args.dtype)
     cn_depth = args.controlnet_depth or args.depth
@@ -215,7 +185,7 @@ def main() -> None:
                 f"(x{r['measured_ratio']:.2f}; CPU time x{r['measured_cpu_time_ratio']:.2f}) | "
                 f"24+23 blocks: plain {r['extrapolated_plain_step_s']:.2f}s, "
                 f"with ControlNet {r['extrapolated_controlnet_step_s']:.2f}s (x{r['extrapolated_ratio']:.2f}; CPU time "
-                f"x{r['extrapolated_cpu_time_ratio']:.2f}; FLOPs x{r['flop_ratio_24_23_blocks']:.2f}) | "
+                f"x{r['extrapolated_cpu_time_ratio']:.2f}) | "
                 f"step work {r['plain_step_work_bytes'] / 2**30:.2f} -> {r['controlnet_step_work_bytes'] / 2**30:.2f} "
                 f"GiB, 23 residuals {r['residuals_bytes_23_blocks'] / 2**30:.2f} GiB",
                 flush=True,

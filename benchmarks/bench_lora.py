@@ -1,18 +1,13 @@
 """Cost of unfused LoRAs: per-step time of 1 and 3 adapters (rank 16 and 64) against none, load time,
 and the memory a LoRA adds, on the real SD3.5 Medium width at reduced depth.
 
-    python -m benchmarks.bench_lora                       # depth 2, 512 px, float32, 3 repeats
     python -m benchmarks.bench_lora --depth 24 --dtype bfloat16 --json lora.json    # on a GPU
 
-Step: `SD3Transformer2DModel.denoise` at batch 2 with precomputed modulations, every Linear carrying the
-LoRA (the worst case). Load: the LoRA as a diffusers-format file for 24 blocks through the real converter,
-and its sha256. Memory added: active memory after loading and applying, minus before.
 Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -29,7 +24,7 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.measure import DTYPES, mlx_dtype, write_json  # noqa: E402
+from benchmarks.measure import mlx_dtype, parser, write_json  # noqa: E402
 from sd35m_mlx.lora import files  # noqa: E402
 from sd35m_mlx.lora.adapter import Factor  # noqa: E402
 from sd35m_mlx.lora.convert import KeyTables, convert  # noqa: E402
@@ -77,35 +72,11 @@ def write_lora_file(path: Path, table, rank: int) -> int:
     return path.stat().st_size
 
 
-def step_flops(table, tokens_img: int, tokens_ctx: int, hidden: int, rank: int = 0, count: int = 0) -> float:
-    """Multiply-adds x 2 of one step's matmuls at batch 2 (base, or the LoRA side paths alone when rank > 0).
-    adaLN, time/text embedders and context_embedder run once per schedule (precomputed), not per step."""
-    total = 0.0
-    for path, shape in table.items():
-        if shape is None or len(shape) != 2 or not path.startswith(("transformer_blocks.", "proj_out")):
-            continue
-        if ".norm1" in path:
-            continue
-        out, inp = shape
-        context = any(k in path for k in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context."))
-        t = 2 * (tokens_ctx if context else tokens_img)
-        total += 2 * t * (count * rank * (inp + out) if rank else inp * out)
-    if not rank:
-        blocks = {p.split(".")[1] for p in table if p.startswith("transformer_blocks.")}
-        dual = {p.split(".")[1] for p in table if ".attn2." in p}
-        joint = tokens_img + tokens_ctx
-        total += len(blocks) * 2 * 4 * joint**2 * hidden + len(dual) * 2 * 4 * tokens_img**2 * hidden
-    return total
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, dtype="float32", repeats=3)
     ap.add_argument("--depth", type=int, default=2, help="transformer blocks for the step timing (default 2)")
     ap.add_argument("--size", type=int, default=512, help="image side in px (default 512)")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="LoRA ranks (default 16 64)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per setting (median; default 3)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     dtype = mlx_dtype(args.dtype)
 
@@ -143,15 +114,7 @@ def main() -> None:
     for label, ts in times.items():
         t = statistics.median(ts)
         results["steps"][label] = t
-        extra = ""
-        if label != "none":
-            count, rank = int(label.split()[0]), int(label.split()[-1])
-            tokens = (lat // 2) ** 2
-            added = step_flops(table, tokens, 333, config.hidden_size, rank, count)
-            flops = step_flops(table, tokens, 333, config.hidden_size)
-            results.setdefault("flops_added", {})[label] = added / flops
-            extra = f"; matmul work +{100 * added / flops:.1f}%"
-        print(f"{label}: {t * 1e3:.1f} ms / step ({t / base:.3f}x{extra})", flush=True)
+        print(f"{label}: {t * 1e3:.1f} ms / step ({t / base:.3f}x)", flush=True)
     del configs
 
     full = SD3Transformer2DModel(MMDiTConfig())  # all 24 blocks; lazy arrays: only the module tree is used

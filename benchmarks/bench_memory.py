@@ -1,22 +1,15 @@
-"""Memory of SD3.5 Medium in MLX: streaming load, and peak memory per stage at 1024 x 1024.
+"""Memory of SD3.5 Medium in MLX: peak memory per stage at 1024 x 1024.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_memory.py     # ~12 min, 2-core CPU
     python benchmarks/bench_memory.py --quick                                          # toy sizes, ~30 s
 
-Random weights in the real diffusers layout (benchmarks/fixtures.py). Every measurement runs in a process
-of its own (up to --parallel at a time): MLX peak (`mx.get_peak_memory` after `mx.reset_peak_memory`)
-and the process's resident-set peak. 1. streaming load: peak / loaded bytes of the transformer and T5 at
-two depths, per phase, extrapolated to full size; 2. peak per stage of the full SD3.5 Medium (resident
-weights from shapes + measured activation work at full width and reduced depth; attention both as Metal's
-fused kernel holds it and as MLX's CPU backend does); 3. the verdict on the 8 GB target. The derivation
-and the tables are memory_report.py's; method and figures: benchmarks/README.md. GB = 1e9 bytes.
+Each measurement runs in a process of its own (--parallel at a time); memory_report.py derives the
+full-size stage peaks and the verdict from them. Method and figures: benchmarks/README.md. GB = 1e9 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
 import os
 import platform
@@ -47,18 +40,15 @@ from benchmarks.measure import (  # noqa: E402
     machine,
     mlx_dtype,
     mlx_param_bytes,
-    proc_status_bytes,
+    parser,
     write_json,
 )
 from benchmarks.memory_report import (  # noqa: E402
     CLIP_TOKENS,
     GB,
-    REAL_FILE,
     derive_results,
-    load_job_name,
     modulation_bytes,
     print_report,
-    quantized_bytes,
 )
 
 PROMPT = "a photo of a cat sitting on a wooden table next to a window with soft morning light"
@@ -102,90 +92,6 @@ CASES = {}
 def case(fn):
     CASES[fn.__name__] = fn
     return fn
-
-
-def _tiny_forward(kind: str, model, dt) -> None:
-    if kind == "t5":
-        mx.eval(model(mx.array([[1, 2]])))
-        return
-    cfg = model.config
-    x = mx.zeros((1, cfg.patch_size, cfg.patch_size, cfg.in_channels), dt)  # one patch, one context token
-    ctx = mx.zeros((1, 1, cfg.joint_attention_dim), dt)
-    mx.eval(model(x, ctx, mx.zeros((1, cfg.pooled_projection_dim), dt), 500.0))
-
-
-@case
-def load(kind: str, folder: str, dtype: str, bits: int | None, group_size: int, evaluate: str) -> dict:
-    """Load lazily (the cast included), quantize as `quantize_model` streams it, then evaluate the rest
-    as `evaluate` says (EVALUATE_MODES). Peak and resident bytes are recorded per phase."""
-    from sd35m_mlx.loading.text_encoders import load_t5_encoder
-    from sd35m_mlx.loading.transformer import load_transformer
-    from sd35m_mlx.quantize import quantize_model
-
-    loader = load_transformer if kind == "transformer" else load_t5_encoder
-    dt = mlx_dtype(dtype)
-    phases = []
-
-    def phase(name: str) -> None:  # close a phase: its peak and what stays resident after it
-        phases.append(dict(phase=name, peak=mx.get_peak_memory(), end=mx.get_active_memory()))
-        mx.reset_peak_memory()
-
-    with MLXPeak(fresh=True) as w:
-        model = loader(folder, dt)
-        if bits:
-            quantize_model(model, bits, group_size)
-            phase("quantize_model")
-        if evaluate == "first use":
-            _tiny_forward(kind, model, dt)
-        mx.eval(model.parameters())  # a no-op unless something was left unread
-        phase("rest")
-    loaded = mlx_param_bytes(model)
-    peak = max(p["peak"] for p in phases)
-    return dict(
-        w.as_dict(),
-        peak=peak,
-        phases=phases,
-        loaded=loaded,
-        ratio=peak / loaded,
-        excess=peak - loaded,
-        file_bytes=_folder_bytes(folder),
-    )
-
-
-@case
-def pipeline_load(folder: str, quantize: int | None, t5_quantize: int | None, low_memory: bool) -> dict:
-    """`from_pretrained` as a user calls it: what is resident after it, then the rest evaluated."""
-    from sd35m_mlx.pipeline import StableDiffusion35
-
-    gc.collect()
-    rss_process = proc_status_bytes("VmRSS")  # interpreter + MLX + sd35m_mlx, no weights yet
-    with MLXPeak(fresh=True) as w:
-        pipe = StableDiffusion35.from_pretrained(
-            folder, "bfloat16", quantize=quantize, t5_quantize=t5_quantize, low_memory=low_memory
-        )
-    enc = pipe.prompt_encoder  # None in low_memory: the text encoders load for their stage
-    modules = dict(
-        transformer=pipe.transformer,
-        text_encoder=getattr(enc, "text_encoder", None),
-        text_encoder_2=getattr(enc, "text_encoder_2", None),
-        text_encoder_3=getattr(enc, "text_encoder_3", None),
-        vae=pipe.vae,
-    )
-    quantized = {k: quantized_bytes(m) for k, m in modules.items() if m is not None}
-    after_load = w.as_dict()
-    with MLXPeak(fresh=True) as w2:
-        mx.eval([m.parameters() for m in modules.values() if m is not None])
-    loaded = sum(mlx_param_bytes(m) for m in modules.values() if m is not None)
-    return dict(
-        rss_process_before_load=rss_process,
-        after_from_pretrained=after_load,
-        resident_after_from_pretrained=after_load["active_after"],
-        quantized_layer_bytes=quantized,
-        evaluate_rest=w2.as_dict(),
-        loaded=loaded,
-        ratio=max(w.peak, w2.peak) / loaded,
-        low_memory=pipe.low_memory,
-    )
 
 
 @case
@@ -364,25 +270,16 @@ def build_fixtures(root: Path, args) -> dict[str, Path]:
 
     sizes = mf.TOY if args.quick else mf.FULL
 
-    def transformer(path, depth, dtype=torch.float32):
-        return build_full_width_transformer(path, depth=depth, width=sizes.transformer, dtype=dtype)
+    def transformer(path, depth):
+        return build_full_width_transformer(path, depth=depth, width=sizes.transformer, dtype=torch.float32)
 
-    d_lo, d_hi = args.load_depths
-    t_lo, t_hi = args.t5_layers
-    depth_check = sorted(set(args.depths))
+    d_lo, t_lo, t_hi = min(args.depths), *args.t5_layers
     wanted = {
         "pipeline": lambda p: mf.build_pipeline(p, depth=d_lo, t5_layers=t_hi, sizes=sizes),
-        f"transformer_d{d_hi}": lambda p: transformer(p, d_hi),
         f"t5_l{t_lo}": lambda p: build_t5(p, t_lo, sizes=sizes.t5),
     }
-    for d in depth_check:
-        if d != d_lo and d != d_hi:
-            wanted[f"transformer_d{d}"] = lambda p, d=d: transformer(p, d)
-    if "load" in args.sections:  # the dtypes of the published checkpoint: no cast for the transformer
-        for d in args.load_depths:
-            wanted[f"transformer_d{d}_bf16"] = lambda p, d=d: transformer(p, d, torch.bfloat16)
-        for n in args.t5_layers:
-            wanted[f"t5_l{n}_f16"] = lambda p, n=n: build_t5(p, n, sizes=sizes.t5, dtype=torch.float16)
+    for d in set(args.depths) - {d_lo}:
+        wanted[f"transformer_d{d}"] = lambda p, d=d: transformer(p, d)
     folders = {}
     for name, build in wanted.items():
         path = root / name
@@ -403,21 +300,7 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
         jobs.append(Job(name, case, case_args, mem_gb * q, est_s * q))
 
     pipe, gs = str(f["pipeline"]), args.group_size
-    if "load" in args.sections:
-        for kind, unit, sizes in (("transformer", "d", args.load_depths), ("t5", "l", args.t5_layers)):
-            for file in ("f32", REAL_FILE[kind]):
-                modes = ("first use", "mx.eval") if file == "f32" else ("first use",)
-                for n, bits, mode in itertools.product(sizes, (None, 8, 4), modes):
-                    folder = str(f[f"{kind}_{unit}{n}" + ("" if file == "f32" else f"_{file}")])
-                    est = 25 if bits and mode == "first use" else 8
-                    add(load_job_name(kind, unit, n, file, bits, mode), "load", 4, est, kind=kind, folder=folder,
-                        dtype="bfloat16", bits=bits, group_size=gs, evaluate=mode)  # fmt: skip
-        staged = dict(quantize=8, t5_quantize=4, low_memory=True)
-        add("pipeline load q8 t5q4 staged", "pipeline_load", 6, 40, folder=pipe, **staged)
-        # float32 files cast to bfloat16 by from_pretrained itself (every tensor cast, nothing quantized)
-        add(
-            "pipeline load bf16", "pipeline_load", 8, 40, folder=pipe, quantize=None, t5_quantize=None, low_memory=False
-        )
+    if "denoise" in args.sections:
         add("qcheck", "qcheck", 1 / q, 10, rows=16, dims=(4096, 10240), group_size=gs)
     if "text" in args.sections:
         t_lo, tokens = min(args.t5_layers), args.t5_tokens
@@ -455,13 +338,15 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="toy widths, 256 px: checks the script in about a minute")
+    p = parser(
+        __doc__,
+        json=ROOT / "benchmarks" / "results" / "memory.json",
+        quick="toy widths, 256 px: checks the script in about a minute",
+    )
     p.add_argument("--size", type=int, default=None, help="image side for denoising (default 1024; quick 256)")
     p.add_argument("--vae-size", type=int, default=None, help="image side for the VAE decode (default --size)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2], help="transformer depths of the step check")
-    p.add_argument("--load-depths", type=int, nargs=2, default=[2, 4], help="transformer depths of the load test")
-    p.add_argument("--t5-layers", type=int, nargs=2, default=[1, 2], help="T5 layers (load test, text check)")
+    p.add_argument("--t5-layers", type=int, nargs=2, default=[1, 2], help="T5 layers of the text check")
     p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens (context = 77 + this)")
     p.add_argument("--steps", type=int, default=40, help="schedule length (adaLN modulations precomputed)")
     p.add_argument("--group-size", type=int, default=64)
@@ -478,20 +363,17 @@ def parse_args(argv=None):
         action="store_true",
         help="no bfloat16 step (CPU bfloat16 matmul ~6 GFLOP/s): the float32 step's work stands in, an upper bound",
     )
-    p.add_argument("--sections", nargs="+", default=["load", "text", "denoise", "vae"],
-                   choices=["load", "text", "denoise", "vae"])  # fmt: skip
+    p.add_argument("--sections", nargs="+", default=["text", "denoise", "vae"], choices=["text", "denoise", "vae"])
     p.add_argument("--parallel", type=int, default=2, help="measurement processes at a time")
     p.add_argument("--mem-budget-gb", type=float, default=14.0, help="rough RSS budget of parallel measurements")
     p.add_argument("--fixtures", type=Path, default=None, help="keep (and reuse) the built weights here")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or (256 if args.quick else 1024)
     args.vae_size = args.vae_size or args.size
     if args.quick:
-        args.depths, args.load_depths, args.t5_layers = [1, 2], [1, 2], [1, 2]
-    args.load_depths = sorted(args.load_depths)
+        args.depths, args.t5_layers = [1, 2], [1, 2]
     args.t5_layers = sorted(args.t5_layers)
     return args
 

@@ -1,16 +1,13 @@
 """Live preview cost per step: "rgb" (latent RGB map) and "taesd" (TAESD3 decode), as a fraction of
 a guided denoising step of the full-width transformer at reduced depth, per size.
 
-    python benchmarks/bench_preview.py                       # depth 3, 512 px, float32
     python benchmarks/bench_preview.py --sizes 512 1024 --dtype bfloat16 --cache /tmp/bench-cache
 
-A preview = the render (evaluated) + the PIL image; "rgb+cli" adds `--preview`'s upscale and PNG write.
-The 24-block step is extrapolated as step x 24 / depth. Method and figures: benchmarks/README.md.
+Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +23,7 @@ import mlx.core as mx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.fixtures import MEDIUM_DEPTH, build_medium_transformer  # noqa: E402
-from benchmarks.measure import DTYPES, build_once, guided_inputs, mlx_dtype, time_runs  # noqa: E402
+from benchmarks.measure import build_once, guided_inputs, mlx_dtype, parser, time_runs  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
@@ -80,10 +77,9 @@ def bench(size: int, model, taesd, dtype, runs: int) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, dtype="float32")
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes in px (default: 512)")
     p.add_argument("--depth", type=int, default=3, help="transformer blocks built (default: 3)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     p.add_argument("--runs", type=int, default=3, help="timed runs, best taken (default: 3)")
     p.add_argument("--cache", type=Path, default=None, help="keep the built weights here across runs")
     args = p.parse_args(argv)

@@ -3,10 +3,7 @@
     python benchmarks/bench_prompts.py                  # the tiny fixture (built in a temporary folder)
     python benchmarks/bench_prompts.py --model FOLDER   # any diffusers-layout SD3.5 folder
 
-Rows: encode_prompt with a plain prompt (75 tokens + BOS/EOS, the most one CLIP chunk holds), the same
-prompt through encode_prompt_weighted (bit-identical output: the cost of the syntax path alone), and a
-300-token prompt with weights (4 CLIP chunks, the empty-prompt pass for z_empty). Best of --runs
-(taken in turns), with a negative prompt (CFG), float32.
+Best of --runs taken in turns, with a negative prompt, float32. Rows and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -2,27 +2,15 @@
 
     python -m benchmarks.bench_quantization --depth 4 --json quantization.json
 
-Metric: relative RMSE, rmse(out_q - out_f32) / rms(out_f32), of one forward with the same inputs.
-- MMDiT: the real SD3.5 Medium width (hidden 1536, 24 heads, dual attention, 384^2 table) at reduced
-  depth, random weights (scripts/build_fixture.py), 512x512 image (64x64 latent), 333 context tokens.
-- T5: the real XXL width (d_model 4096, d_ff 10240, 64 heads) at reduced depth, random weights
-  (scripts/build_fixture.build_t5), 256 random tokens.
-Variants: every Linear quantized, sd35m_mlx's policy (sd35m_mlx/quantize.py), the alternatives it
-was chosen against, and each layer group alone (the rest in float32).
-
-Quantized matmul is ~60x slower than float32 on MLX's CPU backend, so the forwards run in float32
-with the weights replaced by their dequantized values (the quantize -> dequantize round trip is
-exactly what QuantizedLinear multiplies by); a check at a small input size compares this emulation
-with the real QuantizedLinear model from `quantize_model` and prints the difference.
-
-Random weights bias the numbers both ways: trained weights and activations have outlier channels
-(T5's especially) that widen quantization groups, so real errors are larger; but random layers
-have no redundancy and reduced depth accumulates less error than 24 blocks.
+Relative RMSE of one forward against float32 (MMDiT at full width, reduced depth, 512 px; T5 at XXL width,
+fewer layers; random weights) for every Linear quantized, sd35m_mlx's policy, the alternatives it was
+chosen against and each layer group alone. The forwards run in float32 on dequantized weights (quantized
+matmul is ~60x slower on MLX's CPU backend); a check compares that emulation with the real QuantizedLinear
+model. Method and figures: benchmarks/README.md ("Figures behind library choices").
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -41,12 +29,10 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from benchmarks.measure import machine, write_json  # noqa: E402
+from benchmarks.measure import machine, parser, write_json  # noqa: E402
 from scripts.build_fixture import build_full_width_transformer, build_t5  # noqa: E402
 from sd35m_mlx.loading.text_encoders import load_t5_encoder  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
-from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
-from sd35m_mlx.models.t5 import T5Config, T5EncoderModel  # noqa: E402
 from sd35m_mlx.quantize import (  # noqa: E402
     EVERY_LINEAR,
     T5_POLICY,
@@ -143,21 +129,6 @@ def measure(model, component, forward, group_size, bits_list) -> list[dict]:
     return rows
 
 
-def full_size_bytes(model: nn.Module, component: str, group_size: int) -> dict:
-    """Weight bytes of the full-depth model (built lazily: nothing is allocated), bfloat16 storage."""
-    params = dict(tree_flatten(model.parameters()))
-    total = sum(v.size for v in params.values())
-    out = {"bfloat16": 2 * total}
-    for name, policy in POLICIES[component].items():
-        for bits in (8, 4):
-            plan = quantization_plan(model, bits, group_size, policy)
-            n = {p: params[f"{p}.weight"].size for p in plan}
-            # packed weights + one bfloat16 scale and bias per group
-            quantized = sum(n[p] * (b / 8 + 4 / group_size) for p, b in plan.items())
-            out[f"{name} {bits} bit"] = int(2 * (total - sum(n.values())) + quantized)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -210,8 +181,7 @@ def transformer_bench(args) -> tuple[list[dict], dict]:
                 flush=True,
             )
             del real
-    full = SD3Transformer2DModel(MMDiTConfig())  # SD3.5 Medium, 24 blocks
-    return rows, {"checks": checks, "full_model_bytes": full_size_bytes(full, "transformer", args.group_size)}
+    return rows, {"checks": checks}
 
 
 def t5_bench(args) -> tuple[list[dict], dict]:
@@ -219,13 +189,11 @@ def t5_bench(args) -> tuple[list[dict], dict]:
         model = load_t5_encoder(build_t5(Path(tmp) / "t5", args.t5_layers), mx.float32)
         mx.eval(model.parameters())
     ids = mx.random.randint(0, model.config.vocab_size, (1, 256), key=mx.random.key(1))
-    rows = measure(model, "t5", lambda: model(ids), args.group_size, args.bits)
-    full = T5EncoderModel(T5Config())  # XXL, 24 layers
-    return rows, {"full_model_bytes": full_size_bytes(full, "t5", args.group_size)}
+    return measure(model, "t5", lambda: model(ids), args.group_size, args.bits), {}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--depth", type=int, default=4, help="MMDiT blocks (real: 24)")
     p.add_argument("--latent", type=int, default=64, help="latent side (64: 512x512 px)")
     p.add_argument("--check-latent", type=int, default=16, help="latent side of the QuantizedLinear check")
@@ -234,7 +202,6 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--skip", choices=("transformer", "t5"), default=None)
-    p.add_argument("--json", type=Path, default=None, help="write results here")
     args = p.parse_args()
 
     print(f"# {machine()}", flush=True)
@@ -258,9 +225,6 @@ def main() -> None:
     for r in rows:
         if "bits" not in r:
             print(f"# {r['component']}: every weight rounded to bfloat16 (reference): rel RMSE {r['rel_rmse']:.2e}")
-    for comp, info in extra.items():
-        sizes = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in info["full_model_bytes"].items())
-        print(f"# full-depth {comp} weights: {sizes}")
     write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, **extra})
 
 

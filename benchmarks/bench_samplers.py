@@ -1,20 +1,13 @@
 """What each sampler costs: model calls per step and time per step relative to euler.
 
     python benchmarks/bench_samplers.py                    # the tiny fixture, 8 steps, 64 px
-    python benchmarks/bench_samplers.py --model stabilityai/stable-diffusion-3.5-medium --size 512 --steps 12
 
-`generate(sampler=...)` end to end (guided, CFG batch 2; latents out, no decode), best wall time and best
-process CPU time (steadier on a loaded machine) of `--runs` runs after a warm-up, the samplers interleaved
-run by run so machine load spreads over all of them.
-Model calls are counted at the velocity function (one call = one guided transformer forward, batch 2).
-On the tiny fixture the per-call overhead (Python, the sampler's own arithmetic) weighs more than on the
-real model, where a step's time follows its model calls.
+`generate(sampler=...)` end to end (CFG batch 2, latents out), best wall and process CPU time of `--runs`
+interleaved runs after a warm-up; model calls counted at the velocity function. Figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +20,7 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 # isort: split
 import numpy as np  # noqa: E402
 
+from benchmarks.measure import parser, write_json  # noqa: E402
 from sd35m_mlx import StableDiffusion35  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.samplers import SAMPLERS  # noqa: E402
@@ -72,13 +66,12 @@ def bench(pipe, samplers, steps: int, size: int, runs: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model", help="model folder or hub id (default: the tiny random-weight fixture)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
-    p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -97,8 +90,7 @@ def main() -> None:
             f"| {name} | {r['model_calls']} | {r['calls_per_step']:.2f} | {r['s_per_step'] * 1e3:.1f} ms "
             f"| {r['relative_to_euler']:.2f} | {r['cpu_s_per_step'] * 1e3:.1f} ms | {r['cpu_relative_to_euler']:.2f} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1))
+    write_json(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -3,17 +3,11 @@
     python benchmarks/bench_server.py                 # tiny fixture, 64 px, 2 steps; ~1 min on 2 CPU cores
     python benchmarks/bench_server.py --quick         # a few runs, for the smoke test
 
-On the tiny fixture a generate takes a fraction of a second, so the server's own work shows. Timed,
-interleaved run by run (minima, medians in brackets): `pipe.generate` in this process, with and without
-the server's rgb preview + step callback; the same through `sd35m-mlx serve` in its own process (OpenAI,
-A1111, `GET /health`) with a keep-alive httpx client; PNG + metadata + base64 of one 1024 px image. And
-the server process's resident set, idle, next to a process that only loads the pipeline and generates.
 Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import signal
@@ -31,7 +25,7 @@ import sd35m_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
 # isort: split
 import numpy as np  # noqa: E402
 
-from benchmarks.measure import time_runs, write_json  # noqa: E402
+from benchmarks.measure import parser, time_runs, write_json  # noqa: E402
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -206,7 +200,7 @@ def report(r: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__, quick="3 runs")
     p.add_argument("--model", help="model folder (default: the tiny random-weight fixture, built once)")
     p.add_argument(
         "--cache", default=str(ROOT / "benchmarks" / "results" / "fixtures"), help="where the tiny fixture is built"
@@ -214,8 +208,6 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="3 runs")
-    p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
         args.runs = 3

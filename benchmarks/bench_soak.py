@@ -1,18 +1,13 @@
 """Does `sd35m-mlx serve` hold its memory flat under mixed traffic? A soak on the tiny random model.
 
     python benchmarks/bench_soak.py --requests 500              # 64 px, 1 step; minutes on 2 CPU cores
-    python benchmarks/bench_soak.py --minutes 30 --json soak.json
 
-The server runs in this process (uvicorn on a thread, as tests/server_helpers.py runs it) so MLX's active
-memory can be read next to the resident set. Requests cycle through A1111 txt2img, OpenAI generations,
-OpenAI edits (img2img), a long job whose client gives up (cancel by disconnect) and bad input (4xx). LoRA
-switches are not in the mix: the tiny model has no LoRA files to switch. Pass: no 5xx, and both memory
-figures grow at most 5% from the end of the warm-up to the last sample. Figures: benchmarks/README.md.
+The server runs in this process (uvicorn on a thread) so MLX's active memory can be read next to the
+resident set. Pass: no 5xx, and both grow at most 5% after the warm-up. Mix and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import sys
@@ -26,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import sd35m_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
 
 # isort: split
-from benchmarks.measure import log, machine, proc_status_bytes, write_json  # noqa: E402
+from benchmarks.measure import log, machine, parser, proc_status_bytes, write_json  # noqa: E402
 
 MAX_GROWTH = 0.05
 
@@ -128,7 +123,7 @@ def soak(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--minutes", type=float, default=None, help="run this long instead of --requests")
     p.add_argument("--size", type=int, default=64)
@@ -136,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--long-steps", type=int, default=400, help="the job each disconnecting client abandons")
     p.add_argument("--warmup", type=int, default=50, help="requests before the memory baseline")
     p.add_argument("--every", type=int, default=50, help="requests between memory samples")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     r = soak(args)
     growth = ", ".join(f"{k} {v:+.1%}" for k, v in r["growth_after_warmup"].items())

@@ -2,16 +2,10 @@
 
     python benchmarks/bench_speed.py                       # depth 3, 512 and 1024 px, text, VAE
     python benchmarks/bench_speed.py --quick               # toy sizes: checks the script in ~1 min
-    python benchmarks/bench_speed.py --sizes 512 --skip-diffusers --json out.json
 
 Ours (the sampler's real guided step, prompt encoding, VAE decode) vs diffusers on the same random
-weights, inputs and dtype; the step also by kind of work and against the sum of the kernels its math
-requires (backend efficiency). What each section measures and how: benchmarks/README.md, bench_speed.py.
-
-Runs as is on macOS (Metal), Linux CPU and Linux CUDA (mlx[cuda]); diffusers runs on CUDA or MPS
-when present (--torch-device). On Linux CPU, run benchmarks (only them, not tests) with
-`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_speed.py ...` so OpenBLAS
-picks its fastest kernels, and benchmark in float32: MLX's CPU backend is slow in bf16/fp16.
+weights, inputs and dtype. How to run it on each platform, what each section measures, and figures:
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -39,10 +33,8 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import step_kernels as K  # noqa: E402
 from benchmarks import torch_side  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
-    DTYPES,
     MLXPeak,
     build_once,
     gib,
@@ -51,6 +43,7 @@ from benchmarks.measure import (  # noqa: E402
     mlx_dtype,
     mlx_once,
     mlx_param_bytes,
+    parser,
     time_once_or_warm,
     time_runs,
     write_json,
@@ -108,7 +101,7 @@ def extrapolate(step_s, block_s: dict[str, float], built: list[str], target: lis
 
 
 # ---------------------------------------------------------------------------------------------
-# 1, 3, 4: the transformer step
+# 1: the transformer step
 
 
 class OurStep:
@@ -161,15 +154,13 @@ def _mean_by_kind(kinds: list[str], seconds: list[float]) -> dict[str, float]:
 
 
 def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunner | None, device: str) -> list[dict]:
-    """Sections 1, 3 and 4 at every size: ours, then diffusers (same inputs), then the kernels."""
+    """Section 1 at every size: ours, then diffusers (same inputs)."""
     dtype = mlx_dtype(args.dtype)
     ours = load_transformer(folder, dtype)
     mx.eval(ours.parameters())
     cfg = ours.config
-    kinds = block_kinds(cfg)
-    built = [_kind(*k) for k in kinds]
-    medium = block_kinds(MMDiTConfig())
-    target = [_kind(*k) for k in medium]
+    built = [_kind(*k) for k in block_kinds(cfg)]
+    target = [_kind(*k) for k in block_kinds(MMDiTConfig())]
 
     results, velocities, inputs = [], [], []
     for size in sizes:
@@ -183,19 +174,12 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         velocities.append(np.array(step.v.astype(mx.float32)))
         inputs.append((step.x, step.ctx, step.pooled))
 
-        log(f"transformer {size}x{size}: kernels")
-        shape = K.StepShape.of(cfg, 2, size // 8, size // 8, args.ctx_len)
-        counts, counts_24 = K.step_kernels(shape, kinds), K.step_kernels(shape, medium)
-        per_kind = {_kind(*k): K.block_kernels(shape, *k) for k in set(kinds) | set(medium)}
-        seconds = K.time_kernels(set(counts) | set(counts_24), dtype, min_runs=args.repeats)
-        # the real step again after the kernels: on a shared machine both then sample the same period
-        times_after = step.timed(args.repeats)
         del step
         _free()
 
         o = {
-            "step_s": min(times + times_after),
-            "step_runs_s": times + times_after,
+            "step_s": min(times),
+            "step_runs_s": times,
             "first_step_s": first,
             "blocks": blocks,
             "block_s": _mean_by_kind(built, [b["s"] for b in blocks]),
@@ -205,19 +189,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
             "peak_method": peak.method,
         }
         o["step_24_s"] = extrapolate(o["step_s"], o["block_s"], built, target)
-        total, total_24 = K.summarize(counts, seconds), K.summarize(counts_24, seconds)
-        r = {"size": size, "batch": 2, "context_tokens": args.ctx_len, "depth": cfg.num_layers, "ours": o}
-        r["kernels"] = {
-            **total,
-            "sum_24_s": total_24["sum_s"],
-            "by_kind_24_s": total_24["by_kind_s"],
-            "block_sum_s": {k: K.summarize(c, seconds)["sum_s"] for k, c in per_kind.items()},
-            "table": K.kernel_table(counts, seconds),
-        }
-        r["efficiency"] = o["step_s"] / total["sum_s"]
-        if o["step_24_s"]:
-            r["efficiency_24"] = o["step_24_s"] / total_24["sum_s"]
-        results.append(r)
+        results.append({"size": size, "batch": 2, "context_tokens": args.ctx_len, "depth": cfg.num_layers, "ours": o})
     del ours
     _free()
 
@@ -341,12 +313,16 @@ def _guarded(fn, *args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(
+        __doc__,
+        json=Path(__file__).parent / "results" / "speed.json",
+        dtype="float32",
+        repeats=1,
+        quick="toy run: depth 1, 256 px, tiny text encoders and VAE",
+    )
     p.add_argument("--depth", type=int, default=None, help="transformer blocks built (default 3; --quick: 1)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 512 1024)")
     p.add_argument("--ctx-len", type=int, default=333, help="context tokens: 77 CLIP + 256 T5 (default 333)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype, both sides (default float32)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up, best kept (default 1)")
     p.add_argument("--vae-size", type=int, default=None, help="VAE decode px (default 1024; 512 on a CPU device)")
     p.add_argument("--t5-layers", type=int, default=2, help="T5-XXL layers built (default 2; 24 extrapolated)")
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
@@ -360,10 +336,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default 0)")
     p.add_argument("--cache", type=Path, default=None, help="build the random weights here once and reuse them")
-    p.add_argument("--quick", action="store_true", help="toy run: depth 1, 256 px, tiny text encoders and VAE")
-    p.add_argument(
-        "--json", type=Path, default=Path(__file__).parent / "results" / "speed.json", help="(default %(default)s)"
-    )
     args = p.parse_args(argv)
     args.depth = args.depth or (1 if args.quick else 3)
     args.sizes = args.sizes or ([256] if args.quick else [512, 1024])

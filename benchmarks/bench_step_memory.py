@@ -2,23 +2,13 @@
 
     python benchmarks/bench_step_memory.py --depth 24 --size 1024 --dtype bfloat16
 
-MLX evaluates a step's whole graph lazily. On a GPU backend the host encodes work far ahead of the
-device, and buffers are kept until the work that used them completes, so the intermediates of many
-blocks can be alive at once. This script measures the step's peak memory above the weights
-("work") and its time for:
-  - step:   one mx.eval per step (what the sampler does by default);
-  - block:  mx.eval after every block (a host sync per block);
-  - async:  mx.async_eval after every block (no host sync);
-  - limit:  one mx.eval per step under sd35m_mlx.sampling.memory.bounded_work(--margin-gib): MLX's
-            memory limit at (active + margin) makes it wait for scheduled work before allocating
-            past it (the pipeline's default: 3 GiB, low_memory 1 GiB);
-  - async_limit: both of the last two.
-Random full-width weights (built once into --cache, or a temporary folder).
+Modes: `step` one mx.eval per step (the sampler's default); `block` mx.eval after every block (a host sync);
+`async` mx.async_eval after every block; `limit` one eval under sampling.memory.bounded_work(--margin-gib);
+`async_limit` both. Random full-width weights. Why and figures: benchmarks/README.md (H200 section).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -34,7 +24,7 @@ import sd35m_mlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from benchmarks.measure import DTYPES, build_once, guided_inputs, mlx_dtype, write_json  # noqa: E402
+from benchmarks.measure import build_once, guided_inputs, mlx_dtype, parser, write_json  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import bounded_work  # noqa: E402
@@ -85,15 +75,12 @@ def run_mode(model, mode: str, x, ctx, pooled, dtype, repeats: int, margin: int)
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, dtype="bfloat16", repeats=3)
     p.add_argument("--depth", type=int, default=24)
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--margin-gib", type=float, default=1.0, help="'limit' mode: headroom above the weights")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--cache", type=Path, default=None, help="folder for the random weights (built once)")
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from benchmarks.fixtures import build_medium_transformer
 

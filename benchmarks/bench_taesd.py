@@ -2,12 +2,9 @@
 
     python benchmarks/bench_taesd.py                          # 512 and 1024 px, float32
     python benchmarks/bench_taesd.py --quick                  # 256 px: checks the script in seconds
-    python benchmarks/bench_taesd.py --sizes 1024 --skip-vae --json out.json
 
-Random weights in the real configs (scripts/build_fixture.py `TAESD3`, `VAE_FULL`), each read by its own
-side's loader; each decode is the pipeline's last step (unscale, decode, to [0, 1], batch 1) under
-generate()'s work budget; work above the weights. diffusers runs in a process of its own (torch_side.py).
-On Linux CPU unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE. Method and figures: benchmarks/README.md.
+Each decode is the pipeline's last step under generate()'s work budget, on random weights in the real
+configs; diffusers runs in a process of its own (torch_side.py). Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -92,17 +89,15 @@ def print_report(results: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = measure.parser(
+        __doc__, json=Path("benchmarks/results/taesd.json"), dtype="float32", repeats=2, quick="256 px only"
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 512 1024)")
-    p.add_argument("--dtype", choices=measure.DTYPES, default="float32", help="default float32")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up, best kept (default 2)")
     p.add_argument("--skip-vae", action="store_true", help="no full-VAE decode (slow on CPU: minutes at 1024 px)")
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
     p.add_argument("--torch-device", default="auto", help="diffusers device: auto (cuda, mps, cpu) or a name")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default 0)")
     p.add_argument("--cache", type=Path, default=None, help="build the random weights here once and reuse them")
-    p.add_argument("--quick", action="store_true", help="256 px only")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/taesd.json"), help="where the JSON goes")
     args = p.parse_args(argv)
     args.sizes = args.sizes or ([256] if args.quick else [512, 1024])
     return args

@@ -1,18 +1,13 @@
 """LoRA training step: time and peak memory at the real SD3.5 Medium width, reduced depth, extrapolated
-linearly to 24 blocks; full-precision (bfloat16 by default) / 8-bit / 4-bit frozen base, with and without
-per-block checkpointing.
+linearly to 24 blocks, for bf16 / 8-bit / 4-bit frozen bases, with and without checkpointing.
 
-    python -m benchmarks.bench_training                                  # 512 and 1024 px, depths 2 and 4
     python -m benchmarks.bench_training --sizes 512 --bases bf16 q8 --json training.json
 
-A step is `Trainer.train_step`'s (loss, LoRA gradients with the default targets, clipping, AdamW), on
-random weights with SD3.5 Medium's proportion of block kinds; peak = mx.get_peak_memory over the second
-step; 24 blocks = value(d2) + (24 - d2) * (value(d2) - value(d1)) / (d2 - d1). Method and figures: benchmarks/README.md.
+Method and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import platform
 import sys
@@ -28,7 +23,7 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 
 from benchmarks.fixtures import MEDIUM_DEPTH, medium_dual_layers  # noqa: E402
-from benchmarks.measure import DTYPES, mlx_dtype, mlx_param_bytes, write_json  # noqa: E402
+from benchmarks.measure import mlx_dtype, mlx_param_bytes, parser, write_json  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
 from sd35m_mlx.quantize import quantize_model  # noqa: E402
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule  # noqa: E402
@@ -99,12 +94,11 @@ def extrapolate(v1: float, v2: float, d1: int, d2: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, dtype="bfloat16")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sides in px")
     ap.add_argument("--depths", type=int, nargs=2, default=[2, 4], help="two depths to extrapolate from")
     ap.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES), help="frozen base precision")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (CPU: float32, fast kernels)")
     ap.add_argument(
         "--checkpointing",
         nargs="+",
@@ -120,7 +114,6 @@ def main() -> None:
         action="store_true",
         help="for a full-precision base, also print q8 / q4 rows derived as peak - (weight bytes saved)",
     )
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     d1, d2 = args.depths
     modes = {"off": [False], "on": [True], "both": [False, True]}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import DTYPES, write_json  # noqa: E402  (no mlx: the parent process stays small)
+from benchmarks.measure import parser, write_json  # noqa: E402  (no mlx: the parent process stays small)
 
 MODES = ("untiled", "tiled", "tiled-per-tile")
 
@@ -67,15 +67,17 @@ def compare(a, ref) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(
+        __doc__,
+        json="benchmarks/results/vae_tiling.json",
+        dtype="float32",
+        quick="toy-width VAE at 256 px, 64 px tiles",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image sides (default 1024 2048)")
     p.add_argument("--tile", type=int, default=512, help="tile size in px (default 512, 25%% overlap)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32 (CPU)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="default: all")
     p.add_argument("--skip-untiled-above", type=int, default=1024, help="no untiled decode above this side")
     p.add_argument("--fixtures", default="benchmarks/results/vae-fixture", help="where the VAE is built once")
-    p.add_argument("--json", default="benchmarks/results/vae_tiling.json")
-    p.add_argument("--quick", action="store_true", help="toy-width VAE at 256 px, 64 px tiles")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

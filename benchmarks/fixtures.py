@@ -1,16 +1,8 @@
 """Random-weight SD3.5 Medium components for the benchmarks, in the real diffusers layout, so both
-implementations load the same files through their own loaders (offline, seeded).
-
-The builders are scripts/build_fixture.py's, which write every large component tensor by tensor from a
-model on PyTorch's meta device (T5-XXL is 19 GB in float32). What this module adds:
-
-- `FULL` and `TOY` sizes: SD3.5 Medium's widths, or every kind of layer at a few MB (`--quick` runs);
-- `build_medium_transformer`: the real width at reduced depth with SD3.5 Medium's proportions of block
-  kinds (dual-attention blocks first, then plain ones, the last block context-pre-only; depth >= 3 has
-  all three), for the speed benchmarks; the memory benchmark keeps dual attention in blocks 0..12;
-- `build_text` / `build_pipeline`: the tiny fixture's tokenizers, scheduler and model_index.json (real
-  tokenizers need the gated repo; the tiny vocabularies index the full-size embedding tables) with
-  full-size CLIP-L/G, T5 at XXL width with fewer layers and, for a pipeline, the VAE and a transformer.
+implementations load the same files through their own loaders (offline, seeded; the builders are
+scripts/build_fixture.py's). Adds the `FULL` / `TOY` sizes, `build_medium_transformer` (real width,
+reduced depth, SD3.5 Medium's proportions of block kinds) and `build_text` / `build_pipeline` (the tiny
+fixture's tokenizers with full-size CLIP-L/G and a T5 at XXL width with fewer layers).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ probes, so either side can use this module in a process of its own.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -57,20 +58,6 @@ def mlx_once(fn: Callable[[], object], runs: int, long_s: float, modules, fresh:
         s, runs, warm = time_once_or_warm(fn, runs, long_s)
     weights = sum(mlx_param_bytes(m) for m in modules)
     return dict(s=s, runs=runs, warm=warm, peak_gib=gib(peak.peak), work_gib=gib(peak.work), weights_gib=gib(weights))
-
-
-def time_kernel(fn: Callable[[], object], min_s: float = 0.3, max_runs: int = 5, min_runs: int = 1) -> float:
-    """Best of evaluated MLX calls after one warm-up: at least `min_runs`, more while under `min_s`."""
-    import mlx.core as mx
-
-    mx.eval(fn())
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < min_runs or (runs < max_runs and spent < min_s):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        dt = time.perf_counter() - t0
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
-    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +257,20 @@ def machine() -> str:
 def log(msg: str) -> None:
     """Progress on stderr, with the time of day."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parser(doc: str, json=None, dtype: str | None = None, repeats: int | None = None, quick: str | None = None):
+    """Every script's argument parser with the options they share: --json, and where a default is given
+    --dtype, --repeats, --quick (its help)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=json, help="write the results here (default %(default)s)")
+    if dtype:
+        p.add_argument("--dtype", choices=DTYPES, default=dtype, help="compute dtype (default %(default)s)")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats, help="timed runs, the best kept (default %(default)s)")
+    if quick:
+        p.add_argument("--quick", action="store_true", help=quick)
+    return p
 
 
 def write_json(path: str | Path | None, results) -> None:

@@ -1,39 +1,18 @@
-"""bench_memory.py's derivation and report: full-size weights from shapes, stage peaks per configuration,
-full-size load ratios, checks and verdict, and the tables printed from them (GB = 1e9 bytes).
-
-Runs in the main process on the workers' measurements; the full-size modules are lazy (shapes only,
-nothing is allocated).
+"""bench_memory.py's derivation and report, in the main process on the workers' measurements: full-size
+weights from lazy modules (shapes only), stage peaks per configuration, checks, verdict and tables.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from benchmarks.measure import lazy_quantize, mlx_param_bytes, table
 
 GB = 1e9
 TARGET_GB = 3.5  # issue 16: 1024 px on an 8 GB Mac (was 6 GB)
-LOAD_TARGET = 1.15
 CLIP_TOKENS = 77
-FULL_DEPTH = {"transformer": 24, "t5": 24}  # SD3.5 Medium blocks, T5-XXL layers
-EVALUATE_MODES = {
-    "first use": "the rest evaluated by a first forward (2 tokens), as the pipeline does",
-    "mx.eval": "the rest evaluated at once: mx.eval(model.parameters())",
-}
-REAL_FILE = {"transformer": "bf16", "t5": "f16"}  # how the published checkpoint stores them
-
-
-def load_job_name(kind: str, unit: str, n: int, file: str, bits: int | None, mode: str) -> str:
-    return f"load {kind} {unit}{n} {file} file -> {bits or 16} bit, {mode}"
-
-
-def quantized_bytes(module) -> int:
-    """Bytes of the module's quantized layers."""
-    return sum(mlx_param_bytes(m) for _, m in module.named_modules() if isinstance(m, nn.QuantizedLinear))
 
 
 def modulation_bytes(model) -> int:
@@ -66,11 +45,10 @@ def full_size_accounting(group_size: int, steps: int, batch: int = 2, ctx_len: i
         out["transformer"][variant] = dict(
             total=mlx_param_bytes(tr),
             modulation_weights=modulation_bytes(tr),
-            quantized_layers=quantized_bytes(tr),
             pos_embed=tr.pos_embed.pos_embed.size * 2,
         )
         t5 = lazy_quantize(bf16(T5EncoderModel(T5Config())), bits, group_size)
-        out["t5"][variant] = dict(total=mlx_param_bytes(t5), quantized_layers=quantized_bytes(t5))
+        out["t5"][variant] = dict(total=mlx_param_bytes(t5))
     out["clip_l"] = mlx_param_bytes(bf16(CLIPTextModel(CLIPTextConfig())))
     out["clip_g"] = mlx_param_bytes(bf16(CLIPTextModel(CLIPTextConfig(**CLIP_G_FULL))))
     out["vae"] = mlx_param_bytes(bf16(AutoencoderKL(VAEConfig())))
@@ -193,60 +171,6 @@ def derive(acc: dict, acts: dict, args) -> list[dict]:
     return rows
 
 
-def _phase_end_full(phase: str, acc_entry: dict) -> int:
-    """Full-size bytes resident at the end of a load phase."""
-    return acc_entry["quantized_layers"] if phase == "quantize_model" else acc_entry["total"]
-
-
-def load_report(measured: dict[str, dict | None], acc: dict, args) -> list[dict]:
-    """Measured load ratios, and the full-size ratio derived phase by phase: the transient of a phase
-    (its peak above what stays resident after it) is added to the full-size bytes resident after that
-    phase; a transient that grows with depth is extrapolated linearly to 24 blocks/layers."""
-    rows = []
-    for kind, unit, sizes in (("transformer", "d", args.load_depths), ("t5", "l", args.t5_layers)):
-        for file, (variant, bits), mode in itertools.product(
-            ("f32", REAL_FILE[kind]), (("bf16", None), ("q8", 8), ("q4", 4)), EVALUATE_MODES
-        ):
-            runs = [(n, measured.get(load_job_name(kind, unit, n, file, bits, mode))) for n in sizes]
-            runs = [(n, r) for n, r in runs if r]
-            if not runs:
-                continue
-            full_peak, full_excess, grows_any = 0, 0, False
-            for i, ph in enumerate(runs[-1][1]["phases"]):
-                transients = [(n, r["phases"][i]["peak"] - r["phases"][i]["end"]) for n, r in runs]
-                (n0, e0), (n1, e1) = transients[0], transients[-1]
-                grows = n1 > n0 and e1 > 1.05 * e0 + 0.01 * GB
-                excess = (
-                    e1 + (FULL_DEPTH[kind] - n1) * (e1 - e0) / (n1 - n0) if grows else max(e for _, e in transients)
-                )
-                end = _phase_end_full(ph["phase"], acc[kind][variant])
-                if end + excess > full_peak:
-                    full_peak, full_excess, grows_any = end + excess, excess, grows
-            full = acc[kind][variant]["total"]
-            for n, r in runs:
-                rows.append(
-                    dict(
-                        component=kind,
-                        file=file,
-                        variant=variant,
-                        evaluate=mode,
-                        depth=n,
-                        loaded=r["loaded"],
-                        peak=r["peak"],
-                        ratio=r["ratio"],
-                        excess=r["excess"],
-                        rss_peak=r["rss_peak"],
-                        seconds=r["seconds"],
-                        full_size=full,
-                        full_size_excess=full_peak - full,
-                        phase_transient=full_excess,
-                        excess_grows=grows_any,
-                        full_size_ratio=full_peak / full,
-                    )
-                )
-    return rows
-
-
 def _gb(x) -> str:
     return "-" if x is None else f"{x / GB:.2f}"
 
@@ -254,43 +178,11 @@ def _gb(x) -> str:
 def print_report(results: dict) -> None:
     meta, m = results["meta"], results["measured"]
     print(f"\n# {meta['platform']} | mlx {meta['mlx']} | {meta['device']} | sizes: {meta['sizes']}")
-    if load_rows := results["load"]:
-        groups: dict = {}
-        for r in load_rows:
-            groups.setdefault((r["component"], r["file"], r["variant"], r["evaluate"]), []).append(r)
-        rows = []
-        for (component, file, variant, mode), rs in groups.items():
-            last = rs[-1]
-            ok = "ok" if last["full_size_ratio"] <= LOAD_TARGET else "OVER"
-            grows = ", grows: extrapolated" if last["excess_grows"] else ""
-            cells = lambda key, fmt, rs=rs: " / ".join(fmt(r[key]) for r in rs)  # noqa: E731
-            rows.append([f"{component} ({file} -> {variant})", mode, cells("depth", str), cells("loaded", _gb),
-                         cells("ratio", lambda x: f"{x:.2f}"), cells("excess", _gb), cells("rss_peak", _gb),
-                         f"{_gb(last['full_size'])}, {_gb(last['full_size_excess'])}{grows}, "
-                         f"{last['full_size_ratio']:.2f} {ok}"])  # fmt: skip
-        print(table("1. Streaming load (loaded as bfloat16; quantized as quantize_model streams it)",
-                    ["component (file -> loaded)", "rest evaluated", "depth/layers", "loaded GB", "peak/loaded",
-                     "excess GB", "RSS peak GB", "full size: GB, excess GB, peak/loaded"], rows))  # fmt: skip
-        for mode, what in EVALUATE_MODES.items():
-            print(f"- {mode}: {what}")
-        if p := m.get("pipeline load q8 t5q4 staged"):
-            q, gb = p["quantized_layer_bytes"], {k: _gb(p[k]) for k in ("resident_after_from_pretrained", "loaded")}
-            print(f"from_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident "
-                  f"right after loading {gb['resident_after_from_pretrained']} GB = quantized layers of the "
-                  f"transformer {_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB "
-                  f"(evaluated by quantize_model; the rest stays lazy); everything evaluated: {gb['loaded']} GB,"
-                  f" peak/loaded {p['ratio']:.3f}. Process RSS before loading (interpreter, MLX, sd35m_mlx): "
-                  f"{_gb(p['rss_process_before_load'])} GB.")  # fmt: skip
-        if p := m.get("pipeline load bf16"):
-            print(f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full "
-                  f"CLIP-L/G and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, peak during "
-                  f"from_pretrained {_gb(p['after_from_pretrained']['peak'])} GB, peak/loaded "
-                  f"{p['ratio']:.3f} (target {LOAD_TARGET}).")  # fmt: skip
-        if qc := m.get("qcheck"):
-            mb = {k: f"{qc[k] / 1e6:.2f} MB" for k in ("bfloat16", "8 bit", "4 bit", "output_bytes")}
-            print(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
-                  f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
-                  f"(output {mb['output_bytes']})")  # fmt: skip
+    if qc := m.get("qcheck"):
+        mb = {k: f"{qc[k] / 1e6:.2f} MB" for k in ("bfloat16", "8 bit", "4 bit", "output_bytes")}
+        print(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
+              f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
+              f"(output {mb['output_bytes']})")  # fmt: skip
 
     rows = []
     for name, r in m.items():
@@ -313,22 +205,9 @@ def print_report(results: dict) -> None:
     for check in results["checks"]:
         print(f"- {check}")
 
-    acc = results["full_size"]
-    tr, t5 = acc["transformer"], acc["t5"]
-    adaln = " / ".join(_gb(tr[v]["modulation_weights"]) for v in ("bf16", "q8", "q4"))
-    rows = [["MMDiT", *(_gb(tr[v]["total"]) for v in ("bf16", "q8", "q4")), adaln],
-            ["T5-XXL", *(_gb(t5[v]["total"]) for v in ("bf16", "q8", "q4")), ""],
-            ["CLIP-L + CLIP-G", _gb(acc["clip_l"] + acc["clip_g"]), "", "", ""],
-            ["VAE", _gb(acc["vae"]), "", "", ""]]  # fmt: skip
-    print(table(f"2b. Full-size weights (bfloat16; quantized per sd35m_mlx.quantize's plan, group size "
-                f"{meta['group_size']}), GB", ["component", "bf16", "8 bit", "4 bit",
-                "adaLN + conditioning embedders (bf16 / 8 / 4 bit)"], rows))  # fmt: skip
-    print(f"adaLN modulations for {meta['steps']} steps at batch 2: {_gb(acc['modulations'])} GB; "
-          f"prompt embeddings, latents and other inputs: {_gb(acc['inputs'])} GB")  # fmt: skip
-
     rows = [[r["config"], r["stage"], _gb(r["resident"]), r["resident_what"], _gb(r["extra"]), _gb(r["work_metal"]),
              _gb(r["peak_metal"]), _gb(r["peak_cpu"])] for r in results["stages"]]  # fmt: skip
-    print(table(f"2c. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, {meta['ctx_len']} "
+    print(table(f"2b. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, {meta['ctx_len']} "
                 "tokens (derived: resident + inputs + measured work), GB", ["configuration", "stage",
                 "resident weights", "what", "+ inputs, modulations", "+ work (Metal)", "peak, Metal",
                 "peak, this CPU"], rows))  # fmt: skip
@@ -383,30 +262,12 @@ def checks_and_verdict(results: dict, measured: dict[str, dict | None], args) ->
         )
         if b_staged["cpu"] is not None:
             verdict.append(f"On this CPU backend (attention scores materialised): {_gb(b_staged['cpu'])} GB.")
-    tr = results["full_size"]["transformer"]
-    verdict.append(
-        "adaLN + conditioning-embedder weights released by low_memory after the modulations are computed: "
-        f"bf16 {_gb(tr['bf16']['modulation_weights'])} GB, MMDiT 8 bit {_gb(tr['q8']['modulation_weights'])} GB, "
-        f"4 bit {_gb(tr['q4']['modulation_weights'])} GB (already subtracted in the staged 'denoise step' rows)."
-    )
-    load = results["load"]
-    for file_kind, label in (("f32", "float32 files"), ("real", "files as published (bf16 MMDiT, fp16 T5)")):
-        rows = [r for r in load if (r["file"] == "f32") == (file_kind == "f32")]
-        if not rows:
-            continue
-        worst = max(rows, key=lambda r: r["full_size_ratio"])
-        status = "holds" if worst["full_size_ratio"] <= LOAD_TARGET else "MISSED"
-        verdict.append(
-            f"Streaming load <= {LOAD_TARGET}x, {label}: {status}; worst full-size peak/loaded "
-            f"{worst['full_size_ratio']:.2f} ({worst['component']} -> {worst['variant']}, rest evaluated by "
-            f"'{worst['evaluate']}', excess {_gb(worst['full_size_excess'])} GB)."
-        )
     return checks, verdict
 
 
 def derive_results(measured: dict[str, dict | None], args, meta: dict) -> dict:
     """Everything the report prints, from the measurements: full-size accounting, activations, stage
-    peaks per configuration, load ratios, checks and verdict."""
+    peaks per configuration, checks and verdict."""
     acc = full_size_accounting(args.group_size, args.steps, ctx_len=CLIP_TOKENS + args.t5_tokens, size=args.size)
     acts = activations(measured, args)
     stages = derive(acc, acts, args)  # from_pretrained(low_memory=True) reads no transformer weight
@@ -417,7 +278,7 @@ def derive_results(measured: dict[str, dict | None], args, meta: dict) -> dict:
             k: (None if any(r[f"peak_{k}"] is None for r in rows) else max(r[f"peak_{k}"] for r in rows))
             for k in ("metal", "cpu")
         }
-    results = dict(meta=meta, measured=measured, full_size=acc, activations=acts, load=load_report(measured, acc, args),
+    results = dict(meta=meta, measured=measured, full_size=acc, activations=acts,
                    stages=stages, config_peaks=config_peaks)  # fmt: skip
     results["checks"], results["verdict"] = checks_and_verdict(results, measured, args)
     return results

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from benchmarks.measure import table
 
-KINDS = ("linear", "attention", "norm", "elementwise")
-
 
 def _f(v, fmt: str = ".3g") -> str:
     return "-" if v is None else format(v, fmt)
-
-
-def _pct(part, whole) -> str:
-    return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
 
 
 def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
@@ -50,68 +44,18 @@ def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
     )
     rows = []
     for r in rs:
-        ob, db, kb = r["ours"]["block_s"], r.get("diffusers", {}).get("block_s", {}), r["kernels"]["block_sum_s"]
+        ob, db = r["ours"]["block_s"], r.get("diffusers", {}).get("block_s", {})
         for k in ob:
-            diff = _f(ob[k] / db[k] if db.get(k) else None, ".2f")
-            rows.append([f"{r['size']}px", k, _f(ob[k]), _f(db.get(k)), diff, _f(kb[k]), _f(ob[k] / kb[k], ".2f")])
+            ratio = ob[k] / db[k] if db.get(k) else None
+            rows.append([f"{r['size']}px", k, _f(ob[k]), _f(db.get(k)), _f(ratio, ".2f")])
     out.append(
         table(
             "One block, seconds (dual = MMDiT-X with attn2, blocks 0-12; plain = 13-22; "
             "pre_only = 23, context-pre-only)",
-            ["size", "block", "ours", "diffusers", "ours/diff", "sum of kernels", "ours/kernels"],
+            ["size", "block", "ours", "diffusers", "ours/diff"],
             rows,
         )
     )
-    rows = []
-    for r in rs:
-        step, k = r["ours"]["step_s"], r["kernels"]["by_kind_s"]
-        d = r.get("diffusers", {})
-        dk, dstep = d.get("by_kind_s", {}), d.get("profiled_step_s")
-        d_rest = None
-        if dk:
-            d_rest = sum(v for kind, v in dk.items() if kind not in KINDS)
-            d_rest += max(dstep - sum(dk.values()), 0.0)
-        for kind in KINDS:
-            rows.append(
-                [f"{r['size']}px", kind, _f(k[kind]), _pct(k[kind], step), _f(dk.get(kind)), _pct(dk.get(kind), dstep)]
-            )
-        glue = step - r["kernels"]["sum_s"]
-        rows.append([f"{r['size']}px", "glue / other", _f(glue), _pct(glue, step), _f(d_rest), _pct(d_rest, dstep)])
-    out.append(
-        table(
-            f"Step by kind of work at depth {meta['depth']}, seconds (ours: kernels timed alone at the step's shapes, "
-            "glue = real step - their sum; diffusers: torch.profiler self times of a profiled step, "
-            "adaLN/embedder linears included, other = copies, python, untracked)",
-            ["size", "kind", "ours", "% ours step", "diffusers", "% diff step"],
-            rows,
-        )
-    )
-    rows = [
-        [f"{r['size']}px", _f(r["ours"]["step_s"]), _f(r["kernels"]["sum_s"]), _f(r["efficiency"], ".3f"),
-         _f(r["ours"].get("step_24_s")), _f(r["kernels"]["sum_24_s"]), _f(r.get("efficiency_24"), ".3f")]
-        for r in rs
-    ]  # fmt: skip
-    out.append(
-        table(
-            "Backend efficiency: real step / sum of the kernels its math requires (target <= 1.10)",
-            ["size", "real step", "sum of kernels", "ratio", "real 24", "kernels 24", "ratio 24"],
-            rows,
-        )
-    )
-    for r in rs:
-        rows = [
-            [t["kernel"], t["kind"], t["count"], _f(t["each_ms"], ".4g"), _f(t["total_s"]),
-             _pct(t["total_s"], r["kernels"]["sum_s"])]
-            for t in r["kernels"]["table"][:12]
-        ]  # fmt: skip
-        out.append(
-            table(
-                f"Largest kernels at {r['size']}px, depth {meta['depth']} "
-                "(shapes: batch, tokens, in, out / batch, heads, L, d)",
-                ["kernel", "kind", "count", "each ms", "total s", "% of sum"],
-                rows,
-            )
-        )
     return out
 
 

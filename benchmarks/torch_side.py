@@ -1,10 +1,6 @@
-"""The diffusers (PyTorch) side of the benchmarks, run in a process of its own (`TorchRunner`).
-
-Why a separate process: `import sd35m_mlx` loads the system OpenBLAS with RTLD_GLOBAL (for MLX's
-matmuls on Linux), and PyTorch's BLAS calls then resolve to it too; nested in PyTorch's own parallel
-loops that made its CPU attention 60x slower (benchmarks/README.md). diffusers is timed as users run it,
-in a process that never loaded that OpenBLAS (SD35M_MLX_NO_OPENBLAS=1). Functions here take and return
-plain data (paths, numpy arrays, dicts) so they cross processes.
+"""The diffusers (PyTorch) side of the benchmarks, run in a process of its own (`TorchRunner`): with
+the system OpenBLAS that `import sd35m_mlx` loads, PyTorch's CPU attention runs 60x slower
+(benchmarks/README.md, "Why diffusers runs in a separate process"). Functions take and return plain data.
 """
 
 from __future__ import annotations
@@ -118,94 +114,6 @@ def tensor_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-_TAG = "kind::"
-_MODULE_KINDS = {"Linear": "linear", "Conv2d": "linear", "LayerNorm": "norm", "RMSNorm": "norm", "GroupNorm": "norm"}
-_OP_KINDS = (  # first match on the outermost aten op of an event, in this order
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
-    ("linear", ("addmm", "aten::mm", "bmm", "matmul", "linear", "conv")),
-    ("norm", ("layer_norm", "rms_norm", "group_norm")),
-    (
-        "layout",
-        ("cat", "copy", "contiguous", "clone", "_to_copy", "aten::to", "transpose", "permute", "view", "reshape",
-         "split", "chunk", "slice", "select", "flatten", "expand", "empty", "stack", "narrow", "as_strided",
-         "unsqueeze", "squeeze", "zeros", "fill_", "index", "repeat", "pad"),
-    ),
-    (
-        "elementwise",
-        ("mul", "add", "sub", "div", "gelu", "silu", "tanh", "pow", "rsqrt", "sqrt", "mean", "exp", "sigmoid",
-         "neg", "clamp", "where", "softmax", "sin", "cos", "erf", "sum", "abs", "rsub"),
-    ),
-)  # fmt: skip
-
-
-def _op_kind(name: str) -> str:
-    for kind, needles in _OP_KINDS:
-        if any(n in name for n in needles):
-            return kind
-    return "other"
-
-
-def _event_kind(ev) -> str:
-    """The innermost module tag around an event, else the kind of its outermost aten op."""
-    outer, node = None, ev
-    while node is not None:
-        name = node.name
-        if name.startswith(_TAG):
-            return name[len(_TAG) :]
-        if "scaled_dot_product" in name:
-            return "attention"
-        if name.startswith("aten::"):
-            outer = name
-        node = getattr(node, "cpu_parent", None)
-    return _op_kind(outer or ev.name)
-
-
-def torch_kind_breakdown(model, run: Callable[[], object], device: str) -> dict[str, float]:
-    """Seconds by kind of work (linear, attention, norm, elementwise, layout, other) of one `run`.
-
-    torch.profiler self times; each event is attributed to the module kind it runs in (Linear,
-    Conv2d, LayerNorm, RMSNorm, GroupNorm: diffusers' RMSNorm is a chain of elementwise ops and
-    still counts as a norm) or else to the kind of its aten op. On CUDA device times are used;
-    on MPS the profiler sees only host time, so the breakdown is empty there.
-    """
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    if device == "mps":
-        return {}
-    stack: list = []
-
-    def enter(kind):
-        def hook(module, args):
-            rf = record_function(_TAG + kind)
-            rf.__enter__()
-            stack.append(rf)
-
-        return hook
-
-    def leave(module, args, output):
-        stack.pop().__exit__(None, None, None)
-
-    handles = []
-    for module in model.modules():
-        kind = next((k for name, k in _MODULE_KINDS.items() if type(module).__name__.endswith(name)), None)
-        if kind is not None:
-            handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave)]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    try:
-        with profile(activities=activities) as prof:
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    out: dict[str, float] = {}
-    for ev in prof.events():
-        us = ev.self_device_time_total if device.startswith("cuda") else ev.self_cpu_time_total
-        if us:
-            kind = _event_kind(ev)
-            out[kind] = out.get(kind, 0.0) + us * 1e-6
-    return out
-
-
 def block_timer(blocks, device: str) -> tuple[list[float], Callable[[], None]]:
     """Per-block forward seconds of a PyTorch module list, filled on every forward; returns
     (the list, a function removing the hooks)."""
@@ -259,9 +167,7 @@ def _step(ref, x, ctx, pooled, tdtype, device: str, repeats: int) -> tuple[dict,
         outs.append(u + GUIDANCE * (c - u))
 
     block_s, remove = block_timer(ref.transformer_blocks, device)
-    t0 = time.perf_counter()
-    breakdown = torch_kind_breakdown(ref, run, device)  # profiled warm-up, also gives per-block times
-    profiled_s = time.perf_counter() - t0
+    run()  # warm-up, also gives per-block times
     remove()
     with TorchPeak(device) as peak:
         times = time_runs(run, repeats, sync)
@@ -269,8 +175,6 @@ def _step(ref, x, ctx, pooled, tdtype, device: str, repeats: int) -> tuple[dict,
         "step_s": min(times),
         "runs": len(times),
         "blocks_s": list(block_s),
-        "profiled_step_s": profiled_s,
-        "by_kind_s": breakdown,
         "work_gib": gib(peak.work),
         "weights_gib": gib(tensor_bytes(ref)),
         "peak_method": peak.method,

@@ -37,15 +37,12 @@ def test_bench_speed_sections_run_and_agree_with_diffusers(tiny_pipeline, args, 
     # the tiny transformer has every block kind (dual, plain, context-pre-only): 24 blocks extrapolate
     assert set(r["ours"]["block_s"]) == {"dual", "plain", "pre_only"}
     assert r["ours"]["step_24_s"] > r["ours"]["step_s"] and r["diffusers"]["step_24_s"] > 0
-    assert r["kernels"]["sum_s"] > 0 and r["efficiency"] > 0 and r["efficiency_24"] > 0
-    assert set(r["kernels"]["by_kind_s"]) == {"linear", "attention", "norm", "elementwise"}
-    assert r["diffusers"]["by_kind_s"].get("linear", 0) > 0
 
     results = {"meta": bench_speed._meta(args, torch_side.process_info("cpu")), "transformer": steps}
     results |= {"text": text, "vae": vae}
     print_report(results)
     out = capsys.readouterr().out
-    for title in ("Transformer step", "Backend efficiency", "Step by kind of work", "Prompt encoding", "VAE decode"):
+    for title in ("Transformer step", "One block", "Prompt encoding", "VAE decode"):
         assert title in out
     json.dumps(results, default=str)
 
@@ -98,4 +95,3 @@ def test_bench_controlnet_runs_on_the_tiny_fixture(tiny_pipeline, tmp_path):
     r = bench_controlnet.bench(tiny_pipeline / "transformer", net, 64, mx.float32, None, 16, 0, 1)
     assert r["controlnet_step_s"] > 0 and r["plain_step_s"] > 0 and "extrapolated_ratio" in r
     assert r["controlnet_step_work_bytes"] > 0 and r["plain_step_work_bytes"] > 0
-    assert r["flop_ratio_24_23_blocks"] > 1.5
