@@ -323,10 +323,10 @@ class _Validator:
     def _seed(self, seed, images: int) -> int | tuple[int, ...] | None:
         """None (random), one seed for the batch, or a list of one seed per image."""
         name = self.n("seed")
-        if seed is None or is_integer(seed):
-            return None if seed is None else integer(seed, name, 0, MAX_SEED)
-        if isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, np.ndarray)):
-            raise InvalidType(f"{name} must be an integer or a list of integers, got {_show(seed)}")
+        if seed is None:
+            return None
+        if not isinstance(seed, (list, tuple, np.ndarray)):
+            return integer(seed, name, 0, MAX_SEED)
         if len(seed) != images:
             raise InvalidValue(f"{name} has {len(seed)} entries; a list needs one seed per image ({images})")
         return tuple(integer(v, f"{name} entries", 0, MAX_SEED) for v in seed)
