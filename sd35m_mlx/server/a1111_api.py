@@ -2,8 +2,8 @@
 samplers, options.
 
 Takes the whole payload real clients send (hires fix, subseeds, scripts, override_settings, ...):
-fields we do not support are ignored and named in `info.warnings` (a1111_fields.py), and samplers we do
-not have run as our default, said there too.
+fields we do not support are ignored and named in `info.warnings` (a1111_fields.py); a sampler or scheduler
+we do not have is a 400 naming the ones we run (a1111_names.py maps A1111's labels to ours).
 Nothing in a payload can load a model or name a file (`override_settings` is ignored).
 """
 
@@ -19,23 +19,16 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from ..defaults import SAMPLER
+from ..a1111_names import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
+from ..defaults import SAMPLER, SAMPLERS, SCHEDULER
 from ..record import Settings, parameters_text
+from ..sampling.schedulers import SCHEDULERS
 from .a1111_fields import ignored_notes
 from .errors import RequestError
 from .jobs import Job
 from .masks import a1111_mask
-from .spec import Spec, sampler_label, seeds_for, settings_for
+from .spec import Spec, seeds_for, settings_for
 from .uploads import decode_base64, open_image
-
-# A1111 sampler names (and the aliases its /samplers lists) -> ours. Case-insensitive.
-SAMPLER_ALIASES = {
-    "euler": "euler",
-    "k_euler": "euler",
-    "dpm++ 2m": "dpmpp_2m",
-    "dpmpp_2m": "dpmpp_2m",
-    "k_dpmpp_2m": "dpmpp_2m",
-}
 
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
@@ -73,27 +66,29 @@ class Img2ImgBody(Txt2ImgBody):
     inpainting_fill: int | None = None  # 0 fill, 1 original, 2 latent noise, 3 latent nothing: we run 1
 
 
-def map_sampler(name: str | None) -> tuple[str, str | None]:
-    """Our sampler for an A1111 name, and a note when we run something other than what was asked."""
-    if not name:
-        return SAMPLER, None
-    ours = SAMPLER_ALIASES.get(name.strip().lower())
-    if ours is not None:
-        return ours, None
-    return SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(SAMPLER)}"
+def map_sampler(name: str | None, scheduler: str | None = None) -> tuple[str, str]:
+    """Our (sampler, scheduler) for A1111's `sampler_name` and `scheduler` labels ("Euler a", "DPM++ 2M",
+    old-style "DPM++ 2M Karras"; "Karras", "Automatic") or our own names; an unknown one is a 400 naming ours."""
+    sampler, folded = (SAMPLER, None) if not name else (sampler_from_label(name) or (None, None))
+    if sampler is None:
+        labels = ", ".join(SAMPLER_LABELS.get(s, s) for s in SAMPLERS)
+        raise RequestError(f"unknown sampler {name!r}; choose one of {labels}", "sampler_name")
+    ours = scheduler_from_label(scheduler) if scheduler else (folded or SCHEDULER)
+    if ours is None:
+        labels = ", ".join(SCHEDULER_LABELS.get(s, s) for s in SCHEDULERS)
+        raise RequestError(f"unknown scheduler {scheduler!r}; choose one of Automatic, {labels}", "scheduler")
+    return sampler, ours
 
 
 def spec_from(body: Txt2ImgBody, limits) -> Spec:
-    sampler, note = map_sampler(body.sampler_name or body.sampler_index)
+    sampler, scheduler = map_sampler(body.sampler_name or body.sampler_index, body.scheduler)
     n = (body.batch_size if body.batch_size is not None else 1) * (body.n_iter if body.n_iter is not None else 1)
     seed = body.seed if body.seed is not None and body.seed >= 0 else None  # -1 (any negative): random
-    settings = Settings(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler)
+    settings = Settings(
+        prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler, scheduler=scheduler
+    )
     settings = replace(settings, prompt_syntax=body.prompt_syntax or "weighted")  # A1111 reads its syntax
     spec = Spec(settings, seeds=seeds_for(seed, n, limits, "batch_size"))
-    if note:
-        spec.notes.append(note)
-    if body.scheduler and body.scheduler.lower() not in ("automatic", "simple", "default"):
-        spec.notes.append(f"scheduler {body.scheduler!r} is not available; ran the model's own (shifted sigmas)")
     spec.notes.extend(ignored_notes(body.model_extra or {}))
     spec.given(steps=body.steps, cfg=body.cfg_scale, width=body.width, height=body.height)
     return spec
@@ -204,10 +199,11 @@ def router(server) -> APIRouter:
 
     @r.get("/samplers")
     async def samplers():
-        return [
-            {"name": "Euler", "aliases": ["euler", "k_euler"], "options": {}},
-            {"name": "DPM++ 2M", "aliases": ["dpmpp_2m", "k_dpmpp_2m"], "options": {}},
-        ]
+        return samplers_list()
+
+    @r.get("/schedulers")
+    async def schedulers():
+        return schedulers_list()
 
     @r.get("/options")
     async def get_options():
@@ -235,6 +231,25 @@ def router(server) -> APIRouter:
         return {"txt2img": [], "img2img": []}
 
     return r
+
+
+def samplers_list() -> list[dict]:
+    """What we run, in A1111's /sdapi/v1/samplers shape: its label where it has one, our name as an alias."""
+    return [{"name": SAMPLER_LABELS.get(s, s), "aliases": [s, f"k_{s}"], "options": {}} for s in SAMPLERS]
+
+
+def schedulers_list() -> list[dict]:
+    """What we run, in A1111's /sdapi/v1/schedulers shape (modules/sd_schedulers.py's Scheduler fields)."""
+    return [
+        {
+            "name": s,
+            "label": SCHEDULER_LABELS.get(s, s),
+            "aliases": None,
+            "default_rho": 7.0 if s == "karras" else -1,
+            "need_inner_model": False,
+        }
+        for s in SCHEDULERS
+    ]
 
 
 def progress_state(job: Job | None) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from ..defaults import MAX_PROMPT_CHARS, MAX_SEED, MIN_SIDE, MULTIPLE
-from ..record import SAMPLER_NAMES, Settings, plan_seeds, png_info
+from ..record import Settings, plan_seeds, png_info
 from .errors import RequestError
 
 
@@ -141,7 +141,3 @@ def png_bytes(image: Image.Image, spec: Spec, seed: int, model: ModelInfo, versi
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=png_info(settings_for(spec, seed, model), version))
     return buf.getvalue()
-
-
-def sampler_label(sampler: str) -> str:
-    return SAMPLER_NAMES.get(sampler, sampler)
