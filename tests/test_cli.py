@@ -203,7 +203,8 @@ def test_png_metadata_a1111_parameters_and_json(fake):
     prompt, negative, kv = text["parameters"].split("\n")
     assert prompt == "a cat, on a mat" and negative == "Negative prompt: dogs"
     assert kv.startswith(
-        "Steps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 4.5, Seed: 42, Size: 1024x1024, Model: model, RNG: CPU"
+        "Steps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 4.5, Seed: 42, Size: 1024x1024, Model: model, "
+        "RNG: CPU"
     )
     stored = json.loads(text[JSON_KEY])
     assert stored["prompt"] == "a cat, on a mat" and stored["seed"] == 42
