@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from sd35m_mlx.a1111_names import rng_from_label, sampler_from_label, scheduler_from_label
 from sd35m_mlx.defaults import PROMPT_SYNTAXES
 from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, strip_tags
+from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
 from sd35m_mlx.sampling.noise import RNG_SOURCES
 from sd35m_mlx.sampling.schedulers import SCHEDULERS
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from sd35m_mlx.a1111_names import SAMPLER_LABELS, sampler_from_label
+from sd35m_mlx.sampling.labels import SAMPLER_LABELS, sampler_from_label
 
 from . import job as job_phases
 from .errors import UsageError

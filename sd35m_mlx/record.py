@@ -18,9 +18,9 @@ from pathlib import Path
 from PIL.PngImagePlugin import PngInfo
 
 from . import defaults as D
-from .a1111_names import RNG_LABELS, sampler_label, scheduler_label
 from .defaults import MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN
 from .prompts.syntax import extract_lora_tags
+from .sampling.labels import RNG_LABELS, sampler_label, scheduler_label
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ samplers, options.
 
 Takes the whole payload real clients send (hires fix, subseeds, scripts, override_settings, ...):
 fields we do not support are ignored and named in `info.warnings` (a1111_fields.py); a sampler or scheduler
-we do not have is a 400 naming the ones we run (a1111_names.py maps A1111's labels to ours).
+we do not have is a 400 naming the ones we run (sampling/labels.py maps A1111's labels to ours).
 Nothing in a payload can load a model or name a file (`override_settings` is ignored).
 """
 
@@ -19,9 +19,9 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from ..a1111_names import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
 from ..defaults import SAMPLER, SAMPLERS, SCHEDULER
 from ..record import Settings, parameters_text
+from ..sampling.labels import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
 from ..sampling.schedulers import SCHEDULERS
 from .a1111_fields import ignored_notes
 from .errors import RequestError

@@ -9,9 +9,9 @@ splits them. Imports nothing heavy: the CLI's --help and the server's front end 
 
 from __future__ import annotations
 
-from .defaults import SAMPLERS
-from .sampling.noise import RNG_SOURCES
-from .sampling.schedulers import SCHEDULERS
+from ..defaults import SAMPLERS
+from .noise import RNG_SOURCES
+from .schedulers import SCHEDULERS
 
 SAMPLER_LABELS = {
     "euler": "Euler",
