@@ -99,3 +99,31 @@ def test_bad_sampling_arguments_are_one_line_value_errors(ours, kwargs, message)
     with pytest.raises(ValueError) as e:
         ours.generate("a cat", height=H, width=W, num_inference_steps=1, **kw)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("scheduler, steps", [("karras", 5), ("ddim_uniform", 7)])  # ddim_uniform: 8 sigmas for 7
+def test_img2img_with_a_scheduler_starts_where_diffusers_does(ours, tiny_pipeline, monkeypatch, scheduler, steps):
+    """diffusers' img2img takes `strength` over the length of the schedule it is given (retrieve_timesteps
+    returns len(sigmas) steps): so do we, also where a scheduler gives another count than the steps asked."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as img2img
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(4).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    noise = np.random.default_rng(5).standard_normal((1, H // 8, W // 8, 16), dtype=np.float32)
+    nchw = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous()
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **_: nchw)  # our noise, the posterior mean (as
+    real = img2img.retrieve_latents  # tests/test_pipeline.py's img2img test)
+    monkeypatch.setattr(
+        img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample": real(out, sample_mode="argmax")
+    )
+    sigmas = scheduler_sigmas(scheduler, steps, 3.0)
+    kw = {**KW, "strength": 0.6}
+    del kw["num_inference_steps"]
+    out = ours.generate(
+        "an oil painting", image=init, latents=noise, scheduler=scheduler, num_inference_steps=steps, **kw
+    )
+    ref = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_pipeline, dtype=torch.float32)
+    ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref.scheduler.config, shift=1.0)
+    expected = ref("an oil painting", image=init, sigmas=list(sigmas[:-1]), **kw).images
+    _compare(out, expected)

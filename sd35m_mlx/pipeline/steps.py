@@ -137,7 +137,8 @@ def initial_latents(
     if canvas.init_image is None:
         mx.eval(noise)
         return Start(noise, 0, noise, None)
-    start = img2img_start_index(s.num_inference_steps, s.strength)
+    # over the schedule's own length: a scheduler may give another count than the steps asked (ddim_uniform)
+    start = img2img_start_index(len(sigmas) - 1, s.strength)
     z = encode(canvas.init_image)
     if z.shape[0] != batch:
         if batch % z.shape[0]:
