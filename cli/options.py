@@ -146,7 +146,7 @@ OPTIONS = [
         type=click.Choice(RNG_SOURCES),
         default=_D.rng,
         help="Noise source for the seed: cpu (diffusers' and ComfyUI's torch CPU generator), nv (A1111's "
-        "NV), mlx (this tool before 0.x; PNGs without an RNG record replay with it).",
+        "NV), mlx (this tool before --rng existed; PNGs without an RNG record replay with it).",
     ),
     click.option(
         "--prompt-syntax",

@@ -337,7 +337,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         sampling/schedulers.py; "normal" is diffusers' schedule) at flow `shift` (None: the model's config).
         `seed` with `rng="cpu"` draws the noise diffusers draws for `generator=torch.Generator().manual_seed(seed)`
         (one draw for the batch); a list of seeds, one per image, as diffusers' list of generators. `rng="nv"`
-        is A1111's NV source, `rng="mlx"` the noise of releases before 0.x (sampling/noise.py).
+        is A1111's NV source, `rng="mlx"` the noise drawn before `rng` existed (sampling/noise.py).
         """
         # 1. Inputs: the editing inputs set the canvas, then every argument is checked before any work
         arguments = {k: v for k, v in locals().items() if k in ARGUMENTS}
