@@ -120,7 +120,7 @@ def load(kind: str, folder: str, dtype: str, bits: int | None, group_size: int, 
     as `evaluate` says (EVALUATE_MODES). Peak and resident bytes are recorded per phase."""
     from sd35m_mlx.loading.text_encoders import load_t5_encoder
     from sd35m_mlx.loading.transformer import load_transformer
-    from sd35m_mlx.quantize import quantization_plan, quantize_model
+    from sd35m_mlx.quantize import quantize_model
 
     loader = load_transformer if kind == "transformer" else load_t5_encoder
     dt = mlx_dtype(dtype)
@@ -132,12 +132,6 @@ def load(kind: str, folder: str, dtype: str, bits: int | None, group_size: int, 
 
     with MLXPeak(fresh=True) as w:
         model = loader(folder, dt)
-        if evaluate == "per tensor":
-            planned = {f"{p}.weight" for p in (quantization_plan(model, bits, group_size) if bits else {})}
-            rest = [v for k, v in tree_flatten(model.parameters()) if k not in planned]
-            for v in sorted(rest, key=lambda a: -a.nbytes):
-                mx.eval(v)
-            phase("not quantized, per tensor")
         if bits:
             quantize_model(model, bits, group_size)
             phase("quantize_model")
@@ -256,7 +250,8 @@ def denoise(folder: str, dtype: str, size: int, attention: str, steps: int, ctx_
 
 
 def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
-    """Load the VAE, then measure `decode(model, unscaled z)` as `generate` runs it: clip to [0, 1] in float32."""
+    """Load the VAE, then measure `decode(model)`'s decode as `generate` runs it (images.decode_latents)."""
+    from sd35m_mlx.images import decode_latents
     from sd35m_mlx.loading.vae import load_vae
 
     dt = mlx_dtype(dtype)
@@ -265,8 +260,7 @@ def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
     z = mx.random.normal((1, size // 8, size // 8, model.config.latent_channels), key=mx.random.key(0))
     mx.eval(z)
     with MLXPeak(fresh=True) as w:
-        img = decode(model, model.unscale_latents(z).astype(dt))
-        img = mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        img = decode_latents(model, z, dt, decode(model))
         mx.eval(img)
     return dict(w.as_dict(), weights=mlx_param_bytes(model), output=img.nbytes)
 
@@ -274,7 +268,7 @@ def _decode_case(folder: str, dtype: str, size: int, decode) -> dict:
 @case
 def vae(folder: str, dtype: str, size: int) -> dict:
     """The decode of `generate`: unscale, decode stage by stage, clip to [0, 1] in float32; batch 1."""
-    return _decode_case(folder, dtype, size, lambda model, z: model.decode(z))
+    return _decode_case(folder, dtype, size, lambda model: model.decode)
 
 
 @case
@@ -282,7 +276,7 @@ def vae_tiled(folder: str, dtype: str, size: int) -> dict:
     """The decode `generate` runs in low_memory: tiled (512 px tiles, 25% overlap, shared statistics)."""
     from sd35m_mlx.models.vae_tiling import decode_tiled
 
-    return _decode_case(folder, dtype, size, lambda model, z: decode_tiled(model, z, 64, 16))
+    return _decode_case(folder, dtype, size, lambda model: lambda z: decode_tiled(model, z, 64, 16))
 
 
 @case
@@ -412,10 +406,8 @@ def make_jobs(f: dict[str, Path], args) -> list[Job]:
     if "load" in args.sections:
         for kind, unit, sizes in (("transformer", "d", args.load_depths), ("t5", "l", args.t5_layers)):
             for file in ("f32", REAL_FILE[kind]):
-                modes = ("first use", "mx.eval", "per tensor") if file == "f32" else ("first use", "per tensor")
+                modes = ("first use", "mx.eval") if file == "f32" else ("first use",)
                 for n, bits, mode in itertools.product(sizes, (None, 8, 4), modes):
-                    if mode == "per tensor" and n != sizes[-1]:
-                        continue  # one tensor's transient by construction: the larger size is enough
                     folder = str(f[f"{kind}_{unit}{n}" + ("" if file == "f32" else f"_{file}")])
                     est = 25 if bits and mode == "first use" else 8
                     add(load_job_name(kind, unit, n, file, bits, mode), "load", 4, est, kind=kind, folder=folder,

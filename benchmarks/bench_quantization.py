@@ -5,9 +5,8 @@
 Metric: relative RMSE, rmse(out_q - out_f32) / rms(out_f32), of one forward with the same inputs.
 - MMDiT: the real SD3.5 Medium width (hidden 1536, 24 heads, dual attention, 384^2 table) at reduced
   depth, random weights (scripts/build_fixture.py), 512x512 image (64x64 latent), 333 context tokens.
-- T5: the real XXL width (d_model 4096, d_ff 10240, 64 heads, vocab 32128) at reduced depth, random
-  weights scaled as the fixture scales them (1/sqrt(fan_in), queries also 1/sqrt(d_kv), norms ~1),
-  so activations stay O(1) as in a trained model; 256 random tokens.
+- T5: the real XXL width (d_model 4096, d_ff 10240, 64 heads) at reduced depth, random weights
+  (scripts/build_fixture.build_t5), 256 random tokens.
 Variants: every Linear quantized, sd35m_mlx's policy (sd35m_mlx/quantize.py), the alternatives it
 was chosen against, and each layer group alone (the rest in float32).
 
@@ -24,14 +23,13 @@ have no redundancy and reduced depth accumulates less error than 24 blocks.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-# Run as a file, the script's own folder heads sys.path, where sibling modules (kernels.py) would
+# Run as a file, the script's own folder heads sys.path, where sibling modules (measure.py, ...) would
 # shadow installed packages of the same name: put the repository root there instead.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
@@ -44,7 +42,8 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from benchmarks.measure import machine, write_json  # noqa: E402
-from scripts.build_fixture import build_full_width_transformer  # noqa: E402
+from scripts.build_fixture import build_full_width_transformer, build_t5  # noqa: E402
+from sd35m_mlx.loading.text_encoders import load_t5_encoder  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
 from sd35m_mlx.models.t5 import T5Config, T5EncoderModel  # noqa: E402
@@ -215,32 +214,11 @@ def transformer_bench(args) -> tuple[list[dict], dict]:
     return rows, {"checks": checks, "full_model_bytes": full_size_bytes(full, "transformer", args.group_size)}
 
 
-def random_t5(config: T5Config, seed: int = 0) -> T5EncoderModel:
-    """XXL-width T5 with the fixture's random-weight scaling (scripts/build_fixture.py `_tensor_plan`)."""
-    model = T5EncoderModel(config)
-    params = tree_flatten(model.parameters())
-    keys = mx.random.split(mx.random.key(seed), len(params))
-    new = []
-    for k, (name, v) in zip(keys, params, strict=True):
-        if name.endswith("layer_norm.weight"):
-            w = 1 + 0.1 * mx.random.normal(v.shape, key=k)
-        elif name.startswith("shared") or "relative_attention_bias" in name:
-            w = mx.random.normal(v.shape, key=k)
-        else:
-            std = 1 / math.sqrt(v.shape[-1])
-            if name.endswith("SelfAttention.q.weight"):
-                std /= math.sqrt(config.d_kv)
-            w = std * mx.random.normal(v.shape, key=k)
-        mx.eval(w)
-        new.append((name, w))
-    model.load_weights(new)
-    return model
-
-
 def t5_bench(args) -> tuple[list[dict], dict]:
-    config = T5Config(num_layers=args.t5_layers)
-    model = random_t5(config)
-    ids = mx.random.randint(0, config.vocab_size, (1, 256), key=mx.random.key(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_t5_encoder(build_t5(Path(tmp) / "t5", args.t5_layers), mx.float32)
+        mx.eval(model.parameters())
+    ids = mx.random.randint(0, model.config.vocab_size, (1, 256), key=mx.random.key(1))
     rows = measure(model, "t5", lambda: model(ids), args.group_size, args.bits)
     full = T5EncoderModel(T5Config())  # XXL, 24 layers
     return rows, {"full_model_bytes": full_size_bytes(full, "t5", args.group_size)}

@@ -4,18 +4,9 @@
     python benchmarks/bench_speed.py --quick               # toy sizes: checks the script in ~1 min
     python benchmarks/bench_speed.py --sizes 512 --skip-diffusers --json out.json
 
-On the same machine, same random weights (built locally, diffusers layout), same dtype:
-  1. the transformer step as the sampler runs it (GuidedDenoiser: batch 2 for CFG, context of 333
-     tokens embedded once, adaLN modulations precomputed, one mx.eval) vs diffusers'
-     SD3Transformer2DModel forward + CFG; full SD3.5 Medium width at reduced depth (default 3:
-     one dual-attention, one plain and the context-pre-only block), 24 blocks extrapolated from
-     per-block times; seconds, ours/diffusers, peak memory;
-  2. prompt encoding (full CLIP-L and CLIP-G, T5-XXL width with --t5-layers layers, extrapolated
-     to 24) and VAE decode (full SD3 VAE) vs diffusers;
-  3. the step by kind of work (linear, attention, norms, elementwise): ours from each kernel timed
-     alone at the real shapes, diffusers from torch.profiler;
-  4. backend efficiency: our real step / sum of the kernels its math requires (target <= 1.10).
-Results: a table on stdout, JSON in --json (default benchmarks/results/speed.json).
+Ours (the sampler's real guided step, prompt encoding, VAE decode) vs diffusers on the same random
+weights, inputs and dtype; the step also by kind of work and against the sum of the kernels its math
+requires (backend efficiency). What each section measures and how: benchmarks/README.md, bench_speed.py.
 
 Runs as is on macOS (Metal), Linux CPU and Linux CUDA (mlx[cuda]); diffusers runs on CUDA or MPS
 when present (--torch-device). On Linux CPU, run benchmarks (only them, not tests) with
@@ -67,6 +58,7 @@ from benchmarks.measure import (  # noqa: E402
 from benchmarks.speed_report import print_report  # noqa: E402
 from benchmarks.torch_side import TorchRunner  # noqa: E402
 from sd35m_mlx._blas import loaded_openblas  # noqa: E402
+from sd35m_mlx.images import decode_latents  # noqa: E402
 from sd35m_mlx.loading.text_encoders import load_text_encoders  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
 from sd35m_mlx.loading.vae import load_vae  # noqa: E402
@@ -180,7 +172,7 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
     target = [_kind(*k) for k in medium]
 
     results, velocities, inputs = [], [], []
-    for n_size, size in enumerate(sizes):
+    for size in sizes:
         log(f"transformer {size}x{size}: ours")
         step = OurStep(ours, size, args.ctx_len, dtype, args.seed)
         blocks = step.per_block()
@@ -225,14 +217,6 @@ def bench_transformer(folder: Path, sizes: list[int], args, torch_run: TorchRunn
         r["efficiency"] = o["step_s"] / total["sum_s"]
         if o["step_24_s"]:
             r["efficiency_24"] = o["step_24_s"] / total_24["sum_s"]
-        if args.what_if and n_size == 0:
-            log(f"transformer {size}x{size}: fusion candidates")
-            n_qkv = sum(1 + dual for dual, _ in medium)
-            n_mod = counts_24[K.Kernel("modulate", (2, shape.tokens, shape.dim))]
-            n_gate = counts_24[K.Kernel("gate_residual", (2, shape.tokens, shape.dim))]
-            r["what_if_24_blocks"] = K.fusion_candidates(shape, dtype, n_qkv, n_mod, n_gate, len(medium))
-            r["attention_parts"] = K.attention_parts(shape, dtype)
-            _free()
         results.append(r)
     del ours
     _free()
@@ -301,8 +285,7 @@ def _ours_vae(folder: Path, z: np.ndarray, args) -> tuple[dict, np.ndarray]:
     out: list = []
 
     def decode():  # as the pipeline's step 5
-        img = vae.decode(vae.unscale_latents(zm).astype(dtype))
-        out.append(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        out.append(decode_latents(vae, zm, dtype))
         mx.eval(out[-1])
 
     return mlx_once(decode, _once_runs(args), LONG_S, [vae]), np.array(out[-1])
@@ -369,7 +352,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
     p.add_argument("--skip-text", action="store_true", help="no prompt-encoding benchmark")
     p.add_argument("--skip-vae", action="store_true", help="no VAE benchmark")
-    p.add_argument("--no-what-if", dest="what_if", action="store_false", help="skip the fusion candidates")
     p.add_argument("--torch-device", default="auto", help="diffusers device: auto (cuda, mps, cpu) or a name")
     p.add_argument(
         "--torch-in-process",

@@ -49,11 +49,7 @@ def _measure(decode, model, repeats: int) -> tuple[dict, np.ndarray]:
 
 
 def _vae_decode(vae, z: mx.array, dtype: mx.Dtype):
-    def decode():  # generate()'s step 5
-        img = vae.decode(vae.unscale_latents(z).astype(dtype))
-        return mx.clip(img.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-
-    return decode
+    return lambda: decode_latents(vae, z, dtype)  # generate()'s step 5
 
 
 def bench_size(size: int, taesd, vae, folders: dict[str, Path], args, torch_run) -> dict:

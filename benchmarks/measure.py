@@ -277,3 +277,11 @@ def write_json(path: str | Path | None, results) -> None:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def table(title: str, headers: list[str], rows: list[list]) -> str:
+    """A titled plain-text table, first column left-aligned, the others right (every report's)."""
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+    return "\n".join([f"\n## {title}", line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])

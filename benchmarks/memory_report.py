@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from benchmarks.measure import lazy_quantize, mlx_param_bytes
+from benchmarks.measure import lazy_quantize, mlx_param_bytes, table
 
 GB = 1e9
 TARGET_GB = 3.5  # issue 16: 1024 px on an 8 GB Mac (was 6 GB)
@@ -23,7 +23,6 @@ FULL_DEPTH = {"transformer": 24, "t5": 24}  # SD3.5 Medium blocks, T5-XXL layers
 EVALUATE_MODES = {
     "first use": "the rest evaluated by a first forward (2 tokens), as the pipeline does",
     "mx.eval": "the rest evaluated at once: mx.eval(model.parameters())",
-    "per tensor": "proposed: tensors not quantized evaluated one at a time, largest first, before quantizing",
 }
 REAL_FILE = {"transformer": "bf16", "t5": "f16"}  # how the published checkpoint stores them
 
@@ -143,12 +142,10 @@ def activations(measured: dict[str, dict | None], args) -> dict:
     return acts
 
 
-def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> list[dict]:
+def derive(acc: dict, acts: dict, args) -> list[dict]:
     """Stage peaks of the full-size pipeline per configuration (steady state: a new prompt on a pipeline
     that has generated before, so the VAE weights are resident; low_memory has released the text
-    encoders after encoding and the transformer after denoising, and reloads them when needed).
-    `transformer_at_load`: from_pretrained(low_memory=True) was measured holding the quantized
-    transformer, so the first image's text stage has it beside the text encoders."""
+    encoders after encoding and the transformer after denoising, and reloads them when needed)."""
     rows = []
     vae, clip = acc["vae"], acc["clip_l"] + acc["clip_g"]
     mods, inputs = acc["modulations"], acc["inputs"]
@@ -193,32 +190,12 @@ def derive(acc: dict, acts: dict, args, transformer_at_load: bool = False) -> li
                 peak_cpu=None if cpu is None else res + extra[stage] + cpu,
             )
             rows.append(row)
-        if transformer_at_load and c.staged and c.transformer != "bf16":
-            # first image: from_pretrained quantized (so evaluated) the transformer's layers at load, and they
-            # are still resident while the text encoders run; the VAE has not been read yet
-            text = rows[-4]
-            first = tr["quantized_layers"] - vae
-            rows.append(
-                dict(
-                    text,
-                    stage="text, first image",
-                    resident=text["resident"] + first,
-                    resident_what="text encoders + quantized MMDiT layers (evaluated by from_pretrained)",
-                    peak_metal=None if text_work is None else text["peak_metal"] + first,
-                    peak_cpu=None if text_work is None else text["peak_cpu"] + first,
-                )
-            )
     return rows
 
 
-def _phase_end_full(phase: str, mode: str, acc_entry: dict) -> int:
+def _phase_end_full(phase: str, acc_entry: dict) -> int:
     """Full-size bytes resident at the end of a load phase."""
-    total, q = acc_entry["total"], acc_entry["quantized_layers"]
-    if phase == "not quantized, per tensor":
-        return total - q
-    if phase == "quantize_model":
-        return total if mode == "per tensor" else q
-    return total
+    return acc_entry["quantized_layers"] if phase == "quantize_model" else acc_entry["total"]
 
 
 def load_report(measured: dict[str, dict | None], acc: dict, args) -> list[dict]:
@@ -242,7 +219,7 @@ def load_report(measured: dict[str, dict | None], acc: dict, args) -> list[dict]
                 excess = (
                     e1 + (FULL_DEPTH[kind] - n1) * (e1 - e0) / (n1 - n0) if grows else max(e for _, e in transients)
                 )
-                end = _phase_end_full(ph["phase"], mode, acc[kind][variant])
+                end = _phase_end_full(ph["phase"], acc[kind][variant])
                 if end + excess > full_peak:
                     full_peak, full_excess, grows_any = end + excess, excess, grows
             full = acc[kind][variant]["total"]
@@ -275,103 +252,89 @@ def _gb(x) -> str:
 
 
 def print_report(results: dict) -> None:
-    meta = results["meta"]
+    meta, m = results["meta"], results["measured"]
     print(f"\n# {meta['platform']} | mlx {meta['mlx']} | {meta['device']} | sizes: {meta['sizes']}")
-    load_rows = results["load"]
-    if load_rows:
-        print("\n## 1. Streaming load (loaded as bfloat16; quantized as quantize_model streams it)\n")
-        for mode, what in EVALUATE_MODES.items():
-            print(f"- {mode}: {what}")
-        print("\n| component (file -> loaded) | rest evaluated | depth/layers | loaded GB | peak/loaded | excess GB | "
-              "RSS peak GB | full size: GB, excess GB, peak/loaded |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+    if load_rows := results["load"]:
         groups: dict = {}
         for r in load_rows:
             groups.setdefault((r["component"], r["file"], r["variant"], r["evaluate"]), []).append(r)
-        for (component, file, variant, mode), rows in groups.items():
-            last = rows[-1]
+        rows = []
+        for (component, file, variant, mode), rs in groups.items():
+            last = rs[-1]
             ok = "ok" if last["full_size_ratio"] <= LOAD_TARGET else "OVER"
             grows = ", grows: extrapolated" if last["excess_grows"] else ""
-
-            def cells(key, fmt, rows=rows):
-                return " / ".join(fmt(r[key]) for r in rows)
-
-            print(
-                f"| {component} ({file} -> {variant}) | {mode} | {cells('depth', str)} | {cells('loaded', _gb)} | "
-                f"{cells('ratio', lambda x: f'{x:.2f}')} | {cells('excess', _gb)} | {cells('rss_peak', _gb)} | "
-                f"{_gb(last['full_size'])}, {_gb(last['full_size_excess'])}{grows}, "
-                f"**{last['full_size_ratio']:.2f}** {ok} |"
-            )
-        m, notes = results["measured"], []
+            cells = lambda key, fmt, rs=rs: " / ".join(fmt(r[key]) for r in rs)  # noqa: E731
+            rows.append([f"{component} ({file} -> {variant})", mode, cells("depth", str), cells("loaded", _gb),
+                         cells("ratio", lambda x: f"{x:.2f}"), cells("excess", _gb), cells("rss_peak", _gb),
+                         f"{_gb(last['full_size'])}, {_gb(last['full_size_excess'])}{grows}, "
+                         f"{last['full_size_ratio']:.2f} {ok}"])  # fmt: skip
+        print(table("1. Streaming load (loaded as bfloat16; quantized as quantize_model streams it)",
+                    ["component (file -> loaded)", "rest evaluated", "depth/layers", "loaded GB", "peak/loaded",
+                     "excess GB", "RSS peak GB", "full size: GB, excess GB, peak/loaded"], rows))  # fmt: skip
+        for mode, what in EVALUATE_MODES.items():
+            print(f"- {mode}: {what}")
         if p := m.get("pipeline load q8 t5q4 staged"):
             q, gb = p["quantized_layer_bytes"], {k: _gb(p[k]) for k in ("resident_after_from_pretrained", "loaded")}
-            notes.append(f"\nfrom_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident "
-                         f"right after loading {gb['resident_after_from_pretrained']} GB = quantized layers of the "
-                         f"transformer {_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB "
-                         f"(evaluated by quantize_model; the rest stays lazy); everything evaluated: {gb['loaded']} GB,"
-                         f" peak/loaded {p['ratio']:.3f}. Process RSS before loading (interpreter, MLX, sd35m_mlx): "
-                         f"{_gb(p['rss_process_before_load'])} GB.")  # fmt: skip
+            print(f"from_pretrained(quantize=8, t5_quantize=4, low_memory=True) at reduced size: resident "
+                  f"right after loading {gb['resident_after_from_pretrained']} GB = quantized layers of the "
+                  f"transformer {_gb(q.get('transformer'))} GB + T5 {_gb(q.get('text_encoder_3'))} GB "
+                  f"(evaluated by quantize_model; the rest stays lazy); everything evaluated: {gb['loaded']} GB,"
+                  f" peak/loaded {p['ratio']:.3f}. Process RSS before loading (interpreter, MLX, sd35m_mlx): "
+                  f"{_gb(p['rss_process_before_load'])} GB.")  # fmt: skip
         if p := m.get("pipeline load bf16"):
-            notes.append(f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full "
-                         f"CLIP-L/G and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, peak during "
-                         f"from_pretrained {_gb(p['after_from_pretrained']['peak'])} GB, peak/loaded "
-                         f"{p['ratio']:.3f} (target {LOAD_TARGET}).")  # fmt: skip
+            print(f"from_pretrained(float32 files, 'bfloat16') at reduced size (the pipeline fixture: full "
+                  f"CLIP-L/G and VAE, reduced T5 and MMDiT depth): loaded {_gb(p['loaded'])} GB, peak during "
+                  f"from_pretrained {_gb(p['after_from_pretrained']['peak'])} GB, peak/loaded "
+                  f"{p['ratio']:.3f} (target {LOAD_TARGET}).")  # fmt: skip
         if qc := m.get("qcheck"):
             mb = {k: f"{qc[k] / 1e6:.2f} MB" for k in ("bfloat16", "8 bit", "4 bit", "output_bytes")}
-            notes.append(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
-                         f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
-                         f"(output {mb['output_bytes']})")  # fmt: skip
-        print("\n".join(notes))
+            print(f"QuantizedLinear check (16 x 4096 -> 10240, bfloat16 activations): work of one call: "
+                  f"Linear {mb['bfloat16']}, 8 bit {mb['8 bit']}, 4 bit {mb['4 bit']} "
+                  f"(output {mb['output_bytes']})")  # fmt: skip
 
-    m = results["measured"]
-    print("\n## 2a. Activation work measured (peak above what was allocated before; full width)\n")
-    print("| measurement | depth/layers | work GB | RSS peak - before GB | weights GB | s |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for name, r in m.items():
-        if r is None:
-            continue
-        if name.startswith("denoise"):
+        if r is not None and name.startswith("denoise"):
             w = r["step"]
             rss = None if w["rss_peak"] is None else w["rss_peak"] - w["rss_before"]
-            print(f"| {name} (step) | {r['depth']} | {_gb(w['work'])} | {_gb(rss)} | {_gb(r['weights'])} | "
-                  f"{w['seconds']:.0f} |")  # fmt: skip
+            rows.append(
+                [f"{name} (step)", r["depth"], _gb(w["work"]), _gb(rss), _gb(r["weights"]), f"{w['seconds']:.0f}"]
+            )
             adaln = f"{_gb(r['modulation_weights'])} adaLN, {_gb(r['released'])} released"
-            print(f"| {name} (set-up: transient) | {r['depth']} | {_gb(r['init_transient'])} | - | {adaln} | "
-                  f"{r['init']['seconds']:.1f} |")  # fmt: skip
-        elif name.startswith(("text", "vae")):
+            rows.append([f"{name} (set-up: transient)", r["depth"], _gb(r["init_transient"]), "-", adaln,
+                         f"{r['init']['seconds']:.1f}"])  # fmt: skip
+        elif r is not None and name.startswith(("text", "vae")):
             rss = None if r["rss_peak"] is None else r["rss_peak"] - r["rss_before"]
-            depth = r.get("t5_layers", "-")
-            print(f"| {name} | {depth} | {_gb(r['work'])} | {_gb(rss)} | {_gb(r['weights'])} | {r['seconds']:.0f} |")
+            rows.append([name, r.get("t5_layers", "-"), _gb(r["work"]), _gb(rss), _gb(r["weights"]),
+                         f"{r['seconds']:.0f}"])  # fmt: skip
+    print(table("2a. Activation work measured (peak above what was allocated before; full width)",
+                ["measurement", "depth/layers", "work GB", "RSS peak - before GB", "weights GB", "s"],
+                rows))  # fmt: skip
     for check in results["checks"]:
         print(f"- {check}")
 
     acc = results["full_size"]
-    print("\n## 2b. Full-size weights (bfloat16; quantized per sd35m_mlx.quantize's plan, group size "
-          f"{meta['group_size']}), GB\n")  # fmt: skip
-    print("| component | bf16 | 8 bit | 4 bit | adaLN + conditioning embedders (bf16 / 8 / 4 bit) |")
-    print("|---|---|---|---|---|")
     tr, t5 = acc["transformer"], acc["t5"]
-    print(f"| MMDiT | {_gb(tr['bf16']['total'])} | {_gb(tr['q8']['total'])} | {_gb(tr['q4']['total'])} | "
-          f"{_gb(tr['bf16']['modulation_weights'])} / {_gb(tr['q8']['modulation_weights'])} / "
-          f"{_gb(tr['q4']['modulation_weights'])} |")  # fmt: skip
-    print(f"| T5-XXL | {_gb(t5['bf16']['total'])} | {_gb(t5['q8']['total'])} | {_gb(t5['q4']['total'])} | |")
-    print(f"| CLIP-L + CLIP-G | {_gb(acc['clip_l'] + acc['clip_g'])} | | | |")
-    print(f"| VAE | {_gb(acc['vae'])} | | | |")
-    print(f"\nadaLN modulations for {meta['steps']} steps at batch 2: {_gb(acc['modulations'])} GB; "
+    adaln = " / ".join(_gb(tr[v]["modulation_weights"]) for v in ("bf16", "q8", "q4"))
+    rows = [["MMDiT", *(_gb(tr[v]["total"]) for v in ("bf16", "q8", "q4")), adaln],
+            ["T5-XXL", *(_gb(t5[v]["total"]) for v in ("bf16", "q8", "q4")), ""],
+            ["CLIP-L + CLIP-G", _gb(acc["clip_l"] + acc["clip_g"]), "", "", ""],
+            ["VAE", _gb(acc["vae"]), "", "", ""]]  # fmt: skip
+    print(table(f"2b. Full-size weights (bfloat16; quantized per sd35m_mlx.quantize's plan, group size "
+                f"{meta['group_size']}), GB", ["component", "bf16", "8 bit", "4 bit",
+                "adaLN + conditioning embedders (bf16 / 8 / 4 bit)"], rows))  # fmt: skip
+    print(f"adaLN modulations for {meta['steps']} steps at batch 2: {_gb(acc['modulations'])} GB; "
           f"prompt embeddings, latents and other inputs: {_gb(acc['inputs'])} GB")  # fmt: skip
 
-    print(f"\n## 2c. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, "
-          f"{meta['ctx_len']} tokens (derived: resident + inputs + measured work), GB\n")  # fmt: skip
-    print("| configuration | stage | resident weights | what | + inputs, modulations | + work (Metal) | "
-          "peak, Metal | peak, this CPU |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["stages"]:
-        print(f"| {r['config']} | {r['stage']} | {_gb(r['resident'])} | {r['resident_what']} | {_gb(r['extra'])} | "
-              f"{_gb(r['work_metal'])} | {_gb(r['peak_metal'])} | {_gb(r['peak_cpu'])} |")  # fmt: skip
+    rows = [[r["config"], r["stage"], _gb(r["resident"]), r["resident_what"], _gb(r["extra"]), _gb(r["work_metal"]),
+             _gb(r["peak_metal"]), _gb(r["peak_cpu"])] for r in results["stages"]]  # fmt: skip
+    print(table(f"2c. Peak per stage, full SD3.5 Medium, {meta['size']}x{meta['size']}, batch 2, {meta['ctx_len']} "
+                "tokens (derived: resident + inputs + measured work), GB", ["configuration", "stage",
+                "resident weights", "what", "+ inputs, modulations", "+ work (Metal)", "peak, Metal",
+                "peak, this CPU"], rows))  # fmt: skip
     print("\nPeak of each configuration (max over stages):\n")
     for name, v in results["config_peaks"].items():
         print(f"- {name}: Metal {_gb(v['metal'])} GB, this CPU {_gb(v['cpu'])} GB")
-
     print("\n## 3. Verdict\n")
     for line in results["verdict"]:
         print(f"- {line}")
@@ -418,20 +381,6 @@ def checks_and_verdict(results: dict, measured: dict[str, dict | None], args) ->
             f"{_gb(b_staged['metal'])} GB in stage '{worst['stage']}' "
             f"({_gb(worst['resident'])} GB weights: {worst['resident_what']})."
         )
-        steady = [r for r in results["stages"] if r["config"] == "(b) T5 4 bit + MMDiT 8 bit, staged"
-                  and r["stage"] != "text, first image"]  # fmt: skip
-        steady_peak = max(r["peak_metal"] or 0 for r in steady)
-        under = "under" if steady_peak < TARGET_GB * GB else "over"
-        verdict.append(f"Steady state (first image's text stage aside): {_gb(steady_peak)} GB ({under} the target).")
-        first = [r for r in results["stages"] if r["stage"] == "text, first image" and "not staged" not in r["config"]]
-        if first:
-            q = results["full_size"]["transformer"]["q8"]["quantized_layers"]
-            verdict.append(
-                f"First image: from_pretrained(quantize=8, t5_quantize=4) evaluates the MMDiT's quantized layers "
-                f"({_gb(q)} GB) at load, so they sit beside T5 and CLIP during the first text encoding "
-                f"({_gb(first[0]['peak_metal'])} GB). Deferring the transformer's load/quantization to its first "
-                f"use when low_memory is on removes them from that stage."
-            )
         if b_staged["cpu"] is not None:
             verdict.append(f"On this CPU backend (attention scores materialised): {_gb(b_staged['cpu'])} GB.")
     tr = results["full_size"]["transformer"]
@@ -442,18 +391,16 @@ def checks_and_verdict(results: dict, measured: dict[str, dict | None], args) ->
     )
     load = results["load"]
     for file_kind, label in (("f32", "float32 files"), ("real", "files as published (bf16 MMDiT, fp16 T5)")):
-        for modes, how in ((("first use", "mx.eval"), "as sd35m_mlx loads today"), (("per tensor",), "per tensor")):
-            rows = [r for r in load if r["evaluate"] in modes]
-            rows = [r for r in rows if (r["file"] == "f32") == (file_kind == "f32")]
-            if not rows:
-                continue
-            worst = max(rows, key=lambda r: r["full_size_ratio"])
-            status = "holds" if worst["full_size_ratio"] <= LOAD_TARGET else "MISSED"
-            verdict.append(
-                f"Streaming load <= {LOAD_TARGET}x, {label}, {how}: {status}; worst full-size peak/loaded "
-                f"{worst['full_size_ratio']:.2f} ({worst['component']} -> {worst['variant']}, rest evaluated by "
-                f"'{worst['evaluate']}', excess {_gb(worst['full_size_excess'])} GB)."
-            )
+        rows = [r for r in load if (r["file"] == "f32") == (file_kind == "f32")]
+        if not rows:
+            continue
+        worst = max(rows, key=lambda r: r["full_size_ratio"])
+        status = "holds" if worst["full_size_ratio"] <= LOAD_TARGET else "MISSED"
+        verdict.append(
+            f"Streaming load <= {LOAD_TARGET}x, {label}: {status}; worst full-size peak/loaded "
+            f"{worst['full_size_ratio']:.2f} ({worst['component']} -> {worst['variant']}, rest evaluated by "
+            f"'{worst['evaluate']}', excess {_gb(worst['full_size_excess'])} GB)."
+        )
     return checks, verdict
 
 
@@ -462,9 +409,7 @@ def derive_results(measured: dict[str, dict | None], args, meta: dict) -> dict:
     peaks per configuration, load ratios, checks and verdict."""
     acc = full_size_accounting(args.group_size, args.steps, ctx_len=CLIP_TOKENS + args.t5_tokens, size=args.size)
     acts = activations(measured, args)
-    # since the lazy-transformer fix, from_pretrained(low_memory=True) reads no transformer weight
-    p = measured.get("pipeline load q8 t5q4 staged")
-    stages = derive(acc, acts, args, transformer_at_load=bool(p and p["quantized_layer_bytes"].get("transformer")))
+    stages = derive(acc, acts, args)  # from_pretrained(low_memory=True) reads no transformer weight
     config_peaks = {}
     for c in CONFIGS:
         rows = [r for r in stages if r["config"] == c.name]

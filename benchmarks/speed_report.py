@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from benchmarks.measure import table
+
 KINDS = ("linear", "attention", "norm", "elementwise")
 
 
@@ -11,13 +13,6 @@ def _f(v, fmt: str = ".3g") -> str:
 
 def _pct(part, whole) -> str:
     return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
-
-
-def table(title: str, headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
-    return "\n".join([f"\n## {title}", line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
 def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
@@ -117,24 +112,6 @@ def _transformer_tables(meta: dict, rs: list[dict]) -> list[str]:
                 rows,
             )
         )
-        if "what_if_24_blocks" in r:
-            rows = [
-                [w["candidate"], _f(w["base_s"] * 1e3, ".4g"), _f(w.get("alt_s") and w["alt_s"] * 1e3, ".4g"),
-                 w.get("per_step", "-"), _f(w.get("saving_s"))]
-                for w in r["what_if_24_blocks"]
-            ]  # fmt: skip
-            out.append(
-                table(
-                    f"What-if at {r['size']}px (image stream; saving per 24-block step)",
-                    ["candidate", "as run ms", "alternative ms", "x per step", "saving s"],
-                    rows,
-                )
-            )
-            a = r["attention_parts"]
-            out.append(
-                f"joint attention at {r['size']}px: fused kernel {_f(a['sdpa_s'])} s; "
-                f"unfused QK^T {_f(a['qk_matmul_s'])} s + softmax {_f(a['softmax_s'])} s + PV {_f(a['pv_matmul_s'])} s"
-            )
     return out
 
 

@@ -127,7 +127,7 @@ def generate_seeds(reporter, pipe, job, params, ranks):
         images = gather_images(ranks, image, (s.width, s.height), len(round_), "collecting images")
         if ranks.primary:
             for j, img in zip(round_, images, strict=True):
-                written.append(job_phases.write(reporter, job, img, j, params["overwrite"], taken))
+                written.append(job_phases.write(reporter, job, img, j, params["overwrite"], taken, params["quality"]))
     return written
 
 
@@ -145,5 +145,5 @@ def generate_split_cfg(reporter, pipe, job, params, ranks):
         overrides = {} if ranks.primary else {"output_type": "latent"}
         image = job_phases.make_image(pipe, job, params, reporter, i, label=label, **overrides)
         if ranks.primary:
-            written.append(job_phases.write(reporter, job, image, i, params["overwrite"], taken))
+            written.append(job_phases.write(reporter, job, image, i, params["overwrite"], taken, params["quality"]))
     return written

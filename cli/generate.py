@@ -86,7 +86,7 @@ def run(ctx: click.Context, reporter: Reporter, params: dict) -> None:
     taken: set[Path] = set()
     for i in range(len(job.seeds)):
         image = make_image(pipe, job, params, reporter, i)
-        written.append(write(reporter, job, image, i, params["overwrite"], taken))
+        written.append(write(reporter, job, image, i, params["overwrite"], taken, params["quality"]))
 
     # 4. Summary
     reporter.summary(written, peak_memory())

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from PIL import Image
 
 import sd35m_mlx
-from sd35m_mlx.record import plan_seeds, png_info, size_for_image
+from sd35m_mlx.record import QUALITY, plan_seeds, settings_save_options, size_for_image
 
 from . import editing, live, lora
 from . import model as model_io
@@ -22,7 +22,7 @@ from .errors import UsageError, one_line
 from .family import apply_family_defaults
 from .metadata import read_settings_noting
 from .options import RESTORABLE
-from .output import check_writable, plan_paths, write_png
+from .output import check_writable, image_format, plan_paths, write_image
 from .progress import Reporter
 from .settings import Settings, check, fit_to_model
 from .upscale import second_model_loader, two_pass
@@ -44,6 +44,7 @@ class Job:
     folder: str
     explicit: set[str]  # steps / cfg / slg the user chose (or the PNG stored): no per-model default for them
     second_model: Callable | None = None  # --upscale-model's loader (cli/upscale.py)
+    size_from: dict[str, str] = dataclasses.field(default_factory=dict)  # side -> the picture that set it
     tag_files: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # PROMPT's <lora:> tags (cli/lora.py)
 
 
@@ -52,7 +53,7 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True, chosen: froze
     `chosen`: parameters given other than on the command line (a --prompts-file line's options)."""
     restored = bool(params.get("from_image"))  # a PNG's stored settings are complete: no per-model defaults
     explicit = {n for n in ("steps", "cfg", "slg") if restored or given(ctx, n) or n in chosen}
-    settings, seeds, notes = build_settings(ctx, params)
+    settings, seeds, notes, size_from = build_settings(ctx, params)
     lora_tags, tag_files = lora.resolve_tags(settings.prompt, settings.negative_prompt, params.pop("lora_dir", None))
     settings = dataclasses.replace(settings, lora_tags=lora_tags)
     edit = editing.prepare(editing.inputs(settings), given(ctx, "strength"))  # read and checked (also restored)
@@ -65,7 +66,7 @@ def plan(ctx: click.Context, params: dict, *, writer: bool = True, chosen: froze
             check_writable(folder)
     preview = live.check(params, lambda name: given(ctx, name)) if writer else None
     folder = model_io.resolve_model(settings.model, revision=params["revision"], load_t5=settings.t5)
-    job = Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit)
+    job = Job(settings, seeds, paths, notes + edit.notes, edit, preview, folder, explicit, size_from=size_from)
     job.tag_files = tag_files
     return job
 
@@ -96,7 +97,7 @@ def load(job: Job, params: dict, reporter: Reporter, pipe=None):
     notes += [defaults] if defaults else []
     limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
     if limits is not None:
-        s, fitted = fit_to_model(s, limits)
+        s, fitted = fit_to_model(s, limits, job.size_from)  # every size the run reaches, before the first step
         notes += fitted
     for note in notes:
         reporter.say(note)
@@ -120,10 +121,13 @@ def make_image(pipe, job: Job, params: dict, reporter: Reporter, i: int, *, labe
     return images if overrides.get("output_type") == "latent" else job.edit.finish(images)[0]
 
 
-def write(reporter: Reporter, job: Job, image, i: int, overwrite: bool, taken: set[Path]) -> tuple[Path, int]:
-    """Write image i (never over another file unless --overwrite); (path written, seed)."""
+def write(
+    reporter: Reporter, job: Job, image, i: int, overwrite: bool, taken: set[Path], quality: int = QUALITY
+) -> tuple[Path, int]:
+    """Write image i (never over another file unless --overwrite) in its path's format; (path written, seed)."""
     s, path = dataclasses.replace(job.settings, seed=job.seeds[i]), job.paths[i]
-    final = write_png(image, path, png_info(s, VERSION), overwrite=overwrite, taken=taken)
+    options = settings_save_options(s, VERSION, image_format(path), quality)
+    final = write_image(image, path, options, overwrite=overwrite, taken=taken)
     if final != path:
         reporter.say(f"[{i + 1}/{len(job.seeds)}] {path} exists; wrote {final} instead (--overwrite replaces)")
     reporter.result(final)
@@ -159,8 +163,9 @@ def image_size(path: str, option: str = "--image") -> tuple[int, int]:
         raise UsageError(f"{option} {path}: cannot read it as an image ({one_line(e)})") from None
 
 
-def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str]]:
-    """The checked settings, one seed per image, and notes to print once every check has passed."""
+def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int], list[str], dict[str, str]]:
+    """The checked settings, one seed per image, notes to print once every check has passed, and the sides
+    the user did not give, with the picture that set them ("width" -> "--image photo.png")."""
     extra, invalid = {}, {}
     from_image = params.pop("from_image")
     if from_image:
@@ -180,8 +185,12 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
     width, height = params["width"], params["height"]
     source = editing.size_source(params)  # --image (extended by --outpaint), else the first --control-image
+    size_from = {}
     if source is not None:
-        w, h = editing.canvas_size(params, *image_size(source[1], source[0]))
+        picture = image_size(source[1], source[0])
+        w, h = editing.canvas_size(params, *picture)
+        extended = " extended by --outpaint" if (w, h) != picture else ""
+        size_from = {side: f"{source[0]} {source[1]}{extended}" for side in ("width", "height") if not params[side]}
         width, height = size_for_image(w, h, width, height)
         if not (given(ctx, "width") and given(ctx, "height")) and (width, height) != (w, h):
             notes.append(f"{source[0]} is {w}x{h}; generating at {width}x{height} (--width/--height choose)")
@@ -223,4 +232,4 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     warnings = check(settings)
     for seed in seeds:
         check(dataclasses.replace(settings, seed=seed))
-    return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings]
+    return settings, seeds, notes + lora_notes + [f"Warning: {w}" for w in warnings], size_from

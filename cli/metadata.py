@@ -15,7 +15,8 @@ from pathlib import Path
 from PIL import Image
 
 from sd35m_mlx.defaults import PROMPT_SYNTAXES
-from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, strip_tags
+from sd35m_mlx.prompts.infotext import KeyValueLine
+from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, stored_text, strip_tags
 from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
 from sd35m_mlx.sampling.noise import RNG_SOURCES
 from sd35m_mlx.sampling.schedulers import SCHEDULERS
@@ -27,76 +28,6 @@ from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS
 # Our own chunks are a few KB (prompts are capped at 10,000 characters); A1111's rarely pass 10 KB.
 MAX_FIELD_CHARS = 64 * 1024
 MAX_PATH_CHARS = 4096
-
-
-class KeyValueLine:
-    """The items of A1111's `Key: value, Key: "quoted, value"` line, read left to right in one pass.
-
-    A1111's own regex backtracks quadratically on long lines without that shape (80,000 characters took
-    33 s). Here every character is examined at most twice; `steps` counts the examinations (tests pin it
-    linear). A quoted value is a JSON string; an unterminated one takes the rest of the line.
-    """
-
-    def __init__(self, line: str):
-        self.line = line
-        self.steps = 0
-        self.items: list[tuple[str, str]] = []
-        self._parse()
-
-    def _until(self, i: int, stops: str) -> int:
-        """The first index at or after i holding one of `stops`, or len(line)."""
-        line, n = self.line, len(self.line)
-        while i < n and line[i] not in stops:
-            i += 1
-            self.steps += 1
-        return i
-
-    def _spaces(self, i: int) -> int:
-        line, n = self.line, len(self.line)
-        while i < n and line[i] in " \t":
-            i += 1
-            self.steps += 1
-        return i
-
-    def _closing_quote(self, i: int) -> int:
-        """The index of the quote closing a string opened at i, or len(line)."""
-        line, n = self.line, len(self.line)
-        i += 1
-        while i < n and line[i] != '"':
-            i += 2 if line[i] == "\\" else 1
-            self.steps += 1
-        return min(i, n)
-
-    def _parse(self) -> None:
-        line, n, i = self.line, len(self.line), 0
-        while i < n:
-            colon = self._until(i, ",:")
-            if colon == n:
-                return
-            if line[colon] == ",":  # an item without a key
-                i = colon + 1
-                continue
-            key = line[i:colon].strip()
-            start = self._spaces(colon + 1)
-            value = None
-            if start < n and line[start] == '"':
-                close = self._closing_quote(start)
-                if close == n:  # unterminated: the rest of the line
-                    self.items.append((key, line[start:].strip()))
-                    return
-                after = self._spaces(close + 1)
-                if after == n or line[after] == ",":
-                    try:
-                        value = json.loads(line[start : close + 1])
-                    except ValueError:
-                        value = line[start + 1 : close]
-                    end = after
-                else:  # text after the closing quote: a plain value up to the next comma
-                    end = self._until(after, ",")
-            else:
-                end = self._until(start, ",")
-            self.items.append((key, (line[start:end] if value is None else value).strip()))
-            i = end + 1
 
 
 def parse_parameters(text: str) -> dict:
@@ -295,7 +226,7 @@ def read_settings_noting(path: str | Path) -> tuple[dict, dict[str, str]]:
     """read_settings, and why each stored value that was invalid was left out (field -> message)."""
     try:
         with Image.open(path) as im:
-            text = dict(getattr(im, "text", {}) or {})
+            text = stored_text(im)  # PNG text chunks, or a JPEG's / WebP's EXIF
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError) as e:
         raise UsageError(f"--from-image: cannot read {path}: {e}") from None
     for key in (JSON_KEY, PARAMETERS_KEY):

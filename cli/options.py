@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from sd35m_mlx.defaults import PROMPT_SYNTAXES
+from sd35m_mlx.record import QUALITY
 from sd35m_mlx.sampling.noise import RNG_SOURCES
 from sd35m_mlx.sampling.schedulers import SCHEDULERS
 
@@ -65,8 +66,13 @@ def option_with_default_in_help(*decls, **kwargs):
     return click.option(*decls, show_default=False, **kwargs)
 
 
+def join_words(ctx: click.Context, param: click.Parameter, words: tuple[str, ...]) -> str | None:
+    """`sd35m-mlx a cat` is the prompt "a cat", as mflux and A1111 users type it (quoting is not needed)."""
+    return " ".join(words) if words else None
+
+
 OPTIONS = [
-    click.argument("prompt", required=False),
+    click.argument("prompt", nargs=-1, callback=join_words),
     click.option(
         "--model",
         default=DEFAULT_MODEL,
@@ -240,8 +246,16 @@ OPTIONS = [
         "-o",
         "--output",
         default=DEFAULT_TEMPLATE,
-        help="Output PNG: a path, a folder, or a template with {seed} and {index} (1-based). "
-        "Several images and no placeholder: name-1.png, name-2.png, ...",
+        help="Output image: a path, a folder, or a template with {seed} and {index} (1-based). "
+        "Several images and no placeholder: name-1.png, name-2.png, ... A .jpg/.jpeg or .webp name writes "
+        "that format, its settings in EXIF as A1111 writes them (--from-image reads them back).",
+    ),
+    click.option(
+        "--quality",
+        type=click.IntRange(1, 100),
+        default=QUALITY,
+        show_default=True,
+        help="JPEG / WebP quality (PNG is lossless and ignores it).",
     ),
     click.option(
         "--overwrite",

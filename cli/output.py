@@ -1,4 +1,4 @@
-"""Output file names (templates, next free name) and atomic PNG writes."""
+"""Output file names (templates, next free name) and atomic image writes (PNG, JPEG, WebP)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+
+from sd35m_mlx.record import IMAGE_FORMATS
 
 from .errors import UsageError
 
@@ -34,8 +35,8 @@ def plan_paths(template: str, seeds: list[int]) -> list[Path]:
     path = Path(template)
     if not path.suffix:
         path = path.with_name(path.name + ".png")
-    elif path.suffix.lower() != ".png":
-        raise UsageError(f"--output must be a .png file (settings live in PNG text chunks), got {path.name}")
+    elif path.suffix.lower() not in IMAGE_FORMATS:
+        raise UsageError(f"--output must be a .png, .jpg, .jpeg or .webp file, got {path.name}")
     if len(seeds) > 1 and not used:
         path = path.with_name(f"{path.stem}-{{index}}{path.suffix}")
     paths = [Path(str(path).format(seed=s, index=i + 1)) for i, s in enumerate(seeds)]
@@ -72,8 +73,14 @@ def candidates(path: Path):
         k += 1
 
 
-def write_png(image: Image.Image, path: Path, info: PngInfo, *, overwrite: bool, taken: set[Path]) -> Path:
-    """Write atomically (temp file in the same folder, then a rename) and return the path written.
+def image_format(path: Path) -> str:
+    """PIL's format name for an output path ("PNG", "JPEG", "WEBP"); plan_paths accepts only these."""
+    return IMAGE_FORMATS[path.suffix.lower()]
+
+
+def write_image(image: Image.Image, path: Path, options: dict, *, overwrite: bool, taken: set[Path]) -> Path:
+    """Write atomically (temp file in the same folder, then a rename) and return the path written; `options`
+    are Image.save's (format, metadata, quality: sd35m_mlx.record.save_options).
 
     Never replaces an existing file unless `overwrite`, and never one this run wrote (`taken`); a
     hard link claims the name, so a file that appears meanwhile is not clobbered either.
@@ -82,7 +89,7 @@ def write_png(image: Image.Image, path: Path, info: PngInfo, *, overwrite: bool,
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the image private to this user
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            image.save(f, **options)
             f.flush()
             os.fsync(f.fileno())
         for target in candidates(path):

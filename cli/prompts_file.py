@@ -122,5 +122,5 @@ def run(ctx: click.Context, reporter: Reporter, params: dict, path: str) -> None
         pipe = job_phases.load(job, params, reporter, pipe)
         for i in range(len(job.seeds)):
             image = job_phases.make_image(pipe, job, params, reporter, i, label=f"[prompt {n}/{len(jobs)}]")
-            written.append(job_phases.write(reporter, job, image, i, params["overwrite"], taken))
+            written.append(job_phases.write(reporter, job, image, i, params["overwrite"], taken, params["quality"]))
     reporter.summary(written, peak_memory())

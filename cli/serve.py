@@ -80,10 +80,16 @@ def public_name(model: str) -> str:
     default=30.0,
     help="Seconds a request's headers and body may take to arrive; slower connections are closed.",
 )
+@click.option(
+    "--signed-urls",
+    is_flag=True,
+    help='With --api-key: response_format="url" URLs carry an expiring signature (?exp=...&sig=...) and open '
+    "without the key (a chat UI's <img src> shows them).  [default: off]",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
     host, port, lora_dir, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts, cors_origins,
-    read_timeout, verbose, **params,
+    read_timeout, signed_urls, verbose, **params,
 ) -> None:  # fmt: skip
     """Keep the model loaded and serve it over HTTP: OpenAI's Images API (/v1/images/generations,
     /v1/images/edits), AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress, interrupt) and a web
@@ -110,6 +116,8 @@ def serve(
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UsageError(f"--output-dir {output_dir} is not a folder")
 
+    if signed_urls and not api_key:
+        raise UsageError("--signed-urls needs --api-key (without a key every URL opens as it is)")
     for origin in cors_origins:
         if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
             raise UsageError(
@@ -149,6 +157,7 @@ def serve(
         allowed_hosts=tuple(allowed_hosts),
         cors_origins=tuple(cors_origins),
         read_timeout=read_timeout,
+        signed_urls=signed_urls,
         lora_dir=lora_dir,
     )
     run_server(pipe, host=host, port=port, config=config, verbose=verbose, sock=sock,

@@ -72,11 +72,13 @@ OPTION_NAMES = {
 }
 
 
-def check(s: Settings, limits=None) -> list[str]:
+def check(s: Settings, limits=None, size_from: dict[str, str] | None = None) -> list[str]:
     """Raise UsageError for settings the model cannot run; return warnings for ones it was not trained on.
 
     The rules are generate()'s own (sd35m_mlx.validation), plus this CLI's size range; `limits` (the
-    loaded model's `pipe.limits`) adds the checks that depend on the model.
+    loaded model's `pipe.limits`) adds the checks that depend on the model, the second pass's size
+    included, so a run that cannot finish stops before its first step. `size_from` names where a side
+    came from when the user did not give it ("width" -> "--image photo.png"), for the messages.
     """
     from sd35m_mlx.validation import InvalidInput, validate_generation  # numpy: not for --help
 
@@ -84,10 +86,13 @@ def check(s: Settings, limits=None) -> list[str]:
     check_side("height", s.height)
     if s.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {s.dtype!r}; choose one of {', '.join(DTYPES)}")
+    size_from = size_from or {}
+    names = OPTION_NAMES | {side: f"the {side} of {src}" for side, src in size_from.items()}
     try:
-        validate_generation(limits, names=OPTION_NAMES, prompt=s.encoder_prompt, **s.generate_kwargs())
+        validate_generation(limits, names=names, prompt=s.encoder_prompt, **s.generate_kwargs())
     except (InvalidInput, ValueError) as e:  # ValueError: PROMPT's <lora:...> tags (sd35m_mlx.prompts.syntax)
-        raise UsageError(str(e)) from None
+        resize = "; pass --width/--height to resize" if any(names[side] in str(e) for side in size_from) else ""
+        raise UsageError(f"{e}{resize}") from None
     if s.upscale is not None:
         if not 1 <= s.upscale <= 4:
             raise UsageError(f"--upscale must be between 1 and 4, got {s.upscale}")
@@ -95,8 +100,15 @@ def check(s: Settings, limits=None) -> list[str]:
             raise UsageError(f"--upscale-strength must be in (0, 1], got {s.upscale_strength}")
         if s.upscale_steps is not None and s.upscale_steps < 1:
             raise UsageError(f"--upscale-steps must be at least 1, got {s.upscale_steps}")
-        if max(s.upscale_size) > MAX_SIDE:
-            raise UsageError(f"--upscale {s.upscale} makes {s.upscale_size[0]}x{s.upscale_size[1]}, over {MAX_SIDE} px")
+        w, h = s.upscale_size
+        if max(w, h) > MAX_SIDE:
+            raise UsageError(f"--upscale {s.upscale} makes {w}x{h}, over {MAX_SIDE} px")
+        if limits is not None and s.upscale_model is None and max(w, h) > limits.max_side:
+            # the second pass's model is this one: its limit is known now, before the first pass
+            raise UsageError(
+                f"--upscale {s.upscale} makes {w}x{h}, over this model's {limits.max_side} px; "
+                f"choose a smaller --upscale or --width/--height"
+            )
     warnings = []
     megapixels = s.width * s.height / 2**20
     if not TRAINED_MP[0] <= megapixels <= TRAINED_MP[1]:
@@ -107,8 +119,9 @@ def check(s: Settings, limits=None) -> list[str]:
     return warnings
 
 
-def fit_to_model(s: Settings, limits) -> tuple[Settings, list[str]]:
-    """The settings for the loaded model, checked against it, and notes to print.
+def fit_to_model(s: Settings, limits, size_from: dict[str, str] | None = None) -> tuple[Settings, list[str]]:
+    """The settings for the loaded model, checked against it (`check`, every size the run reaches), and notes
+    to print.
 
     The default SLG layers (the model card's 7, 8, 9) apply only where the model has those blocks: the
     missing ones are dropped, with a note. Other layers (restored from a PNG) must exist.
@@ -122,5 +135,5 @@ def fit_to_model(s: Settings, limits) -> tuple[Settings, list[str]]:
             f"Note: this model has {limits.num_layers} transformer blocks; the default SLG layer(s) {missing} "
             f"are not among them, so {then}"
         )
-    check(fitted, limits)
+    check(fitted, limits, size_from)
     return fitted, notes

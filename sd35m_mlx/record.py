@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import defaults as D
@@ -237,9 +238,63 @@ def editing_items(s: Settings) -> dict:
 def png_info(s: Settings, version: str) -> PngInfo:
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters_text(s, version))  # PIL switches to iTXt for non-Latin-1 text
-    # allow_nan=False: strict JSON readers reject NaN / Infinity (settings are validated before this anyway)
-    info.add_text(JSON_KEY, json.dumps({**s.to_json(), "version": version}, ensure_ascii=True, allow_nan=False))
+    info.add_text(JSON_KEY, json_text(s, version))
     return info
+
+
+def json_text(s: Settings, version: str) -> str:
+    # allow_nan=False: strict JSON readers reject NaN / Infinity (settings are validated before this anyway)
+    return json.dumps({**s.to_json(), "version": version}, ensure_ascii=True, allow_nan=False)
+
+
+# -- JPEG and WebP: no text chunks, so the settings go in EXIF, where A1111 puts them -------------------
+# A1111 (modules/images.py, save_image_with_geninfo) writes the `parameters` text as the Exif UserComment,
+# "UNICODE\0" + UTF-16 big-endian (piexif's "unicode" encoding), and reads it back from there. Our JSON
+# goes in the Exif MakerNote, the field EXIF leaves to the maker's own data: viewers do not show it as a
+# caption, and it needs no XMP packet.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+QUALITY = 95  # JPEG / WebP quality unless told otherwise (A1111's default is 80; 95 keeps the detail)
+_EXIF_IFD, _USER_COMMENT, _MAKER_NOTE = 0x8769, 0x9286, 0x927C
+_MAKER_PREFIX = JSON_KEY.encode() + b"\0"  # what tells our MakerNote from a camera's
+
+
+def save_options(fmt: str, parameters: str, json_data: str, quality: int = QUALITY) -> dict:
+    """PIL `Image.save` keyword arguments writing `fmt` ("PNG", "JPEG", "WEBP") with the settings in it."""
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_text(PARAMETERS_KEY, parameters)
+        info.add_text(JSON_KEY, json_data)
+        return {"format": "PNG", "pnginfo": info}
+    exif = Image.Exif()
+    ifd = exif.get_ifd(_EXIF_IFD)
+    ifd[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    ifd[_MAKER_NOTE] = _MAKER_PREFIX + json_data.encode("ascii")
+    return {"format": fmt, "exif": exif, "quality": quality}
+
+
+def settings_save_options(s: Settings, version: str, fmt: str = "PNG", quality: int = QUALITY) -> dict:
+    return save_options(fmt, parameters_text(s, version), json_text(s, version), quality)
+
+
+def stored_text(im: Image.Image) -> dict[str, str]:
+    """The settings an image carries, by key (PARAMETERS_KEY, JSON_KEY): PNG text chunks, or EXIF as
+    save_options (and A1111) write it."""
+    text = dict(getattr(im, "text", {}) or {})
+    if text or im.format == "PNG":
+        return text
+    ifd = im.getexif().get_ifd(_EXIF_IFD)
+    comment, note = ifd.get(_USER_COMMENT), ifd.get(_MAKER_NOTE)
+    if isinstance(comment, bytes):
+        head, body = comment[:8], comment[8:]
+        codec = "utf-16-le" if body[:2] == b"\xff\xfe" or (body[1:2] == b"\0" and body[:1] != b"\0") else "utf-16-be"
+        codec = codec if head == b"UNICODE\0" else "latin-1"
+        text[PARAMETERS_KEY] = body.decode(codec, "replace").lstrip("\ufeff").rstrip("\0")
+    elif isinstance(comment, str):
+        text[PARAMETERS_KEY] = comment
+    if isinstance(note, bytes) and note.startswith(_MAKER_PREFIX):
+        text[JSON_KEY] = note[len(_MAKER_PREFIX) :].decode("ascii", "replace")
+    return text
 
 
 # -- LoRAs in the A1111 text: `<lora:name:scale>` tags on the prompt line and a `Lora hashes` item ----

@@ -40,7 +40,6 @@ def test_bench_speed_sections_run_and_agree_with_diffusers(tiny_pipeline, args, 
     assert r["kernels"]["sum_s"] > 0 and r["efficiency"] > 0 and r["efficiency_24"] > 0
     assert set(r["kernels"]["by_kind_s"]) == {"linear", "attention", "norm", "elementwise"}
     assert r["diffusers"]["by_kind_s"].get("linear", 0) > 0
-    assert len(r["what_if_24_blocks"]) == 4 and r["attention_parts"]["softmax_s"] > 0
 
     results = {"meta": bench_speed._meta(args, torch_side.process_info("cpu")), "transformer": steps}
     results |= {"text": text, "vae": vae}

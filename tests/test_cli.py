@@ -284,7 +284,7 @@ def test_img2img_size_rules():
         (["--image", "notes.txt"], "--image notes.txt: cannot read it as an image"),
         (["-o", "nowhere/x.png"], "output folder nowhere does not exist"),
         (["-o", "notes.txt/x.png"], "output folder notes.txt is not a folder"),
-        (["-o", "x.jpg"], "--output must be a .png file"),
+        (["-o", "x.gif"], "--output must be a .png, .jpg, .jpeg or .webp file"),
         (["-o", "x-{size}.png"], "--output: unknown placeholder {size}"),
         (["--max-sequence-length", "600"], "--max-sequence-length must be between 1 and 512"),
         (["--model", "no/such/folder"], "--model no/such/folder: no such folder"),
@@ -360,6 +360,18 @@ def test_a_prompt_starting_with_a_command_like_word_is_still_a_prompt(fake):
     assert [c["prompt"] for c in fake.calls] == ["convert my photo", "generate"]
 
 
+def test_unquoted_words_are_one_prompt_and_subcommands_still_dispatch(fake):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["a", "cat", "in", "a", "hat", "--model", "model", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["a", "--steps", "1", "cat", "--model", "model"])  # options between words
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(cli, ["serve me tea", "--model", "model", "--steps", "1"]).exit_code == 0  # quoted
+    assert [c["prompt"] for c in fake.calls] == ["a cat in a hat", "a cat", "serve me tea"]
+    result = runner.invoke(cli, ["doctor", "--help"])  # a bare command word still selects the command
+    assert result.exit_code == 0 and "doctor" in result.stdout.lower()
+
+
 def test_subcommands_can_join_without_taking_prompts(fake):
     from sd35m_mlx_cli.generate import generate
     from sd35m_mlx_cli.group import DefaultGroup
@@ -383,6 +395,44 @@ def test_cli_samplers_match_the_pipeline():
     from sd35m_mlx.sampling.samplers import SAMPLERS as PIPELINE_SAMPLERS
 
     assert SAMPLERS == PIPELINE_SAMPLERS
+
+
+@pytest.mark.parametrize("name,fmt", [("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.webp", "WEBP")])
+def test_jpeg_and_webp_carry_a1111_exif_and_read_back(fake, name, fmt):
+    result = invoke("a fox, at dusk: \u00e9t\u00e9", "--steps", "2", "--seed", "5", "-o", name, "--cfg", "3")
+    assert result.exit_code == 0, result.output
+    with Image.open(name) as im:
+        assert im.format == fmt
+        comment = im.getexif().get_ifd(0x8769)[0x9286]  # Exif UserComment, as A1111 writes it with piexif
+    assert comment.startswith(b"UNICODE\0")
+    text = comment[8:].decode("utf-16-be")
+    assert text.startswith("a fox, at dusk: \u00e9t\u00e9\nSteps: 2") and "CFG scale: 3" in text
+    assert no_leftovers()
+    result = invoke("--from-image", name, "-o", "again.png")  # our JSON (Exif MakerNote) restores everything
+    assert result.exit_code == 0, result.output
+    first, again = fake.calls
+    assert again == first
+
+
+def test_quality_changes_a_jpeg_and_the_settings_survive_without_our_json(fake, tmp_path):
+    from sd35m_mlx.record import JSON_KEY as KEY
+    from sd35m_mlx.record import stored_text
+
+    assert invoke("p", "--steps", "1", "--seed", "9", "-o", "lo.jpg", "--quality", "5").exit_code == 0
+    assert invoke("p", "--steps", "1", "--seed", "9", "-o", "hi.jpg").exit_code == 0  # 95
+    assert Path("lo.jpg").stat().st_size < Path("hi.jpg").stat().st_size
+    with Image.open("hi.jpg") as im:  # an A1111 JPEG: the UserComment alone
+        text = stored_text(im)
+        parameters = text["parameters"]
+        assert KEY in text
+        exif = im.getexif()
+        exif.get_ifd(0x8769).pop(0x927C)
+        im.convert("RGB").save("a1111.jpg", exif=exif)
+    with Image.open("a1111.jpg") as im:
+        assert stored_text(im) == {"parameters": parameters}
+    result = invoke("--from-image", "a1111.jpg", "-o", "from-text.png")
+    assert result.exit_code == 0, result.output
+    assert fake.calls[-1]["seed"] == 9 and fake.calls[-1]["num_inference_steps"] == 1
 
 
 def test_plan_paths_adds_png_suffix():

@@ -77,3 +77,31 @@ def test_empty_model_is_refused():
     result = CliRunner().invoke(cli, ["a cat", "--model", ""])
     assert result.exit_code == 2
     assert "--model is empty" in result.output and "Traceback" not in result.output
+
+
+def test_bench_skips_an_uncached_model_and_exits_0():
+    """conftest keeps the HF cache empty and offline: the real model is not there, so nothing is measured."""
+    result = CliRunner().invoke(cli, ["doctor", "--bench"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "stabilityai/stable-diffusion-3.5-medium is not in the Hugging Face cache; skipped" in result.output
+    assert "| chip |" not in result.output and "build:" not in result.output  # no self-test, no table
+
+
+def test_bench_table_row_on_tiny_random():
+    from sd35m_mlx.doctor import bench
+
+    args = ["doctor", "--bench", "--bench-model", "tiny-random", "--bench-size", "64"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    header, row = result.output.strip().splitlines()[-2:]
+    assert header == bench.HEADER and row.startswith("| ") and row.count("|") == header.count("|")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    steps, images, peaks = ([float(v) for v in cells[i].split(" / ")] for i in (3, 4, 5))
+    assert len(steps) == len(images) == len(peaks) == 3 and all(s > 0 for s in steps)  # tiny: peaks round to 0.0
+    timings = bench.bench("tiny-random", 64, say=lambda m: None)
+    assert all(t.peak_bytes > 0 and t.step_s > 0 and t.decode_s > 0 for t in timings.values())
+    # seconds per image = text encoders + 40 steps + decode, from the same measurement
+    t = bench.Timing(step_s=0.5, encode_s=2.0, decode_s=1.0, peak_bytes=int(3e9))
+    assert t.image_s() == 23.0
+    row = bench.table_row({"bf16": t, "q8": t, "q4": t}, memory=int(16e9), chip="Apple M4")
+    assert row.startswith("| Apple M4 | 16 GB | ") and "| 0.50 / 0.50 / 0.50 | 23 / 23 / 23 | 3.0 / 3.0 / 3.0 |" in row

@@ -261,7 +261,10 @@ def test_progress_during_a_run_and_interrupt(server, http):
     t.join(60)
     assert not t.is_alive()
     r = out["result"]
-    assert r.status_code == 200 and r.json()["images"] == []  # A1111: an interrupted job answers what it has
+    # A1111: an interrupted job answers the image as it stood (its current latents, decoded), not nothing
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    partial = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert partial.size == (64, 64) and np.asarray(partial).std() > 0  # decoded pixels, not a blank
     assert json.loads(r.json()["info"])["interrupted"] is True
     assert http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
@@ -283,6 +286,23 @@ def test_url_images_expire_after_an_hour_and_only_ours(server, http):
     r = http.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "steps": 1, "response_format": "url"})
     assert http.get(r.json()["data"][0]["url"]).status_code == 200
     assert not old.exists() and other.exists()
+
+
+@pytest.mark.parametrize("fmt,pil,media", [("jpeg", "JPEG", "image/jpeg"), ("webp", "WEBP", "image/webp")])
+def test_output_format_jpeg_and_webp_as_b64_and_url(server, http, fmt, pil, media):
+    from sd35m_mlx.record import stored_text
+
+    body = {"prompt": "p", "size": "64x64", "steps": 1, "seed": 3, "output_format": fmt}
+    r = http.post("/v1/images/generations", json=body)
+    assert r.status_code == 200 and r.json()["output_format"] == fmt
+    best = base64.b64decode(r.json()["data"][0]["b64_json"])
+    with Image.open(io.BytesIO(best)) as im:
+        assert im.format == pil and im.size == (64, 64)
+        assert "Seed: 3" in stored_text(im)["parameters"]  # the settings travel in EXIF
+    r = http.post("/v1/images/generations", json={**body, "output_compression": 10, "response_format": "url"})
+    image = http.get(r.json()["data"][0]["url"])
+    assert image.headers["content-type"] == media and r.json()["data"][0]["url"].endswith(f".{fmt}")
+    assert Image.open(io.BytesIO(image.content)).format == pil and len(image.content) < len(best)
 
 
 def test_queue_full_is_503_with_retry_after(pipe):
@@ -373,6 +393,8 @@ OPENAI_BAD = [
     ({"prompt": "p", "size": "64x64", "seed": -5}, 400, "seed", "seed must be between"),
     ({"prompt": "p", "size": "64x64", "guidance_scale": "nan"}, 400, "guidance_scale", "guidance scale"),
     ({"prompt": "p", "size": "64x64", "response_format": "gif"}, 400, "response_format", "b64_json"),
+    ({"prompt": "p", "size": "64x64", "output_format": "gif"}, 400, "output_format", "webp"),
+    ({"prompt": "p", "size": "64x64", "output_compression": 101}, 400, "output_compression", "100"),
     ({"size": "64x64"}, 400, "prompt", "prompt is required"),
     ({"prompt": "p", "size": "64x64", "stream": True}, 400, "stream", "streaming"),
     ({"prompt": "p" * 20_001, "size": "64x64"}, 400, "prompt", "too long"),

@@ -99,3 +99,51 @@ def test_a_slow_but_complete_request_is_served(server):
         assert http.post("/v1/images/generations", json=ONE_STEP).status_code == 200
         time.sleep(0.3)
         assert http.get("/health").status_code == 200
+
+
+def test_signed_image_urls_open_without_the_key_until_they_expire(pipe):
+    from urllib.parse import urlsplit
+
+    s = RunningServer(pipe, api_key="k", signed_urls=True)
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as http:
+            key = {"Authorization": "Bearer k"}
+            r = http.post("/v1/images/generations", json={**ONE_STEP, "response_format": "url"}, headers=key)
+            url = urlsplit(r.json()["data"][0]["url"])
+            assert "exp=" in url.query and "sig=" in url.query
+            r = http.get(f"{url.path}?{url.query}")  # no Authorization: what an <img src> sends
+            assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+            assert http.get(url.path).status_code == 401  # unsigned and no key: as before
+            tampered = url.query[:-1] + ("0" if url.query[-1] != "0" else "1")
+            assert http.get(f"{url.path}?{tampered}").status_code == 403
+            exp = int(url.query.split("exp=")[1].split("&")[0])
+            later = url.query.replace(f"exp={exp}", f"exp={exp + 10}")  # a longer life is a forgery
+            assert http.get(f"{url.path}?{later}").status_code == 403
+            other = url.path.replace(url.path[-36:-4], "0" * 32)  # the signature is for its own path only
+            assert http.get(f"{other}?{url.query}").status_code == 403
+        signer = s.app.state.server.signer
+        old = signer.query(url.path, lifetime_s=-1)  # already expired
+        assert not signer.valid(url.path, old) and signer.valid(url.path, signer.query(url.path, 60))
+    finally:
+        s.stop()
+
+
+def test_signed_urls_are_opt_in(pipe):
+    s = RunningServer(pipe, api_key="k")
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as http:
+            r = http.post("/v1/images/generations", json={**ONE_STEP, "response_format": "url"},
+                          headers={"Authorization": "Bearer k"})  # fmt: skip
+            assert "sig=" not in r.json()["data"][0]["url"] and s.app.state.server.signer is None
+    finally:
+        s.stop()
+
+
+def test_serve_refuses_signed_urls_without_a_key():
+    from click.testing import CliRunner
+
+    from sd35m_mlx_cli.main import cli
+
+    args = ["serve", "--signed-urls", "--model", "tiny-random"]
+    result = CliRunner().invoke(cli, args, env={"SD35M_MLX_API_KEY": ""})
+    assert result.exit_code == 2 and "--signed-urls needs --api-key" in result.output

@@ -201,8 +201,10 @@ def test_hub_id_loads_from_the_cache_and_offline_miss_says_what_to_do(our_taesd,
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # conftest already sets HF_HUB_OFFLINE
-    with pytest.raises(hub.ModelSourceError, match=r"madebyollin/taesd3 is not in the Hugging Face cache .*offline"):
+    miss = r"madebyollin/taesd3 is not in the Hugging Face cache .*offline"
+    with pytest.raises(hub.ModelSourceError, match=miss) as e:
         load_taesd(TAESD3_REPO)
+    assert "--taesd" in str(e.value) and "diffusers-layout" not in str(e.value)  # TAESD's way out, not a model's
 
     names = ("config.json", "diffusion_pytorch_model.safetensors")
     _lay_out_hub_cache(cache, TAESD3_REPO, {n: (taesd_folder / n).read_bytes() for n in names})

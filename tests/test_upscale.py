@@ -114,3 +114,36 @@ def test_cli_upscale_bad_values_are_one_line_errors(tmp_path, monkeypatch, args,
     (tmp_path / "model").mkdir()
     result = CliRunner().invoke(cli, ["p", "--model", "model", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_cli_upscale_beyond_the_model_fails_before_the_first_pass(tiny_pipeline, tmp_path, monkeypatch):
+    """The tiny fixture takes at most 384 px: 384 x 2 is refused once the model is loaded, before any step."""
+    import time
+
+    steps = []
+    real_generate = StableDiffusion35.generate
+
+    def generate(self, *args, **kwargs):
+        steps.append(1)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion35, "generate", generate)
+    monkeypatch.chdir(tmp_path)
+    args = ["p", "--model", str(tiny_pipeline), "--width", "384", "--height", "384", "--upscale", "2", "--steps", "1",
+            "--dtype", "float32"]  # fmt: skip
+    start = time.perf_counter()
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "--upscale 2.0 makes 768x768, over this model's 384 px" in result.stderr
+    assert steps == [] and time.perf_counter() - start < 10 and not list(tmp_path.iterdir())
+
+
+def test_cli_size_from_image_names_the_image_not_the_flags(tiny_pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (608, 800), "gray").save("photo.png")  # in the trained range: kept as it is, over 384
+    args = ["p", "--model", str(tiny_pipeline), "--image", "photo.png", "--steps", "1", "--dtype", "float32"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert "the height of --image photo.png must be at most 384" in message and "got 800" in message
+    assert message.endswith("pass --width/--height to resize") and "--height" not in message.split(";")[0]

@@ -32,6 +32,7 @@ _WEIGHT_NAMES = (
     "model-?????-of-?????.safetensors",
 )
 _TOKENIZER_FILES = ("*.json", "*.txt", "*.model")  # vocab/merges (CLIP), spiece.model + tokenizer.json (T5)
+LOCAL = "or pass a local diffusers-layout folder instead"  # a model's way out without the Hub
 # A path ending like this is a missing file, not a repo id.
 _FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".json")
 
@@ -84,28 +85,30 @@ def download_tokenizers(repo_id: str = DEFAULT_REPO, *, revision: str | None = N
     return _snapshot(repo_id, revision, ["model_index.json", *tokenizer_patterns()], load_t5=False)
 
 
-def download_component(repo_id: str, files: list[str], *, revision: str | None = None) -> Path:
+def download_component(repo_id: str, files: list[str], *, revision: str | None = None, local: str = LOCAL) -> Path:
     """The local snapshot folder of a single-component repo (such as madebyollin/taesd3), fetching only
-    `files` (glob patterns); the same one-line errors as `download`."""
-    return _snapshot(repo_id, revision, files, load_t5=False)
+    `files` (glob patterns); the same one-line errors as `download`, with `local` as the offline way out."""
+    return _snapshot(repo_id, revision, files, load_t5=False, local=local)
 
 
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str], *, load_t5: bool) -> Path:
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], *, load_t5: bool, local: str = LOCAL) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
-        message = explain(e, repo_id, revision, load_t5=load_t5)
+        message = explain(e, repo_id, revision, load_t5=load_t5, local=local)
         if message is None:
             raise
         raise ModelSourceError(message) from e
 
 
-def explain(error: BaseException, repo_id: str, revision: str | None, *, load_t5: bool = True) -> str | None:
+def explain(
+    error: BaseException, repo_id: str, revision: str | None, *, load_t5: bool = True, local: str = LOCAL
+) -> str | None:
     """One line for a huggingface_hub (or network) failure; None for errors that are not about fetching.
-    `load_t5`: T5 was asked for (to say so when it is what an offline cache lacks)."""
+    `load_t5`: T5 was asked for (to say so when it is what an offline cache lacks); `local`: the way out
+    without the Hub ("or pass ... instead")."""
     at = _at(revision)
     cache = constants.HF_HUB_CACHE
-    local = "or pass a local diffusers-layout folder instead"
     if isinstance(error, HfHubHTTPError) and _status(error) == 401 and "Invalid credentials" in _server_says(error):
         return "the Hugging Face token (HF_TOKEN, or from `hf auth login`) is invalid: run `hf auth login` again"
     if isinstance(error, GatedRepoError) or (

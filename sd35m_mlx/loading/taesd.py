@@ -24,6 +24,8 @@ from .vae import sanitize_vae_weights
 _HUB_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 _WHAT = "AutoencoderTiny"
+# TAESD's way out without the Hub: the CLI's --taesd and the API's taesd= take a local copy
+_LOCAL = "or pass a local TAESD3 folder or .safetensors file instead (--taesd PATH, taesd=PATH)"
 
 
 def load_taesd(
@@ -40,7 +42,7 @@ def load_taesd(
             raise WeightsError(f"{path}: pickle checkpoints are never loaded; use the .safetensors file")
         return _load_file(path, dtype)
     if hub.is_hub_id(source):  # a local path of the same name has won above
-        folder = hub.download_component(str(source), _HUB_FILES, revision=revision)
+        folder = hub.download_component(str(source), _HUB_FILES, revision=revision, local=_LOCAL)
         if not all((folder / name).exists() for name in _HUB_FILES):
             raise hub.ModelSourceError(
                 f"{source}: not a diffusers AutoencoderTiny repo (needs {' and '.join(_HUB_FILES)} at its root)"

@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..defaults import PROMPT_SYNTAXES
-from ..images import decode_latents
+from ..images import decode_latents, to_output
 from ..loading import hub
 from ..loading.parts import PipelineParts
 from ..loading.safetensors_io import materialize
@@ -28,7 +28,7 @@ from ..quantize import quantize_parts
 from ..sampling.cancel import Cancellation, cancellable
 from ..sampling.guidance import GuidedDenoiser
 from ..sampling.loop import denoise
-from ..sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, physical_memory
+from ..sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work, physical_memory
 from ..sampling.samplers import make_sampler, sampler_schedule
 from ..sampling.schedule import FlowMatchSchedule
 from ..sampling.schedulers import scheduler_sigmas
@@ -271,6 +271,16 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
             context_width=c.joint_attention_dim,
             pooled_width=c.pooled_projection_dim,
         )
+
+    @serialized
+    def decode(self, latents: mx.array, decoder: str = "vae") -> list:
+        """Latents as generate's step callback sees them (NHWC, model space) -> PIL images, decoded as
+        generate decodes its result: a run stopped part-way can still show where it stood (A1111's
+        interrupt answers that image). Not NaN-checked: a partial image is shown as it is."""
+        with bounded_work(self.work_budget):
+            images = self._decoder(decoder)(latents)
+            mx.eval(images)
+        return to_output(images, "pil")
 
     @serialized
     @cancellable

@@ -20,7 +20,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from ..defaults import SAMPLER, SAMPLERS, SCHEDULER
-from ..record import Settings, parameters_text
+from ..prompts.infotext import infotext_parameters
+from ..record import PARAMETERS_KEY, Settings, parameters_text, stored_text
 from ..sampling.labels import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
 from ..sampling.schedulers import SCHEDULERS
 from .a1111_fields import ignored_notes
@@ -28,7 +29,7 @@ from .errors import RequestError
 from .jobs import Job
 from .masks import a1111_mask
 from .spec import Spec, seeds_for, settings_for
-from .uploads import decode_base64, open_image
+from .uploads import decode_base64, open_image, open_upload
 
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
@@ -230,6 +231,22 @@ def router(server) -> APIRouter:
     async def scripts():  # asked by clients (webuiapi) probing for extensions: we have none
         return {"txt2img": [], "img2img": []}
 
+    @r.post("/png-info")
+    async def png_info(request: Request):
+        """A1111's pnginfoapi: the image's infotext, its other text fields, and the infotext parsed."""
+        body = await _json_object(request)
+        data = decode_base64(body.get("image"), "image")
+        im = await asyncio.to_thread(open_upload, data, "image", server.config.max_upload_pixels)
+        text = stored_text(im)
+        info = text.pop(PARAMETERS_KEY, "") or ""
+        items = {k: v for k, v in text.items() if isinstance(v, str)}
+        return {"info": info, "items": items, "parameters": infotext_parameters(info) if info else {}}
+
+    for path, answer_for in STARTUP_ANSWERS.items():  # what clients ask on connect, answered as A1111 does
+        r.add_api_route(path, _constant(answer_for, server), methods=["GET"])
+    for path in ("/refresh-checkpoints", "/refresh-vae"):
+        r.add_api_route(path, _constant(lambda _: {}, server), methods=["POST"])
+
     return r
 
 
@@ -250,6 +267,56 @@ def schedulers_list() -> list[dict]:
         }
         for s in SCHEDULERS
     ]
+
+
+async def _json_object(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def _constant(answer_for, server):
+    async def endpoint():
+        return answer_for(server)
+
+    return endpoint
+
+
+def _memory(server) -> dict:
+    import os
+
+    from ..sampling.memory import physical_memory
+
+    total = physical_memory()
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 0
+    return {"ram": {"free": free, "used": total - free, "total": total}, "cuda": {"error": "no CUDA: MLX"}}
+
+
+# GET endpoints A1111 clients (webuiapi, SillyTavern, Open WebUI, Krita's plugin) call at start-up, with the
+# answer for what we have: nothing of these kinds besides the upscalers our two-pass upscale uses.
+STARTUP_ANSWERS = {
+    "/cmd-flags": lambda server: {"api": True, "nowebui": False, "listen": False, "api_auth": None,
+                                  "lora_dir": None, "ckpt_dir": None},
+    "/upscalers": lambda server: [{"name": name, "model_name": None, "model_path": None, "model_url": None,
+                                   "scale": None} for name in ("None", "Lanczos", "Nearest")],
+    "/latent-upscale-modes": lambda server: [],
+    "/sd-vae": lambda server: [],
+    "/hypernetworks": lambda server: [],
+    "/face-restorers": lambda server: [],
+    "/realesrgan-models": lambda server: [],
+    "/prompt-styles": lambda server: [],
+    "/embeddings": lambda server: {"loaded": {}, "skipped": {}},
+    "/extensions": lambda server: [],
+    "/script-info": lambda server: [],
+    "/memory": _memory,
+}  # fmt: skip
 
 
 def progress_state(job: Job | None) -> dict:

@@ -21,11 +21,12 @@ from starlette.exceptions import HTTPException
 import sd35m_mlx
 
 from ..lora.library import LoraLibrary
+from ..record import MEDIA_TYPES
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
 from . import a1111_api, loras, openai_api
 from .errors import RequestError, ShuttingDown, error_body
-from .guards import ApiKey, BodyLimit, HostOrigin
+from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .jobs import CANCELLED, FAILED, Job, Worker
 from .loras import resolve as resolve_loras
 from .spec import Limits, ModelInfo, Spec, check, generate_kwargs
@@ -36,7 +37,7 @@ VERSION = f"sd35m-mlx {sd35m_mlx.__version__}"
 # as both dialects' messages say (only A1111 sets padding_mask_crop)
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale",
              "padding_mask_crop": "inpaint_full_res_padding"}  # fmt: skip
-_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 URL_LIFETIME_S = 3600
 
 
@@ -53,6 +54,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides IPs, loopback and this machine's names
     cors_origins: tuple[str, ...] = ()  # web pages on other origins allowed to call us (CORS)
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
+    signed_urls: bool = False  # with api_key: response_format="url" URLs carry ?exp=&sig= and open without the key
     lora_dir: str | None = None  # the folder <lora:NAME> tags name (serve --lora-dir); None: tags are refused
 
 
@@ -64,6 +66,7 @@ class Server:
         self.config = config
         self.model = ModelInfo.of(pipe, config.model_name, **config.load_options)
         self.worker = Worker(pipe, self.model, VERSION, config.max_queue)
+        self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
         self._tmp = None
         if config.output_dir is None:
@@ -107,7 +110,7 @@ class Server:
             raise ShuttingDown()
         return job
 
-    def save(self, png: bytes) -> str:
+    def save(self, png: bytes, suffix: str = "png") -> str:
         """Store an image for response_format="url"; its unguessable name is all a URL reveals. Images
         older than URL_LIFETIME_S are removed (as OpenAI's URLs expire after an hour), only ours."""
         now = time.time()
@@ -117,9 +120,16 @@ class Server:
                     old.unlink()
             except OSError:  # removed meanwhile, or not ours to remove
                 pass
-        name = f"{uuid.uuid4().hex}.png"
+        name = f"{uuid.uuid4().hex}.{suffix}"
         (self.output_dir / name).write_bytes(png)
         return name
+
+    def image_url(self, request: Request, name: str) -> str:
+        """The URL of a saved image; signed (usable without the key until the file expires) when enabled."""
+        url = request.url_for("image_file", name=name)
+        if self.signer is None:
+            return str(url)
+        return f"{url}?{self.signer.query(url.path, URL_LIFETIME_S)}"
 
     def close(self) -> None:
         self.worker.close()
@@ -143,7 +153,8 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.server = server
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(ApiKey, key=config.api_key)  # outside the body limit: 401 comes before reading a body
+    # outside the body limit: 401 comes before reading a body
+    app.add_middleware(ApiKey, key=config.api_key, signer=server.signer)
     if config.cors_origins:  # outside the key check: a browser's preflight carries no key
         from starlette.middleware.cors import CORSMiddleware
 
@@ -186,7 +197,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
         path = server.output_dir / name
         if not _FILE_NAME.match(name) or not path.is_file():
             raise RequestError("no such image", "name", 404)
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1].upper()])
 
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))

@@ -1,20 +1,48 @@
-"""ASGI middleware in front of every route: Host and Origin checks (403), the API key check (401) and the
-request body size limit (413)."""
+"""ASGI middleware in front of every route: Host and Origin checks (403), the API key check (401, or a signed
+image URL: 403 when expired or tampered) and the request body size limit (413)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import ipaddress
 import json
 import socket
+import time
+from urllib.parse import parse_qs
 
 from starlette.exceptions import HTTPException
 
 from .errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # the page is static: its API calls carry the key
+SIGNED_PREFIX = "/v1/images/files/"  # what a signed URL may open without the key
+
+
+class UrlSigner:
+    """Image URLs that open without the key until they expire (`?exp=UNIX&sig=HEX`), so a chat UI's <img src>
+    shows them: HMAC-SHA256 over the path and expiry with a secret derived from the API key (a URL reveals
+    neither the key nor a way to sign other paths or times)."""
+
+    def __init__(self, key: str):
+        self._secret = hmac.new(key.encode("utf-8"), b"sd35m-mlx signed image urls", hashlib.sha256).digest()
+
+    def _sig(self, path: str, exp: int) -> str:
+        return hmac.new(self._secret, f"{path}\n{exp}".encode(), hashlib.sha256).hexdigest()
+
+    def query(self, path: str, lifetime_s: float, now: float | None = None) -> str:
+        exp = int((time.time() if now is None else now) + lifetime_s)
+        return f"exp={exp}&sig={self._sig(path, exp)}"
+
+    def valid(self, path: str, query: str, now: float | None = None) -> bool:
+        q = parse_qs(query)
+        exp, sig = q.get("exp", [""])[0], q.get("sig", [""])[0]
+        if not exp.isdigit() or not sig:
+            return False
+        fresh = int(exp) >= (time.time() if now is None else now)
+        return hmac.compare_digest(sig.encode("ascii", "replace"), self._sig(path, int(exp)).encode()) and fresh
 
 
 async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
@@ -40,11 +68,13 @@ def key_matches(authorization: str, key: str) -> bool:
 
 
 class ApiKey:
-    """401 for every path but OPEN_PATHS unless the request carries the key."""
+    """401 for every path but OPEN_PATHS unless the request carries the key; with `signer`, an image URL
+    carrying a signature (exp, sig) opens without it, and a bad or expired one gets 403."""
 
-    def __init__(self, app, key: str | None):
+    def __init__(self, app, key: str | None, signer: UrlSigner | None = None):
         self.app = app
         self.key = key
+        self.signer = signer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.key or scope["path"] in OPEN_PATHS:
@@ -52,6 +82,12 @@ class ApiKey:
         headers = dict(scope.get("headers") or [])
         if key_matches(headers.get(b"authorization", b"").decode("latin-1"), self.key):
             return await self.app(scope, receive, send)
+        query = scope.get("query_string", b"").decode("latin-1")
+        if self.signer is not None and scope["path"].startswith(SIGNED_PREFIX) and "sig=" in query:
+            if self.signer.valid(scope["path"], query):
+                return await self.app(scope, receive, send)
+            body = error_body(scope["path"], 403, "this image URL has expired or is not valid")
+            return await _send_json(send, 403, body)
         message = "a valid API key is required: send the header Authorization: Bearer KEY"
         body = error_body(scope["path"], 401, message)
         await _send_json(send, 401, body, {"WWW-Authenticate": 'Bearer realm="sd35m-mlx"'})

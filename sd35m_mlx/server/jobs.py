@@ -34,6 +34,7 @@ PARAMS = {"mask_image": "mask", "image": "image"}  # generate()'s argument a mes
 class Result:
     png: bytes
     seed: int
+    partial: bool = False  # an interrupted image as it stood (A1111 answers it; OpenAI's API does not)
 
 
 class Job:
@@ -53,13 +54,14 @@ class Job:
         self.total = spec.settings.steps
         self.preview: Image.Image | None = None
         self.preview_step = 0
+        self.latents = None  # the running image's latest latents: what an interrupt decodes
         self._loop = loop
         self._future = loop.create_future() if loop is not None else None
         self._finished = threading.Event()
 
     # -- called from the worker thread --------------------------------------------------------------
     def on_step(self, step: int, total: int, latents=None) -> bool:
-        self.step, self.total = step, total
+        self.step, self.total, self.latents = step, total, latents
         return self.cancel_reason is None  # False: generate raises GenerationCancelled
 
     def on_preview(self, step: int, total: int, image: Image.Image) -> None:
@@ -220,6 +222,20 @@ class Worker:
             finally:
                 self.current = None
 
+    def _keep_partial(self, job: Job) -> None:
+        """An interrupted image as it stood (A1111 decodes the current latents): only for the interrupt,
+        not for a client that left or a shutdown, where nobody reads it."""
+        latents, job.latents = job.latents, None
+        if job.cancel_reason != "interrupted" or latents is None or not hasattr(self.pipe, "decode"):
+            return
+        try:
+            image = self.pipe.decode(latents)[0]
+        except Exception:  # the interrupt still answers what was finished
+            log.exception("decoding the interrupted image failed")
+            return
+        seed = job.spec.seeds[job.image_index]
+        job.results.append(Result(png_bytes(image, job.spec, seed, self.model, self.version), seed, partial=True))
+
     def _execute(self, job: Job) -> None:
         from sd35m_mlx.sampling.loop import GenerationCancelled
 
@@ -233,10 +249,12 @@ class Worker:
                 kwargs = generate_kwargs(job.spec, seed, self.model)
                 # rgb previews: a 16->3 map at latent resolution, far under 1% of a step (sd35m_mlx/sampling/preview.py)
                 images = self.pipe.generate(**kwargs, callback=job.on_step, preview="rgb", on_preview=job.on_preview)
+                job.latents = None
                 job.results.append(Result(png_bytes(images[0], job.spec, seed, self.model, self.version), seed))
             self._durations.append(time.time() - job.started)
             job.finish(DONE)
         except GenerationCancelled:
+            self._keep_partial(job)
             job.finish(CANCELLED)
         except RequestError as e:  # found in the job: a LoRA file that does not fit the model (server/loras.py)
             job.finish(FAILED, e)

@@ -2,7 +2,9 @@
 
 Unknown fields are ignored (clients send `quality`, `style`, `user`, ...); `model` is echoed and never
 loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, `scheduler`,
-`shift`, `rng`, and `strength` for edits. An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit
+`shift`, `rng`, and `strength` for edits. `output_format` (png, jpeg, webp) and `output_compression` (the JPEG/WebP
+quality, 0-100) as OpenAI's gpt-image models take them. An edit's `mask` follows OpenAI: a PNG the image's size,
+alpha 0 = edit
 (server/masks.py).
 """
 
@@ -25,7 +27,7 @@ from .errors import RequestError
 from .jobs import CANCELLED, Job
 from .loras import LoraRef, as_tags
 from .masks import openai_mask
-from .spec import Limits, Spec, parse_size, seeds_for
+from .spec import Limits, Spec, parse_size, reencode, seeds_for
 from .uploads import open_image
 
 
@@ -36,6 +38,8 @@ class GenerationsBody(BaseModel):
     n: int = 1
     size: str | None = None  # "WxH"; None or "auto": 1024x1024 (edits: the image's size)
     response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None  # the settings ride along (EXIF for jpeg/webp)
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality, as OpenAI: 100 = best
     model: str | None = None
     # extensions
     seed: int | None = None
@@ -82,14 +86,18 @@ def router(server) -> APIRouter:
     r = APIRouter()
 
     def answer(job: Job, body: GenerationsBody, request: Request) -> dict:
-        if job.state == CANCELLED and not job.results:  # another client's POST /sdapi/v1/interrupt
+        results = [r for r in job.results if not r.partial]  # an interrupted image is A1111's answer only
+        if job.state == CANCELLED and not results:  # another client's POST /sdapi/v1/interrupt
             raise RequestError("the job was interrupted before an image was done", status=409)
+        fmt = body.output_format or "png"
+        quality = body.output_compression if body.output_compression is not None else 100
         data = []
-        for result in job.results:
+        for result in results:
+            encoded = reencode(result.png, fmt.upper(), quality)
             if body.response_format == "url":
-                item = {"url": str(request.url_for("image_file", name=server.save(result.png)))}
+                item = {"url": server.image_url(request, server.save(encoded, fmt))}
             else:
-                item = {"b64_json": base64.b64encode(result.png).decode("ascii")}
+                item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
             data.append({**item, "revised_prompt": None, "seed": result.seed})
         spec = job.spec
         return {
@@ -97,7 +105,7 @@ def router(server) -> APIRouter:
             "data": data,
             "model": body.model or server.model.name,
             "size": f"{spec.settings.width}x{spec.settings.height}",
-            "output_format": "png",
+            "output_format": fmt,
         }
 
     @r.post("/v1/images/generations")

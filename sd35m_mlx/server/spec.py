@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from ..defaults import MAX_PROMPT_CHARS, MAX_SEED, MIN_SIDE, MULTIPLE
-from ..record import Settings, plan_seeds, png_info
+from ..record import JSON_KEY, PARAMETERS_KEY, Settings, plan_seeds, png_info, save_options, stored_text
 from .errors import RequestError
 
 
@@ -140,4 +140,17 @@ def png_bytes(image: Image.Image, spec: Spec, seed: int, model: ModelInfo, versi
     """The image as PNG with the CLI's metadata chunks (A1111 `parameters` and our JSON)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=png_info(settings_for(spec, seed, model), version))
+    return buf.getvalue()
+
+
+def reencode(png: bytes, fmt: str, quality: int) -> bytes:
+    """A PNG of png_bytes as `fmt` ("PNG", "JPEG", "WEBP") at `quality`, its settings carried over (in EXIF,
+    as the CLI writes JPEG and WebP)."""
+    if fmt == "PNG":
+        return png
+    with Image.open(io.BytesIO(png)) as im:
+        text = stored_text(im)
+        buf = io.BytesIO()
+        options = save_options(fmt, text.get(PARAMETERS_KEY, ""), text.get(JSON_KEY, "{}"), quality)
+        im.convert("RGB").save(buf, **options)
     return buf.getvalue()
