@@ -146,6 +146,8 @@ def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, dic
     for name, field in RESTORABLE.items():
         if stored.get(field) is not None and not given(ctx, name):
             params[name] = (stored[field],) if name == "seeds" else stored[field]
+    if "rng" not in stored and not given(ctx, "rng"):
+        params["rng"] = "mlx"  # written before --rng: its noise came from MLX's generator
     if "prompt_syntax" not in stored and not given(ctx, "prompt_syntax"):
         params["prompt_syntax"] = "plain"  # written before --prompt-syntax: its prompt was encoded plain
     extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop", "loras") if k in stored}
@@ -202,6 +204,9 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             steps=int(params["steps"]),
             cfg=float(params["cfg"]),
             sampler=str(params["sampler"]),
+            scheduler=str(params["scheduler"]),
+            shift=float(params["shift"]) if params["shift"] is not None else None,
+            rng=str(params["rng"]),
             prompt_syntax=str(params["prompt_syntax"]),
             slg=bool(params["slg"]),
             slg_scale=float(params["slg_scale"]),

@@ -16,8 +16,12 @@ from PIL import Image
 
 from sd35m_mlx.defaults import PROMPT_SYNTAXES
 from sd35m_mlx.prompts.infotext import KeyValueLine
-from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, SAMPLER_NAMES, stored_text, strip_tags
+from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, stored_text, strip_tags
+from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
+from sd35m_mlx.sampling.noise import RNG_SOURCES
+from sd35m_mlx.sampling.schedulers import SCHEDULERS
 
+from .comfyui_png import PROMPT_KEY, comfyui_graph, parse_comfyui
 from .errors import UsageError
 from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS
 
@@ -47,17 +51,39 @@ def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
     text_prompt, _ = strip_tags("\n".join(prompt))  # the LoRA files are named in our JSON only
     raw: dict = {"prompt": text_prompt, "negative_prompt": "\n".join(negative).strip()}
     kv = dict(items or [])
-    if sampler := {v: k for k, v in SAMPLER_NAMES.items()}.get(kv.get("Sampler", "")):
-        raw["sampler"] = sampler
+    invalid = {}
+    ours = kv.get("Version", "").startswith("sd35m-mlx")
+    if "Sampler" in kv:
+        if found := sampler_from_label(kv["Sampler"]):
+            raw["sampler"] = found[0]
+            if found[1]:  # old A1111: "DPM++ 2M Karras"
+                raw["scheduler"] = found[1]
+        else:
+            invalid["sampler"] = f"Sampler {_short(kv['Sampler'])} is not one we run"
+    if "Schedule type" in kv:
+        if scheduler := scheduler_from_label(kv["Schedule type"]):
+            raw["scheduler"] = scheduler
+        else:
+            invalid["scheduler"] = f"Schedule type {_short(kv['Schedule type'])} is not one we run"
+    if "RNG" in kv:
+        if rng := rng_from_label(kv["RNG"]):
+            raw["rng"] = rng
+        else:
+            invalid["rng"] = f"RNG {_short(kv['RNG'])} is not a noise source we have"
+    elif not ours:
+        raw["rng"] = "nv"  # A1111 writes RNG only when it is not its default, the GPU's generator (which NV ports)
+    if not ours:
+        for key in [k for k in kv if k.startswith("Hires ") or k in _NOT_APPLIED]:
+            invalid[key] = f"{key} {_short(kv[key])} is not applied"
     if "Prompt syntax" in kv:
         raw["prompt_syntax"] = kv["Prompt syntax"]
-    invalid = {}
     for key, name, kind in (
         ("Steps", "steps", int),
         ("CFG scale", "cfg", float),
         ("Seed", "seed", int),
         ("Denoising strength", "strength", float),
         ("SLG scale", "slg_scale", float),
+        ("Shift", "shift", float),
     ):
         if key in kv:
             try:
@@ -72,6 +98,10 @@ def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
             invalid["width"] = f"Size {_short(kv['Size'])} is not WIDTHxHEIGHT"
     fields, unchecked = checked_fields(raw)
     return fields, invalid | unchecked
+
+
+# A1111 fields that change its picture and that we do not have (beyond the hires fix)
+_NOT_APPLIED = ("Clip skip", "ENSD", "Eta", "Variation seed", "Face restoration", "VAE", "Refiner")
 
 
 def _short(text: str) -> str:
@@ -100,6 +130,9 @@ def _field_rules() -> dict:
         "cfg": lambda x, n: v.real(x, n, 0.0, v.MAX_GUIDANCE),
         "seed": lambda x, n: v.integer(x, n, 0, v.MAX_SEED),
         "sampler": lambda x, n: v.choice(x, n, SAMPLERS),
+        "scheduler": lambda x, n: v.choice(x, n, SCHEDULERS),
+        "shift": optional(lambda x, n: v.real(x, n, 0.0, 1e6, open_low=True)),
+        "rng": lambda x, n: v.choice(x, n, RNG_SOURCES),
         "prompt_syntax": lambda x, n: v.choice(x, n, PROMPT_SYNTAXES),
         "slg": v.boolean,
         "slg_layers": lambda x, n: v.layer_indices(x, n, None) or (),
@@ -202,6 +235,7 @@ def read_settings_noting(path: str | Path) -> tuple[dict, dict[str, str]]:
                 f"--from-image: {path}'s {key!r} text is {len(text[key]):,} characters; "
                 f"at most {MAX_FIELD_CHARS:,} are read"
             )
+    broken = {}
     if JSON_KEY in text:
         try:
             stored = json.loads(text[JSON_KEY])  # NaN / Infinity load as floats; the field checks refuse them
@@ -209,6 +243,12 @@ def read_settings_noting(path: str | Path) -> tuple[dict, dict[str, str]]:
             stored = None  # damaged JSON: fall back to the human-readable chunk
         if isinstance(stored, dict):
             return checked_fields(stored)
+        broken = {"json": f"its {JSON_KEY!r} JSON chunk is broken; read the parameters text instead"}
     if PARAMETERS_KEY in text:
-        return parse_parameters_noting(text[PARAMETERS_KEY])
+        fields, invalid = parse_parameters_noting(text[PARAMETERS_KEY])
+        return fields, broken | invalid
+    if len(text.get(PROMPT_KEY, "")) <= MAX_FIELD_CHARS and (graph := comfyui_graph(text.get(PROMPT_KEY, ""))):
+        raw, notes = parse_comfyui(graph)
+        fields, invalid = checked_fields(raw)
+        return fields, broken | {f"comfyui {i}": note for i, note in enumerate(notes)} | invalid
     raise UsageError(f"--from-image: {path} holds no generation parameters")

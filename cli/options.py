@@ -6,6 +6,8 @@ import click
 
 from sd35m_mlx.defaults import PROMPT_SYNTAXES
 from sd35m_mlx.record import QUALITY
+from sd35m_mlx.sampling.noise import RNG_SOURCES
+from sd35m_mlx.sampling.schedulers import SCHEDULERS
 
 from . import lora
 from .editing import EDITING_FIELDS
@@ -37,6 +39,9 @@ RESTORABLE = {
     "cfg": "cfg",
     "seeds": "seed",
     "sampler": "sampler",
+    "scheduler": "scheduler",
+    "shift": "shift",
+    "rng": "rng",
     "prompt_syntax": "prompt_syntax",
     "slg": "slg",
     "slg_scale": "slg_scale",
@@ -124,7 +129,31 @@ OPTIONS = [
         default=1,
         help="Number of images. Seeds continue from the last --seed, or from a random one (+1 each).",
     ),
-    click.option("--sampler", type=click.Choice(SAMPLERS), default=_D.sampler, help="Sampler."),
+    click.option(
+        "--sampler",
+        type=click.Choice(SAMPLERS),
+        default=_D.sampler,
+        help="Sampler (ComfyUI's names; the PNG records A1111's label): " + ", ".join(SAMPLERS) + ".",
+    ),
+    click.option(
+        "--scheduler",
+        type=click.Choice(SCHEDULERS),
+        default=_D.scheduler,
+        help="Sigma schedule (ComfyUI's names); normal is diffusers' default.",
+    ),
+    option_with_default_in_help(
+        "--shift",
+        type=float,
+        default=None,
+        help="Flow shift of the schedule (> 0).  [default: the model's, 3.0 for SD3.5]",
+    ),
+    click.option(
+        "--rng",
+        type=click.Choice(RNG_SOURCES),
+        default=_D.rng,
+        help="Noise source for the seed: cpu (diffusers' and ComfyUI's torch CPU generator), nv (A1111's "
+        "NV), mlx (this tool before --rng existed; PNGs without an RNG record replay with it).",
+    ),
     click.option(
         "--prompt-syntax",
         type=click.Choice(PROMPT_SYNTAXES),

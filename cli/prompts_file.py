@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from sd35m_mlx.record import SAMPLER_NAMES
+from sd35m_mlx.sampling.labels import SAMPLER_LABELS, sampler_from_label
 
 from . import job as job_phases
 from .errors import UsageError
@@ -24,7 +24,6 @@ from .progress import Reporter, peak_memory
 
 MAX_LINES = 1000
 MAX_FILE_BYTES = 1 << 20
-_SAMPLERS = {**{v.lower(): k for k, v in SAMPLER_NAMES.items()}, **{k: k for k in SAMPLER_NAMES}}
 
 
 def _text(v: str) -> str:
@@ -32,10 +31,10 @@ def _text(v: str) -> str:
 
 
 def _sampler(v: str) -> str:
-    try:
-        return _SAMPLERS[v.strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLER_NAMES.values())}") from None
+    found = sampler_from_label(v)
+    if found is None:
+        raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLER_LABELS.values())}")
+    return found[0]
 
 
 # A1111's per-line option -> (our parameter, parse)

@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import defaults as D
 from .defaults import MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN
 from .prompts.syntax import extract_lora_tags
+from .sampling.labels import RNG_LABELS, sampler_label, scheduler_label
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Settings:
     cfg: float = D.GUIDANCE
     seed: int = 0
     sampler: str = D.SAMPLER
+    scheduler: str = D.SCHEDULER
+    shift: float | None = None  # None: the model's own
+    rng: str = D.RNG  # a PNG that does not record it drew its noise with "mlx" (cli/metadata.py)
     prompt_syntax: str = "plain"  # a PNG that does not record it was encoded plain (the CLI's default is weighted)
     slg: bool = True
     slg_layers: tuple[int, ...] = D.SLG_LAYERS
@@ -92,6 +96,9 @@ class Settings:
             num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
             sampler=self.sampler,
+            scheduler=self.scheduler,
+            shift=self.shift,
+            rng=self.rng,
             prompt_syntax=self.prompt_syntax,
             skip_guidance_layers=list(self.slg_layers) if self.slg else None,
             skip_layer_guidance_scale=self.slg_scale,
@@ -150,7 +157,6 @@ def size_for_image(w: int, h: int, width: int | None, height: int | None) -> tup
 
 JSON_KEY = "sd35m-mlx"
 PARAMETERS_KEY = "parameters"  # what AUTOMATIC1111, Civitai and most image viewers read
-SAMPLER_NAMES = {"euler": "Euler", "dpmpp_2m": "DPM++ 2M"}  # A1111's display names
 
 
 def _quote(value: str) -> str:
@@ -161,12 +167,16 @@ def parameters_text(s: Settings, version: str) -> str:
     """prompt / `Negative prompt: ...` (omitted when empty, as A1111 does) / `Steps: 40, Sampler: ...`."""
     items = {
         "Steps": s.steps,
-        "Sampler": SAMPLER_NAMES.get(s.sampler, s.sampler),
+        "Sampler": sampler_label(s.sampler),
+        "Schedule type": scheduler_label(s.scheduler),
         "CFG scale": s.cfg,
         "Seed": s.seed,
         "Size": f"{s.width}x{s.height}",
         "Model": _name(s.model),
+        "RNG": RNG_LABELS[s.rng],
     }
+    if s.shift is not None:
+        items["Shift"] = s.shift
     if s.prompt_syntax != "plain":  # absent: plain, as every PNG written before the option
         items["Prompt syntax"] = s.prompt_syntax
     if s.image is not None:

@@ -26,6 +26,8 @@ import numpy as np
 
 from . import defaults as D
 from .defaults import MAX_PROMPT_CHARS, MAX_SEED, MAX_SEQUENCE_LENGTH, SAMPLERS
+from .sampling.noise import RNG_SOURCES
+from .sampling.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:  # names for the annotations only: this module imports neither mlx nor PIL
     import mlx.core as mx
@@ -79,11 +81,14 @@ class GenerationSettings:
     width: int | None = None
     num_inference_steps: int = D.STEPS
     guidance_scale: float = D.GUIDANCE
-    seed: int | None = None
+    seed: int | Sequence[int] | None = None  # a list: one seed per image (diffusers' list of generators)
     latents: Array | None = None  # NHWC initial noise
     num_images_per_prompt: int = 1
     max_sequence_length: int = D.SEQUENCE_LENGTH
     sampler: str = D.SAMPLER
+    scheduler: str = D.SCHEDULER
+    shift: float | None = None  # None: the model's scheduler config
+    rng: str = D.RNG  # "cpu", "nv" or "mlx" (sampling/noise.py)
     prompt_syntax: str = D.PROMPT_SYNTAX  # "plain" or "weighted"
     skip_guidance_layers: Sequence[int] | None = None
     skip_layer_guidance_scale: float = D.SLG_SCALE
@@ -285,10 +290,13 @@ class _Validator:
             width=width,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            seed=None if s.seed is None else integer(s.seed, n("seed"), 0, MAX_SEED),
+            seed=self._seed(s.seed, batch * images_per_prompt),
             num_images_per_prompt=images_per_prompt,
             max_sequence_length=integer(s.max_sequence_length, n("max_sequence_length"), 1, MAX_SEQUENCE_LENGTH),
             sampler=choice(s.sampler, n("sampler"), SAMPLERS),
+            scheduler=choice(s.scheduler, n("scheduler"), SCHEDULERS),
+            shift=None if s.shift is None else real(s.shift, n("shift"), 0.0, 1e6, open_low=True),
+            rng=choice(s.rng, n("rng"), RNG_SOURCES),
             prompt_syntax=choice(s.prompt_syntax, n("prompt_syntax"), D.PROMPT_SYNTAXES),
             skip_guidance_layers=layer_indices(
                 s.skip_guidance_layers, n("skip_guidance_layers"), self.limits and self.limits.num_layers
@@ -311,6 +319,17 @@ class _Validator:
         out = replace(out, decoder=choice(s.decoder, n("decoder"), ("vae", "taesd")), **self._preview(s))
         out = replace(out, **self._editing(s))
         return replace(out, latents=self._latents(s.latents, batch * images_per_prompt, height, width))
+
+    def _seed(self, seed, images: int) -> int | tuple[int, ...] | None:
+        """None (random), one seed for the batch, or a list of one seed per image."""
+        name = self.n("seed")
+        if seed is None:
+            return None
+        if not isinstance(seed, (list, tuple, np.ndarray)):
+            return integer(seed, name, 0, MAX_SEED)
+        if len(seed) != images:
+            raise InvalidValue(f"{name} has {len(seed)} entries; a list needs one seed per image ({images})")
+        return tuple(integer(v, f"{name} entries", 0, MAX_SEED) for v in seed)
 
     def _editing(self, s: GenerationSettings) -> dict:
         """The numbers of inpainting and ControlNet (editing/ checks the images and the nets)."""

@@ -202,7 +202,10 @@ def test_png_metadata_a1111_parameters_and_json(fake):
     text = Image.open("sd35m-42.png").text
     prompt, negative, kv = text["parameters"].split("\n")
     assert prompt == "a cat, on a mat" and negative == "Negative prompt: dogs"
-    assert kv.startswith("Steps: 3, Sampler: Euler, CFG scale: 4.5, Seed: 42, Size: 1024x1024, Model: model")
+    assert kv.startswith(
+        "Steps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 4.5, Seed: 42, Size: 1024x1024, Model: model, "
+        "RNG: CPU"
+    )
     stored = json.loads(text[JSON_KEY])
     assert stored["prompt"] == "a cat, on a mat" and stored["seed"] == 42
     assert stored["slg_layers"] == [7, 8, 9] and stored["slg"] is True
@@ -214,7 +217,7 @@ def test_parameters_text_round_trips():
                  cfg=3.5, seed=99, sampler="dpmpp_2m", image="in.png", strength=0.4)  # fmt: skip
     got = parse_parameters(parameters_text(s, "sd35m-mlx test"))
     want = dict(prompt=s.prompt, negative_prompt="ugly", width=512, height=768, steps=12, cfg=3.5,
-                seed=99, sampler="dpmpp_2m", strength=0.4, slg_scale=2.8)  # fmt: skip
+                seed=99, sampler="dpmpp_2m", strength=0.4, slg_scale=2.8, scheduler="normal", rng="cpu")  # fmt: skip
     assert got == want
 
 
@@ -457,7 +460,8 @@ def test_console_script_writes_reproducible_png_with_metadata(tiny_pipeline, tmp
 
     a, b = Image.open(tmp_path / "sd35m-7.png"), Image.open(tmp_path / "again.png")
     assert a.size == (64, 96) and a.mode == "RGB"
-    assert a.text["parameters"].startswith("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 4.5, Seed: 7, ")
+    start = "a red cube\nSteps: 2, Sampler: Euler, Schedule type: Normal, CFG scale: 4.5, Seed: 7, "
+    assert a.text["parameters"].startswith(start)
     assert "Size: 64x96" in a.text["parameters"]
     stored = json.loads(a.text[JSON_KEY])
     assert (stored["width"], stored["height"], stored["steps"], stored["seed"]) == (64, 96, 2, 7)

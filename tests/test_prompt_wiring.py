@@ -192,7 +192,7 @@ def test_prompts_file_runs_each_line_with_its_options_and_loras(tiny_pipeline, l
     for line, message in (
         ("--prompt x --restore_faces true", "line 1: unknown option '--restore_faces'"),
         ("--prompt x --steps many", "line 1: --steps 'many'"),
-        ("--prompt x --sampler_name 'Euler a'", "unknown sampler 'Euler a'"),
+        ("--prompt x --sampler_name 'DPM fast'", "unknown sampler 'DPM fast'"),
         ("x <lora:../etc>", "line 1: PROMPT: LoRA name"),
     ):
         Path("bad.txt").write_text(line + "\n")

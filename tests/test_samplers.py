@@ -164,7 +164,7 @@ def test_generate_matches_comfyui_sampler_on_the_tiny_model(ours, diffusers_pipe
     noise = rng.standard_normal((1, H // 8, W // 8, 16), dtype=np.float32)
     pool = [rng.standard_normal(noise.shape, dtype=np.float32) for _ in range(2 * steps)]
     injected = _Injected(pool)
-    monkeypatch.setattr(pipeline_module, "_sampler_noise", lambda seed: injected.mlx)
+    monkeypatch.setattr(pipeline_module, "sampler_noise", lambda seed, rng: injected.mlx)
     out = ours.generate(
         PROMPT,
         negative_prompt=NEGATIVE,

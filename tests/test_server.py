@@ -116,11 +116,12 @@ def test_webuiapi_default_payload_equals_pipeline(server, pipe):
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # default sampler "Euler a", scheduler automatic
     r = api.txt2img(prompt="a blue ball", width=64, height=64, steps=2, seed=21, cfg_scale=5.0, batch_size=2)
     assert r.info["all_seeds"] == [21, 22]
-    assert any("Euler a" in w for w in r.info["warnings"])  # run as our default, and said so
+    assert r.info["warnings"] == [] and r.info["sampler_name"] == "Euler a"  # run as asked
     for image, seed in zip(r.images, (21, 22), strict=True):
-        want = pipe.generate("a blue ball", guidance_scale=5.0, seed=seed, **SMALL)[0]
+        want = pipe.generate("a blue ball", guidance_scale=5.0, seed=seed, sampler="euler_ancestral", **SMALL)[0]
         assert np.array_equal(pixels(image), pixels(want))
-        assert image.text["parameters"].startswith("a blue ball\nSteps: 2, Sampler: Euler, CFG scale: 5.0")
+        start = "a blue ball\nSteps: 2, Sampler: Euler a, Schedule type: Normal, CFG scale: 5.0"
+        assert image.text["parameters"].startswith(start)
         assert json.loads(image.text["sd35m-mlx"])["seed"] == seed
 
     r = api.txt2img(prompt="a blue ball", width=64, height=64, steps=2, seed=3, sampler_name="DPM++ 2M")
@@ -137,6 +138,43 @@ def test_webuiapi_img2img_equals_pipeline(server, pipe):
     want = pipe.generate("a fox", image=source, strength=0.6, seed=8, guidance_scale=7.0, **SMALL)[0]
     assert np.array_equal(pixels(r.image), pixels(want))
     assert r.info["denoising_strength"] == 0.6
+
+
+@pytest.mark.parametrize(
+    "fields, sampler, scheduler",
+    [
+        ({"sampler_name": "DPM++ 2M Karras"}, "dpmpp_2m", "karras"),  # A1111's old style: the schedule folded in
+        ({"sampler_name": "UniPC", "scheduler": "SGM Uniform"}, "uni_pc", "sgm_uniform"),
+        ({"sampler_name": "LCM", "scheduler": "Automatic"}, "lcm", "normal"),
+        ({"sampler_name": "Heun", "scheduler": "karras"}, "heun", "karras"),
+        ({"sampler_name": "DDIM", "scheduler": "DDIM"}, "ddim", "ddim_uniform"),
+        ({"sampler_name": "dpmpp_2m_sde", "scheduler": "Exponential"}, "dpmpp_2m_sde", "exponential"),
+    ],
+)
+def test_a1111_sampler_and_scheduler_labels_map_to_ours(fields, sampler, scheduler):
+    from sd35m_mlx.server.a1111_api import map_sampler
+
+    assert map_sampler(fields.get("sampler_name"), fields.get("scheduler")) == (sampler, scheduler)
+
+
+def test_a1111_unknown_sampler_or_scheduler_is_a_400_naming_ours(server, http):
+    base = {"prompt": "p", "width": 64, "height": 64, "steps": 1}
+    r = http.post("/sdapi/v1/txt2img", json={**base, "sampler_name": "DPM fast"})
+    assert r.status_code == 400 and "unknown sampler 'DPM fast'" in r.text and "Euler a" in r.text
+    r = http.post("/sdapi/v1/txt2img", json={**base, "scheduler": "Align Your Steps"})
+    assert r.status_code == 400 and "unknown scheduler 'Align Your Steps'" in r.text and "Karras" in r.text
+
+
+def test_openai_sampling_extensions(server, pipe, http):
+    body = {"prompt": "p", "size": "64x64", "steps": 2, "seed": 9, "sampler": "euler_ancestral"}
+    body |= {"scheduler": "karras", "shift": 2.0, "rng": "nv"}
+    r = http.post("/v1/images/generations", json=body)
+    assert r.status_code == 200, r.text
+    kw = dict(width=64, height=64, num_inference_steps=2, guidance_scale=4.5)
+    want = pipe.generate("p", seed=9, sampler="euler_ancestral", scheduler="karras", shift=2.0, rng="nv", **kw)[0]
+    assert np.array_equal(pixels(r.json()["data"][0]["b64_json"]), pixels(want))
+    assert http.post("/v1/images/generations", json={**body, "shift": 0}).status_code in (400, 422)
+    assert http.post("/v1/images/generations", json={**body, "rng": "gpu"}).status_code in (400, 422)
 
 
 def test_a1111_random_seed_is_reported(server, pipe, http):
@@ -159,7 +197,8 @@ def test_every_field_real_clients_send_is_accepted(server, http):
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert info["sd_model_name"] == "sd35m-tiny"  # (an unknown sd_model_checkpoint is a 400: test_server_a1111.py)
-    assert any("DPM++ 2M SDE" in w for w in info["warnings"]) and any("Karras" in w for w in info["warnings"])
+    assert not any("DPM++ 2M SDE" in w or "Karras" in w for w in info["warnings"])  # both run
+    assert info["sampler_name"] == "DPM++ 2M SDE" and "Schedule type: Karras" in info["infotexts"][0]
     assert r.json()["parameters"]["some_future_field"] == {"nested": [1, 2]}
     ignored = {w.split("=")[0] for w in info["warnings"] if w.endswith("is not supported here; ignored")}
     assert any("'Latent' is not available; ran Lanczos" in w for w in info["warnings"])  # hires fix: server/hires.py
@@ -191,7 +230,14 @@ def test_info_endpoints(server, http):
     assert http.get("/health").json()["status"] == "ok"
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["sd35m-tiny"]
     assert [m["model_name"] for m in http.get("/sdapi/v1/sd-models").json()] == ["sd35m-tiny"]
-    assert [s["name"] for s in http.get("/sdapi/v1/samplers").json()] == ["Euler", "DPM++ 2M"]
+    samplers = http.get("/sdapi/v1/samplers").json()
+    assert len(samplers) == 18 and samplers[:2] == [
+        {"name": "Euler", "aliases": ["euler", "k_euler"], "options": {}},
+        {"name": "Euler a", "aliases": ["euler_ancestral", "k_euler_ancestral"], "options": {}},
+    ]
+    schedulers = {s["name"]: s for s in http.get("/sdapi/v1/schedulers").json()}
+    assert len(schedulers) == 9 and schedulers["karras"]["label"] == "Karras"
+    assert set(schedulers["normal"]) == {"name", "label", "aliases", "default_rho", "need_inner_model"}
     r = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "/some/other.safetensors"})
     assert r.status_code == 400 and "the choices: sd35m-tiny" in r.text
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd35m-tiny", "x": 1}).status_code == 200

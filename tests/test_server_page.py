@@ -87,6 +87,22 @@ def test_type_a_prompt_press_enter_and_the_image_appears(page, pipe):
     assert page.input_value("#prompt") == "a red cube" and page.input_value("#seed") == "7"
 
 
+def test_sampler_and_scheduler_selects_list_what_runs(page, pipe):
+    samplers = page.locator("#sampler option").all_inner_texts()
+    assert len(samplers) == 18 and samplers[:2] == ["Euler", "Euler a"] and "UniPC" in samplers
+    schedulers = page.locator("#scheduler option")
+    assert schedulers.count() == 9 and "Karras" in schedulers.all_inner_texts()
+    fill_settings(page, steps=2, seed=5)
+    page.select_option("#sampler", "DPM++ 2M")
+    page.select_option("#scheduler", "karras")  # by value: our name, shown as its A1111 label
+    page.fill("#prompt", "a blue ball")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".card img")
+    kw = dict(width=64, height=64, num_inference_steps=2, guidance_scale=4.5, seed=5)
+    want = pipe.generate("a blue ball", sampler="dpmpp_2m", scheduler="karras", **kw)[0]
+    assert np.array_equal(card_pixels(page), pixels(want))
+
+
 def test_cancel_a_long_run(page, server):
     fill_settings(page, steps=LONG, seed=1)
     page.fill("#prompt", "a long run")

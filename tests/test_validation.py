@@ -348,13 +348,22 @@ def test_parser_reads_a1111_lines_as_a1111_does():
     assert items["Lora hashes"] == "lora1: abc, lora2: def" and items["TI"] == 'say "hi", \\ ok'
     assert (items["Steps"], items["Schedule type"], items["Version"]) == ("20", "Karras", "v1.10.1")
     assert parse_parameters("a tree\nNegative prompt: fog\n" + A1111) == dict(
-        prompt="a tree", negative_prompt="fog", sampler="dpmpp_2m", steps=20, cfg=7.0, seed=123, width=512, height=640
+        prompt="a tree",
+        negative_prompt="fog",
+        sampler="dpmpp_2m",
+        steps=20,
+        cfg=7.0,
+        seed=123,
+        width=512,
+        height=640,
+        scheduler="karras",
+        rng="nv",  # A1111 writes RNG only when it is not its GPU default
     )
 
 
 def test_parser_leaves_out_and_reports_invalid_values():
     fields, invalid = parse_parameters_noting("p\nSteps: 9999, CFG scale: nan, Seed: 1" + "0" * 5000 + ", Size: 9x9")
-    assert fields == {"prompt": "p", "negative_prompt": ""}
+    assert fields == {"prompt": "p", "negative_prompt": "", "rng": "nv"}  # not ours: A1111's default noise
     assert sorted(invalid) == ["cfg", "height", "seed", "steps", "width"]
     assert invalid["cfg"] == "cfg must be in [0, 100], got nan"
     assert invalid["seed"].startswith("Seed '10000") and invalid["seed"].endswith("is not a number")  # > 4,300 digits

@@ -31,6 +31,7 @@ from ..sampling.loop import denoise
 from ..sampling.memory import DEFAULT_WORK_BUDGET, LOW_MEMORY_WORK_BUDGET, bounded_work, physical_memory
 from ..sampling.samplers import make_sampler, sampler_schedule
 from ..sampling.schedule import FlowMatchSchedule
+from ..sampling.schedulers import scheduler_sigmas
 from ..validation import ARGUMENTS, ModelLimits
 from .controlnets import ControlNetMixin
 from .steps import (
@@ -40,6 +41,7 @@ from .steps import (
     guidance_config,
     initial_latents,
     prepare_inputs,
+    sampler_noise,
     step_extras,
 )
 from .threads import any_thread, serialized
@@ -293,11 +295,14 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         width: int | None = None,
         num_inference_steps: int = 40,
         guidance_scale: float = 4.5,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         latents=None,
         num_images_per_prompt: int = 1,
         max_sequence_length: int = 256,
         sampler: str = "euler",
+        scheduler: str = "normal",
+        shift: float | None = None,
+        rng: str = "cpu",
         prompt_syntax: str = "plain",
         skip_guidance_layers: Sequence[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
@@ -337,6 +342,12 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         `prompt_syntax="weighted"` reads A1111's prompt syntax and long prompts (see `encode_prompt`).
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
+
+        `sampler` (ComfyUI's names, sampling/samplers) steps along `scheduler`'s sigmas (ComfyUI's names,
+        sampling/schedulers.py; "normal" is diffusers' schedule) at flow `shift` (None: the model's config).
+        `seed` with `rng="cpu"` draws the noise diffusers draws for `generator=torch.Generator().manual_seed(seed)`
+        (one draw for the batch); a list of seeds, one per image, as diffusers' list of generators. `rng="nv"`
+        is A1111's NV source, `rng="mlx"` the noise drawn before `rng` existed (sampling/noise.py).
         """
         # 1. Inputs: the editing inputs set the canvas, then every argument is checked before any work
         arguments = {k: v for k, v in locals().items() if k in ARGUMENTS}
@@ -349,10 +360,13 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         pooled_all = mx.concatenate([uncond_pooled, pooled]) if do_cfg else pooled
 
         # 3. Schedule and initial latents (img2img / inpainting: the source image noised to the start step)
-        sigmas = sampler_schedule(s.sampler, self.schedule.sigmas, s.num_inference_steps)
-        timesteps = sigmas[:-1] * np.float32(self.schedule.num_train_timesteps)
+        shift = self.schedule.shift if s.shift is None else s.shift
+        n_train = self.schedule.num_train_timesteps
+        sigmas_for = partial(scheduler_sigmas, s.scheduler, shift=shift, num_train_timesteps=n_train)
+        sigmas = sampler_schedule(s.sampler, sigmas_for, s.num_inference_steps)
+        timesteps = sigmas[:-1] * np.float32(n_train)
         begin = initial_latents(s, canvas, self.limits, cond.shape[0], sigmas, self._encode)
-        sampler = make_sampler(s.sampler, sigmas, _sampler_noise(s.seed), shift=self.schedule.shift)
+        sampler = make_sampler(s.sampler, sigmas, sampler_noise(s.seed, s.rng), shift=shift)
 
         # 4. Denoising loop: per-step extras (ControlNet, inpainting, callback, previews) plug in as StepExtras
         velocity = self.velocity_factory(
@@ -390,20 +404,6 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
 
         # 5. Decode (the VAE tiles when needed; an inpainting crop is pasted back)
         return decode_output(x, s, canvas, self._decoder, self.work_budget, self.dtype)
-
-
-def _sampler_noise(seed: int | None):
-    """Fresh noise for the samplers that draw it (ancestral, SDE, LCM): one generator seeded with the seed,
-    one draw per call, as ComfyUI's default_noise_sampler. MLX's generator stands in until the torch-compatible
-    one (sampling/noise.py) takes its place."""
-    key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-
-    def draw(shape: tuple[int, ...]) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
-        return mx.random.normal(shape, key=sub)
-
-    return draw
 
 
 def _encoders(prompt_encoder: PromptEncoder | None) -> list:

@@ -9,8 +9,9 @@ five steps and a new per-step feature adds a StepExtra in `step_extras`, not a b
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -23,6 +24,7 @@ from ..sampling.finite import FiniteLatents, check_finite
 from ..sampling.guidance import GuidanceConfig
 from ..sampling.loop import StepCallback, StepExtra
 from ..sampling.memory import bounded_work
+from ..sampling.noise import NoiseGenerator, latent_noise
 from ..sampling.preview import Preview, latent_rgb
 from ..sampling.schedule import img2img_start_index
 from ..validation import GenerationSettings, ModelLimits, validate_generation
@@ -131,11 +133,12 @@ def initial_latents(
     diffusers' img2img."""
     f = limits.vae_scale_factor
     shape = (batch, s.height // f, s.width // f, limits.latent_channels)
-    noise = initial_noise(s.latents, shape, s.seed)
+    noise = initial_noise(s.latents, shape, s.seed, s.rng)
     if canvas.init_image is None:
         mx.eval(noise)
         return Start(noise, 0, noise, None)
-    start = img2img_start_index(s.num_inference_steps, s.strength)
+    # over the schedule's own length: a scheduler may give another count than the steps asked (ddim_uniform)
+    start = img2img_start_index(len(sigmas) - 1, s.strength)
     z = encode(canvas.init_image)
     if z.shape[0] != batch:
         if batch % z.shape[0]:
@@ -217,12 +220,30 @@ def decode_output(
     return to_output(images, s.output_type)
 
 
-def initial_noise(latents, shape: tuple[int, ...], seed: int | None) -> mx.array:
-    """The given latents as float32, or standard normal noise of `shape` from `seed` (random when None)."""
-    if latents is None:
-        key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        return mx.random.normal(shape, key=key).astype(mx.float32)
-    return (latents if isinstance(latents, mx.array) else mx.array(latents)).astype(mx.float32)
+def initial_noise(latents, shape: tuple[int, ...], seed: int | Sequence[int] | None, rng: str = "cpu") -> mx.array:
+    """The given latents as float32, or standard normal noise of NHWC `shape` from `seed` (random when None)
+    and the `rng` source, as diffusers draws it: one seed is one generator for the whole batch (one draw in
+    NCHW); a list of seeds one generator per image, each drawing its (1, C, H, W) alone."""
+    if latents is not None:
+        return (latents if isinstance(latents, mx.array) else mx.array(latents)).astype(mx.float32)
+    if isinstance(seed, (list, tuple)):
+        return mx.concatenate([latent_noise(NoiseGenerator(s, rng), (1, *shape[1:])) for s in seed])
+    return latent_noise(NoiseGenerator(_seed_or_random(seed), rng), shape)
+
+
+def sampler_noise(seed: int | Sequence[int] | None, rng: str = "cpu") -> Callable[[tuple[int, ...]], mx.array]:
+    """`noise(nhwc_shape)` for the samplers that draw fresh noise (ancestral, SDE, LCM): a generator of its own
+    seeded with the seed, one draw per call in NCHW, as ComfyUI's default_noise_sampler (comfy/k_diffusion/
+    sampling.py at a125cd84). A list of seeds: one generator per image, each drawing its own slice."""
+    if isinstance(seed, (list, tuple)):
+        generators = [NoiseGenerator(s, rng) for s in seed]
+        return lambda shape: mx.concatenate([latent_noise(g, (1, *shape[1:])) for g in generators])
+    generator = NoiseGenerator(_seed_or_random(seed), rng)
+    return partial(latent_noise, generator)
+
+
+def _seed_or_random(seed: int | None) -> int:
+    return seed if seed is not None else int.from_bytes(os.urandom(4), "little")
 
 
 def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):

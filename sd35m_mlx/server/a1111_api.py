@@ -2,8 +2,8 @@
 samplers, options.
 
 Takes the whole payload real clients send (hires fix, subseeds, scripts, override_settings, ...):
-fields we do not support are ignored and named in `info.warnings` (a1111_fields.py), and samplers we do
-not have run as our default, said there too.
+fields we do not support are ignored and named in `info.warnings` (a1111_fields.py); a sampler or scheduler
+we do not have is a 400 naming the ones we run (sampling/labels.py maps A1111's labels to ours).
 Nothing in a payload can name a file: `sd_model_checkpoint` (in /options or `override_settings`) picks one of
 the titles `serve --model` listed at start (server/models.py); other override_settings are ignored.
 """
@@ -20,26 +20,19 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from ..defaults import SAMPLER
+from ..defaults import SAMPLER, SAMPLERS, SCHEDULER
 from ..prompts.infotext import infotext_parameters
 from ..record import PARAMETERS_KEY, Settings, parameters_text, stored_text
+from ..sampling.labels import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
+from ..sampling.schedulers import SCHEDULERS
 from .a1111_fields import ignored_notes
 from .errors import RequestError
 from .hires import HIRES_FIELDS, apply_hires
 from .jobs import Job
 from .masks import a1111_mask
 from .models import choose
-from .spec import Spec, sampler_label, seeds_for, settings_for
+from .spec import Spec, seeds_for, settings_for
 from .uploads import decode_base64, open_image, open_upload
-
-# A1111 sampler names (and the aliases its /samplers lists) -> ours. Case-insensitive.
-SAMPLER_ALIASES = {
-    "euler": "euler",
-    "k_euler": "euler",
-    "dpm++ 2m": "dpmpp_2m",
-    "dpmpp_2m": "dpmpp_2m",
-    "k_dpmpp_2m": "dpmpp_2m",
-}
 
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
@@ -77,28 +70,30 @@ class Img2ImgBody(Txt2ImgBody):
     inpainting_fill: int | None = None  # 0 fill, 1 original, 2 latent noise, 3 latent nothing: we run 1
 
 
-def map_sampler(name: str | None) -> tuple[str, str | None]:
-    """Our sampler for an A1111 name, and a note when we run something other than what was asked."""
-    if not name:
-        return SAMPLER, None
-    ours = SAMPLER_ALIASES.get(name.strip().lower())
-    if ours is not None:
-        return ours, None
-    return SAMPLER, f"sampler {name!r} is not available; ran {sampler_label(SAMPLER)}"
+def map_sampler(name: str | None, scheduler: str | None = None) -> tuple[str, str]:
+    """Our (sampler, scheduler) for A1111's `sampler_name` and `scheduler` labels ("Euler a", "DPM++ 2M",
+    old-style "DPM++ 2M Karras"; "Karras", "Automatic") or our own names; an unknown one is a 400 naming ours."""
+    sampler, folded = (SAMPLER, None) if not name else (sampler_from_label(name) or (None, None))
+    if sampler is None:
+        labels = ", ".join(SAMPLER_LABELS.get(s, s) for s in SAMPLERS)
+        raise RequestError(f"unknown sampler {name!r}; choose one of {labels}", "sampler_name")
+    ours = scheduler_from_label(scheduler) if scheduler else (folded or SCHEDULER)
+    if ours is None:
+        labels = ", ".join(SCHEDULER_LABELS.get(s, s) for s in SCHEDULERS)
+        raise RequestError(f"unknown scheduler {scheduler!r}; choose one of Automatic, {labels}", "scheduler")
+    return sampler, ours
 
 
 def spec_from(body: Txt2ImgBody, limits, hires: bool = False) -> Spec:
     """hires: txt2img's hires fix fields act (server/hires.py); img2img ignores them as A1111 does."""
-    sampler, note = map_sampler(body.sampler_name or body.sampler_index)
+    sampler, scheduler = map_sampler(body.sampler_name or body.sampler_index, body.scheduler)
     n = (body.batch_size if body.batch_size is not None else 1) * (body.n_iter if body.n_iter is not None else 1)
     seed = body.seed if body.seed is not None and body.seed >= 0 else None  # -1 (any negative): random
-    settings = Settings(prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler)
+    settings = Settings(
+        prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", sampler=sampler, scheduler=scheduler
+    )
     settings = replace(settings, prompt_syntax=body.prompt_syntax or "weighted")  # A1111 reads its syntax
     spec = Spec(settings, seeds=seeds_for(seed, n, limits, "batch_size"))
-    if note:
-        spec.notes.append(note)
-    if body.scheduler and body.scheduler.lower() not in ("automatic", "simple", "default"):
-        spec.notes.append(f"scheduler {body.scheduler!r} is not available; ran the model's own (shifted sigmas)")
     extra = dict(body.model_extra or {})
     if isinstance(extra.get("override_settings"), dict):  # the checkpoint is ours to act on (checkpoint_override)
         extra["override_settings"] = {k: v for k, v in extra["override_settings"].items() if k != "sd_model_checkpoint"}
@@ -229,10 +224,11 @@ def router(server) -> APIRouter:
 
     @r.get("/samplers")
     async def samplers():
-        return [
-            {"name": "Euler", "aliases": ["euler", "k_euler"], "options": {}},
-            {"name": "DPM++ 2M", "aliases": ["dpmpp_2m", "k_dpmpp_2m"], "options": {}},
-        ]
+        return samplers_list()
+
+    @r.get("/schedulers")
+    async def schedulers():
+        return schedulers_list()
 
     @r.get("/options")
     async def get_options():
@@ -275,6 +271,25 @@ def router(server) -> APIRouter:
         r.add_api_route(path, _constant(lambda _: {}, server), methods=["POST"])
 
     return r
+
+
+def samplers_list() -> list[dict]:
+    """What we run, in A1111's /sdapi/v1/samplers shape: its label where it has one, our name as an alias."""
+    return [{"name": SAMPLER_LABELS.get(s, s), "aliases": [s, f"k_{s}"], "options": {}} for s in SAMPLERS]
+
+
+def schedulers_list() -> list[dict]:
+    """What we run, in A1111's /sdapi/v1/schedulers shape (modules/sd_schedulers.py's Scheduler fields)."""
+    return [
+        {
+            "name": s,
+            "label": SCHEDULER_LABELS.get(s, s),
+            "aliases": None,
+            "default_rho": 7.0 if s == "karras" else -1,
+            "need_inner_model": False,
+        }
+        for s in SCHEDULERS
+    ]
 
 
 async def _json_object(request: Request) -> dict:

@@ -1,9 +1,10 @@
 """OpenAI's Images API: /v1/images/generations, /v1/images/edits (img2img; inpainting with `mask`), /v1/models.
 
 Unknown fields are ignored (clients send `quality`, `style`, `user`, ...); `model` is echoed and never
-loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, and
-`strength` for edits. `output_format` (png, jpeg, webp) and `output_compression` (the JPEG/WebP quality, 0-100)
-as OpenAI's gpt-image models take them. An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit
+loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, `scheduler`,
+`shift`, `rng`, and `strength` for edits. `output_format` (png, jpeg, webp) and `output_compression` (the JPEG/WebP
+quality, 0-100) as OpenAI's gpt-image models take them. An edit's `mask` follows OpenAI: a PNG the image's size,
+alpha 0 = edit
 (server/masks.py).
 """
 
@@ -20,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..defaults import SAMPLERS, SIZE, STRENGTH
 from ..record import Settings, size_for_image
+from ..sampling.noise import RNG_SOURCES
+from ..sampling.schedulers import SCHEDULERS
 from .errors import RequestError
 from .jobs import CANCELLED, Job
 from .loras import LoraRef, as_tags
@@ -44,6 +47,9 @@ class GenerationsBody(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     sampler: Literal[SAMPLERS] | None = None
+    scheduler: Literal[SCHEDULERS] | None = None
+    shift: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: the model's
+    rng: Literal[RNG_SOURCES] | None = None  # noise source for the seed (sampling/noise.py); default "cpu"
     stream: bool | None = None
     prompt_syntax: Literal["weighted", "plain"] | None = None  # A1111's syntax by default
     loras: list[LoraRef] | None = None  # [{"name", "weight"}] in serve --lora-dir, as prompt tags (server/loras.py)
@@ -62,7 +68,8 @@ def spec_from(body: GenerationsBody, size: tuple[int, int], limits: Limits) -> S
         settings, prompt=body.prompt + as_tags(body.loras), prompt_syntax=body.prompt_syntax or "weighted"
     )
     spec = Spec(settings, seeds=seeds_for(body.seed, body.n, limits))
-    spec.given(steps=body.steps, cfg=body.guidance_scale, sampler=body.sampler)
+    spec.given(steps=body.steps, cfg=body.guidance_scale, sampler=body.sampler, scheduler=body.scheduler)
+    spec.given(shift=body.shift, rng=body.rng)
     return spec
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from ..defaults import MAX_PROMPT_CHARS, MAX_SEED, MIN_SIDE, MULTIPLE
-from ..record import JSON_KEY, PARAMETERS_KEY, SAMPLER_NAMES, Settings, plan_seeds, png_info, save_options, stored_text
+from ..record import JSON_KEY, PARAMETERS_KEY, Settings, plan_seeds, png_info, save_options, stored_text
 from .errors import RequestError
 
 
@@ -161,7 +161,3 @@ def reencode(png: bytes, fmt: str, quality: int) -> bytes:
         options = save_options(fmt, text.get(PARAMETERS_KEY, ""), text.get(JSON_KEY, "{}"), quality)
         im.convert("RGB").save(buf, **options)
     return buf.getvalue()
-
-
-def sampler_label(sampler: str) -> str:
-    return SAMPLER_NAMES.get(sampler, sampler)
