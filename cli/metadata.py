@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from sd35m_mlx.defaults import PROMPT_SYNTAXES
-from sd35m_mlx.prompts.infotext import KeyValueLine
+from sd35m_mlx.prompts.infotext import split_infotext
 from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, stored_text, strip_tags
 from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
 from sd35m_mlx.sampling.noise import RNG_SOURCES
@@ -37,20 +37,10 @@ def parse_parameters(text: str) -> dict:
 
 def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
     """parse_parameters, and why each field that was present but invalid was left out (field -> message)."""
-    lines = text.strip().split("\n")
-    kv_line = KeyValueLine(lines[-1]) if lines else None
-    items = kv_line.items if kv_line is not None and len([k for k, _ in kv_line.items if k]) >= 3 else None
-    if items is not None:
-        lines.pop()
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:") :].strip()
-        (negative if in_negative else prompt).append(line)
-    text_prompt, _ = strip_tags("\n".join(prompt))  # the LoRA files are named in our JSON only
-    raw: dict = {"prompt": text_prompt, "negative_prompt": "\n".join(negative).strip()}
-    kv = dict(items or [])
+    prompt, negative, items = split_infotext(text)
+    text_prompt, _ = strip_tags(prompt)  # the LoRA files are named in our JSON only
+    raw: dict = {"prompt": text_prompt, "negative_prompt": negative}
+    kv = dict(items)
     invalid = {}
     ours = kv.get("Version", "").startswith("sd35m-mlx")
     if "Sampler" in kv:

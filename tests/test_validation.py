@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sd35m_mlx import StableDiffusion35
 from sd35m_mlx import validation as v
+from sd35m_mlx.prompts.infotext import KeyValueLine
 from sd35m_mlx.record import parameters_text, png_info
 from sd35m_mlx.validation import InvalidInput, InvalidType, InvalidValue, validate_generation
 from sd35m_mlx_cli import model as model_io
@@ -26,7 +27,6 @@ from sd35m_mlx_cli.main import cli
 from sd35m_mlx_cli.metadata import (
     JSON_KEY,
     MAX_FIELD_CHARS,
-    KeyValueLine,
     parse_parameters,
     parse_parameters_noting,
 )

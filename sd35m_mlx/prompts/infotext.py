@@ -76,9 +76,9 @@ class KeyValueLine:
             i = end + 1
 
 
-def infotext_parameters(text: str) -> dict:
-    """The infotext as A1111's parse_generation_parameters returns it (modules/infotext_utils.py): "Prompt",
-    "Negative prompt", every `Key: value` item as a string, and "Size-1"/"Size-2" for "Size"."""
+def split_infotext(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(prompt lines as written, negative prompt stripped, the `Key: value` items): the last line counts as the
+    items line only when it holds at least three keys, as A1111 reads it."""
     lines = text.strip().split("\n")
     items = KeyValueLine(lines[-1]).items if lines else []
     if len([k for k, _ in items if k]) >= 3:
@@ -91,7 +91,14 @@ def infotext_parameters(text: str) -> dict:
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    out: dict = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
+    return "\n".join(prompt), "\n".join(negative).strip(), items
+
+
+def infotext_parameters(text: str) -> dict:
+    """The infotext as A1111's parse_generation_parameters returns it (modules/infotext_utils.py): "Prompt",
+    "Negative prompt", every `Key: value` item as a string, and "Size-1"/"Size-2" for "Size"."""
+    prompt, negative, items = split_infotext(text)
+    out: dict = {"Prompt": prompt.strip(), "Negative prompt": negative}
     for key, value in items:
         if key:
             out[key] = value
