@@ -121,7 +121,12 @@ def test_webuiapi_controlnet_unit_with_canny_equals_library_canny(server, with_n
     raw = with_nets("edges").generate("a cat", control_image=picture, controlnet_conditioning_scale=1.2,
                                       control_guidance_start=0.25, seed=7, guidance_scale=4.5, **SMALL)[0]  # fmt: skip
     assert not np.array_equal(pixels(raw), pixels(want))
-    assert 'ControlNet 0: "Module: canny, Model: edges' in r.info["infotexts"][0]
+    recorded = 'ControlNet 0: "Module: canny, Model: edges, Image: (uploaded), Weight: 1.2, Threshold A: 50, '
+    assert recorded + 'Threshold B: 150, Guidance Start: 0.25, Guidance End: 1.0"' in r.info["infotexts"][0]
+    from sd35m_mlx_cli.metadata import checked_fields
+
+    stored, invalid = checked_fields(json.loads(r.image.info["sd35m-mlx"]))  # what --from-image restores
+    assert stored["control_thresholds"] == (50, 150) and stored["control_preprocess"] == "canny" and not invalid
     assert r.info["warnings"] == []
 
 
@@ -265,3 +270,32 @@ def test_serve_names_controlnets_by_stem_and_refuses_clashes_and_missing_files(n
         controlnet_names((str(nets["edges"]), str(tmp_path / "other" / "edges")))
     with pytest.raises(UsageError, match="no such folder"):
         controlnet_names((str(tmp_path / "missing.safetensors"),))
+
+
+def test_the_controlnet_conditions_whichever_model_is_resident(pipe, nets, with_nets):
+    """serve --model A --model B: a request switching to B runs the cached ControlNet on B, then A again on A."""
+    from sd35m_mlx import StableDiffusion35
+    from tests.server_helpers import RunningServer
+
+    def other():
+        return StableDiffusion35.from_pretrained("tiny-random", dtype="float32")
+
+    control = _edges(seed=5)
+    loaders = {"sd35m-tiny": lambda: pipe, "tiny-random": other}
+    with RunningServer(pipe, model_name="sd35m-tiny", loaders=loaders, controlnets={"edges": str(nets["edges"])}) as s:
+        with s.client() as http:
+            switch = {"override_settings": {"sd_model_checkpoint": "tiny-random"}}
+            r = txt2img(http, "a lamp", 8, unit(control, weight=0.9), **switch)
+            assert r.status_code == 200, r.text[:300]
+            on_a = txt2img(http, "a lamp", 8, unit(control, weight=0.9))
+            assert on_a.status_code == 200, on_a.text[:300]
+    from sd35m_mlx.loading.controlnet import load_controlnet
+
+    b = other()
+    b.controlnets = [load_controlnet(nets["edges"])]
+    want = b.generate("a lamp", control_image=control, controlnet_conditioning_scale=0.9, seed=8, **SMALL)[0]
+    assert np.array_equal(pixels(r.json()["images"][0]), pixels(want))
+    want = with_nets("edges").generate("a lamp", control_image=control, controlnet_conditioning_scale=0.9, seed=8,
+                                       **SMALL)[0]  # fmt: skip
+    assert np.array_equal(pixels(on_a.json()["images"][0]), pixels(want))
+    assert "Model: tiny-random" in json.loads(r.json()["info"])["infotexts"][0]

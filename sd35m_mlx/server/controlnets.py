@@ -109,6 +109,7 @@ class ControlPlan:
     start: float
     end: float
     module: str  # "none" or "canny", the same for every unit (the PNG records one)
+    thresholds: tuple[int, int] = CANNY_DEFAULTS  # canny's low and high
     library: ControlNetLibrary | None = field(default=None, repr=False)
 
     def generate_kwargs(self) -> dict:
@@ -128,6 +129,7 @@ class ControlPlan:
             control_start=self.start,
             control_end=self.end,
             control_preprocess=None if self.module == "none" else self.module,
+            control_thresholds=self.thresholds,
         )
 
     @contextmanager
@@ -181,7 +183,7 @@ def plan_from(scripts, library: ControlNetLibrary | None, size: tuple[int, int],
                                "guidance_end here (one value each is recorded)", "alwayson_scripts")  # fmt: skip
     images = [fit(preprocess(u.image, u.module, u.thresholds), size, u.resize_mode) for u in units]
     return ControlPlan([u.name for u in units], images, [u.weight for u in units], first.start, first.end,
-                       first.module, library)  # fmt: skip
+                       first.module, first.thresholds, library)  # fmt: skip
 
 
 def controlnet_block(scripts):
@@ -260,12 +262,10 @@ def _resize_mode(v, param: str) -> str:
 
 
 def preprocess(image: Image.Image, module: str, thresholds: tuple[int, int]) -> Image.Image:
-    """The unit's module on its image: the library's canny (editing/preprocess.py), or the image as given."""
-    if module == "none":
-        return image
-    from ..editing.preprocess import canny
+    """The unit's module on its image: the library's (editing/preprocess.py, as the CLI's --control-preprocess)."""
+    from ..editing.preprocess import preprocess as run
 
-    return canny(image, *thresholds)
+    return run(image, None if module == "none" else module, thresholds)
 
 
 def fit(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
