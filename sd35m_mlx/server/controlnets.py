@@ -172,7 +172,9 @@ def plan_from(scripts, library: ControlNetLibrary | None, size: tuple[int, int],
         param = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(raw, dict):
             raise RequestError(f"{param} must be a ControlNet unit object", param)
-        if _flag(raw.get("enabled", True)):  # webuiapi and older extension versions send enabled: true
+        # absent `enabled`: on, as the extension's API was before its pydantic unit (whose default is False);
+        # clients (webuiapi) send it
+        if _flag(raw.get("enabled", True)):
             units.append(_unit(raw, param, library, fallback, max_pixels, notes))
     if not units:
         return None
