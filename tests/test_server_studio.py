@@ -306,3 +306,27 @@ def test_img2img_to_another_size_equals_the_librarys_lanczos_resize(http, pipe):
     want = pipe.generate("a fox", image=lanczos(source, (128, 96)), strength=0.5, width=128, height=96,
                          num_inference_steps=2, seed=4, guidance_scale=5.0)[0]  # fmt: skip
     assert np.array_equal(got, pixels(want))  # upscale_generate's second pass, pixel for pixel
+
+
+# -- serve --output-dir -----------------------------------------------------------------------------------------
+
+
+def test_serve_output_dir_default_env_and_a_folder_it_cannot_make(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import sd35m_mlx.server.run as run
+    from sd35m_mlx_cli.main import cli
+
+    got = {}
+    monkeypatch.setattr(run, "serve", lambda pipe, **kw: got.update(kw))
+    args = ["serve", "--model", "tiny-random", "--port", "0"]
+    result = CliRunner().invoke(cli, args, env={"HOME": str(tmp_path), "SD35M_MLX_OUTPUT_DIR": None})
+    assert result.exit_code == 0, result.output
+    default = tmp_path / "Pictures" / "sd35m-mlx"
+    assert got["config"].output_dir == str(default) and not default.exists()  # made at the first save only
+    result = CliRunner().invoke(cli, args, env={"SD35M_MLX_OUTPUT_DIR": str(tmp_path / "env" / "out")})
+    assert result.exit_code == 0 and got["config"].output_dir == str(tmp_path / "env" / "out")
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        result = CliRunner().invoke(cli, [*args, "--output-dir", str(bad)])
+        assert result.exit_code == 2 and "--output-dir" in result.output and "Traceback" not in result.output
