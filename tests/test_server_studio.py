@@ -225,7 +225,7 @@ def test_path_of_refuses_what_is_not_a_plain_image_name(tmp_path, name):
 
 
 def test_history_urls_are_signed_for_img_src_and_deleting_needs_the_key(pipe, tmp_path):
-    write_png(tmp_path / "a.png", "p")
+    write_png(tmp_path / "a b é.png", "p")
     key = {"Authorization": "Bearer k"}
     with RunningServer(pipe, output_dir=str(tmp_path), api_key="k", signed_urls=True) as s:
         with httpx.Client(base_url=s.url, timeout=60) as http:
@@ -233,9 +233,9 @@ def test_history_urls_are_signed_for_img_src_and_deleting_needs_the_key(pipe, tm
             (item,) = http.get("/studio/history", headers=key).json()["items"]
             assert "sig=" in item["url"] and http.get(item["url"]).status_code == 200  # no key: an <img src>
             assert http.get(item["url"].split("?")[0]).status_code == 401
-            assert http.delete(item["url"]).status_code == 401 and (tmp_path / "a.png").exists()
+            assert http.delete(item["url"]).status_code == 401 and (tmp_path / "a b é.png").exists()
             assert http.get("/studio/history", headers={**key, "Origin": "http://evil.example"}).status_code == 403
-            assert http.delete(item["url"], headers=key).status_code == 200 and not (tmp_path / "a.png").exists()
+            assert http.delete(item["url"], headers=key).status_code == 200 and not (tmp_path / "a b é.png").exists()
 
 
 def test_listing_2000_images_is_fast_once_read(tmp_path):

@@ -175,7 +175,7 @@ class History:
                 continue
             found.append((d.name, (st.st_mtime_ns, st.st_size), st.st_mtime))
         with self._lock:
-            cache, self._cache = self._cache, {}
+            cache = dict(self._cache)
         fresh = {}
         for name, key, mtime in found:
             hit = cache.get(name)

@@ -65,7 +65,8 @@ def router(server) -> APIRouter:
         path = f"/studio/history/{quote(name, safe='')}"
         if server.signer is None:
             return path
-        return f"{path}?{server.signer.query(path, HISTORY_URL_LIFETIME_S)}"
+        signed = server.signer.query(f"/studio/history/{name}", HISTORY_URL_LIFETIME_S)  # the path as decoded
+        return f"{path}?{signed}"
 
     def item(e: Entry) -> dict:
         return {
