@@ -11,7 +11,9 @@ import click
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .options import generate_options
+from .output import check_writable
 
+DEFAULT_OUTPUT_DIR = "~/Pictures/sd35m-mlx"
 # The generate command's options that choose and load the model; serve takes them as they are.
 MODEL_OPTIONS = ("model", "revision", "t5", "quantize", "t5_quantize", "low_memory", "dtype")
 
@@ -53,6 +55,17 @@ def controlnet_names(sources: tuple[str, ...]) -> dict[str, str]:
     return named
 
 
+def check_output_dir(folder: Path) -> None:
+    """An --output-dir given: made if missing, and it must take files."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output-dir {folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {folder}: cannot create it: {e.strerror or e}") from None
+    check_writable(folder)
+
+
 @click.command("serve")
 @model_options
 @click.option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for every network (set a key).")
@@ -87,8 +100,11 @@ def controlnet_names(sources: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--output-dir",
     type=click.Path(file_okay=False),
+    envvar="SD35M_MLX_OUTPUT_DIR",
+    show_envvar=True,
     default=None,
-    help='Folder for images returned as response_format="url".  [default: a temporary folder, removed on exit]',
+    help="Folder of saved images, kept across restarts: the web page's history lists it, A1111 save_images writes "
+    f"NNNNN-SEED.png into it.  [default: {DEFAULT_OUTPUT_DIR}, made at the first save]",
 )
 @click.option(
     "--allowed-host",
@@ -146,8 +162,9 @@ def serve(
     if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
         raise UsageError(f"--lora-dir {lora_dir} is not a folder")
     controlnet_sources = controlnet_names(controlnets)
-    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UsageError(f"--output-dir {output_dir} is not a folder")
+    if output_dir is not None:  # chosen: checked now; the default is made when the first image is saved
+        check_output_dir(Path(output_dir).expanduser())
+    output_dir = str(Path(output_dir or DEFAULT_OUTPUT_DIR).expanduser())
 
     if signed_urls and not api_key:
         raise UsageError("--signed-urls needs --api-key (without a key every URL opens as it is)")

@@ -160,6 +160,7 @@ def test_controlnet_model_and_module_lists(http):
     assert modules["module_list"] == ["none", "canny"]
     assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [100, 200]
     assert http.get("/controlnet/version").json() == {"version": 3}
+    assert http.get("/studio/config").json()["controlnets"] == ["edges", "depth"]  # what the page offers
 
 
 def test_controlnet_detect_shows_the_canny_map_a_unit_conditions_on(http):
