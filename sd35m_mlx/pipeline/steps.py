@@ -96,6 +96,7 @@ def conditioning(s: GenerationSettings, do_cfg: bool, encode_prompt: Callable[..
         max_sequence_length=s.max_sequence_length,
         do_classifier_free_guidance=do_cfg,
         prompt_syntax=s.prompt_syntax,
+        text_encoding=s.text_encoding,
     )
 
 
