@@ -112,6 +112,13 @@ def parse_comfyui(graph: dict) -> tuple[dict, list[str]]:
             for src, field in (("scale", "slg_scale"), ("start_percent", "slg_start"), ("end_percent", "slg_stop")):
                 if src in ins:
                     raw[field] = ins[src]
+        elif kind == "CLIPTextEncodeSD3":
+            texts = [ins.get(k) for k in ("clip_l", "clip_g", "t5xxl")]
+            if len({t for t in texts if isinstance(t, str)}) > 1:
+                notes.append("CLIPTextEncodeSD3's separate clip_l / clip_g / t5xxl texts are not applied (one text "
+                             "for all three encoders)")  # fmt: skip
+        elif kind == "ConditioningZeroOut":
+            notes.append("ConditioningZeroOut is not applied (the prompt under it is encoded)")
         elif kind in ("LoraLoader", "LoraLoaderModelOnly"):
             notes.append(f"LoRA {ins.get('lora_name')!r} is not applied (pass it with --lora)")
     return raw, notes
