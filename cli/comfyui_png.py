@@ -6,7 +6,8 @@ executor ran); the latter names every input by the node classes of comfy/nodes.p
 scheduler, denoise), KSamplerAdvanced (noise_seed, ...), CLIPTextEncode (text), CLIPTextEncodeSD3 (clip_l,
 clip_g, t5xxl), ModelSamplingSD3 (shift), EmptySD3LatentImage (width, height, batch_size),
 SkipLayerGuidanceSD3 (layers, scale, start_percent, end_percent). ComfyUI draws its initial noise on the
-CPU from torch's generator, so the seed replays with rng "cpu". What we cannot apply is named in a note.
+CPU from torch's generator, so the seed replays with rng "cpu", and its prompts with text encoding "comfyui"
+(T5's length, ComfyUI's weight syntax). What we cannot apply is named in a note.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def parse_comfyui(graph: dict) -> tuple[dict, list[str]]:
         notes.append(f"the graph has {len(samplers)} sampler nodes; read the first")
     node = samplers[0]
     inputs = node["inputs"]
-    raw: dict = {"rng": "cpu", "slg": False}
+    # ComfyUI's text encoding and weight syntax (sd35m_mlx/prompts/comfyui.py); its noise: torch's CPU generator
+    raw: dict = {"rng": "cpu", "slg": False, "text_encoding": "comfyui", "prompt_syntax": "weighted"}
     advanced = node["class_type"] == "KSamplerAdvanced"
     seed = inputs.get("noise_seed" if advanced else "seed")
     for name, value in (("seed", seed), ("steps", inputs.get("steps")), ("cfg", inputs.get("cfg"))):
@@ -110,6 +112,13 @@ def parse_comfyui(graph: dict) -> tuple[dict, list[str]]:
             for src, field in (("scale", "slg_scale"), ("start_percent", "slg_start"), ("end_percent", "slg_stop")):
                 if src in ins:
                     raw[field] = ins[src]
+        elif kind == "CLIPTextEncodeSD3":
+            texts = [ins.get(k) for k in ("clip_l", "clip_g", "t5xxl")]
+            if len({t for t in texts if isinstance(t, str)}) > 1:
+                notes.append("CLIPTextEncodeSD3's separate clip_l / clip_g / t5xxl texts are not applied (one text "
+                             "for all three encoders)")  # fmt: skip
+        elif kind == "ConditioningZeroOut":
+            notes.append("ConditioningZeroOut is not applied (the prompt under it is encoded)")
         elif kind in ("LoraLoader", "LoraLoaderModelOnly"):
             notes.append(f"LoRA {ins.get('lora_name')!r} is not applied (pass it with --lora)")
     return raw, notes

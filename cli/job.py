@@ -208,6 +208,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             shift=float(params["shift"]) if params["shift"] is not None else None,
             rng=str(params["rng"]),
             prompt_syntax=str(params["prompt_syntax"]),
+            text_encoding=str(params["text_encoding"]),
             slg=bool(params["slg"]),
             slg_scale=float(params["slg_scale"]),
             max_sequence_length=int(params["max_sequence_length"]),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sd35m_mlx.defaults import PROMPT_SYNTAXES
+from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS
 from sd35m_mlx.prompts.infotext import split_infotext
 from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, stored_text, strip_tags
 from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
@@ -67,6 +67,8 @@ def parse_parameters_noting(text: str) -> tuple[dict, dict[str, str]]:
             invalid[key] = f"{key} {_short(kv[key])} is not applied"
     if "Prompt syntax" in kv:
         raw["prompt_syntax"] = kv["Prompt syntax"]
+    if "Text encoding" in kv:
+        raw["text_encoding"] = kv["Text encoding"]
     for key, name, kind in (
         ("Steps", "steps", int),
         ("CFG scale", "cfg", float),
@@ -124,6 +126,7 @@ def _field_rules() -> dict:
         "shift": optional(lambda x, n: v.real(x, n, 0.0, 1e6, open_low=True)),
         "rng": lambda x, n: v.choice(x, n, RNG_SOURCES),
         "prompt_syntax": lambda x, n: v.choice(x, n, PROMPT_SYNTAXES),
+        "text_encoding": lambda x, n: v.choice(x, n, TEXT_ENCODINGS),
         "slg": v.boolean,
         "slg_layers": lambda x, n: v.layer_indices(x, n, None) or (),
         "slg_scale": lambda x, n: v.real(x, n, 0.0, v.MAX_GUIDANCE),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sd35m_mlx.defaults import PROMPT_SYNTAXES
+from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS
 from sd35m_mlx.record import QUALITY
 from sd35m_mlx.sampling.noise import RNG_SOURCES
 from sd35m_mlx.sampling.schedulers import SCHEDULERS
@@ -43,6 +43,7 @@ RESTORABLE = {
     "shift": "shift",
     "rng": "rng",
     "prompt_syntax": "prompt_syntax",
+    "text_encoding": "text_encoding",
     "slg": "slg",
     "slg_scale": "slg_scale",
     "max_sequence_length": "max_sequence_length",
@@ -160,6 +161,14 @@ OPTIONS = [
         default="weighted",
         help="weighted: AUTOMATIC1111's prompt syntax, (word:1.3) [word] BREAK, and prompts longer than 77 CLIP "
         "tokens (in chunks); plain: the text as diffusers encodes it. A PNG from before this option replays plain.",
+    ),
+    click.option(
+        "--text-encoding",
+        type=click.Choice(TEXT_ENCODINGS),
+        default=_D.text_encoding,
+        help="diffusers: T5 padded and cut to --max-sequence-length; comfyui: as ComfyUI's CLIPTextEncode for SD3 "
+        "(T5 at least 77 tokens, never cut; ComfyUI's (word:1.2) syntax, no [word] or BREAK). ComfyUI PNGs replay "
+        "with comfyui.",
     ),
     option_with_default_in_help(
         "--slg/--no-slg",

@@ -63,6 +63,7 @@ OPTION_NAMES = {
     "max_sequence_length": "--max-sequence-length",
     "sampler": "--sampler",
     "prompt_syntax": "--prompt-syntax",
+    "text_encoding": "--text-encoding",
     "skip_guidance_layers": "the --from-image PNG's SLG layers",  # the CLI takes them only from a PNG
     "skip_layer_guidance_scale": "--slg-scale",
     "skip_layer_guidance_start": "the --from-image PNG's SLG start",

@@ -20,6 +20,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # long prompts (prompts/weighted.py; the CLI's and the server's default, as A1111 users expect)
 PROMPT_SYNTAXES = ("plain", "weighted")
 PROMPT_SYNTAX = "plain"
+# how the three encoders' outputs are made: "diffusers" (encode_prompt: T5 at max_sequence_length) or "comfyui"
+# (ComfyUI's CLIPTextEncode for SD3: T5 at least 77 tokens and uncut, its syntax; prompts/comfyui.py)
+TEXT_ENCODINGS = ("diffusers", "comfyui")
+TEXT_ENCODING = "diffusers"
 
 MULTIPLE = 16  # image sides: VAE factor 8 x patch size 2
 

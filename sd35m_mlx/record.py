@@ -38,6 +38,7 @@ class Settings:
     shift: float | None = None  # None: the model's own
     rng: str = D.RNG  # a PNG that does not record it drew its noise with "mlx" (cli/metadata.py)
     prompt_syntax: str = "plain"  # a PNG that does not record it was encoded plain (the CLI's default is weighted)
+    text_encoding: str = D.TEXT_ENCODING  # "diffusers" or "comfyui"; absent from a PNG: diffusers
     slg: bool = True
     slg_layers: tuple[int, ...] = D.SLG_LAYERS
     slg_scale: float = D.SLG_SCALE
@@ -101,6 +102,7 @@ class Settings:
             shift=self.shift,
             rng=self.rng,
             prompt_syntax=self.prompt_syntax,
+            text_encoding=self.text_encoding,
             skip_guidance_layers=list(self.slg_layers) if self.slg else None,
             skip_layer_guidance_scale=self.slg_scale,
             skip_layer_guidance_start=self.slg_start,
@@ -180,6 +182,8 @@ def parameters_text(s: Settings, version: str) -> str:
         items["Shift"] = s.shift
     if s.prompt_syntax != "plain":  # absent: plain, as every PNG written before the option
         items["Prompt syntax"] = s.prompt_syntax
+    if s.text_encoding != D.TEXT_ENCODING:  # absent: diffusers, as every PNG written before the option
+        items["Text encoding"] = s.text_encoding
     if s.image is not None:
         items["Denoising strength"] = s.strength
     if s.slg and s.cfg > 1:

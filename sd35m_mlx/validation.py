@@ -90,6 +90,7 @@ class GenerationSettings:
     shift: float | None = None  # None: the model's scheduler config
     rng: str = D.RNG  # "cpu", "nv" or "mlx" (sampling/noise.py)
     prompt_syntax: str = D.PROMPT_SYNTAX  # "plain" or "weighted"
+    text_encoding: str = D.TEXT_ENCODING  # "diffusers" or "comfyui" (prompts/comfyui.py)
     skip_guidance_layers: Sequence[int] | None = None
     skip_layer_guidance_scale: float = D.SLG_SCALE
     skip_layer_guidance_start: float = D.SLG_START
@@ -298,6 +299,7 @@ class _Validator:
             shift=None if s.shift is None else real(s.shift, n("shift"), 0.0, 1e6, open_low=True),
             rng=choice(s.rng, n("rng"), RNG_SOURCES),
             prompt_syntax=choice(s.prompt_syntax, n("prompt_syntax"), D.PROMPT_SYNTAXES),
+            text_encoding=choice(s.text_encoding, n("text_encoding"), D.TEXT_ENCODINGS),
             skip_guidance_layers=layer_indices(
                 s.skip_guidance_layers, n("skip_guidance_layers"), self.limits and self.limits.num_layers
             ),

@@ -103,7 +103,7 @@ def _comfyui_graph(**sampler_inputs):
             "layers": "7, 8, 9", "scale": 3.0, "start_percent": 0.01, "end_percent": 0.15, "model": ["4", 0]}},
         "16": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse, dusk", "clip": ["4", 1]}},
         "40": {"class_type": "CLIPTextEncodeSD3", "inputs": {
-            "clip_l": "", "clip_g": "", "t5xxl": "blurry", "empty_padding": "none", "clip": ["4", 1]}},
+            "clip_l": "blurry", "clip_g": "blurry", "t5xxl": "blurry", "empty_padding": "none", "clip": ["4", 1]}},
         "53": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 832, "height": 1216, "batch_size": 1}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
@@ -118,9 +118,28 @@ def test_from_image_reads_a_comfyui_png(fake):  # noqa: F811
     want = dict(prompt="a lighthouse, dusk", negative_prompt="blurry", seed=424242, num_inference_steps=28,
                 guidance_scale=5.5, sampler="dpmpp_2m", scheduler="sgm_uniform", shift=3.5, rng="cpu", width=832,
                 height=1216, skip_guidance_layers=[7, 8, 9], skip_layer_guidance_scale=3.0,
-                skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.15)  # fmt: skip
+                skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.15, text_encoding="comfyui",
+                prompt_syntax="weighted")  # fmt: skip
     assert {k: call[k] for k in want} == want
     assert not [line for line in result.output.splitlines() if line.startswith("Note:")]
+
+
+def test_text_encoding_is_an_option_recorded_and_replayed(fake):  # noqa: F811
+    result = invoke("a cat", "--text-encoding", "comfyui", "-o", "c.png")
+    assert result.exit_code == 0, result.output
+    assert fake.calls[-1]["text_encoding"] == "comfyui"
+    assert "Text encoding: comfyui" in Image.open("c.png").text["parameters"]
+    assert invoke("--from-image", "c.png", "-o", "again.png").exit_code == 0
+    assert fake.calls[-1]["text_encoding"] == "comfyui"
+    assert invoke("a cat", "-o", "d.png").exit_code == 0
+    assert fake.calls[-1]["text_encoding"] == "diffusers"
+    assert "Text encoding" not in Image.open("d.png").text["parameters"]  # PNGs before the option: diffusers
+    _png("a1111.png", parameters="a cat\nSteps: 20, Sampler: Euler, Seed: 1, Text encoding: comfy")
+    result = invoke("--from-image", "a1111.png", "-o", "bad.png")
+    assert result.exit_code == 0 and "text_encoding" in result.output, result.output
+    assert fake.calls[-1]["text_encoding"] == "diffusers"
+    result = invoke("a cat", "--text-encoding", "comfy")
+    assert result.exit_code == 2 and "comfyui" in result.output
 
 
 def test_comfyui_png_notes_what_it_cannot_apply(fake):  # noqa: F811
@@ -134,5 +153,14 @@ def test_comfyui_png_notes_what_it_cannot_apply(fake):  # noqa: F811
     notes = "\n".join(line for line in result.output.splitlines() if line.startswith("Note:"))
     assert "denoise 0.6" in notes and "batch_size 4" in notes
     assert "dpmpp_2m_sde_gpu" in notes and "AYS SD3" in notes
+    assert "CLIPTextEncodeSD3" not in notes and "ConditioningZeroOut" not in notes
+
+    graph["40"]["inputs"].update(clip_l="", clip_g="")  # ComfyUI leaves CLIP out of this negative
+    graph["41"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["40", 0]}}
+    graph["3"]["inputs"]["negative"] = ["41", 0]
+    _png("zero.png", prompt=json.dumps(graph))
+    result = invoke("--from-image", "zero.png")
+    assert result.exit_code == 0, result.output
+    assert "clip_l / clip_g / t5xxl" in result.output and "ConditioningZeroOut is not applied" in result.output
     call = fake.calls[-1]
     assert (call["sampler"], call["scheduler"], call["skip_guidance_layers"]) == ("euler", "normal", None)

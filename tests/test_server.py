@@ -205,7 +205,7 @@ def test_every_field_real_clients_send_is_accepted(server, http):
     assert any("'Latent' is not available; ran Lanczos" in w for w in info["warnings"])  # hires fix: server/hires.py
     assert ignored == {"hr_checkpoint_name", "subseed", "subseed_strength",
                        "restore_faces", "tiling", "script_name", "script_args", "alwayson_scripts",
-                       "override_settings", "styles", "some_future_field"}  # fmt: skip
+                       "override_settings.CLIP_stop_at_last_layers", "styles", "some_future_field"}  # fmt: skip
     quiet = {**payload, "subseed": -1, "tiling": False, "styles": [], "alwayson_scripts": {}, "enable_hr": False}
     quiet = {
         k: v

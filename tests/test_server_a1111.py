@@ -250,3 +250,37 @@ def test_enable_hr_by_size_and_too_big(server, http):
     assert r.status_code == 400 and "hires size" in r.text and submitted == []  # refused before any work
     r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_scale": 0.5})
     assert r.status_code == 400 and "hr_scale" in r.text
+
+
+@pytest.mark.parametrize("source, rng, label", [("CPU", "cpu", "CPU"), ("NV", "nv", "NV"), ("GPU", "nv", "NV")])
+def test_override_randn_source_picks_the_noise(http, pipe, source, rng, label):
+    """A1111's modules/rng.py: CPU is torch's CPU generator, NV the Philox port, GPU (CUDA) the stream NV ports."""
+    payload = {**TINY, "override_settings": {"randn_source": source, "CLIP_stop_at_last_layers": 2}}
+    r = http.post("/sdapi/v1/txt2img", json=payload)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]), pixels(pipe.generate(**KWARGS, rng=rng)[0]))
+    assert f"RNG: {label}" in info["infotexts"][0]
+    assert info["warnings"] == ["override_settings.CLIP_stop_at_last_layers=2 is not supported here; ignored"]
+
+
+def test_unknown_randn_source_is_a_400_naming_the_choices(http):
+    r = http.post("/sdapi/v1/txt2img", json={**TINY, "override_settings": {"randn_source": "XPU"}})
+    assert r.status_code == 400 and "choose one of GPU, CPU, NV" in r.text
+
+
+@pytest.mark.parametrize("path", ["/sdapi/v1/txt2img", "/v1/images/generations"])
+def test_text_encoding_extension_encodes_as_comfyui(http, pipe, path):
+    if path.startswith("/sdapi"):
+        payload = {**TINY, "prompt": "a (red:1.3) cube", "text_encoding": "comfyui"}
+    else:
+        payload = {"prompt": "a (red:1.3) cube", "size": "64x64", "steps": 1, "seed": 5, "guidance_scale": 4.0,
+                   "text_encoding": "comfyui", "response_format": "b64_json"}  # fmt: skip
+    r = http.post(path, json=payload)
+    assert r.status_code == 200, r.text
+    image = r.json()["images"][0] if path.startswith("/sdapi") else r.json()["data"][0]["b64_json"]
+    kwargs = {**KWARGS, "prompt": "a (red:1.3) cube", "prompt_syntax": "weighted"}
+    np.testing.assert_array_equal(pixels(image), pixels(pipe.generate(**kwargs, text_encoding="comfyui")[0]))
+    assert not np.array_equal(pixels(image), pixels(pipe.generate(**kwargs)[0]))
+    assert "Text encoding: comfyui" in Image.open(io.BytesIO(base64.b64decode(image))).text["parameters"]
+    assert http.post(path, json={**payload, "text_encoding": "comfy"}).status_code in (400, 422)

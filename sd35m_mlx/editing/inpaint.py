@@ -26,16 +26,21 @@ class InpaintBlend(StepExtra):
     Every model evaluation sees the known region noised to its own sigma, as ComfyUI's KSamplerX0Inpaint
     feeds it: for a step's first evaluation that is what the previous step's blend left (the mask is 0/1,
     so blending again changes nothing); a sampler's extra evaluations (heun's at sigma_next, midpoints)
-    would otherwise see its own estimate of the known region."""
+    would otherwise see its own estimate of the known region.
 
-    def __init__(self, image_latents: mx.array, noise: mx.array, mask: mx.array):
+    `model_noise` (default: `noise`) is the noise in the known region the model sees: ComfyUI's "ddim" draws
+    it afresh from seed + 1 (comfy/samplers.py KSAMPLER.sample, inpaint_options "random", at a125cd84), while
+    the latents carried between steps keep the initial noise there, as its sampler's own x does."""
+
+    def __init__(self, image_latents: mx.array, noise: mx.array, mask: mx.array, model_noise: mx.array | None = None):
         self.image_latents = image_latents
         self.noise = noise
+        self.model_noise = noise if model_noise is None else model_noise
         self.mask = mask  # (1 or B, h, w, 1), 1 = repaint
 
     def model_latents(self, step: Step, x: mx.array) -> mx.array:
         s = step.sigma
-        return (1 - self.mask) * (s * self.noise + (1.0 - s) * self.image_latents) + self.mask * x
+        return (1 - self.mask) * (s * self.model_noise + (1.0 - s) * self.image_latents) + self.mask * x
 
     def after_step(self, step: Step, x_in: mx.array, velocity: mx.array, x: mx.array) -> mx.array:
         if step.count == step.total:  # the last step: the clean image latents

@@ -230,6 +230,14 @@ def assemble(
     clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
     context = mx.concatenate([clip, t5], axis=1)
     pooled = mx.concatenate(list(clip_pooled), axis=-1)
+    return split_rows(context, pooled, batch, num_images_per_prompt, do_classifier_free_guidance)
+
+
+def split_rows(
+    context: mx.array, pooled: mx.array, batch: int, num_images_per_prompt: int, do_classifier_free_guidance: bool
+) -> tuple[mx.array, mx.array | None, mx.array, mx.array | None]:
+    """encode_prompt's 4-tuple from the context and pooled rows (prompts, then negatives), each repeated per
+    image; evaluated."""
     if num_images_per_prompt > 1:
         context = mx.repeat(context, num_images_per_prompt, axis=0)
         pooled = mx.repeat(pooled, num_images_per_prompt, axis=0)

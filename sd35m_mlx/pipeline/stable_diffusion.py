@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..defaults import PROMPT_SYNTAXES
+from ..defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS
 from ..images import decode_latents, to_output
 from ..loading import hub
 from ..loading.parts import PipelineParts
@@ -23,6 +23,7 @@ from ..loading.taesd import TAESD3_REPO, load_taesd
 from ..lora import LoraMixin
 from ..models.mmdit import SD3Transformer2DModel
 from ..models.prompt_encoder import PromptEncoder
+from ..prompts.comfyui import encode_prompt_comfyui
 from ..prompts.weighted import encode_prompt_weighted
 from ..quantize import quantize_parts
 from ..sampling.cancel import Cancellation, cancellable
@@ -206,22 +207,37 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
 
     @serialized
     def encode_prompt(
-        self, prompt, negative_prompt="", prompt_2=None, prompt_3=None, *, prompt_syntax: str = "plain", **kwargs
+        self,
+        prompt,
+        negative_prompt="",
+        prompt_2=None,
+        prompt_3=None,
+        *,
+        prompt_syntax: str = "plain",
+        text_encoding: str = "diffusers",
+        **kwargs,
     ):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as diffusers returns them.
 
         `prompt_syntax`: "plain" encodes as diffusers does; "weighted" reads A1111's syntax (`(x:1.2)`, `[x]`,
-        BREAK) and prompts longer than 77 CLIP tokens (prompts/weighted.py). In low_memory mode with the
-        encoders released, T5 loads and runs alone, then the two CLIPs."""
+        BREAK) and prompts longer than 77 CLIP tokens (prompts/weighted.py). `text_encoding="comfyui"` encodes
+        as ComfyUI's CLIPTextEncode for SD3 (prompts/comfyui.py: T5 at least 77 tokens and uncut, ComfyUI's
+        weight syntax unless prompt_syntax is "plain"). In low_memory mode with the encoders released, T5
+        loads and runs alone, then the two CLIPs."""
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise ValueError(f"unknown prompt_syntax {prompt_syntax!r}; choose one of {', '.join(PROMPT_SYNTAXES)}")
+        if text_encoding not in TEXT_ENCODINGS:
+            raise ValueError(f"unknown text_encoding {text_encoding!r}; choose one of {', '.join(TEXT_ENCODINGS)}")
         if self.low_memory and self._reload is not None and self.prompt_encoder is None:
             encoder = self._reload("prompt_encoder").prompt_encoder  # lazy: each stage reads its encoders
             self._lora_attach("prompt_encoder", encoder)  # text encoder LoRAs, on the lazy weights
             kwargs["stage"] = _loaded_for_stage(encoder)
         else:
             encoder = self._component("prompt_encoder")
-        encode = encoder.encode_prompt if prompt_syntax == "plain" else partial(encode_prompt_weighted, encoder)
+        if text_encoding == "comfyui":
+            encode = partial(encode_prompt_comfyui, encoder, weighted=prompt_syntax == "weighted")
+        else:
+            encode = encoder.encode_prompt if prompt_syntax == "plain" else partial(encode_prompt_weighted, encoder)
         embeds = encode(prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, prompt_3=prompt_3, **kwargs)
         mx.eval([e for e in embeds if e is not None])  # evaluated: usable from any thread (threads.py)
         return embeds
@@ -304,6 +320,7 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         shift: float | None = None,
         rng: str = "cpu",
         prompt_syntax: str = "plain",
+        text_encoding: str = "diffusers",
         skip_guidance_layers: Sequence[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
@@ -339,7 +356,8 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         as `encode_prompt` returns them) skip text encoding; they are repeated num_images_per_prompt times.
         `preview` ("rgb" or "taesd") calls `on_preview(step, total, PIL.Image)` with the current
         estimate of the first image every `preview_every` steps and on the last (sampling/preview.py).
-        `prompt_syntax="weighted"` reads A1111's prompt syntax and long prompts (see `encode_prompt`).
+        `prompt_syntax="weighted"` reads A1111's prompt syntax and long prompts (see `encode_prompt`);
+        `text_encoding="comfyui"` encodes prompts as ComfyUI does for SD3 (see `encode_prompt`).
         `decoder="taesd"` decodes with the tiny TAESD3 decoder (fast drafts) instead of the VAE.
         `cancel()` from another thread raises GenerationCancelled at the next step boundary.
 

@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..defaults import MAX_SEED
 from ..editing.control import ControlNetResiduals, check_control, control_units
 from ..editing.inpaint import InpaintBlend, prepare_inpaint
 from ..images import from_pil_or_array, to_output
@@ -26,6 +27,7 @@ from ..sampling.loop import StepCallback, StepExtra
 from ..sampling.memory import bounded_work
 from ..sampling.noise import NoiseGenerator, latent_noise
 from ..sampling.preview import Preview, latent_rgb
+from ..sampling.samplers import sampler_class
 from ..sampling.schedule import img2img_start_index
 from ..validation import GenerationSettings, ModelLimits, validate_generation
 
@@ -96,6 +98,7 @@ def conditioning(s: GenerationSettings, do_cfg: bool, encode_prompt: Callable[..
         max_sequence_length=s.max_sequence_length,
         do_classifier_free_guidance=do_cfg,
         prompt_syntax=s.prompt_syntax,
+        text_encoding=s.text_encoding,
     )
 
 
@@ -187,7 +190,9 @@ def step_extras(
             )
         )
     if canvas.inpaint is not None:  # re-imposes the unmasked region after every step
-        extras.append(InpaintBlend(begin.z, begin.noise, canvas.inpaint.latent_mask))
+        random = sampler_class(s.sampler).random_inpaint_noise  # ddim: the model sees seed + 1's noise there
+        model_noise = inpaint_noise(s.seed, begin.noise.shape, s.rng) if random else None
+        extras.append(InpaintBlend(begin.z, begin.noise, canvas.inpaint.latent_mask, model_noise))
     if s.callback is not None:
         extras.append(StepCallback(s.callback))
     if s.preview is not None:
@@ -229,6 +234,15 @@ def initial_noise(latents, shape: tuple[int, ...], seed: int | Sequence[int] | N
     if isinstance(seed, (list, tuple)):
         return mx.concatenate([latent_noise(NoiseGenerator(s, rng), (1, *shape[1:])) for s in seed])
     return latent_noise(NoiseGenerator(_seed_or_random(seed), rng), shape)
+
+
+def inpaint_noise(seed: int | Sequence[int] | None, shape: tuple[int, ...], rng: str = "cpu") -> mx.array:
+    """The known region's noise of a `random_inpaint_noise` sampler (ddim): ComfyUI's torch.randn of the batch
+    from a generator seeded seed + 1 (comfy/samplers.py KSAMPLER.sample at a125cd84), through our `rng`
+    source; a list of seeds: each image's seed + 1. Seeds wrap at 2^64."""
+    if isinstance(seed, (list, tuple)):
+        return initial_noise(None, shape, [(s + 1) % (MAX_SEED + 1) for s in seed], rng)
+    return initial_noise(None, shape, None if seed is None else (seed + 1) % (MAX_SEED + 1), rng)
 
 
 def sampler_noise(seed: int | Sequence[int] | None, rng: str = "cpu") -> Callable[[tuple[int, ...]], mx.array]:

@@ -39,11 +39,16 @@ Tokens = tuple[list[int], list[float]]  # ids, one weight per id
 
 def _fragment_ids(tokenizer, parsed: Parsed) -> list[list[int]]:
     texts = [text for text, _ in parsed]
+    if not texts:
+        return []
     return tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
 
 
-def clip_chunks(tokenizer, parsed: Parsed, chunk_length: int = 75) -> list[Tokens]:
-    """A parsed prompt as CLIP chunks of `chunk_length` + 2 ids (BOS, tokens, EOS, padding)."""
+def clip_chunks(tokenizer, parsed: Parsed, chunk_length: int = 75, word_length: int | None = None) -> list[Tokens]:
+    """A parsed prompt as CLIP chunks of `chunk_length` + 2 ids (BOS, tokens, EOS, padding).
+
+    `word_length` (ComfyUI's SDTokenizer `max_word_length`, 8): a fragment of fewer tokens that would straddle a
+    chunk boundary starts the next chunk whole; None fills every chunk (A1111 without its comma backtracking)."""
     chunks: list[Tokens] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -63,6 +68,8 @@ def clip_chunks(tokenizer, parsed: Parsed, chunk_length: int = 75) -> list[Token
         if is_break(text, weight):
             close()
             continue
+        if word_length is not None and len(fragment) < word_length and len(ids) + len(fragment) > chunk_length:
+            close()
         for token in fragment:
             if len(ids) == chunk_length:
                 close()
@@ -94,11 +101,17 @@ def _apply_weights(z: mx.array, z_empty: mx.array, weights: np.ndarray) -> mx.ar
 
 
 def _clip(
-    encoder: PromptEncoder, index: int, per_row: list[list[Tokens]], skips: list[int | None], n_chunks: int
+    encoder: PromptEncoder,
+    index: int,
+    per_row: list[list[Tokens]],
+    skips: list[int | None],
+    n_chunks: int,
+    projected: bool = True,
 ) -> tuple[mx.array, mx.array]:
     """((rows, n_chunks * 77, width) weighted states, (rows, pooled width) first-chunk pooled) of CLIP-L (0) / G (1).
 
-    Rows with fewer than n_chunks chunks are padded with empty-prompt chunks."""
+    Rows with fewer than n_chunks chunks are padded with empty-prompt chunks. `projected=False` pools before
+    the text projection (ComfyUI's CLIP-L for SD3)."""
     tokenizer = (encoder.tokenizer, encoder.tokenizer_2)[index]
     model = (encoder.text_encoder, encoder.text_encoder_2)[index]
     length = encoder.clip_max_length
@@ -110,7 +123,8 @@ def _clip(
     weights = np.array([w for _, w in tokens], dtype=np.float64)
     weighted = bool((weights != 1.0).any())
     ids = [t for t, _ in tokens] + ([empty[0]] if weighted else [])
-    out = model(mx.array(np.array(ids, dtype=np.int32)))
+    ids = mx.array(np.array(ids, dtype=np.int32))
+    out = model(ids)
 
     row_skips = list(skips) * n_chunks
     states = hidden_layer(out.hidden_states, row_skips)
@@ -118,7 +132,11 @@ def _clip(
         z_empty = mx.stack([out.hidden_states[-((s or 0) + 2)][-1] for s in row_skips])
         states = _apply_weights(states, z_empty, weights)
     states = states.reshape(n_chunks, rows, length, -1).transpose(1, 0, 2, 3).reshape(rows, n_chunks * length, -1)
-    return states.astype(encoder.dtype), out.text_embeds[:rows].astype(encoder.dtype)
+    if projected:
+        pooled = out.text_embeds[:rows]
+    else:
+        pooled = out.last_hidden_state[mx.arange(rows), model.text_model.pool_positions(ids[:rows])]
+    return states.astype(encoder.dtype), pooled.astype(encoder.dtype)
 
 
 def _t5(encoder: PromptEncoder, parsed: list[Parsed], max_sequence_length: int) -> mx.array:

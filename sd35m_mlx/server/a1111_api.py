@@ -5,7 +5,10 @@ Takes the whole payload real clients send (hires fix, subseeds, scripts, overrid
 fields we do not support are ignored and named in `info.warnings` (a1111_fields.py); a sampler or scheduler
 we do not have is a 400 naming the ones we run (sampling/labels.py maps A1111's labels to ours).
 Nothing in a payload can name a file: `sd_model_checkpoint` (in /options or `override_settings`) picks one of
-the titles `serve --model` listed at start (server/models.py); other override_settings are ignored.
+the titles `serve --model` listed at start (server/models.py); `randn_source` picks the noise source
+(`randn_source()`); other override_settings are named in `info.warnings`. Prompts are encoded as diffusers
+encodes them, with A1111's syntax (`text_encoding` "comfyui" is an extension field). A1111's `info` JSON has no
+scheduler key (modules/processing.py `Processed.js`): the schedule is in each infotext's `Schedule type`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,19 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from ..defaults import SAMPLER, SAMPLERS, SCHEDULER
+from ..defaults import SAMPLER, SAMPLERS, SCHEDULER, TEXT_ENCODINGS
 from ..prompts.infotext import infotext_parameters
 from ..record import PARAMETERS_KEY, Settings, parameters_text, stored_text
-from ..sampling.labels import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
+from ..sampling.labels import (
+    SAMPLER_LABELS,
+    SCHEDULER_LABELS,
+    rng_from_label,
+    sampler_from_label,
+    sampler_label,
+    scheduler_from_label,
+)
 from ..sampling.schedulers import SCHEDULERS
-from .a1111_fields import ignored_notes
+from .a1111_fields import ignored_notes, override_notes
 from .controlnets import decode_plan
 from .errors import RequestError
 from .hires import HIRES_FIELDS, apply_hires
@@ -58,6 +68,7 @@ class Txt2ImgBody(BaseModel):
     scheduler: str | None = None
     prompt_syntax: Literal["weighted", "plain"] | None = None  # extension: "plain" as diffusers encodes
     save_images: bool | None = False  # into serve's output folder, the history (server/history.py)
+    text_encoding: Literal[TEXT_ENCODINGS] | None = None  # extension: "comfyui" as ComfyUI encodes; default diffusers
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -98,9 +109,12 @@ def spec_from(body: Txt2ImgBody, limits, hires: bool = False) -> Spec:
     )
     settings = replace(settings, prompt_syntax=body.prompt_syntax or "weighted")  # A1111 reads its syntax
     spec = Spec(settings, seeds=seeds_for(seed, n, limits, "batch_size"))
+    spec.given(text_encoding=body.text_encoding)
     extra = dict(body.model_extra or {})
-    if isinstance(extra.get("override_settings"), dict):  # the checkpoint is ours to act on (checkpoint_override)
-        extra["override_settings"] = {k: v for k, v in extra["override_settings"].items() if k != "sd_model_checkpoint"}
+    if isinstance(extra.get("override_settings"), dict):  # checkpoint_override acts on sd_model_checkpoint
+        overrides = extra.pop("override_settings")
+        spec.given(rng=randn_source(overrides.get("randn_source")))
+        spec.notes.extend(override_notes(overrides))
     if isinstance(extra.get("alwayson_scripts"), dict):  # the ControlNet units are ours (server/controlnets.py)
         scripts = extra["alwayson_scripts"].items()
         extra["alwayson_scripts"] = {k: v for k, v in scripts if str(k).lower() != "controlnet"}
@@ -110,6 +124,19 @@ def spec_from(body: Txt2ImgBody, limits, hires: bool = False) -> Spec:
     if hires:
         apply_hires(extra, spec, extra.get("denoising_strength"))
     return spec
+
+
+def randn_source(value) -> str | None:
+    """Our rng for A1111's `randn_source` option (modules/rng.py): CPU is torch's CPU generator ("cpu"), NV its
+    Philox port ("nv"); GPU is torch's generator on the device, on CUDA the Philox stream NV reproduces, so "nv"
+    (on a Mac, A1111 draws GPU noise on the CPU: send CPU for that picture). None: not given."""
+    if value is None:
+        return None
+    rng = rng_from_label(value) if isinstance(value, str) else None
+    if rng is None or rng == "mlx":
+        message = f"unknown override_settings.randn_source {value!r}; choose one of GPU, CPU, NV"
+        raise RequestError(message, "randn_source")
+    return rng
 
 
 def checkpoint_override(body: Txt2ImgBody, spec: Spec, served: dict) -> None:

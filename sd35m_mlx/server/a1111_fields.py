@@ -56,6 +56,20 @@ def _same(value: Any, default: Any) -> bool:
     return isinstance(value, (list, dict, str)) and not value
 
 
+# override_settings keys the server acts on: the checkpoint (a1111_api.checkpoint_override) and the noise source
+OVERRIDES = frozenset({"sd_model_checkpoint", "randn_source"})
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+
+
+def override_notes(overrides: dict[str, Any]) -> list[str]:
+    """One note per override_settings key we do not act on (A1111 applies any of its options there)."""
+    return [f"override_settings.{k}={_shown(v)} is not supported here; ignored" for k, v in overrides.items()
+            if k not in OVERRIDES]  # fmt: skip
+
+
 def ignored_notes(extra: dict[str, Any]) -> list[str]:
     """One note per field sent with an effect we do not have (unknown fields included: A1111 adds some
     every release), for `info.warnings`."""
@@ -66,6 +80,5 @@ def ignored_notes(extra: dict[str, Any]) -> list[str]:
         if name in HIRES and not extra.get("enable_hr"):
             continue
         if name in IGNORED or value not in (None, False, 0, "", [], {}):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            notes.append(f"{name}={shown} is not supported here; ignored")
+            notes.append(f"{name}={_shown(value)} is not supported here; ignored")
     return notes

@@ -2,9 +2,9 @@
 
 Unknown fields are ignored (clients send `quality`, `style`, `user`, ...); `model` is echoed and never
 loads anything. Extensions: `seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`, `scheduler`,
-`shift`, `rng`, and `strength` for edits. `output_format` (png, jpeg, webp) and `output_compression` (the JPEG/WebP
-quality, 0-100) as OpenAI's gpt-image models take them. An edit's `mask` follows OpenAI: a PNG the image's size,
-alpha 0 = edit
+`shift`, `rng`, `text_encoding` ("comfyui": ComfyUI's prompt encoding), and `strength` for edits. `output_format`
+(png, jpeg, webp) and `output_compression` (the JPEG/WebP quality, 0-100) as OpenAI's gpt-image models take them.
+An edit's `mask` follows OpenAI: a PNG the image's size, alpha 0 = edit
 (server/masks.py).
 """
 
@@ -19,7 +19,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..defaults import SAMPLERS, SIZE, STRENGTH
+from ..defaults import SAMPLERS, SIZE, STRENGTH, TEXT_ENCODINGS
 from ..record import Settings, size_for_image
 from ..sampling.noise import RNG_SOURCES
 from ..sampling.schedulers import SCHEDULERS
@@ -52,6 +52,7 @@ class GenerationsBody(BaseModel):
     rng: Literal[RNG_SOURCES] | None = None  # noise source for the seed (sampling/noise.py); default "cpu"
     stream: bool | None = None
     prompt_syntax: Literal["weighted", "plain"] | None = None  # A1111's syntax by default
+    text_encoding: Literal[TEXT_ENCODINGS] | None = None  # "comfyui": as ComfyUI encodes (prompts/comfyui.py)
     loras: list[LoraRef] | None = None  # [{"name", "weight"}] in serve --lora-dir, as prompt tags (server/loras.py)
 
 
@@ -69,7 +70,7 @@ def spec_from(body: GenerationsBody, size: tuple[int, int], limits: Limits) -> S
     )
     spec = Spec(settings, seeds=seeds_for(body.seed, body.n, limits))
     spec.given(steps=body.steps, cfg=body.guidance_scale, sampler=body.sampler, scheduler=body.scheduler)
-    spec.given(shift=body.shift, rng=body.rng)
+    spec.given(shift=body.shift, rng=body.rng, text_encoding=body.text_encoding)
     return spec
 
 

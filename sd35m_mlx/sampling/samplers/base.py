@@ -34,6 +34,7 @@ class Sampler:
 
     discard_penultimate_sigma: ClassVar[bool] = False
     needs_noise: ClassVar[bool] = False
+    random_inpaint_noise: ClassVar[bool] = False  # inpainting: the model sees the known region noised by seed + 1
 
     def __init__(self, sigmas: Sequence[float] | np.ndarray, noise: Noise | None = None, *, shift: float = 3.0):
         self.sigmas = np.array(sigmas, dtype=np.float32)  # the loop steps along these (a copy: some adjust it)

@@ -25,9 +25,9 @@ class EulerSampler(Sampler):
 
 
 class DDIMSampler(EulerSampler):
-    """ComfyUI's "ddim" is euler (samplers.sampler_object), with one difference for inpainting: the known
-    region is noised with a fresh torch.randn seeded seed + 1 instead of the initial noise
-    (`random_inpaint_noise`, for the pipeline to honour)."""
+    """ComfyUI's "ddim" is euler (samplers.sampler_object), with one difference for inpainting: the model sees
+    the known region noised with a fresh torch.randn seeded seed + 1 instead of the initial noise
+    (`random_inpaint_noise`: KSAMPLER.sample's inpaint_options "random"; editing/inpaint.py InpaintBlend)."""
 
     random_inpaint_noise = True
 
