@@ -104,3 +104,15 @@ def test_bad_queries_and_seeds_are_one_line_errors():
     with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
         BrownianNoise((3, 2, 2, 16), 0.1, 0.9, [1, 2])
     np.testing.assert_array_equal(tree(0.4, 0.4), np.zeros(3, F32))
+
+
+def test_pipeline_draws_sde_noise_from_the_tree_except_for_mlx():
+    """rng "cpu" and "nv": the seed's tree (one per seed of a list); "mlx" keeps the per-call draws of before,
+    so its PNGs replay."""
+    from sd35m_mlx.pipeline.steps import sampler_brownian
+
+    assert sampler_brownian(5, "mlx") is None
+    noise = sampler_brownian(5, "cpu")((1, 4, 6, 16), 0.03, 1.0)
+    assert [t.seed for t in noise.trees] == [5] and noise.trees[0].rng == "cpu"
+    noise = sampler_brownian([5, 6], "nv")((2, 4, 6, 16), 0.03, 1.0)
+    assert [(t.seed, t.shape, t.rng) for t in noise.trees] == [(5, (1, 16, 4, 6), "nv"), (6, (1, 16, 4, 6), "nv")]
