@@ -71,7 +71,7 @@ def test_tree_values_do_not_depend_on_the_cache():
     for s, s_next in _sampler_queries(sigmas):
         fresh = BrownianTree((2, 3), lo, hi, 5)
         np.testing.assert_array_equal(kept(s_next, s), fresh(s_next, s))
-    assert len(kept._cache) <= CACHE_SIZE
+    assert len(kept._cache) == CACHE_SIZE  # a small latent: the most the cache holds
 
 
 @pytest.mark.parametrize("seed", [3, [11, 2**40]])

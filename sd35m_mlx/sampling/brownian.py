@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 _F32 = np.float32
 TOL = 1e-6  # torchsde.BrownianTree's default: times are rounded to 6 decimals, the depth of the tree's search
 POOL_SIZE = 24  # torchsde.BrownianTree's default SeedSequence pool size
-CACHE_SIZE = 48  # increments kept (torchsde keeps 45, one child at a time; we store both children of a split)
+# Increments kept: a sampler's query needs the paths to both its ends (~20 levels, two children each): 96
+# halves the draws of 48 (torchsde keeps 45), within a memory budget for large latents.
+CACHE_SIZE, MIN_CACHE_SIZE, CACHE_BYTES = 96, 48, 256 * 2**20
 _NDIGITS = -int(math.log10(TOL))  # as torchsde computes it
 
 
@@ -70,6 +72,7 @@ class BrownianTree:
         self.shape, self.seed, self.rng = tuple(shape), check_seed(seed), check_rng(rng)
         self._root = _Node(t0, t1, None, False)
         self._cache: OrderedDict[_Node, np.ndarray] = OrderedDict()
+        self._cache_size = min(CACHE_SIZE, max(MIN_CACHE_SIZE, CACHE_BYTES // (4 * max(1, math.prod(self.shape)))))
         w_seed = int(np.random.SeedSequence(entropy=self.seed, pool_size=POOL_SIZE).generate_state(3)[0])
         self._root_w = self._randn(w_seed) * _F32(math.sqrt(t1 - t0))  # the unrounded ends, as torchsde
 
@@ -142,7 +145,7 @@ class BrownianTree:
         for child, value in ((parent.left, left), (parent.right, right)):
             self._cache[child] = value
             self._cache.move_to_end(child)
-        while len(self._cache) > CACHE_SIZE:
+        while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return left, right
 
