@@ -63,7 +63,7 @@ class BrownianTree:
     ``tree(ta, tb)`` is W(tb) - W(ta) as a float32 array of `shape`, torch order, t0 <= ta <= tb <= t1).
 
     Times are clamped to [t0, t1] as torchsde clamps them. Two times that round to the same 6 decimals but
-    differ give zeros here (torchsde recurses without end there)."""
+    differ give zeros here (torchsde fails there with a RecursionError)."""
 
     def __init__(self, shape: Sequence[int], t0: float, t1: float, seed: int, rng: str = "cpu"):
         t0, t1 = float(t0), float(t1)
