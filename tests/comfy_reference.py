@@ -5,7 +5,8 @@ ModelSamplingDiscreteFlow), in the form its KSampler runs them on a flow model: 
 default arguments, float32 tensors throughout.
 
 `model(x, sigma) -> denoised` (sigma a 0-d float32 tensor); `noise_sampler(sigma, sigma_next)` returns the
-next injected noise tensor. `run` adds what KSAMPLER.sample does around the sampler function.
+next injected noise tensor, or for the SDE samplers ComfyUI's own, `brownian_noise_sampler` (torchsde's
+Brownian tree). `run` adds what KSAMPLER.sample does around the sampler function.
 These are loops over the whole schedule, as ComfyUI writes them, independent of our step objects.
 """
 
@@ -39,6 +40,39 @@ def _offset_first(sigmas, shift):
         t = 1.0 - 1e-4
         sigmas[0] = t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
     return sigmas
+
+
+class BrownianTreeNoiseSampler:
+    """BatchedBrownianTree + BrownianTreeNoiseSampler (transform the identity, cpu=True): one
+    torchsde.BrownianTree(t0, w0, t1, entropy=seed) per seed, queried between two sigmas and normalized."""
+
+    def __init__(self, x, sigma_min, sigma_max, seed):
+        import torchsde
+
+        t0, t1, self.sign = self._sort(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
+        w0 = torch.zeros_like(x)
+        self.batched = isinstance(seed, (tuple, list))
+        if self.batched:
+            w0 = w0[0]
+        else:
+            seed = (seed,)
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in seed]
+
+    @staticmethod
+    def _sort(a, b):
+        return (a, b, 1) if a < b else (b, a, -1)
+
+    def __call__(self, sigma, sigma_next):
+        t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        a, b, sign = self._sort(t0, t1)
+        w = torch.stack([tree(a.float(), b.float()) for tree in self.trees]) * (self.sign * sign)
+        return (w if self.batched else w[0]) / (t1 - t0).abs().sqrt()
+
+
+def brownian_noise_sampler(x, sigmas, seed):
+    """The noise sampler sample_dpmpp_sde / _2m_sde / _3m_sde make for themselves: a tree over the run's smallest
+    positive and largest sigma (taken before offset_first_sigma_for_snr)."""
+    return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed)
 
 
 def euler(model, x, sigmas, **_):

@@ -6,6 +6,8 @@ inpainting on a sampler's extra model evaluations against diffusers' FlowMatchHe
 import os
 import sys
 import types
+import warnings
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -13,12 +15,14 @@ import pytest
 import torch
 
 import tests.comfy_reference as ref
+from sd35m_mlx.sampling.brownian import BrownianNoise
 from sd35m_mlx.sampling.loop import denoise
 from sd35m_mlx.sampling.samplers import SAMPLERS, make_sampler, sampler_class, sampler_schedule
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule
 
 SHIFT = 3.0
 NOISE_SAMPLERS = {n for n in SAMPLERS if sampler_class(n).needs_noise}
+SDE_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")  # ComfyUI draws their noise from a Brownian tree
 
 
 def _velocity_np(x, sigma):
@@ -97,6 +101,31 @@ def test_sampler_matches_comfyui_reference_on_an_analytic_model(name, steps, sta
     assert np.isfinite(ours).all()
 
 
+@pytest.mark.parametrize("name", SDE_SAMPLERS)
+@pytest.mark.parametrize("steps, start, seed", [(2, 0, 1), (5, 0, 2**40), (12, 0, 0), (12, 5, 9), (28, 0, 3)])
+def test_sde_sampler_with_brownian_noise_matches_comfyui_reference(name, steps, start, seed):
+    """The SDE samplers given brownian= against ComfyUI's functions with the noise sampler they make for
+    themselves (torchsde's tree over the run's sigmas: an img2img start bounds it by the sliced schedule).
+    The tolerance as above; a tree over the wrong sigmas, or per-call noise, moves the result by O(1)."""
+    sigmas = _sigmas(name, steps)
+    x = np.random.default_rng(steps).standard_normal((2, 5, 4, 3), dtype=np.float32)  # NHWC for ours
+    out = np.array(
+        denoise(
+            mx.array(x),
+            start,
+            make_sampler(name, sigmas, _Injected([]).mlx, shift=SHIFT, brownian=partial(BrownianNoise, seed=seed)),
+            lambda i, x, sigma=None: mx.array(_velocity_np(np.array(x), np.float32(sigma)).astype(np.float32)),
+        )
+    )
+    x_nchw, sliced = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(sigmas[start:])
+    noise_sampler = ref.brownian_noise_sampler(x_nchw, sliced, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsde clamps the last sigma up to its tree's 6-decimal t0
+        expected = ref.run(name, _denoised_torch, x_nchw, sliced, noise_sampler, SHIFT).permute(0, 2, 3, 1).numpy()
+    # float32 against float64 step coefficients, as above: dpmpp_sde's first steps at sigma ~0.9999 up to 1.5e-4
+    np.testing.assert_allclose(out, expected, rtol=0, atol=3e-4)
+
+
 # -- the tiny SD3.5 transformer: ours.generate against the reference driven by diffusers' transformer --------
 
 H, W = 64, 96  # latents 8 x 12
@@ -156,10 +185,11 @@ def _diffusers_decode(pipe, latents):
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_generate_matches_comfyui_sampler_on_the_tiny_model(ours, diffusers_pipe, monkeypatch, name):
     """generate(sampler=...) end to end (the schedule ComfyUI's KSampler builds, every extra evaluation's
-    timestep and modulations, the per-step noise) against the reference on diffusers' transformer and VAE."""
+    timestep and modulations, the per-step noise) against the reference on diffusers' transformer and VAE.
+    The SDE samplers draw from the seed's Brownian tree on both sides (rng="cpu", torchsde's on theirs)."""
     from sd35m_mlx.pipeline import stable_diffusion as pipeline_module
 
-    steps = 4
+    steps, seed = 4, 2**33 + 5
     rng = np.random.default_rng(7)
     noise = rng.standard_normal((1, H // 8, W // 8, 16), dtype=np.float32)
     pool = [rng.standard_normal(noise.shape, dtype=np.float32) for _ in range(2 * steps)]
@@ -174,11 +204,18 @@ def test_generate_matches_comfyui_sampler_on_the_tiny_model(ours, diffusers_pipe
         num_inference_steps=steps,
         guidance_scale=GUIDANCE,
         sampler=name,
+        seed=seed,
+        rng="cpu",
         output_type="np",
     )
     sigmas = ref.schedule(FlowMatchSchedule(shift=SHIFT).sigmas, name, steps)
     theirs = _Injected([_nchw(p).numpy() for p in pool])
-    latents = ref.run(name, _diffusers_denoiser(diffusers_pipe), _nchw(noise), sigmas, theirs.torch, SHIFT)
+    noise_sampler = theirs.torch
+    if name in SDE_SAMPLERS:
+        noise_sampler = ref.brownian_noise_sampler(_nchw(noise), sigmas, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsde clamps the last sigma up to its tree's 6-decimal t0
+        latents = ref.run(name, _diffusers_denoiser(diffusers_pipe), _nchw(noise), sigmas, noise_sampler, SHIFT)
     expected = _diffusers_decode(diffusers_pipe, latents)
     assert injected.used == theirs.used
     assert expected.std() > 0.02

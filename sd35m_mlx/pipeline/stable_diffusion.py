@@ -42,6 +42,7 @@ from .steps import (
     guidance_config,
     initial_latents,
     prepare_inputs,
+    sampler_brownian,
     sampler_noise,
     step_extras,
 )
@@ -384,7 +385,8 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
         sigmas = sampler_schedule(s.sampler, sigmas_for, s.num_inference_steps)
         timesteps = sigmas[:-1] * np.float32(n_train)
         begin = initial_latents(s, canvas, self.limits, cond.shape[0], sigmas, self._encode)
-        sampler = make_sampler(s.sampler, sigmas, sampler_noise(s.seed, s.rng), shift=shift)
+        noise, brownian = sampler_noise(s.seed, s.rng), sampler_brownian(s.seed, s.rng)
+        sampler = make_sampler(s.sampler, sigmas, noise, shift=shift, brownian=brownian)
 
         # 4. Denoising loop: per-step extras (ControlNet, inpainting, callback, previews) plug in as StepExtras
         velocity = self.velocity_factory(

@@ -21,13 +21,14 @@ from ..defaults import MAX_SEED
 from ..editing.control import ControlNetResiduals, check_control, control_units
 from ..editing.inpaint import InpaintBlend, prepare_inpaint
 from ..images import from_pil_or_array, to_output
+from ..sampling.brownian import BrownianNoise
 from ..sampling.finite import FiniteLatents, check_finite
 from ..sampling.guidance import GuidanceConfig
 from ..sampling.loop import StepCallback, StepExtra
 from ..sampling.memory import bounded_work
 from ..sampling.noise import NoiseGenerator, latent_noise
 from ..sampling.preview import Preview, latent_rgb
-from ..sampling.samplers import sampler_class
+from ..sampling.samplers import Brownian, sampler_class
 from ..sampling.schedule import img2img_start_index
 from ..validation import GenerationSettings, ModelLimits, validate_generation
 
@@ -254,6 +255,15 @@ def sampler_noise(seed: int | Sequence[int] | None, rng: str = "cpu") -> Callabl
         return lambda shape: mx.concatenate([latent_noise(g, (1, *shape[1:])) for g in generators])
     generator = NoiseGenerator(_seed_or_random(seed), rng)
     return partial(latent_noise, generator)
+
+
+def sampler_brownian(seed: int | Sequence[int] | None, rng: str = "cpu") -> Brownian | None:
+    """The SDE samplers' noise as ComfyUI draws it, from a Brownian tree seeded with the seed (one tree per
+    seed of a list), for the torch-compatible sources; None for "mlx", whose SDE images draw per call as before."""
+    if rng == "mlx":
+        return None
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else _seed_or_random(seed)
+    return lambda shape, sigma_min, sigma_max: BrownianNoise(shape, sigma_min, sigma_max, seeds, rng)
 
 
 def _seed_or_random(seed: int | None) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ...defaults import SAMPLERS
-from .base import Model, Noise, Sampler
+from .base import Brownian, Model, Noise, Sampler
 from .dpmpp import (
     DPMPP2MSampler,
     DPMPP2MSDESampler,
@@ -67,7 +67,7 @@ _SAMPLERS: dict[str, type[Sampler]] = {
 if tuple(_SAMPLERS) != SAMPLERS:  # the MLX-free front ends list defaults.SAMPLERS: one set of names
     raise ImportError(f"sampler registry {tuple(_SAMPLERS)} differs from sd35m_mlx.defaults.SAMPLERS {SAMPLERS}")
 
-__all__ = ["SAMPLERS", "Model", "Noise", "Sampler", "make_sampler", "sampler_class", "sampler_schedule"]
+__all__ = ["SAMPLERS", "Brownian", "Model", "Noise", "Sampler", "make_sampler", "sampler_class", "sampler_schedule"]
 
 
 def sampler_class(name: str) -> type[Sampler]:
@@ -78,15 +78,21 @@ def sampler_class(name: str) -> type[Sampler]:
 
 
 def make_sampler(
-    name: str, sigmas: Sequence[float] | np.ndarray, noise: Noise | None = None, *, shift: float = 3.0
+    name: str,
+    sigmas: Sequence[float] | np.ndarray,
+    noise: Noise | None = None,
+    *,
+    shift: float = 3.0,
+    brownian: Brownian | None = None,
 ) -> Sampler:
     """A fresh sampler for one run over `sigmas` (length N + 1, ending in 0; build them with
     `sampler_schedule`). `noise(shape)` draws the fresh noise of ancestral / SDE / LCM samplers (required
-    for those); `shift` is the model's schedule shift (the SDE samplers move a first sigma of 1 by it)."""
+    for those); `brownian`, where given, replaces it for the SDE samplers by ComfyUI's Brownian-tree noise
+    (sampling/brownian.py); `shift` is the model's schedule shift (the SDE samplers move a first sigma of 1 by it)."""
     cls = sampler_class(name)
     if cls.needs_noise and noise is None:
         raise ValueError(f"sampler {name!r} draws fresh noise every step: pass noise=")
-    return cls(sigmas, noise, shift=shift)
+    return cls(sigmas, noise, shift=shift, brownian=brownian)
 
 
 def sampler_schedule(name: str, sigmas_for: Callable[[int], np.ndarray], steps: int) -> np.ndarray:

@@ -5,7 +5,8 @@ A sampler lives for one run and takes steps in order from any start index (img2i
 sampler's history begins at its first step, as ComfyUI's runs over the sliced schedule). Step i gets the
 latents x at sigmas[i], the velocity v the loop evaluated there, and `model(x, sigma) -> velocity` for any
 further evaluations (heun, dpm_2, ...); it returns the latents at sigmas[i + 1]. Samplers that draw fresh
-noise (ancestral, SDE, LCM) call `noise(shape)` once per draw, as ComfyUI's `default_noise_sampler` does.
+noise (ancestral, SDE, LCM) call `noise(shape)` once per draw, as ComfyUI's `default_noise_sampler` does;
+given `brownian`, the SDE samplers take theirs from it instead, as ComfyUI's Brownian tree (sampling/brownian.py).
 
 Reference: ComfyUI comfy/k_diffusion/sampling.py and comfy/model_sampling.py at commit
 a125cd84b054a57729b5eecab930ca9408719832.
@@ -22,6 +23,8 @@ import numpy as np
 
 Model = Callable[[mx.array, float], mx.array]  # (latents, sigma) -> velocity
 Noise = Callable[[tuple[int, ...]], mx.array]  # shape -> standard normal draw (float32), one draw per call
+# (shape, sigma_min, sigma_max) -> noise(sigma, sigma_next): the SDE samplers' noise over [sigma_min, sigma_max]
+Brownian = Callable[[tuple[int, ...], float, float], Callable[[float, float], mx.array]]
 
 
 class Sampler:
@@ -29,16 +32,24 @@ class Sampler:
 
     Class attributes the pipeline reads: `discard_penultimate_sigma` (ComfyUI's KSampler then builds the
     schedule for steps + 1 and drops its penultimate sigma, `sampler_schedule`), `needs_noise` (the sampler
-    draws fresh noise: `noise` is required).
+    draws fresh noise: `noise` is required). `brownian`, where given, is the SDE samplers' noise source.
     """
 
     discard_penultimate_sigma: ClassVar[bool] = False
     needs_noise: ClassVar[bool] = False
     random_inpaint_noise: ClassVar[bool] = False  # inpainting: the model sees the known region noised by seed + 1
 
-    def __init__(self, sigmas: Sequence[float] | np.ndarray, noise: Noise | None = None, *, shift: float = 3.0):
+    def __init__(
+        self,
+        sigmas: Sequence[float] | np.ndarray,
+        noise: Noise | None = None,
+        *,
+        shift: float = 3.0,
+        brownian: Brownian | None = None,
+    ):
         self.sigmas = np.array(sigmas, dtype=np.float32)  # the loop steps along these (a copy: some adjust it)
         self.noise = noise
+        self.brownian = brownian
         self.shift = shift  # the model's schedule shift (ComfyUI's ModelSamplingSD3), for percent_to_sigma
 
     def step(self, i: int, x: mx.array, v: mx.array, model: Model | None = None) -> mx.array:

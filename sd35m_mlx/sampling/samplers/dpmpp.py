@@ -7,9 +7,9 @@ them on a flow ("CONST") model: sample_dpmpp_2s_ancestral_RF, and sample_dpmpp_s
 flow's half-log-SNR lambda = log((1 - sigma) / sigma) and the first sigma moved off 1.0
 (offset_first_sigma_for_snr). Defaults as there: eta 1, s_noise 1, r 1/2, the midpoint 2M SDE solver.
 
-The SDE samplers' noise: ComfyUI draws it from a torchsde Brownian tree seeded with the seed; here each
-draw is a fresh `noise(shape)` call (ComfyUI's default_noise_sampler), so for the same seed their images
-differ from ComfyUI's while following the same distribution.
+The SDE samplers' noise: ComfyUI draws it from a torchsde Brownian tree seeded with the seed, bounded by the
+run's smallest positive and largest sigma; given `brownian`, so do these (sampling/brownian.py), else each
+draw is a fresh `noise(shape)` call (ComfyUI's default_noise_sampler; the noise of rng="mlx").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from ..brownian import sde_sigma_bounds
 from .base import (
     Model,
     Sampler,
@@ -92,7 +93,7 @@ class DPMPP2SAncestralSampler(Sampler):
 
 
 class _HalfLogSNRSampler(Sampler):
-    """The SDE samplers' shared set-up: the first sigma off 1.0, the history of one run."""
+    """The SDE samplers' shared set-up: the first sigma off 1.0, the noise of a step between two sigmas."""
 
     needs_noise = True
     eta = 1.0
@@ -100,7 +101,35 @@ class _HalfLogSNRSampler(Sampler):
 
     def __init__(self, sigmas, noise=None, **kwargs):
         super().__init__(sigmas, noise, **kwargs)
+        self._schedule = self.sigmas  # as given: ComfyUI bounds its tree before moving the first sigma
         self.sigmas = offset_first_sigma(self.sigmas, self.shift)
+        self._between = None  # the run's Brownian noise, made at its first draw
+
+    def _draw_between(self, i: int, x: mx.array, sigma: float, sigma_next: float) -> mx.array:
+        """Step i's noise from sigma to sigma_next. The first draw comes at the run's first step (every step
+        but the last draws), so the tree spans the sigmas from there on, as ComfyUI's run over the sliced
+        schedule does."""
+        if self.brownian is None:
+            return self._draw(x)
+        if self._between is None:
+            self._between = self.brownian(tuple(x.shape), *sde_sigma_bounds(self._schedule[i:]))
+        return self._between(sigma, sigma_next)
+
+
+def _midpoint_f32(sigma: float, sigma_next: float, r: float) -> float:
+    """dpmpp_sde's midpoint sigma in ComfyUI's float32 operations (-logit, lambda_s + r h, sigmoid of -lambda),
+    the time its first draw asks the tree for. The tree rounds times to 6 decimals: a float64 midpoint lands
+    on another microsecond than ComfyUI's in 1.8% of steps, this one in 0.06% (our log and exp are correctly
+    rounded, torch's SLEEF ones within 1 ulp), and that draw then differs by the noise of one microsecond."""
+    f = np.float32
+
+    def lam(s):
+        s = f(s)
+        return -f(math.log(s / (f(1) - s)))
+
+    lam_s = lam(sigma)
+    lam_s1 = lam_s + f(r) * (lam(sigma_next) - lam_s)
+    return float(f(1) / (f(1) + f(math.exp(lam_s1))))
 
 
 class DPMPPSDESampler(_HalfLogSNRSampler):
@@ -132,7 +161,8 @@ class DPMPPSDESampler(_HalfLogSNRSampler):
         h_ = -math.log(sd) - lam_s
         x2 = (alpha_s1 / alpha_s) * math.exp(-h_) * x - alpha_s1 * math.expm1(-h_) * denoised
         if self.eta > 0 and self.s_noise > 0:
-            x2 = x2 + (alpha_s1 * self.s_noise * su) * self._draw(x)
+            noise = self._draw_between(i, x, sigma, _midpoint_f32(sigma, sigma_next, self.r))
+            x2 = x2 + (alpha_s1 * self.s_noise * su) * noise
         denoised_2 = x2 - sigma_s1 * model(x2, sigma_s1)
         # Step 2: the whole step with the midpoint's estimate mixed in
         sd, su = ancestral_step(math.exp(-lam_s), math.exp(-lam_t), self.eta)
@@ -140,7 +170,7 @@ class DPMPPSDESampler(_HalfLogSNRSampler):
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * math.exp(-h_) * x - alpha_t * math.expm1(-h_) * denoised_d
         if self.eta > 0 and self.s_noise > 0:
-            x = x + (alpha_t * self.s_noise * su) * self._draw(x)
+            x = x + (alpha_t * self.s_noise * su) * self._draw_between(i, x, sigma, sigma_next)
         return x
 
 
@@ -173,7 +203,8 @@ class DPMPP2MSDESampler(_HalfLogSNRSampler):
             x = (sigma_next / sigma * math.exp(-h * self.eta)) * x + (alpha_t * phi) * denoised
             x = x + self._correction(denoised, h, h_eta, alpha_t, phi)
             if self.eta > 0 and self.s_noise > 0:
-                x = x + (sigma_next * math.sqrt(-math.expm1(-2 * h * self.eta)) * self.s_noise) * self._draw(x)
+                noise = self._draw_between(i, x, sigma, sigma_next)
+                x = x + (sigma_next * math.sqrt(-math.expm1(-2 * h * self.eta)) * self.s_noise) * noise
         self._history = [(denoised, h)] + self._history[:1]
         return x
 
