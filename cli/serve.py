@@ -11,7 +11,9 @@ import click
 from . import model as model_io
 from .errors import RunError, UsageError, one_line
 from .options import generate_options
+from .output import check_writable
 
+DEFAULT_OUTPUT_DIR = "~/Pictures/sd35m-mlx"
 # The generate command's options that choose and load the model; serve takes them as they are.
 MODEL_OPTIONS = ("model", "revision", "t5", "quantize", "t5_quantize", "low_memory", "dtype")
 
@@ -35,6 +37,17 @@ def public_name(model: str) -> str:
     """What clients see as the model's name: a Hub id as is, a local path by its last part only."""
     path = Path(model).expanduser()
     return path.name if path.exists() or path.is_absolute() else model
+
+
+def check_output_dir(folder: Path) -> None:
+    """An --output-dir given: made if missing, and it must take files."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output-dir {folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {folder}: cannot create it: {e.strerror or e}") from None
+    check_writable(folder)
 
 
 @click.command("serve")
@@ -62,8 +75,11 @@ def public_name(model: str) -> str:
 @click.option(
     "--output-dir",
     type=click.Path(file_okay=False),
+    envvar="SD35M_MLX_OUTPUT_DIR",
+    show_envvar=True,
     default=None,
-    help='Folder for images returned as response_format="url".  [default: a temporary folder, removed on exit]',
+    help="Folder of saved images, kept across restarts: the web page's history lists it, A1111 save_images writes "
+    f"NNNNN-SEED.png into it.  [default: {DEFAULT_OUTPUT_DIR}, made at the first save]",
 )
 @click.option(
     "--allowed-host",
@@ -120,8 +136,9 @@ def serve(
         raise RunError(one_line(e)) from None
     if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
         raise UsageError(f"--lora-dir {lora_dir} is not a folder")
-    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UsageError(f"--output-dir {output_dir} is not a folder")
+    if output_dir is not None:  # chosen: checked now; the default is made when the first image is saved
+        check_output_dir(Path(output_dir).expanduser())
+    output_dir = str(Path(output_dir or DEFAULT_OUTPUT_DIR).expanduser())
 
     if signed_urls and not api_key:
         raise UsageError("--signed-urls needs --api-key (without a key every URL opens as it is)")

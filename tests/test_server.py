@@ -280,7 +280,7 @@ def test_an_interrupted_openai_request_is_409(server, http):
 
 
 def test_url_images_expire_after_an_hour_and_only_ours(server, http):
-    folder = server.app.state.server.output_dir
+    folder = server.app.state.server.url_dir  # a temporary folder, apart from the history (test_server_studio.py)
     old, other = folder / ("a" * 32 + ".png"), folder / "notes.txt"
     old.write_bytes(b"x"), other.write_text("keep")
     os.utime(old, (time.time() - 7200, time.time() - 7200))

@@ -55,6 +55,7 @@ class Txt2ImgBody(BaseModel):
     sampler_index: str | None = None
     scheduler: str | None = None
     prompt_syntax: Literal["weighted", "plain"] | None = None  # extension: "plain" as diffusers encodes
+    save_images: bool | None = False  # into serve's output folder, the history (server/history.py)
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -118,7 +119,7 @@ def checkpoint_override(body: Txt2ImgBody, spec: Spec, served: dict) -> None:
 def router(server) -> APIRouter:
     r = APIRouter(prefix="/sdapi/v1")
 
-    def answer(job: Job, body: Txt2ImgBody) -> dict:
+    def answer(job: Job, body: Txt2ImgBody, saved: list[str]) -> dict:
         spec, asked = job.spec, job.spec.settings
         model = job.model or server.model
         seeds = [res.seed for res in job.results] or spec.seeds
@@ -148,6 +149,7 @@ def router(server) -> APIRouter:
             "version": server.worker.version,
             "interrupted": job.state == "cancelled",
             "warnings": spec.notes,
+            "saved": saved,  # extension: the file names save_images wrote in the output folder
         }
         return {
             "images": [base64.b64encode(res.png).decode("ascii") for res in job.results],
@@ -159,8 +161,9 @@ def router(server) -> APIRouter:
     async def txt2img(body: Txt2ImgBody, request: Request):
         spec = spec_from(body, server.config.limits, hires=True)
         checkpoint_override(body, spec, server.served)
+        await ready_to_save(body, spec)
         job = await server.run(spec, request)
-        return answer(job, body)
+        return answer(job, body, await save(job, body))
 
     @r.post("/img2img")
     async def img2img(body: Img2ImgBody, request: Request):
@@ -175,8 +178,24 @@ def router(server) -> APIRouter:
         if body.mask:
             await inpainting(body, spec)
         spec.given(strength=body.denoising_strength if body.denoising_strength is not None else 0.75)  # A1111's default
+        await ready_to_save(body, spec)
         job = await server.run(spec, request)
-        return answer(job, body)
+        return answer(job, body, await save(job, body))
+
+    async def ready_to_save(body: Txt2ImgBody, spec: Spec) -> None:
+        """save_images: a folder that cannot take files fails now, before the generation."""
+        if not body.save_images:
+            return
+        if server.history is None:
+            spec.notes.append("save_images: this server has no output folder (serve --output-dir); nothing saved")
+        else:
+            await asyncio.to_thread(server.history.ensure)
+
+    async def save(job: Job, body: Txt2ImgBody) -> list[str]:
+        """The answer's images, as they are (metadata included), into the history."""
+        if not body.save_images or server.history is None or not job.results:
+            return []
+        return await asyncio.to_thread(server.history.save, [(res.png, res.seed) for res in job.results])
 
     async def inpainting(body: Img2ImgBody, spec: Spec) -> None:
         """A1111's inpainting fields -> spec.mask (white = repaint) and padding_mask_crop."""

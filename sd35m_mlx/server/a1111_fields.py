@@ -43,7 +43,7 @@ HIRES = frozenset({
 })  # fmt: skip
 # sent by clients routinely, with no effect on the image
 HARMLESS = frozenset({
-    "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks",
+    "send_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks",
     "override_settings_restore_afterwards", "force_task_id", "infotext", "comments", "sampler_index",
     "denoising_strength", "n_iter", "batch_size",
 })  # fmt: skip

@@ -24,9 +24,10 @@ from ..lora.library import LoraLibrary
 from ..record import MEDIA_TYPES, Settings
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
-from . import a1111_api, loras, openai_api
+from . import a1111_api, loras, openai_api, studio
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
+from .history import History
 from .jobs import CANCELLED, FAILED, Job, Worker
 from .loras import resolve as resolve_loras
 from .models import checkpoints, choose
@@ -51,7 +52,9 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     max_upload_pixels: int = DEFAULT_MAX_PIXELS
     limits: Limits = field(default_factory=Limits)
-    output_dir: str | None = None  # where response_format="url" images live; None: a temporary folder
+    # the history: A1111 save_images writes here, /studio/history lists it (serve's default: ~/Pictures/sd35m-mlx);
+    # None: no history. Made at the first save. response_format="url" images never go here (a temporary folder)
+    output_dir: str | None = None
     load_options: dict = field(default_factory=dict)  # quantize, t5_quantize: recorded in PNG metadata
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides IPs, loopback and this machine's names
     cors_origins: tuple[str, ...] = ()  # web pages on other origins allowed to call us (CORS)
@@ -63,7 +66,7 @@ class ServerConfig:
 
 
 class Server:
-    """What the routes share: the worker, the model's description, the output folder."""
+    """What the routes share: the worker, the model's description, the history, the URL images' folder."""
 
     def __init__(self, pipe, config: ServerConfig):
         self.config = config
@@ -76,13 +79,10 @@ class Server:
         self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe)
         self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
-        self._tmp = None
-        if config.output_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="sd35m-mlx-serve-")
-            self.output_dir = Path(self._tmp.name)
-        else:
-            self.output_dir = Path(config.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.history = History(config.output_dir) if config.output_dir else None
+        # response_format="url" images: API artefacts that expire in an hour, kept apart from the history
+        self._tmp = tempfile.TemporaryDirectory(prefix="sd35m-mlx-serve-")
+        self.url_dir = Path(self._tmp.name)
 
     @property
     def pipe(self):
@@ -141,14 +141,14 @@ class Server:
         """Store an image for response_format="url"; its unguessable name is all a URL reveals. Images
         older than URL_LIFETIME_S are removed (as OpenAI's URLs expire after an hour), only ours."""
         now = time.time()
-        for old in self.output_dir.iterdir():
+        for old in self.url_dir.iterdir():
             try:
                 if _FILE_NAME.match(old.name) and now - old.stat().st_mtime > URL_LIFETIME_S:
                     old.unlink()
             except OSError:  # removed meanwhile, or not ours to remove
                 pass
         name = f"{uuid.uuid4().hex}.{suffix}"
-        (self.output_dir / name).write_bytes(png)
+        (self.url_dir / name).write_bytes(png)
         return name
 
     def image_url(self, request: Request, name: str) -> str:
@@ -160,8 +160,7 @@ class Server:
 
     def close(self) -> None:
         self.worker.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self._tmp.cleanup()
 
 
 def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
@@ -227,7 +226,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
 
     @app.get("/v1/images/files/{name}")
     async def image_file(name: str):
-        path = server.output_dir / name
+        path = server.url_dir / name
         if not _FILE_NAME.match(name) or not path.is_file():
             raise RequestError("no such image", "name", 404)
         return FileResponse(path, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1].upper()])
@@ -235,6 +234,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))
     app.include_router(loras.router(server))
+    app.include_router(studio.router(server))
     return app
 
 

@@ -19,7 +19,7 @@ from .errors import error_body
 
 # the page and its files are static: its API calls carry the key
 OPEN_PATHS = frozenset({"/health", "/", "/studio.css", "/studio.js", "/favicon.ico"})
-SIGNED_PREFIX = "/v1/images/files/"  # what a signed URL may open without the key
+SIGNED_PREFIXES = ("/v1/images/files/", "/studio/history/")  # what a signed URL may open (GET) without the key
 
 
 class UrlSigner:
@@ -70,7 +70,7 @@ def key_matches(authorization: str, key: str) -> bool:
 
 class ApiKey:
     """401 for every path but OPEN_PATHS unless the request carries the key; with `signer`, an image URL
-    carrying a signature (exp, sig) opens without it, and a bad or expired one gets 403."""
+    carrying a signature (exp, sig) opens (GET, HEAD) without it, and a bad or expired one gets 403."""
 
     def __init__(self, app, key: str | None, signer: UrlSigner | None = None):
         self.app = app
@@ -84,7 +84,8 @@ class ApiKey:
         if key_matches(headers.get(b"authorization", b"").decode("latin-1"), self.key):
             return await self.app(scope, receive, send)
         query = scope.get("query_string", b"").decode("latin-1")
-        if self.signer is not None and scope["path"].startswith(SIGNED_PREFIX) and "sig=" in query:
+        signable = scope["path"].startswith(SIGNED_PREFIXES) and scope["method"] in ("GET", "HEAD")
+        if self.signer is not None and signable and "sig=" in query:
             if self.signer.valid(scope["path"], query):
                 return await self.app(scope, receive, send)
             body = error_body(scope["path"], 403, "this image URL has expired or is not valid")
