@@ -104,6 +104,7 @@ EDITING_FIELDS = (
     "control_start",
     "control_end",
     "control_preprocess",
+    "control_thresholds",
 )
 
 
@@ -225,7 +226,8 @@ def _control(edit: Editing, params: dict) -> None:
         from sd35m_mlx.editing.preprocess import preprocess
 
         try:
-            pictures = [preprocess(p, params["control_preprocess"]) for p in pictures]
+            thresholds = tuple(params.get("control_thresholds") or (100, 200))  # set by a server's PNG (--from-image)
+            pictures = [preprocess(p, params["control_preprocess"], thresholds) for p in pictures]
         except ImportError as e:
             raise UsageError(one_line(e)) from None
     edit.controlnets = nets

@@ -154,10 +154,20 @@ def _field_rules() -> dict:
         "control_start": lambda x, n: v.real(x, n, 0.0, 1.0),
         "control_end": lambda x, n: v.real(x, n, 0.0, 1.0),
         "control_preprocess": optional(lambda x, n: v.choice(x, n, ("canny",))),
+        "control_thresholds": _thresholds,
     }
 
 
 MAX_CONTROLNETS = 8
+
+
+def _thresholds(value, name: str) -> tuple[int, int]:
+    """canny's [low, high], each 1-255 (as the A1111 ControlNet extension's sliders)."""
+    from sd35m_mlx import validation as v
+
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise v.InvalidValue(f"{name} must be [low, high]")
+    return tuple(v.integer(x, name, 1, 255) for x in value)
 
 
 def _list(value, name: str, rule) -> tuple:

@@ -50,6 +50,22 @@ def check_output_dir(folder: Path) -> None:
     check_writable(folder)
 
 
+def controlnet_names(sources: tuple[str, ...]) -> dict[str, str]:
+    """--controlnet sources by public name (server/controlnets.py): a local one must exist, names must differ."""
+    from sd35m_mlx.loading.hub import is_hub_id
+    from sd35m_mlx.server.controlnets import public_name as controlnet_name
+
+    named: dict[str, str] = {}
+    for source in sources:
+        if not Path(source).expanduser().exists() and not is_hub_id(source):
+            raise UsageError(f"--controlnet {source}: no such folder or file, and not a Hub id (owner/name)")
+        name = controlnet_name(source)
+        if name in named:
+            raise UsageError(f"--controlnet: {named[name]} and {source} would both be named {name!r}; rename one")
+        named[name] = source
+    return named
+
+
 @click.command("serve")
 @model_options
 @click.option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for every network (set a key).")
@@ -60,6 +76,15 @@ def check_output_dir(folder: Path) -> None:
     metavar="FOLDER",
     help="A folder of LoRA .safetensors files: prompts' <lora:NAME:WEIGHT> tags (and the OpenAI extension "
     "`loras`) load them by name, /sdapi/v1/loras lists them. Also SD35M_MLX_LORA_DIR.  [default: none; tags refused]",
+)
+@click.option(
+    "--controlnet",
+    "controlnets",
+    multiple=True,
+    metavar="PATH_OR_REPO",
+    help="An SD3 ControlNet clients may use (diffusers folder, .safetensors file or Hub id, as generate's "
+    "--controlnet); repeatable. Named by its folder or file stem (a Hub id by its last part) in /controlnet/model_list "
+    "and A1111's alwayson_scripts.controlnet units; loaded on first use and kept.  [default: none]",
 )
 @click.option(
     "--api-key",
@@ -111,8 +136,8 @@ def check_output_dir(folder: Path) -> None:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
-    host, port, lora_dir, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts, cors_origins,
-    read_timeout, signed_urls, verbose, **params,
+    host, port, lora_dir, controlnets, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts,
+    cors_origins, read_timeout, signed_urls, verbose, **params,
 ) -> None:  # fmt: skip
     """Keep the model loaded and serve it over HTTP: OpenAI's Images API (/v1/images/generations,
     /v1/images/edits), AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress, interrupt) and a web
@@ -136,6 +161,7 @@ def serve(
         raise RunError(one_line(e)) from None
     if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
         raise UsageError(f"--lora-dir {lora_dir} is not a folder")
+    controlnet_sources = controlnet_names(controlnets)
     if output_dir is not None:  # chosen: checked now; the default is made when the first image is saved
         check_output_dir(Path(output_dir).expanduser())
     output_dir = str(Path(output_dir or DEFAULT_OUTPUT_DIR).expanduser())
@@ -182,6 +208,7 @@ def serve(
         read_timeout=read_timeout,
         signed_urls=signed_urls,
         lora_dir=lora_dir,
+        controlnets=controlnet_sources,
     )
     run_server(pipe, host=host, port=port, config=config, verbose=verbose, sock=sock,
                say=lambda m: click.echo(m, err=True))  # fmt: skip

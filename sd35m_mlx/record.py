@@ -71,6 +71,7 @@ class Settings:
     control_start: float = 0.0
     control_end: float = 1.0
     control_preprocess: str | None = None
+    control_thresholds: tuple[int, int] = (100, 200)  # canny's low/high (editing/preprocess.py); the server sets them
 
     @property
     def upscale_size(self) -> tuple[int, int] | None:
@@ -228,6 +229,12 @@ def editing_items(s: Settings) -> dict:
             "Model": _name(net),
             "Image": _name(image),
             "Weight": scales[i] if i < len(scales) else 1.0,
+            # the A1111 extension's names; written only when not canny's defaults (the CLI's PNGs stay as they were)
+            **(
+                dict(zip(("Threshold A", "Threshold B"), s.control_thresholds, strict=True))
+                if s.control_preprocess == "canny" and tuple(s.control_thresholds) != (100, 200)
+                else {}
+            ),
             "Guidance Start": s.control_start,
             "Guidance End": s.control_end,
         }

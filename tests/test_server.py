@@ -189,7 +189,8 @@ def test_every_field_real_clients_send_is_accepted(server, http):
         "prompt": "p", "width": 64, "height": 64, "steps": 1, "enable_hr": True, "hr_scale": 2,
         "hr_upscaler": "Latent", "hr_checkpoint_name": "/etc/passwd", "subseed": 4, "subseed_strength": 0.3,
         "restore_faces": True, "tiling": True, "script_name": "x/y/z plot", "script_args": [1, "a"],
-        "alwayson_scripts": {"ControlNet": {"args": []}}, "override_settings": {"CLIP_stop_at_last_layers": 2},
+        "alwayson_scripts": {"ControlNet": {"args": []}, "ADetailer": {"args": []}},  # ControlNet: acted on
+        "override_settings": {"CLIP_stop_at_last_layers": 2},
         "sampler_name": "DPM++ 2M SDE", "scheduler": "Karras", "styles": ["s"], "eta": 1.0, "s_churn": 0,
         "send_images": True, "save_images": True, "some_future_field": {"nested": [1, 2]},
     }  # fmt: skip

@@ -22,11 +22,12 @@ def canny(image, low: int = 100, high: int = 200) -> Image.Image:
     return Image.fromarray(edges).convert("RGB")
 
 
-def preprocess(image, kind: str | None) -> Image.Image:
+def preprocess(image, kind: str | None, thresholds: tuple[int, int] = (100, 200)) -> Image.Image:
+    """`image` through the preprocessor `kind` (None: as it is); `thresholds`: canny's low and high."""
     if kind is None:
         return image
     if kind == "canny":
-        return canny(image)
+        return canny(image, *thresholds)
     raise ValueError(f"unknown control preprocessor {kind!r}; choose one of {', '.join(PREPROCESSORS)}")
 
 

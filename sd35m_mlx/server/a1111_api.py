@@ -26,11 +26,13 @@ from ..record import PARAMETERS_KEY, Settings, parameters_text, stored_text
 from ..sampling.labels import SAMPLER_LABELS, SCHEDULER_LABELS, sampler_from_label, sampler_label, scheduler_from_label
 from ..sampling.schedulers import SCHEDULERS
 from .a1111_fields import ignored_notes
+from .controlnets import decode_plan
 from .errors import RequestError
 from .hires import HIRES_FIELDS, apply_hires
 from .jobs import Job
 from .masks import a1111_mask
 from .models import choose
+from .outpainting import OutpaintField, apply_outpaint
 from .spec import Spec, seeds_for, settings_for
 from .uploads import decode_base64, open_image, open_upload
 
@@ -69,6 +71,7 @@ class Img2ImgBody(Txt2ImgBody):
     inpaint_full_res: bool | None = True  # "only masked": repaint a crop around the mask (our padding_mask_crop)
     inpaint_full_res_padding: int | None = 0
     inpainting_fill: int | None = None  # 0 fill, 1 original, 2 latent noise, 3 latent nothing: we run 1
+    outpaint: OutpaintField | None = None  # extension: extend init_images[0] by margins (server/outpainting.py)
 
 
 def map_sampler(name: str | None, scheduler: str | None = None) -> tuple[str, str]:
@@ -98,6 +101,9 @@ def spec_from(body: Txt2ImgBody, limits, hires: bool = False) -> Spec:
     extra = dict(body.model_extra or {})
     if isinstance(extra.get("override_settings"), dict):  # the checkpoint is ours to act on (checkpoint_override)
         extra["override_settings"] = {k: v for k, v in extra["override_settings"].items() if k != "sd_model_checkpoint"}
+    if isinstance(extra.get("alwayson_scripts"), dict):  # the ControlNet units are ours (server/controlnets.py)
+        scripts = extra["alwayson_scripts"].items()
+        extra["alwayson_scripts"] = {k: v for k, v in scripts if str(k).lower() != "controlnet"}
     notes = ignored_notes(extra)  # (with enable_hr: the hires fields; those hires.py acts on are not ignored)
     spec.notes.extend(n for n in notes if not (hires and n.split("=")[0] in HIRES_FIELDS))
     spec.given(steps=body.steps, cfg=body.cfg_scale, width=body.width, height=body.height)
@@ -153,14 +159,25 @@ def router(server) -> APIRouter:
         }
         return {
             "images": [base64.b64encode(res.png).decode("ascii") for res in job.results],
-            "parameters": body.model_dump(exclude={"init_images", "mask"}),
+            "parameters": _echo(body),
             "info": json.dumps(info),
         }
+
+    async def controlnet(body: Txt2ImgBody, spec: Spec, fallback=None) -> None:
+        """The ControlNet extension's units (alwayson_scripts.controlnet) -> spec.control, recorded as the CLI."""
+        size = (spec.settings.width, spec.settings.height)
+        plan = await decode_plan((body.model_extra or {}).get("alwayson_scripts"), server, size, fallback, spec.notes)
+        if plan is not None:
+            spec.control = plan
+            spec.given(**plan.settings())
 
     @r.post("/txt2img")
     async def txt2img(body: Txt2ImgBody, request: Request):
         spec = spec_from(body, server.config.limits, hires=True)
         checkpoint_override(body, spec, server.served)
+        await controlnet(body, spec)
+        if spec.control is not None and spec.settings.upscale is not None:
+            raise RequestError("the hires fix does not combine with ControlNet yet; send enable_hr: false", "enable_hr")
         await ready_to_save(body, spec)
         job = await server.run(spec, request)
         return answer(job, body, await save(job, body))
@@ -174,10 +191,18 @@ def router(server) -> APIRouter:
         if len(body.init_images) > 1:
             spec.notes.append("several init_images: used the first for every image")
         data = decode_base64(body.init_images[0], "init_images")
-        spec.image = await asyncio.to_thread(open_image, data, "init_images", server.config.max_upload_pixels)
-        if body.mask:
-            await inpainting(body, spec)
-        spec.given(strength=body.denoising_strength if body.denoising_strength is not None else 0.75)  # A1111's default
+        spec.image = init = await asyncio.to_thread(open_image, data, "init_images", server.config.max_upload_pixels)
+        if body.outpaint is not None:
+            if body.mask:
+                raise RequestError("outpaint makes its own mask: send either mask or outpaint", "outpaint")
+            top = min(server.config.limits.max_side, server.model.max_side)
+            await asyncio.to_thread(apply_outpaint, body.outpaint, spec, top, body.denoising_strength,
+                                    (body.width, body.height))  # fmt: skip
+        else:
+            if body.mask:
+                await inpainting(body, spec)
+            spec.given(strength=body.denoising_strength if body.denoising_strength is not None else 0.75)  # A1111's
+        await controlnet(body, spec, fallback=init)  # a unit without an image uses the init image (as the extension)
         await ready_to_save(body, spec)
         job = await server.run(spec, request)
         return answer(job, body, await save(job, body))
@@ -290,6 +315,21 @@ def router(server) -> APIRouter:
         r.add_api_route(path, _constant(lambda _: {}, server), methods=["POST"])
 
     return r
+
+
+def _echo(body: Txt2ImgBody) -> dict:
+    """The payload as A1111 echoes it in `parameters`, without the images it sent (init, mask, control units')."""
+    out = body.model_dump(exclude={"init_images", "mask"})
+    scripts = out.get("alwayson_scripts")
+    for key, block in scripts.items() if isinstance(scripts, dict) else ():
+        if str(key).lower() == "controlnet" and isinstance(block, dict) and isinstance(block.get("args"), list):
+            keep = [{k: v for k, v in u.items() if k not in UNIT_IMAGES} if isinstance(u, dict) else u
+                    for u in block["args"]]  # fmt: skip
+            out["alwayson_scripts"] = {**scripts, key: {**block, "args": keep}}
+    return out
+
+
+UNIT_IMAGES = ("image", "input_image", "mask", "mask_image", "effective_region_mask")
 
 
 def samplers_list() -> list[dict]:

@@ -24,7 +24,8 @@ from ..lora.library import LoraLibrary
 from ..record import MEDIA_TYPES, Settings
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
-from . import a1111_api, loras, openai_api, studio
+from . import a1111_api, controlnets, loras, openai_api, studio
+from .controlnets import ControlNetLibrary
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .history import History
@@ -63,6 +64,9 @@ class ServerConfig:
     lora_dir: str | None = None  # the folder <lora:NAME> tags name (serve --lora-dir); None: tags are refused
     # public title -> () -> pipeline: the models requests may switch to (server/models.py); model_name is the first
     loaders: dict = field(default_factory=dict)
+    # public name -> source (Hub id, folder or file) of the ControlNets requests may name (serve --controlnet);
+    # each loaded on first use and kept (server/controlnets.py)
+    controlnets: dict = field(default_factory=dict)
 
 
 class Server:
@@ -79,6 +83,7 @@ class Server:
         self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe)
         self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
+        self.controlnets = ControlNetLibrary(config.controlnets, config.load_options.get("quantize"))
         self.history = History(config.output_dir) if config.output_dir else None
         # response_format="url" images: API artefacts that expire in an hour, kept apart from the history
         self._tmp = tempfile.TemporaryDirectory(prefix="sd35m-mlx-serve-")
@@ -235,6 +240,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
     app.include_router(a1111_api.router(server))
     app.include_router(loras.router(server))
     app.include_router(studio.router(server))
+    app.include_router(controlnets.router(server))
     return app
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from PIL import Image
@@ -24,7 +25,7 @@ from .errors import QueueFull, RequestError, ShuttingDown
 from .hires import make_images
 from .loras import activate as activate_loras
 from .models import Checkpoint, release
-from .spec import ModelInfo, Spec, generate_kwargs, png_bytes
+from .spec import ModelInfo, Spec, finish, generate_kwargs, png_bytes
 
 log = logging.getLogger("sd35m_mlx.server")
 
@@ -251,16 +252,19 @@ class Worker:
             self.use(job.spec.checkpoint)
             job.model = self.model
             activate_loras(self.pipe, job.spec)  # this job's LoRAs only (server/loras.py)
-            for i, seed in enumerate(job.spec.seeds):
-                job.image_index, job.step = i, 0
-                if job.cancel_reason is not None:
-                    raise GenerationCancelled(job.cancel_reason)
-                kwargs = generate_kwargs(job.spec, seed, self.model)
-                # rgb previews: a 16->3 map at latent resolution, far under 1% of a step (sd35m_mlx/sampling/preview.py)
-                images = make_images(self.pipe, job.spec, kwargs, callback=job.on_step, preview="rgb",
-                                     on_preview=job.on_preview)  # fmt: skip
-                job.latents = None
-                job.results.append(Result(png_bytes(images[0], job.spec, seed, self.model, self.version), seed))
+            control = job.spec.control
+            with control.active(self.pipe) if control is not None else nullcontext():  # its ControlNets only
+                for i, seed in enumerate(job.spec.seeds):
+                    job.image_index, job.step = i, 0
+                    if job.cancel_reason is not None:
+                        raise GenerationCancelled(job.cancel_reason)
+                    kwargs = generate_kwargs(job.spec, seed, self.model)
+                    # rgb previews: a 16->3 map at latent resolution, far under 1% of a step (sampling/preview.py)
+                    images = make_images(self.pipe, job.spec, kwargs, callback=job.on_step, preview="rgb",
+                                         on_preview=job.on_preview)  # fmt: skip
+                    job.latents = None
+                    png = png_bytes(finish(job.spec, images)[0], job.spec, seed, self.model, self.version)
+                    job.results.append(Result(png, seed))
             self._durations.append(time.time() - job.started)
             job.finish(DONE)
         except GenerationCancelled:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from PIL import Image
 
@@ -40,6 +41,8 @@ class Spec:
     lora_files: list[tuple[str, float]] = field(default_factory=list)  # the prompt's <lora:> tags' files (loras.py)
     checkpoint: str | None = None  # a served model's title to run on (server/models.py); None: the resident one
     restore: bool = True  # switch back to the previous model afterwards (A1111's override_settings_restore_afterwards)
+    control: Any = None  # the ControlNet units (server/controlnets.py ControlPlan); None: no ControlNet
+    outpaint: Any = None  # editing/outpaint.py's Outpaint: image and mask are its canvas, results are composited
 
     def given(self, **changes) -> None:
         """Set the settings a client gave (None: not given, the default stays)."""
@@ -140,7 +143,14 @@ def generate_kwargs(spec: Spec, seed: int, model: ModelInfo) -> dict:
         kwargs.update(image=spec.image, strength=spec.settings.strength)
     if spec.mask is not None:
         kwargs.update(mask_image=spec.mask, padding_mask_crop=spec.padding_mask_crop)
+    if spec.control is not None:
+        kwargs.update(spec.control.generate_kwargs())
     return {"prompt": spec.settings.encoder_prompt, **kwargs}
+
+
+def finish(spec: Spec, images: list) -> list:
+    """The images as the request gets them: outpainting lays the original back over the result (as the CLI)."""
+    return spec.outpaint.composite(images) if spec.outpaint is not None else images
 
 
 def png_bytes(image: Image.Image, spec: Spec, seed: int, model: ModelInfo, version: str) -> bytes:
