@@ -35,8 +35,8 @@ LONG = 1000
 # every control the issue names, by its accessible name
 LABELS = ["Model", "Prompt", "Negative prompt", "Search LoRAs", "Sampler", "Scheduler", "Width", "Height", "Aspect",
           "Steps", "Guidance", "Count", "Seed", "Image", "Strength", "Brush size", "Mask image", "Left", "Top", "Right",
-          "Bottom", "Use ControlNet", "Control image", "Control model", "Preprocessor", "Control scale",
-          "Control start", "Control end", "Upscale factor", "Upscale strength"]  # fmt: skip
+          "Bottom", "Fill", "Feather", "Use ControlNet", "Control image", "Control model", "Preprocessor",
+          "Control scale", "Control start", "Control end", "Upscale factor", "Upscale strength"]  # fmt: skip
 BUTTONS = [
     "Generate",
     "Cancel",

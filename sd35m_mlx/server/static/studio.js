@@ -506,17 +506,19 @@ function generate() {
   if (state.init) {
     route = "/sdapi/v1/img2img";
     body.init_images = [state.init];
-    body.denoising_strength = parseFloat($("strength").value);
-    kind = "img2img " + body.denoising_strength;
-    const mask = maskPng();
-    if (mask) {  // inpainting: A1111's default blur, the whole picture, starting from the image
-      Object.assign(body, { mask, mask_blur: 4, inpaint_full_res: false, inpainting_fill: 1 });
-      kind = "inpaint " + body.denoising_strength;
-    }
     const [left, top, right, bottom] = pads();
-    if (left + top + right + bottom > 0) {
-      body.outpaint = { left, top, right, bottom };
+    if (left + top + right + bottom > 0) {  // the server makes the mask and the size: the image plus the margins
+      const fill = $("fill").value, feather = parseInt($("feather").value, 10) || 0;
+      body.outpaint = { left, top, right, bottom, fill, feather };
       kind = "outpaint";
+    } else {
+      body.denoising_strength = parseFloat($("strength").value);
+      kind = "img2img " + body.denoising_strength;
+      const mask = maskPng();
+      if (mask) {  // inpainting: A1111's default blur, the whole picture, starting from the image
+        Object.assign(body, { mask, mask_blur: 4, inpaint_full_res: false, inpainting_fill: 1 });
+        kind = "inpaint " + body.denoising_strength;
+      }
     }
   }
   const control = controlArgs();
