@@ -381,6 +381,7 @@ function outpaintEvents() {
   let drag = null;
   frame.addEventListener("pointerdown", (e) => {
     if (state.mode !== "outpaint") return;
+    e.preventDefault();  // no text selection or image drag: this drag moves an edge
     const r = frame.getBoundingClientRect();
     const dist = { left: e.clientX - r.left, right: r.right - e.clientX, top: e.clientY - r.top, bottom: r.bottom - e.clientY };
     const side = Object.keys(dist).reduce((a, b) => (dist[a] <= dist[b] ? a : b));
