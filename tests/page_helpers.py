@@ -36,9 +36,9 @@ def browser():
 
 
 def open_page(browser, url: str, errors: list, **context_options):
-    """A new tab on the studio, ready (Generate enabled, the model's settings loaded); console errors and
-    uncaught exceptions go to `errors`."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, **context_options)
+    """A new tab on the studio (a desktop's size unless `context_options` say otherwise), loading; its console
+    errors and uncaught exceptions go to `errors`. Ready once `body[data-ready]` is there."""
+    context = browser.new_context(**{"viewport": {"width": 1280, "height": 800}, **context_options})
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text} ({m.location.get('url')})"))

@@ -140,6 +140,43 @@ def test_escape_cancels_a_long_run_with_live_progress(page, server):
     assert page.locator("#gallery .card").count() == 0 and button(page, "Generate").is_enabled()
 
 
+def test_behind_another_job_the_page_shows_its_queue_position_and_escape_leaves_the_queue(page, server):
+    import threading
+
+    import httpx
+
+    other = threading.Thread(target=lambda: httpx.post(server.url + "/sdapi/v1/txt2img", timeout=60, json={
+        "prompt": "someone else", "width": 64, "height": 64, "steps": LONG}))  # fmt: skip
+    other.start()
+    try:
+        wait_until(lambda: server.worker.current is not None, 20, what="the other job to start")
+        fill_settings(page, steps=1, seed=1)
+        generate(page, "mine")
+        page.wait_for_function("document.getElementById('queue').textContent === '1 ahead in the queue'")
+        assert "Waiting: 1 job before this one" in page.inner_text("#status")
+        page.keyboard.press("Escape")
+        page.wait_for_function("document.getElementById('status').textContent.includes('Cancelled')")
+        wait_until(lambda: server.worker.queued == 0, 20, what="the page's job to leave the queue")
+    finally:
+        httpx.post(server.url + "/sdapi/v1/interrupt")
+        other.join(60)
+    assert page.locator("#gallery .card").count() == 0
+
+
+def test_on_a_phone_the_form_and_results_stack_without_sideways_scrolling(browser, server):
+    errors: list[str] = []
+    phone = open_page(browser, server.url, errors, viewport={"width": 390, "height": 844}, is_mobile=True,
+                      has_touch=True)  # fmt: skip
+    try:
+        phone.wait_for_selector("body[data-ready]")
+        form, stage = phone.locator("#form").bounding_box(), phone.locator(".stage").bounding_box()
+        assert stage["y"] >= form["y"] + form["height"] and form["width"] <= 390
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        phone.context.close()
+    assert errors == []
+
+
 def test_choose_an_image_for_img2img(page, pipe, tmp_path):
     source = random_image(2)
     source.save(tmp_path / "photo.png")
