@@ -6,6 +6,8 @@ Skips (with the reason) where Playwright or a Chromium binary is missing; `.ci/r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,15 @@ def test_type_a_prompt_press_enter_and_the_image_appears(page, pipe):
     want = pipe.generate("a red cube", width=64, height=64, num_inference_steps=2, guidance_scale=4.5, seed=7)[0]
     assert np.array_equal(card_pixels(page), pixels(want))
     assert "seed 7" in page.inner_text(".card .meta") and "Done" in page.inner_text("#status")
+    assert (
+        page.locator("#gallery .card").get_by_role("link", name="Download").get_attribute("download") == "sd35m-7.png"
+    )
+    page.click("#gallery .card img")  # full size, in the page
+    assert page.locator("#viewer").evaluate("d => d.open") and page.get_attribute("#viewer-img", "src").startswith(
+        "data:"
+    )
+    page.click("#viewer")
+    assert not page.locator("#viewer").evaluate("d => d.open")
 
     # "use these settings" puts them back into the form; "reuse" takes the last seed
     label(page, "Prompt").fill("something else")
@@ -275,7 +286,7 @@ def test_mask_tools_eraser_invert_clear_and_touch(page):
     assert mask()[16, 32] == 255 and mask()[48, 32] == 0
 
 
-def test_a_lora_from_the_list_goes_into_the_prompt(page):
+def test_a_lora_from_the_list_goes_into_the_prompt(page, server_options):
     page.click("#loras-box summary")
     names = page.locator("#lora-list li > button:not(.trigger)").all_inner_texts()
     assert names == ["sketch", "styles/ink"]
@@ -294,6 +305,10 @@ def test_a_lora_from_the_list_goes_into_the_prompt(page):
     page.wait_for_selector("#gallery .card img")
     assert sent.value.post_data_json["prompt"] == "a cat <lora:styles/ink:0.5>"
     assert "Done" in page.inner_text("#status")
+    label(page, "Search LoRAs").fill("")
+    _lora(Path(server_options["lora_dir"]) / "new.safetensors", 2, {})
+    button(page, "Refresh the list").click()  # the server lists its folder again
+    page.get_by_role("button", name="new", exact=True).wait_for()
 
 
 def test_dark_mode_follows_the_system(page):

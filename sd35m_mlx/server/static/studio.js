@@ -8,7 +8,7 @@ const HISTORY_PAGE = 12;
 const state = {
   busy: false, controller: null, poll: null, config: null, lastSeed: null,
   init: null, initSize: null, mode: null, eraser: false, control: null,
-  history: { offset: 0, total: 0, on: false, timer: null },
+  history: { offset: 0, total: 0, on: false, timer: null, blobs: [] },
 };
 
 // ---- talking to the server ----
@@ -537,7 +537,7 @@ function upscale(b64, s) {
     width: Math.round((s.width * factor) / multiple) * multiple, height: Math.round((s.height * factor) / multiple) * multiple,
     batch_size: 1, save_images: true,
   });
-  delete body.mask; delete body.outpaint;
+  delete body.mask; delete body.outpaint; delete body.alwayson_scripts;
   run("/sdapi/v1/img2img", body, "upscale x" + factor);
 }
 
@@ -553,7 +553,7 @@ function card(src, s, note, buttons) {
   el.className = "card";
   const img = document.createElement("img");
   img.src = src; img.alt = s.prompt || ""; img.loading = "lazy";
-  img.addEventListener("click", () => window.open(img.src, "_blank"));
+  img.addEventListener("click", () => { $("viewer-img").src = img.src; $("viewer").showModal(); });
   const meta = document.createElement("div");
   meta.className = "meta";
   const b = document.createElement("b");
@@ -565,9 +565,9 @@ function card(src, s, note, buttons) {
   row.className = "buttons";
   for (const [label, action] of buttons) {
     let control;
-    if (typeof action === "string") {  // a download link
+    if (Array.isArray(action)) {  // a download link: [url, file name]
       control = document.createElement("a");
-      control.href = action; control.download = ""; control.textContent = label;
+      control.href = action[0]; control.download = action[1]; control.textContent = label;
     } else {
       control = document.createElement("button");
       control.type = "button"; control.textContent = label;
@@ -585,15 +585,18 @@ function addResult(b64, s, note) {
   $("gallery").prepend(card(src, s, note, [
     ["Use these settings", () => useSettings(s)],
     ["Upscale", () => upscale(b64, s)],
-    ["Download", src],
+    ["Download", [src, "sd35m-" + s.seed + ".png"]],
   ]));
 }
 
-// With an API key an <img> cannot send it: fetch the file and show it from a blob URL.
+// With an API key an <img> cannot send it: fetch the file and show it from a blob URL (a signed URL,
+// `serve --signed-urls`, opens as it is). The previous page's blob URLs are released.
 async function fileUrl(url) {
-  if (!sessionStorage.getItem(KEY)) return url;
+  if (!sessionStorage.getItem(KEY) || url.includes("sig=")) return url;
   const r = await fetch(url, { headers: headers() });
-  return URL.createObjectURL(await r.blob());
+  const blob = URL.createObjectURL(await r.blob());
+  state.history.blobs.push(blob);
+  return blob;
 }
 
 async function loadHistory() {
@@ -605,12 +608,13 @@ async function loadHistory() {
     return;
   }
   h.total = page.total;
+  h.blobs.splice(0).forEach((url) => URL.revokeObjectURL(url));
   const cards = await Promise.all(page.items.map(async (item) => {
     const url = await fileUrl(item.url);
     const s = fromParameters(item);
     return card(url, s, item.name, [
       ["Use these settings", () => useSettings(s)],
-      ["Download", url],
+      ["Download", [url, item.name]],
       ["Delete", () => removeHistory(item.name)],
     ]);
   }));
@@ -646,6 +650,10 @@ function wire() {
   $("dice").addEventListener("click", () => { $("seed").value = -1; });
   $("reuse").addEventListener("click", () => { if (state.lastSeed !== null) $("seed").value = state.lastSeed; });
   $("lora-search").addEventListener("input", filterLoras);
+  $("refresh-loras").addEventListener("click", async () => {
+    try { await post("/sdapi/v1/refresh-loras", {}); await loadLoras(); filterLoras(); } catch (e) { say(e.message, true); }
+  });
+  $("viewer").addEventListener("click", () => $("viewer").close());
   $("file").addEventListener("change", () => setInit($("file").files[0]));
   document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
   document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
