@@ -151,18 +151,23 @@ def write_png(path, prompt: str, seed: int, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def test_history_across_a_restart_paged_filtered_reused_and_deleted(page, browser, pipe, folder):
-    for saved in folder.iterdir():  # the other tests' images
+def test_history_across_a_restart_paged_filtered_reused_and_deleted(browser, pipe, folder):
+    for saved in folder.iterdir():  # the other tests' images (before a page lists them)
         saved.unlink()
     for i in range(13):  # older images, from an earlier run
         write_png(folder / f"old-{i:02d}.png", f"a castle number {i}", seed=i + 1, mtime=1e9 + i)
-    fill_settings(page, steps=1, seed=21)
-    generate(page, "a lighthouse")
-    page.wait_for_selector("#history .card:has-text('a lighthouse')")  # saved, and listed newest first
-    assert page.locator("#history .card .meta b").first.inner_text() == "a lighthouse"
-
-    with RunningServer(pipe, model_name="sd35m-tiny", output_dir=str(folder)) as again:  # a new server, same folder
-        errors: list[str] = []
+    errors: list[str] = []
+    with RunningServer(pipe, model_name="sd35m-tiny", output_dir=str(folder)) as before:
+        first = open_page(browser, before.url, errors)
+        try:
+            first.wait_for_selector("body[data-ready]")
+            fill_settings(first, steps=1, seed=21)
+            generate(first, "a lighthouse")
+            first.wait_for_selector("#history .card:has-text('a lighthouse')")  # saved, and listed newest first
+            assert first.locator("#history .card .meta b").first.inner_text() == "a lighthouse"
+        finally:
+            first.context.close()
+    with RunningServer(pipe, model_name="sd35m-tiny", output_dir=str(folder)) as again:  # restarted: same folder
         tab = open_page(browser, again.url, errors)
         try:
             tab.wait_for_selector("#history .card:has-text('a lighthouse')")

@@ -267,7 +267,9 @@ function sizeFromImage() {
   $("height").value = Math.max(multiple, Math.round((h + t + b) / multiple) * multiple);
 }
 
+// The outpaint margins, in image pixels; they apply in Outpaint mode only.
 function pads() {
+  if (state.mode !== "outpaint") return [0, 0, 0, 0];
   return ["pad-left", "pad-top", "pad-right", "pad-bottom"].map((id) => Math.max(0, parseInt($(id).value, 10) || 0));
 }
 
@@ -279,6 +281,8 @@ function setMode(mode) {
   $("outpaint-tools").hidden = state.mode !== "outpaint";
   $("frame").classList.toggle("brush", state.mode === "mask");
   $("frame").classList.toggle("outpaint", state.mode === "outpaint");
+  $("strength-row").hidden = state.mode === "outpaint";  // margins are painted at strength 1
+  sizeFromImage();
   layoutFrame();
 }
 
@@ -286,7 +290,7 @@ function setMode(mode) {
 function layoutFrame() {
   if (!state.initSize) return;
   const [w, h] = state.initSize;
-  const [l, t, r, b] = state.mode === "outpaint" ? pads() : [0, 0, 0, 0];
+  const [l, t, r, b] = pads();
   const room = $("init-controls").clientWidth || 360;
   const scale = Math.min(room / (w + l + r), 360 / (h + t + b), 4);
   state.scale = scale;
@@ -321,6 +325,7 @@ function paintEvents() {
   let last = null;
   canvas.addEventListener("pointerdown", (e) => {
     if (state.mode !== "mask") return;
+    e.preventDefault();  // no text selection while painting
     try { canvas.setPointerCapture(e.pointerId); } catch (err) { /* a pointer the browser no longer tracks */ }
     last = brushAt(e);
     stroke(last, last);
