@@ -63,7 +63,8 @@ def test_sizes_steps_and_count_are_the_models_limits_and_aspect_presets_keep_to_
     assert label(page, "Steps").input_value() == str(m["default_steps"])
     label(page, "Aspect").select_option("16:9")
     w, h = int(label(page, "Width").input_value()), int(label(page, "Height").input_value())
-    assert w > h and w <= m["max_width"] and w % m["multiple"] == 0 == h % m["multiple"]
+    assert w <= m["max_width"] and w % m["multiple"] == 0 == h % m["multiple"]
+    assert abs(w / h - 16 / 9) < 0.2, (w, h)  # the shape kept within the limits, not clipped to it
 
 
 def test_upscale_a_result_is_img2img_at_the_factor_with_the_strength(page, pipe):

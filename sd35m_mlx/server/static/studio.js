@@ -125,10 +125,12 @@ function applyAspect() {
   const m = state.config && state.config.model;
   if (!value || !m) return;
   const [a, b] = value.split(":").map(Number);
-  const area = m.default_width * m.default_height;
-  const snap = (v, max) => Math.min(max, Math.max(m.multiple, Math.round(v / m.multiple) * m.multiple));
-  $("width").value = snap(Math.sqrt((area * a) / b), m.max_width);
-  $("height").value = snap(Math.sqrt((area * b) / a), m.max_height);
+  const area = m.default_width * m.default_height;  // the default's pixel count, in that shape, within the limits
+  const w = Math.sqrt((area * a) / b), h = Math.sqrt((area * b) / a);
+  const k = Math.min(1, m.max_width / w, m.max_height / h);
+  const snap = (v, max) => Math.min(max, Math.max(m.multiple, Math.round((v * k) / m.multiple) * m.multiple));
+  $("width").value = snap(w, m.max_width);
+  $("height").value = snap(h, m.max_height);
 }
 
 async function switchModel() {
