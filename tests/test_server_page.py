@@ -275,15 +275,17 @@ def test_mask_tools_eraser_invert_clear_and_touch(page):
     assert mask()[32, 12] == 0 and mask()[4, 4] == 255
     button(page, "Clear").click()
     assert mask() is None  # nothing painted: plain img2img
-    page.evaluate(  # a finger (Pointer Events with pointerType "touch") paints as the mouse does
-        """() => {
-            const c = document.getElementById("mask-canvas"), r = c.getBoundingClientRect();
-            const at = (type, fx) => c.dispatchEvent(new PointerEvent(type, { pointerId: 7, pointerType: "touch",
-                bubbles: true, clientX: r.left + fx * r.width, clientY: r.top + 0.25 * r.height, isPrimary: true }));
-            at("pointerdown", 0.2); at("pointermove", 0.5); at("pointermove", 0.8); at("pointerup", 0.8);
-        }"""
-    )
+    stroke = """([kind, y, pressure]) => {  // Pointer Events as a finger or a pen sends them
+        const c = document.getElementById("mask-canvas"), r = c.getBoundingClientRect();
+        const at = (type, fx) => c.dispatchEvent(new PointerEvent(type, { pointerId: 7, pointerType: kind, pressure,
+            bubbles: true, clientX: r.left + fx * r.width, clientY: r.top + y * r.height, isPrimary: true }));
+        at("pointerdown", 0.2); at("pointermove", 0.5); at("pointermove", 0.8); at("pointerup", 0.8);
+    }"""
+    page.evaluate(stroke, ["touch", 0.25, 0.5])  # a finger paints as the mouse does
     assert mask()[16, 32] == 255 and mask()[48, 32] == 0
+    page.evaluate(stroke, ["pen", 0.75, 0.1])  # a light pen: a fifth of the brush (pressure x 2)
+    column = mask()[:, 32] > 128
+    assert column[:32].sum() == 10 and 1 <= column[32:].sum() <= 3  # the brush's 10 px; the pen's 2
 
 
 def test_a_lora_from_the_list_goes_into_the_prompt(page, server_options):
