@@ -39,17 +39,6 @@ def public_name(model: str) -> str:
     return path.name if path.exists() or path.is_absolute() else model
 
 
-def check_output_dir(folder: Path) -> None:
-    """An --output-dir given: made if missing, and it must take files."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--output-dir {folder} is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--output-dir {folder}: cannot create it: {e.strerror or e}") from None
-    check_writable(folder)
-
-
 def controlnet_names(sources: tuple[str, ...]) -> dict[str, str]:
     """--controlnet sources by public name (server/controlnets.py): a local one must exist, names must differ."""
     from sd35m_mlx.loading.hub import is_hub_id
@@ -64,6 +53,17 @@ def controlnet_names(sources: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--controlnet: {named[name]} and {source} would both be named {name!r}; rename one")
         named[name] = source
     return named
+
+
+def check_output_dir(folder: Path) -> None:
+    """An --output-dir given: made if missing, and it must take files."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output-dir {folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {folder}: cannot create it: {e.strerror or e}") from None
+    check_writable(folder)
 
 
 @click.command("serve")

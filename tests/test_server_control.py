@@ -41,6 +41,7 @@ def _shapes(size=(64, 64)) -> Image.Image:
     a = np.full((size[1], size[0], 3), 30, np.uint8)
     a[8:40, 10:30] = (200, 40, 40)
     a[30:60, 34:60] = (40, 200, 90)
+    a[44:60, 4:28] = 60  # low contrast: edges at canny's thresholds 50/150, none at 100/200
     return Image.fromarray(a)
 
 
@@ -114,7 +115,7 @@ def test_webuiapi_controlnet_unit_with_canny_equals_library_canny(server, with_n
                                  threshold_b=150, guidance_start=0.25, guidance_end=1.0)  # fmt: skip
     r = api.txt2img(prompt="a cat", width=64, height=64, steps=2, seed=7, cfg_scale=4.5, controlnet_units=[cn])
     edges = canny(picture, 50, 150)
-    assert edges.getextrema() != ((0, 0),) * 3  # canny finds edges: a skipped preprocessing would differ
+    assert not np.array_equal(pixels(edges), pixels(canny(picture)))  # the thresholds matter on this picture
     want = with_nets("edges").generate("a cat", control_image=edges, controlnet_conditioning_scale=1.2,
                                        control_guidance_start=0.25, seed=7, guidance_scale=4.5, **SMALL)[0]  # fmt: skip
     assert np.array_equal(pixels(r.image), pixels(want))
@@ -159,6 +160,20 @@ def test_controlnet_model_and_module_lists(http):
     assert modules["module_list"] == ["none", "canny"]
     assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [100, 200]
     assert http.get("/controlnet/version").json() == {"version": 3}
+    assert http.get("/studio/config").json()["controlnets"] == ["edges", "depth"]  # what the page offers
+
+
+def test_controlnet_detect_shows_the_canny_map_a_unit_conditions_on(http):
+    pytest.importorskip("cv2")
+    from sd35m_mlx.editing.preprocess import canny
+
+    body = {"controlnet_module": "canny", "controlnet_input_images": [b64(png(_shapes()))],
+            "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}  # fmt: skip
+    r = http.post("/controlnet/detect", json=body)
+    assert r.status_code == 200 and r.json()["info"] == "Success", r.text[:300]
+    assert np.array_equal(pixels(r.json()["images"][0]), pixels(canny(_shapes(), 50, 150)))
+    r = http.post("/controlnet/detect", json={**body, "controlnet_module": "depth"})
+    assert r.status_code == 422 and "none, canny" in r.json()["detail"]
 
 
 # --- bad units: 400 one-liners before queueing, and the server goes on -----------------------------------------
@@ -239,6 +254,22 @@ def test_outpaint_equals_library_outpaint_generate_composite(server, http, pipe)
     info = json.loads(r.json()["info"])
     assert 'Outpaint: "16,0,32,16", Outpaint fill: blur, Outpaint feather: 8' in info["infotexts"][0]
     assert len(info["warnings"]) == 1 and "112x80" in info["warnings"][0]  # width/height 64x64 were overridden
+
+
+def test_a1111_outpainting_scripts_run_as_the_outpaint_field(server, http):
+    init = {"prompt": "a field", "seed": 3, **A1111, "init_images": [b64(png(PHOTO))]}
+    r = http.post("/sdapi/v1/img2img", json={**init, "outpaint": {"left": 16, "right": 16, "top": 16}})
+    want = pixels(r.json()["images"][0])
+    for name, args in (("Poor man's outpainting", [16, 4, 1, ["left", "right", "up"]]),
+                       ("Outpainting mk2", ["", 16, 8, ["left", "up", "right"], 1.0, 0.05])):  # fmt: skip
+        r = http.post("/sdapi/v1/img2img", json={**init, "script_name": name, "script_args": args})
+        assert r.status_code == 200, r.text[:300]
+        assert np.array_equal(pixels(r.json()["images"][0]), want), name
+        warnings = json.loads(r.json()["info"])["warnings"]
+        assert any("ran as one outpainting pass" in w for w in warnings), warnings
+        assert not any(w.startswith(("script_name=", "script_args=")) for w in warnings), warnings  # not ignored
+    r = http.post("/sdapi/v1/img2img", json={**init, "script_name": "Poor man's outpainting", "script_args": ["x"]})
+    assert r.status_code == 400 and "script_args" in r.json()["detail"]
 
 
 def test_outpaint_beyond_the_model_or_off_the_size_multiple_is_refused_before_queueing(http, queued):

@@ -267,7 +267,7 @@ def test_config_offers_the_tiny_models_limits(http):
         "model": {"title": "sd35m-tiny", "max_width": 384, "max_height": 384, "multiple": 16, "default_width": 384,
                   "default_height": 384, "default_steps": 40, "max_steps": 200, "default_guidance": 4.5,
                   "max_count": 16},
-        "output_dir": True, "lora_dir": False, "api_key": False,
+        "output_dir": True, "lora_dir": False, "api_key": False, "controlnets": [],
     }  # fmt: skip
 
 

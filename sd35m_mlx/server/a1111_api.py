@@ -32,7 +32,7 @@ from .hires import HIRES_FIELDS, apply_hires
 from .jobs import Job
 from .masks import a1111_mask
 from .models import choose
-from .outpainting import OutpaintField, apply_outpaint
+from .outpainting import OutpaintField, apply_outpaint, from_script
 from .spec import Spec, seeds_for, settings_for
 from .uploads import decode_base64, open_image, open_upload
 
@@ -192,6 +192,11 @@ def router(server) -> APIRouter:
             spec.notes.append("several init_images: used the first for every image")
         data = decode_base64(body.init_images[0], "init_images")
         spec.image = init = await asyncio.to_thread(open_image, data, "init_images", server.config.max_upload_pixels)
+        extra = body.model_extra or {}
+        if body.outpaint is None and (script := from_script(extra.get("script_name"), extra.get("script_args"))):
+            body.outpaint = script  # A1111's outpainting scripts: as our field, one pass (server/outpainting.py)
+            spec.notes = [n for n in spec.notes if not n.startswith(("script_name=", "script_args="))]
+            spec.notes.append(f"script {extra['script_name']!r} ran as one outpainting pass (edge fill, feather 32)")
         if body.outpaint is not None:
             if body.mask:
                 raise RequestError("outpaint makes its own mask: send either mask or outpaint", "outpaint")

@@ -239,8 +239,8 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))
     app.include_router(loras.router(server))
-    app.include_router(studio.router(server))
     app.include_router(controlnets.router(server))
+    app.include_router(studio.router(server))
     return app
 
 

@@ -17,6 +17,8 @@ rather than the extension's edge-preserving resize; `control_mode` other than Ba
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import re
 import threading
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from PIL import Image
 
 from .errors import RequestError
@@ -170,7 +172,9 @@ def plan_from(scripts, library: ControlNetLibrary | None, size: tuple[int, int],
         param = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(raw, dict):
             raise RequestError(f"{param} must be a ControlNet unit object", param)
-        if _flag(raw.get("enabled", True)):  # webuiapi and older extension versions send enabled: true
+        # absent `enabled`: on, as the extension's API was before its pydantic unit (whose default is False);
+        # clients (webuiapi) send it
+        if _flag(raw.get("enabled", True)):
             units.append(_unit(raw, param, library, fallback, max_pixels, notes))
     if not units:
         return None
@@ -290,9 +294,46 @@ def fit(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
     return canvas
 
 
+def detect(body: dict, max_pixels: int) -> list[bytes]:
+    """The extension's /controlnet/detect: each image through the module, as PNG (what a unit would condition on,
+    before fitting to the output's aspect)."""
+    module = str(body.get("controlnet_module") or "none").lower()
+    if module not in MODULES:
+        shown = str(body.get("controlnet_module"))[:60]
+        raise RequestError(f"controlnet_module {shown!r} is not available; choose one of {', '.join(MODULES)}",
+                           "controlnet_module", 422)  # fmt: skip
+    images = body.get("controlnet_input_images")
+    if not isinstance(images, list) or not images:
+        raise RequestError("controlnet_input_images must be a list of base64 images", "controlnet_input_images", 422)
+    thresholds = (_threshold(body.get("controlnet_threshold_a"), CANNY_DEFAULTS[0]),
+                  _threshold(body.get("controlnet_threshold_b"), CANNY_DEFAULTS[1]))  # fmt: skip
+    out = []
+    for i, text in enumerate(images[:MAX_UNITS]):
+        param = f"controlnet_input_images[{i}]"
+        image = preprocess(open_image(decode_base64(text, param), param, max_pixels), module, thresholds)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 def router(server) -> APIRouter:
-    """The extension's endpoints clients probe: /controlnet/version, model_list, module_list, settings."""
+    """The extension's endpoints: /controlnet/version, model_list, module_list, settings, detect."""
     r = APIRouter(prefix="/controlnet")
+
+    @r.post("/detect")
+    async def detect_endpoint(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        try:
+            pngs = await asyncio.to_thread(detect, body, server.config.max_upload_pixels)
+        except ImportError as e:
+            raise RequestError(str(e).splitlines()[0], "controlnet_module") from None
+        return {"info": "Success", "images": [base64.b64encode(p).decode("ascii") for p in pngs]}
 
     @r.get("/version")
     async def version():

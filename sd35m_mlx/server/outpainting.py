@@ -4,7 +4,8 @@ mask, `generate(image=canvas, mask_image=mask)` paints the margins in, `Outpaint
 back over the result: the same calls, and so the same pixels, as the CLI's --outpaint.
 
 The result is the init image plus the margins (width/height are not asked for), checked against the model's
-limits before the job is queued.
+limits before the job is queued. A1111's own outpainting scripts (`script_name` "Poor man's outpainting" or
+"Outpainting mk2", whose `script_args` hold the pixels and directions) run as this field, in one pass.
 """
 
 from __future__ import annotations
@@ -28,6 +29,28 @@ class OutpaintField(BaseModel):
     bottom: int = Field(0, ge=0)
     fill: str = "edge"
     feather: int = Field(32, ge=0)
+
+
+# script title (lower case) -> positions of (pixels, direction) in its script_args (A1111's
+# scripts/poor_mans_outpainting.py run(p, pixels, mask_blur, inpainting_fill, direction);
+# scripts/outpainting_mk_2.py run(p, _, pixels, mask_blur, direction, noise_q, color_variation))
+SCRIPTS = {"poor man's outpainting": (0, 3), "outpainting mk2": (1, 3)}
+SIDES = {"left": "left", "right": "right", "up": "top", "down": "bottom"}
+
+
+def from_script(name, args) -> OutpaintField | None:
+    """An A1111 outpainting script's arguments as our field (None: `name` is not one of them)."""
+    where = SCRIPTS.get(name.lower()) if isinstance(name, str) else None
+    if where is None:
+        return None
+    try:
+        pixels, direction = args[where[0]], args[where[1]]
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise TypeError
+        return OutpaintField(**{SIDES[d]: pixels for d in direction})
+    except (TypeError, IndexError, KeyError, ValueError):
+        raise RequestError(f"script_args for {name!r}: expected the script's arguments with pixels (a whole number) "
+                           "and a direction list of left, right, up, down", "script_args") from None  # fmt: skip
 
 
 def apply_outpaint(field: OutpaintField, spec: Spec, top_side: int, strength: float | None,

@@ -49,7 +49,7 @@ def studio_config(server) -> dict:
         "output_dir": server.history is not None,
         "lora_dir": server.loras is not None,
         "api_key": bool(server.config.api_key),
-        # "controlnets": the ControlNets a request may name go here (studio-control's GET /controlnet/model_list)
+        "controlnets": server.controlnets.names(),  # what a ControlNet unit's `model` may name (serve --controlnet)
     }
 
 
