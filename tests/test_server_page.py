@@ -38,7 +38,8 @@ LONG = 1000
 LABELS = ["Model", "Prompt", "Negative prompt", "Search LoRAs", "Sampler", "Scheduler", "Width", "Height", "Aspect",
           "Steps", "Guidance", "Count", "Seed", "Image", "Strength", "Brush size", "Mask image", "Left", "Top", "Right",
           "Bottom", "Fill", "Feather", "Use ControlNet", "Control image", "Control model", "Preprocessor",
-          "Control scale", "Control start", "Control end", "Upscale factor", "Upscale strength"]  # fmt: skip
+          "Control scale", "Control start", "Control end", "Canny low", "Canny high", "Upscale factor",
+          "Upscale strength", "Filter history"]  # fmt: skip
 BUTTONS = [
     "Generate",
     "Cancel",

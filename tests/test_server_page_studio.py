@@ -19,7 +19,16 @@ from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from tests import page_helpers  # noqa: E402
-from tests.page_helpers import button, card_pixels, drop_file, fill_settings, generate, label, open_page  # noqa: E402
+from tests.page_helpers import (  # noqa: E402
+    button,
+    card_pixels,
+    data_url_image,
+    drop_file,
+    fill_settings,
+    generate,
+    label,
+    open_page,
+)
 from tests.server_helpers import RunningServer, pixels, png  # noqa: E402
 
 browser, page = page_helpers.browser, page_helpers.page  # the fixtures
@@ -139,6 +148,39 @@ def test_a_controlnet_unit_from_the_page_equals_the_library_with_that_controlnet
         pipe.controlnets = [load_controlnet(nets["edges"])]
         want = pipe.generate("a house", control_image=control, controlnet_conditioning_scale=0.7,
                              control_guidance_end=0.5, seed=4, width=64, height=64, num_inference_steps=2)  # fmt: skip
+    finally:
+        pipe.controlnets = held
+    assert np.array_equal(card_pixels(page), pixels(want[0]))
+
+
+def test_canny_edges_previewed_then_used_equal_the_librarys_canny(page, pipe, nets, tmp_path):
+    pytest.importorskip("cv2")
+    from sd35m_mlx.editing.preprocess import canny
+    from sd35m_mlx.loading.controlnet import load_controlnet
+
+    picture = np.full((64, 64, 3), 30, np.uint8)
+    picture[8:40, 10:30], picture[30:60, 34:60] = (200, 40, 40), (40, 200, 90)
+    Image.fromarray(picture).save(tmp_path / "shapes.png")
+    page.click("#control-box summary")
+    label(page, "Control image").set_input_files(tmp_path / "shapes.png")
+    label(page, "Preprocessor").select_option("canny")
+    label(page, "Canny low").fill("50")
+    label(page, "Canny high").fill("150")
+    button(page, "Preview edges").click()
+    page.wait_for_selector("#control-map:not([hidden])")
+    edges = canny(Image.fromarray(picture), 50, 150)
+    shown = page.get_attribute("#control-map", "src")
+    assert np.array_equal(pixels(data_url_image(shown)), pixels(edges)) and edges.getextrema() != ((0, 0),) * 3
+    fill_settings(page, steps=1, seed=8)
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        generate(page, "a cat")
+    page.wait_for_selector("#gallery .card img")
+    unit = sent.value.post_data_json["alwayson_scripts"]["controlnet"]["args"][0]
+    assert (unit["module"], unit["threshold_a"], unit["threshold_b"]) == ("canny", 50, 150)
+    held = pipe.controlnets
+    try:
+        pipe.controlnets = [load_controlnet(nets["edges"])]
+        want = pipe.generate("a cat", control_image=edges, seed=8, width=64, height=64, **KW)
     finally:
         pipe.controlnets = held
     assert np.array_equal(card_pixels(page), pixels(want[0]))

@@ -425,6 +425,19 @@ async function loadControl() {
   $("control-note").textContent = models.length ? "" : "No ControlNet models on this server.";
 }
 
+// What the preprocessor makes of the control image (the extension's /controlnet/detect), to tune thresholds.
+async function previewControl() {
+  if (!state.control) { say("Choose a control image first.", true); return; }
+  try {
+    const r = await post("/controlnet/detect", {
+      controlnet_module: $("control-module").value, controlnet_input_images: [state.control],
+      controlnet_threshold_a: parseFloat($("canny-low").value), controlnet_threshold_b: parseFloat($("canny-high").value),
+    });
+    $("control-map").src = "data:image/png;base64," + r.images[0];
+    $("control-map").hidden = false;
+  } catch (e) { say(e.message, true); }
+}
+
 function controlArgs() {
   if (!$("control-on").checked || !state.control) return null;
   return {
@@ -692,6 +705,7 @@ function wire() {
   });
   $("control-module").addEventListener("change", () => { $("canny-fields").hidden = $("control-module").value !== "canny"; });
   $("canny-fields").hidden = true;
+  $("detect").addEventListener("click", previewControl);
   $("up-strength").addEventListener("keydown", (e) => { if (e.key === "Enter") e.preventDefault(); });
   $("history-filter").addEventListener("input", () => {
     clearTimeout(state.history.timer);
