@@ -76,7 +76,7 @@ def test_sizes_steps_and_count_are_the_models_limits_and_aspect_presets_keep_to_
     assert abs(w / h - 16 / 9) < 0.2, (w, h)  # the shape kept within the limits, not clipped to it
 
 
-def test_upscale_a_result_is_img2img_at_the_factor_with_the_strength(page, pipe):
+def test_upscale_a_result_is_img2img_at_the_factor_with_the_strength(page, pipe, server):
     from sd35m_mlx.upscale import lanczos
 
     fill_settings(page, steps=1, seed=3)
@@ -93,6 +93,14 @@ def test_upscale_a_result_is_img2img_at_the_factor_with_the_strength(page, pipe)
     want = pipe.generate("a boat", image=lanczos(first, (128, 128)), strength=0.4, width=128, height=128, seed=3, **KW)
     assert np.array_equal(card_pixels(page, 0), pixels(want[0]))
     assert "upscale x2" in page.inner_text("#gallery .card .meta")
+
+    top = config(server)["max_width"]  # beyond the model's size: said at once, nothing sent
+    fill_settings(page, steps=1, seed=3, size=top // 2 + 16)
+    generate(page, "a boat")
+    page.wait_for_function("document.querySelectorAll('#gallery .card').length === 3")
+    page.locator("#gallery .card").first.get_by_role("button", name="Upscale").click()
+    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    assert f"at most {top}x{top}" in page.inner_text("#status") and page.locator("#gallery .card").count() == 3
 
 
 def test_outpaint_by_dragging_the_right_edge(page, pipe):

@@ -548,14 +548,20 @@ function generate() {
 }
 
 // Upscale a result: img2img from it at `factor` times its size, denoising `strength` (the two-pass workflow).
-function upscale(b64, s) {
+async function upscale(b64, s) {
   if (state.busy) return;
+  const src = "data:image/png;base64," + b64;
+  const im = await loadImage(src);  // its real size (an outpainted result is bigger than the form said)
   const factor = parseFloat($("up-factor").value);
-  const multiple = (state.config && state.config.model.multiple) || 16;
+  const m = (state.config && state.config.model) || { multiple: 16, max_width: Infinity, max_height: Infinity };
+  const width = Math.round((im.naturalWidth * factor) / m.multiple) * m.multiple;
+  const height = Math.round((im.naturalHeight * factor) / m.multiple) * m.multiple;
+  if (width > m.max_width || height > m.max_height) {
+    say("Upscaled, it would be " + width + "x" + height + "; this model makes at most " + m.max_width + "x" + m.max_height + ".", true);
+    return;
+  }
   const body = Object.assign({}, s, {
-    init_images: ["data:image/png;base64," + b64], denoising_strength: parseFloat($("up-strength").value),
-    width: Math.round((s.width * factor) / multiple) * multiple, height: Math.round((s.height * factor) / multiple) * multiple,
-    batch_size: 1, save_images: true,
+    init_images: [src], denoising_strength: parseFloat($("up-strength").value), width, height, batch_size: 1,
   });
   delete body.mask; delete body.outpaint; delete body.alwayson_scripts;
   run("/sdapi/v1/img2img", body, "upscale x" + factor);
