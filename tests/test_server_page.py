@@ -302,6 +302,10 @@ def test_a_lora_from_the_list_goes_into_the_prompt(page, server_options):
     assert label(page, "Prompt").input_value() == "a cat <lora:styles/ink:1>"
     page.keyboard.type("0.5")  # the weight is selected: typing edits it in place
     assert label(page, "Prompt").input_value() == "a cat <lora:styles/ink:0.5>"
+    label(page, "Prompt").evaluate("p => p.setSelectionRange(1, 1)")  # the caret after "a"
+    page.get_by_role("button", name="inky lines").click()  # a trigger word, where the caret was
+    assert label(page, "Prompt").input_value() == "a inky lines cat <lora:styles/ink:0.5>"
+    label(page, "Prompt").fill("a cat <lora:styles/ink:0.5>")
     fill_settings(page, steps=1, seed=3)
     with page.expect_request("**/sdapi/v1/txt2img") as sent:
         label(page, "Prompt").press("Enter")

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const KEY = "sd35m-mlx-key";
 const HISTORY_PAGE = 12;
 const state = {
-  busy: false, controller: null, poll: null, config: null, lastSeed: null,
+  busy: false, controller: null, poll: null, config: null, lastSeed: null, caret: null,
   init: null, initSize: null, mode: null, eraser: false, control: null,
   history: { offset: 0, total: 0, on: false, timer: null, blobs: [] },
 };
@@ -167,9 +167,10 @@ function triggerWords(meta) {
   return [...new Set(words)];
 }
 
+// At the caret the prompt had when it lost focus to the list (the end if it never had one).
 function insertIntoPrompt(text, select) {
   const p = $("prompt");
-  const start = p.selectionStart !== undefined && document.activeElement === p ? p.selectionStart : p.value.length;
+  const start = Math.min(state.caret === null ? p.value.length : state.caret, p.value.length);
   const before = p.value.slice(0, start);
   const lead = before && !/\s$/.test(before) ? " " : "";
   p.value = before + lead + text + p.value.slice(start);
@@ -177,6 +178,7 @@ function insertIntoPrompt(text, select) {
   const at = before.length + lead.length;
   if (select) p.setSelectionRange(at + select[0], at + select[1]);
   else p.setSelectionRange(at + text.length, at + text.length);
+  state.caret = at + text.length;
 }
 
 async function loadLoras() {
@@ -675,6 +677,7 @@ function wire() {
   $("aspect").addEventListener("change", applyAspect);
   $("dice").addEventListener("click", () => { $("seed").value = -1; });
   $("reuse").addEventListener("click", () => { if (state.lastSeed !== null) $("seed").value = state.lastSeed; });
+  $("prompt").addEventListener("blur", () => { state.caret = $("prompt").selectionEnd; });
   $("lora-search").addEventListener("input", filterLoras);
   $("refresh-loras").addEventListener("click", async () => {
     try { await post("/sdapi/v1/refresh-loras", {}); await loadLoras(); filterLoras(); } catch (e) { say(e.message, true); }
