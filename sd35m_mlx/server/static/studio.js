@@ -277,7 +277,9 @@ function pads() {
   return ["pad-left", "pad-top", "pad-right", "pad-bottom"].map((id) => Math.max(0, parseInt($(id).value, 10) || 0));
 }
 
+// Mask or Outpaint (pressing the active one again leaves it); the size follows the margins in and out of Outpaint.
 function setMode(mode) {
+  const before = state.mode;
   state.mode = state.mode === mode ? null : mode;
   $("mask-mode").setAttribute("aria-pressed", String(state.mode === "mask"));
   $("outpaint-mode").setAttribute("aria-pressed", String(state.mode === "outpaint"));
@@ -286,7 +288,7 @@ function setMode(mode) {
   $("frame").classList.toggle("brush", state.mode === "mask");
   $("frame").classList.toggle("outpaint", state.mode === "outpaint");
   $("strength-row").hidden = state.mode === "outpaint";  // margins are painted at strength 1
-  sizeFromImage();
+  if (before === "outpaint" || state.mode === "outpaint") sizeFromImage();
   layoutFrame();
 }
 
@@ -394,7 +396,8 @@ function outpaintEvents() {
     const r = frame.getBoundingClientRect();
     const dist = { left: e.clientX - r.left, right: r.right - e.clientX, top: e.clientY - r.top, bottom: r.bottom - e.clientY };
     const side = Object.keys(dist).reduce((a, b) => (dist[a] <= dist[b] ? a : b));
-    drag = { side, x: e.clientX, y: e.clientY, start: parseInt($("pad-" + side).value, 10) || 0 };
+    // the scale as the drag starts: the display shrinks as margins grow, the pointer's distance must not
+    drag = { side, x: e.clientX, y: e.clientY, start: parseInt($("pad-" + side).value, 10) || 0, scale: state.scale };
     try { frame.setPointerCapture(e.pointerId); } catch (err) { /* as above */ }
   });
   frame.addEventListener("pointermove", (e) => {
@@ -402,7 +405,7 @@ function outpaintEvents() {
     const sign = drag.side === "left" || drag.side === "top" ? -1 : 1;
     const moved = (drag.side === "left" || drag.side === "right" ? e.clientX - drag.x : e.clientY - drag.y) * sign;
     const step = (state.config && state.config.model.multiple) || 8;
-    $("pad-" + drag.side).value = Math.max(0, Math.round((drag.start + moved / state.scale) / step) * step);
+    $("pad-" + drag.side).value = Math.max(0, Math.round((drag.start + moved / drag.scale) / step) * step);
     padsChanged();
   });
   for (const type of ["pointerup", "pointercancel"]) frame.addEventListener(type, () => { drag = null; });
