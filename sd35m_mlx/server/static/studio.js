@@ -498,10 +498,11 @@ async function run(route, body, kind) {
   state.controller = new AbortController();
   setBusy(true);
   say("Starting...");
-  const track = { job: undefined, ahead: 0 };
+  const track = { job: undefined, ahead: 0 };  // the jobs before ours: the running one and those queued
   try {
-    const h = await api("/health");
+    const [h, p] = await Promise.all([api("/health"), api("/sdapi/v1/progress?skip_current_image=true")]);
     track.ahead = (h.busy ? 1 : 0) + h.queued;
+    track.job = p.state.job || undefined;
   } catch (e) { /* unknown: assume none */ }
   pollProgress(track);
   try {
