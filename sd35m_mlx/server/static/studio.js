@@ -719,7 +719,6 @@ function wire() {
   $("control-module").addEventListener("change", () => { $("canny-fields").hidden = $("control-module").value !== "canny"; });
   $("canny-fields").hidden = true;
   $("detect").addEventListener("click", previewControl);
-  $("up-strength").addEventListener("keydown", (e) => { if (e.key === "Enter") e.preventDefault(); });
   $("history-filter").addEventListener("input", () => {
     clearTimeout(state.history.timer);
     state.history.timer = setTimeout(() => { state.history.offset = 0; loadHistory(); }, 250);
