@@ -354,6 +354,9 @@ def test_api_key(pipe):
         with httpx.Client(base_url=s.url, timeout=60) as http:
             assert http.get("/health").status_code == 200  # open
             assert http.get("/").status_code == 200  # the page is static; its calls carry the key
+            for path, kind in (("/studio.css", "text/css"), ("/studio.js", "text/javascript")):  # and its files
+                assert http.get(path).status_code == 200 and http.get(path).headers["content-type"].startswith(kind)
+            assert http.get("/studio.py", headers={"Authorization": "Bearer s3cret"}).status_code == 404
             for path in ("/v1/models", "/sdapi/v1/progress", "/sdapi/v1/sd-models"):
                 assert http.get(path).status_code == 401
                 assert http.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 import sd35m_mlx
@@ -42,6 +42,7 @@ API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale",
              "padding_mask_crop": "inpaint_full_res_padding"}  # fmt: skip
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 URL_LIFETIME_S = 3600
+PAGE_FILES = {"css": "text/css; charset=utf-8", "js": "text/javascript; charset=utf-8"}  # the page's studio.*
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,13 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
+        return HTMLResponse(_static("index.html"))
+
+    @app.get("/studio.{ext}")
+    async def page_file(ext: str):
+        if ext not in PAGE_FILES:
+            raise RequestError("no such file", "ext", 404)
+        return Response(_static(f"studio.{ext}"), media_type=PAGE_FILES[ext])
 
     @app.get("/v1/images/files/{name}")
     async def image_file(name: str):
@@ -235,6 +242,11 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
     app.include_router(controlnets.router(server))
     app.include_router(studio.router(server))
     return app
+
+
+def _static(name: str) -> str:
+    """A file of the page (package data in static/, as the wheel ships it)."""
+    return resources.files(__package__).joinpath("static", name).read_text("utf-8")
 
 
 def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:

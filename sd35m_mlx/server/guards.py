@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException
 
 from .errors import error_body
 
-OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # the page is static: its API calls carry the key
+# the page and its files are static: its API calls carry the key
+OPEN_PATHS = frozenset({"/health", "/", "/studio.css", "/studio.js", "/favicon.ico"})
 SIGNED_PREFIXES = ("/v1/images/files/", "/studio/history/")  # what a signed URL may open (GET) without the key
 
 
