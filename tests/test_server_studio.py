@@ -211,6 +211,24 @@ def test_delete_and_hostile_names(http, folder, tmp_path):
     (folder / "link.png").unlink()
 
 
+def test_a_file_deleted_while_it_is_being_opened_is_a_404(http, folder, monkeypatch):
+    """The page asks for images a delete in another tab may just have removed: a 404, never a 500."""
+    from sd35m_mlx.server.history import History
+
+    clear(folder)
+    write_png(folder / "racing.png", "gone soon")
+    checked = History.path_of
+
+    def then_deleted(self, name):
+        path = checked(self, name)
+        path.unlink()  # between the check and the read
+        return path
+
+    monkeypatch.setattr(History, "path_of", then_deleted)
+    r = http.get("/studio/history/racing.png")
+    assert r.status_code == 404 and r.json()["detail"] == "no such image in the history"
+
+
 @pytest.mark.parametrize("name", ["../secret.png", "/etc/passwd.png", "a/b.png", "a\\b.png", "x\0.png", ".h.png",
                                   "x.txt", "x", "", "..", "x.png/"])  # fmt: skip
 def test_path_of_refuses_what_is_not_a_plain_image_name(tmp_path, name):

@@ -12,7 +12,7 @@ import asyncio
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from ..defaults import GUIDANCE, MULTIPLE, SIZE, STEPS
 from ..record import IMAGE_FORMATS, MEDIA_TYPES
@@ -99,7 +99,11 @@ def router(server) -> APIRouter:
     @r.get("/history/{name}", name="history_file")
     async def history_file(name: str):
         path = history().path_of(name)
-        return FileResponse(path, media_type=MEDIA_TYPES[IMAGE_FORMATS[path.suffix.lower()]])
+        try:  # read whole, now: a file deleted after the check is a 404, not a failed stream (a 500)
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError:
+            raise RequestError("no such image in the history", "name", 404) from None
+        return Response(data, media_type=MEDIA_TYPES[IMAGE_FORMATS[path.suffix.lower()]])
 
     @r.delete("/history/{name}")
     async def history_delete(name: str):
