@@ -258,6 +258,78 @@ def test_listing_2000_images_is_fast_once_read(tmp_path):
     assert cached < first / 2  # the cache is what makes paging cheap
 
 
+def trailing_text_png(size, text: str) -> bytes:
+    """A PNG whose parameters text comes after the pixels (before IEND), as some tools write it."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", size).save(buf, format="PNG")
+    data = buf.getvalue()
+    body = b"parameters\0" + text.encode("latin-1")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    return data[:-12] + chunk + data[-12:]
+
+
+def test_history_reads_text_after_the_pixels_without_decoding_them(tmp_path, monkeypatch):
+    """A stranger's 6000x6000 PNG is a 100 kB file; decoding it to reach a trailing text chunk cost 100 MB."""
+    from PIL import ImageFile
+
+    from sd35m_mlx.server.history import read_entry
+
+    (tmp_path / "big.png").write_bytes(trailing_text_png((6000, 6000), A1111_TEXT))
+    (tmp_path / "plain.png").write_bytes(trailing_text_png((6000, 6000), "")[:-12])  # truncated, no IEND
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    entry = read_entry(tmp_path / "big.png", 0.0)
+    assert (entry.width, entry.height, entry.prompt) == (6000, 6000, "a castle on a hill")
+    assert entry.parameters["Steps"] == "30"
+    assert read_entry(tmp_path / "plain.png", 0.0).info == ""
+
+
+def test_history_lists_broken_huge_and_odd_files_in_one_bounded_answer(http, folder):
+    clear(folder)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage" * 10)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    write_png(folder / "huge-text.png", "a cat, " * 200_000)  # 1.4 MB of prompt
+    (folder / "dir.png").mkdir()
+    os.mkfifo(folder / "fifo.png")
+    write_png(folder / "fine.png", "fine")
+    try:
+        r = http.get("/studio/history", params={"limit": 200})
+        assert r.status_code == 200 and len(r.content) < 20_000, len(r.content)  # megabytes of "settings" unsent
+        items = {i["name"]: i for i in r.json()["items"]}
+        assert set(items) == {"corrupt.png", "truncated.jpg", "huge-text.png", "fine.png"}
+        assert items["corrupt.png"]["width"] is None and items["fine.png"]["prompt"] == "fine"
+        assert items["huge-text.png"]["width"] == 8 and items["huge-text.png"]["info"] == ""
+        for name in ("dir.png", "fifo.png"):
+            assert http.get(f"/studio/history/{name}").status_code == 404
+            assert http.delete(f"/studio/history/{name}").status_code == 404
+    finally:
+        (folder / "dir.png").rmdir()
+        (folder / "fifo.png").unlink()
+
+
+def test_a_file_replaced_by_a_fifo_while_listing_does_not_block(tmp_path):
+    import threading
+
+    from sd35m_mlx.server.history import read_entry
+
+    os.mkfifo(tmp_path / "x.png")  # what read_entry meets when x.png was swapped after the folder was scanned
+    done = []
+    worker = threading.Thread(target=lambda: done.append(read_entry(tmp_path / "x.png", 0.0)), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock the reader before failing
+        os.close(os.open(tmp_path / "x.png", os.O_WRONLY | os.O_NONBLOCK))
+    assert done and done[0].width is None
+
+
 # -- config ---------------------------------------------------------------------------------------------------
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from ..prompts.infotext import infotext_parameters
-from ..record import IMAGE_FORMATS, PARAMETERS_KEY, stored_text
+from ..record import IMAGE_FORMATS, MAX_FIELD_CHARS, PARAMETERS_KEY, stored_text
 from .errors import RequestError
 
 log = logging.getLogger("sd35m_mlx.server")
@@ -189,19 +191,32 @@ class History:
 def read_entry(path: Path, mtime: float) -> Entry:
     """An image's size and settings from its header and metadata (the pixels are not decoded)."""
     try:
-        with Image.open(path) as im:
+        with _regular_file(path) as f, Image.open(f) as im:
             size = im.size
             text = _text(im)
     except Exception as e:  # not an image after all, truncated, a decompression bomb: listed without settings
         log.info("history: cannot read %s (%s)", path.name, type(e).__name__)
         return Entry(path.name, mtime, None, None, "", {})
     info = text.get(PARAMETERS_KEY) or ""
+    if len(info) > MAX_FIELD_CHARS:  # a stranger's megabytes of "settings": not parsed, not sent to every page
+        log.info("history: %s's parameters text is %d characters; not read", path.name, len(info))
+        info = ""
     return Entry(path.name, mtime, size[0], size[1], info, infotext_parameters(info) if info else {})
+
+
+def _regular_file(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a plain file. The listing checked that, but a file can be replaced
+    meanwhile; opening a FIFO would block the listing (and the thread pool) until something writes to it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once; files ignore the flag
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a plain file")
+    return os.fdopen(fd, "rb")
 
 
 def _text(im: Image.Image) -> dict[str, str]:
     """The text chunks Pillow read with the header (where we, the CLI and A1111 write them), else
-    `stored_text`, which for a PNG decodes the whole file to find chunks after the pixels."""
+    `stored_text`, which for a PNG walks the chunks after the pixels too."""
     if im.format == "PNG":
         info = {k: v for k, v in im.info.items() if isinstance(v, str)}
         if PARAMETERS_KEY in info:
