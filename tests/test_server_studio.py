@@ -315,6 +315,38 @@ def test_history_lists_broken_huge_and_odd_files_in_one_bounded_answer(http, fol
         (folder / "fifo.png").unlink()
 
 
+@pytest.mark.parametrize("swap", ["deleted", "a folder", "a fifo"])
+def test_an_image_removed_while_it_is_being_opened_is_a_404_not_a_500(http, folder, monkeypatch, swap):
+    """The page deletes images whose <img> may still be loading: the file goes between the name check and the
+    answer (it was a 500 with a traceback in the log, or a connection cut half way)."""
+    from sd35m_mlx.server.history import History
+
+    clear(folder)
+    write_png(folder / "going.png", "going")
+    checked = History.path_of
+
+    def path_of_then_swap(self, name):
+        path = checked(self, name)
+        path.unlink()
+        if swap == "a folder":
+            path.mkdir()
+        elif swap == "a fifo":
+            os.mkfifo(path)
+        return path
+
+    monkeypatch.setattr(History, "path_of", path_of_then_swap)
+    r = http.get("/studio/history/going.png")
+    assert r.status_code == 404 and r.json() == {"detail": "no such image in the history"}
+    monkeypatch.undo()
+    if (folder / "going.png").is_dir():
+        (folder / "going.png").rmdir()
+    clear(folder)
+    write_png(folder / "kept.png", "kept")
+    r = http.get("/studio/history/kept.png")
+    assert r.status_code == 200 and r.content == (folder / "kept.png").read_bytes()
+    assert r.headers["content-type"] == "image/png" and int(r.headers["content-length"]) == len(r.content)
+
+
 def test_a_file_replaced_by_a_fifo_while_listing_does_not_block(tmp_path):
     import threading
 

@@ -145,6 +145,16 @@ class History:
             raise RequestError("no such image in the history", "name", 404)
         return path
 
+    def open(self, name: str) -> tuple[BinaryIO, os.stat_result]:
+        """The image `name` opened for reading, and its status. Answering from the open file, a delete or a swap
+        meanwhile (the page deletes images that may still be loading) cannot turn into a 500 half way."""
+        path = self.path_of(name)
+        try:
+            f = _regular_file(path)
+        except OSError:  # removed, or replaced by a folder or a FIFO, since path_of looked
+            raise RequestError("no such image in the history", "name", 404) from None
+        return f, os.fstat(f.fileno())
+
     def delete(self, name: str) -> None:
         path = self.path_of(name)
         try:
