@@ -316,7 +316,7 @@ def test_history_lists_broken_huge_and_odd_files_in_one_bounded_answer(http, fol
 
 
 @pytest.mark.parametrize("swap", ["deleted", "a folder", "a fifo"])
-def test_an_image_removed_while_it_is_being_opened_is_a_404_not_a_500(http, folder, monkeypatch, swap):
+def test_an_image_removed_while_it_is_being_opened_or_deleted_is_a_404_not_a_500(http, folder, monkeypatch, swap):
     """The page deletes images whose <img> may still be loading: the file goes between the name check and the
     answer (it was a 500 with a traceback in the log, or a connection cut half way)."""
     from sd35m_mlx.server.history import History
@@ -335,8 +335,14 @@ def test_an_image_removed_while_it_is_being_opened_is_a_404_not_a_500(http, fold
         return path
 
     monkeypatch.setattr(History, "path_of", path_of_then_swap)
-    r = http.get("/studio/history/going.png")
-    assert r.status_code == 404 and r.json() == {"detail": "no such image in the history"}
+    for method in ("GET", "DELETE") if swap != "a fifo" else ("GET",):  # (a FIFO at the name is deleted: fine)
+        if method == "DELETE":
+            if (folder / "going.png").is_dir():
+                (folder / "going.png").rmdir()
+            clear(folder)
+            write_png(folder / "going.png", "going")
+        r = http.request(method, "/studio/history/going.png")
+        assert r.status_code == 404 and r.json() == {"detail": "no such image in the history"}, method
     monkeypatch.undo()
     if (folder / "going.png").is_dir():
         (folder / "going.png").rmdir()
@@ -345,6 +351,24 @@ def test_an_image_removed_while_it_is_being_opened_is_a_404_not_a_500(http, fold
     r = http.get("/studio/history/kept.png")
     assert r.status_code == 200 and r.content == (folder / "kept.png").read_bytes()
     assert r.headers["content-type"] == "image/png" and int(r.headers["content-length"]) == len(r.content)
+
+
+def test_a_folder_that_refuses_a_delete_is_one_line_naming_the_image(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sd35m_mlx.server.errors import RequestError
+    from sd35m_mlx.server.history import History
+
+    write_png(tmp_path / "kept.png", "kept")
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)  # a read-only folder (the tests may run as root)
+    with pytest.raises(RequestError) as e:
+        History(tmp_path).delete("kept.png")
+    assert (e.value.status, e.value.message) == (500, "cannot delete kept.png: Permission denied")
+    assert str(tmp_path) not in e.value.message
 
 
 def test_a_file_replaced_by_a_fifo_while_listing_does_not_block(tmp_path):

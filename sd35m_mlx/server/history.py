@@ -159,8 +159,11 @@ class History:
         path = self.path_of(name)
         try:
             path.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):  # removed, or swapped for a folder, since path_of looked
             raise RequestError("no such image in the history", "name", 404) from None
+        except OSError as e:  # a read-only folder: the server's state, said in one line (the path in the log)
+            log.error("cannot delete %s from the output folder %s: %s", name, self.folder, e)
+            raise RequestError(f"cannot delete {name}: {e.strerror or type(e).__name__}", "name", 500) from None
         with self._lock:
             self._cache.pop(name, None)
 
