@@ -300,6 +300,7 @@ def test_history_lists_broken_huge_and_odd_files_in_one_bounded_answer(http, fol
     (folder / "dir.png").mkdir()
     os.mkfifo(folder / "fifo.png")
     write_png(folder / "fine.png", "fine")
+    write_png(folder / os.fsdecode(b"latin-\xe9.png"), "a name in another encoding")  # JSON cannot carry it
     try:
         r = http.get("/studio/history", params={"limit": 200})
         assert r.status_code == 200 and len(r.content) < 20_000, len(r.content)  # megabytes of "settings" unsent

@@ -178,7 +178,7 @@ class History:
             return []
         found = []
         for d in scanned:
-            if d.name.startswith(".") or Path(d.name).suffix.lower() not in IMAGE_FORMATS:
+            if d.name.startswith(".") or Path(d.name).suffix.lower() not in IMAGE_FORMATS or not _utf8(d.name):
                 continue
             try:
                 if d.is_symlink():
@@ -199,6 +199,17 @@ class History:
         with self._lock:
             self._cache = fresh
         return sorted((e for _, e in fresh.values()), key=lambda e: (e.mtime, e.name), reverse=True)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name is text: one in another system's encoding (a Latin-1 archive unpacked here) comes
+    with undecodable bytes that neither the JSON listing nor a URL can carry; it is left out of the history."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        log.info("history: skipped a file name that is not UTF-8: %r", name)
+        return False
+    return True
 
 
 def read_entry(path: Path, mtime: float) -> Entry:
