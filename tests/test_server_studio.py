@@ -98,6 +98,14 @@ def test_a_save_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypat
     assert (tmp_path / "00000-5.png").read_bytes() == b"theirs" and (tmp_path / "00001-5.png").read_bytes() == b"ours"
 
 
+def test_a_huge_number_in_the_folder_does_not_stop_saving(tmp_path):
+    from sd35m_mlx.server.history import History
+
+    (tmp_path / ("9" * 249 + "-1.png")).write_bytes(b"theirs")  # counting on from it: a name too long to create
+    (tmp_path / "00041-7.png").write_bytes(b"theirs")
+    assert History(tmp_path).save([(b"ours", 5)]) == ["00042-5.png"]
+
+
 def test_saved_files_honour_the_umask(tmp_path):
     from sd35m_mlx.server.history import History
 

@@ -26,7 +26,9 @@ from ..record import IMAGE_FORMATS, MAX_FIELD_CHARS, PARAMETERS_KEY, stored_text
 from .errors import RequestError
 
 log = logging.getLogger("sd35m_mlx.server")
-_NUMBERED = re.compile(r"^(\d+)-")  # A1111's "00012-SEED.png": the counter before the first dash
+# A1111's "00012-SEED.png": the counter before the first dash. A longer number is some other file's (a date,
+# or a stranger's 249 digits, after which no numbered name would fit the file system): not a counter.
+_NUMBERED = re.compile(r"^(\d{1,9})-")
 
 
 @dataclass(frozen=True)
