@@ -44,7 +44,7 @@ def _prompt_text(graph: dict, link, seen: frozenset = frozenset()) -> str | None
     """The text of the conditioning an input links to: CLIPTextEncode's text, CLIPTextEncodeSD3's t5xxl
     (else clip_g, else clip_l); other conditioning nodes are followed through their first conditioning input."""
     node = _linked(graph, link)
-    if node is None or len(seen) > 64:
+    if node is None or str(link[0]) in seen or len(seen) > 64:  # a cycle, or a chain too long to be a prompt's
         return None
     inputs = node.get("inputs", {})
     kind = node.get("class_type")

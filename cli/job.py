@@ -176,6 +176,8 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
         raise UsageError(f"--num-images must be at least 1, got {params['num_images']}")
     if not params["prompt"]:
         why = f"; its stored prompt is unusable ({invalid['prompt']})" if "prompt" in invalid else ""
+        if from_image and not why:  # e.g. a ComfyUI graph whose text comes from no text-encode node: say so
+            why = f"; {from_image} stores none" + (f" ({'; '.join(invalid.values())})" if invalid else "")
         raise UsageError("missing PROMPT (or --from-image PNG)" + why)
     image = params["image"]
     if image is None and given(ctx, "strength"):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS
 from sd35m_mlx.prompts.infotext import split_infotext
-from sd35m_mlx.record import JSON_KEY, PARAMETERS_KEY, stored_text, strip_tags
+from sd35m_mlx.record import JSON_KEY, MAX_FIELD_CHARS, PARAMETERS_KEY, stored_text, strip_tags
 from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
 from sd35m_mlx.sampling.noise import RNG_SOURCES
 from sd35m_mlx.sampling.schedulers import SCHEDULERS
@@ -25,8 +25,6 @@ from .comfyui_png import PROMPT_KEY, comfyui_graph, parse_comfyui
 from .errors import UsageError
 from .settings import DTYPES, MAX_SIDE, MIN_SIDE, SAMPLERS
 
-# Our own chunks are a few KB (prompts are capped at 10,000 characters); A1111's rarely pass 10 KB.
-MAX_FIELD_CHARS = 64 * 1024
 MAX_PATH_CHARS = 4096
 
 

@@ -42,7 +42,27 @@ def plan_paths(template: str, seeds: list[int]) -> list[Path]:
     paths = [Path(str(path).format(seed=s, index=i + 1)) for i, s in enumerate(seeds)]
     if not all(p.name for p in paths):
         raise UsageError(f"--output {template!r} gives an empty file name")
+    for p in paths:
+        _check_name_length(p)
     return paths
+
+
+# write_image's temporary name is `.STEM.` + 8 random characters + `.part`; a taken name becomes STEM-k.SUFFIX
+_TEMP_EXTRA = len("..12345678.part")
+
+
+def _check_name_length(path: Path) -> None:
+    """Refuse, before any work, a name the folder's file system cannot hold (it failed after generating)."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # a folder that does not exist: check_writable says so
+        return
+    longest = len(os.fsencode(path.stem)) + max(_TEMP_EXTRA, len(os.fsencode(path.suffix)) + len("-999"))
+    if longest > limit:
+        raise UsageError(
+            f"--output: the file name {path.name[:24]}... is too long for its folder "
+            f"({len(os.fsencode(path.stem))} bytes before the suffix; at most {limit - _TEMP_EXTRA})"
+        )
 
 
 def check_writable(folder: Path) -> None:

@@ -75,13 +75,18 @@ def parse_line(line: str) -> dict:
 
 def read(path: str) -> list[tuple[int, dict]]:
     """(line number, parameters) of every prompt line in the file."""
-    file = Path(path).expanduser()
+    try:  # at most the cap read, whatever the size says (/dev/zero, a pipe: stat says 0 and the read never ends)
+        with Path(path).expanduser().open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise UsageError(f"--prompts-file {path}: larger than {MAX_FILE_BYTES >> 20} MB")
     try:
-        if file.stat().st_size > MAX_FILE_BYTES:
-            raise UsageError(f"--prompts-file {path}: larger than {MAX_FILE_BYTES >> 20} MB")
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--prompts-file {path}: cannot read it ({e.__class__.__name__})") from None
+        lines = data.decode("utf-8-sig").splitlines()  # -sig: Notepad's byte-order mark is not part of line 1's prompt
+    except UnicodeDecodeError as e:
+        where = f"byte {data[e.start]:#04x} at offset {e.start}"
+        raise UsageError(f"--prompts-file {path}: not UTF-8 text ({where})") from None
     out = []
     for number, line in enumerate(lines, 1):
         line = line.strip()

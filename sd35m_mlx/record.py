@@ -11,17 +11,23 @@ import dataclasses
 import json
 import re
 import secrets
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+from PIL.PngImagePlugin import PngInfo, PngStream
 
 from . import defaults as D
 from .defaults import MAX_SIDE, MIN_SIDE, MULTIPLE, TRAINED_MAX, TRAINED_MIN
 from .prompts.syntax import extract_lora_tags
 from .sampling.labels import RNG_LABELS, sampler_label, scheduler_label
+
+# The longest settings text read from a stranger's image (--from-image, the server's history): our own are a few
+# KB (prompts are capped at 10,000 characters); A1111's rarely pass 10 KB.
+MAX_FIELD_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -291,8 +297,10 @@ def settings_save_options(s: Settings, version: str, fmt: str = "PNG", quality: 
 def stored_text(im: Image.Image) -> dict[str, str]:
     """The settings an image carries, by key (PARAMETERS_KEY, JSON_KEY): PNG text chunks, or EXIF as
     save_options (and A1111) write it."""
+    if im.format == "PNG":
+        return _png_text(im)
     text = dict(getattr(im, "text", {}) or {})
-    if text or im.format == "PNG":
+    if text:
         return text
     ifd = im.getexif().get_ifd(_EXIF_IFD)
     comment, note = ifd.get(_USER_COMMENT), ifd.get(_MAKER_NOTE)
@@ -306,6 +314,33 @@ def stored_text(im: Image.Image) -> dict[str, str]:
     if isinstance(note, bytes) and note.startswith(_MAKER_PREFIX):
         text[JSON_KEY] = note[len(_MAKER_PREFIX) :].decode("ascii", "replace")
     return text
+
+
+def _png_text(im: Image.Image) -> dict[str, str]:
+    """Every text chunk of a PNG, before the pixels (where we and A1111 write them) or after (some tools), read
+    without decoding the pixels: Pillow's `im.text` decodes the whole image to reach the trailing chunks, which
+    for a stranger's 9000x9000 PNG is 250 MB and seconds. The chunks are walked by their headers, the image
+    data skipped; each text chunk is read by Pillow's own reader, with its limits. A broken or truncated chunk
+    ends the walk with what was read so far."""
+    fp = getattr(im, "fp", None)
+    if fp is None:  # closed, or not from a file: Pillow's way
+        return {k: str(v) for k, v in (getattr(im, "text", {}) or {}).items()}
+    where = fp.tell()
+    png = PngStream(fp)
+    try:
+        fp.seek(8)  # past the signature
+        while True:
+            cid, start, length = png.read()
+            if cid == b"IEND":
+                break
+            if cid in (b"tEXt", b"zTXt", b"iTXt"):
+                png.call(cid, start, length)
+            fp.seek(start + length + 4)  # past the data and the CRC
+    except (SyntaxError, ValueError, EOFError, OSError, struct.error, zlib.error):
+        pass
+    finally:
+        fp.seek(where)
+    return {k: str(v) for k, v in png.im_text.items()}
 
 
 # -- LoRAs in the A1111 text: `<lora:name:scale>` tags on the prompt line and a `Lora hashes` item ----

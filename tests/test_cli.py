@@ -286,6 +286,8 @@ def test_img2img_size_rules():
         (["-o", "notes.txt/x.png"], "output folder notes.txt is not a folder"),
         (["-o", "x.gif"], "--output must be a .png, .jpg, .jpeg or .webp file"),
         (["-o", "x-{size}.png"], "--output: unknown placeholder {size}"),
+        (["-o", "a" * 250 + ".png"], "--output: the file name aaaaaaaaaaaaaaaaaaaaaaaa... is too long for its folder"),
+        (["-n", "2", "-o", "é" * 120 + "-{seed}.png"], "bytes before the suffix; at most"),
         (["--max-sequence-length", "600"], "--max-sequence-length must be between 1 and 512"),
         (["--model", "no/such/folder"], "--model no/such/folder: no such folder"),
     ],
@@ -299,6 +301,15 @@ def test_bad_values_fail_in_one_line_before_loading(fake, args, message):
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1
     assert fake.loads == [] and pngs() == ["in.png"] and no_leftovers()
+
+
+def test_the_longest_output_name_the_folder_takes_is_written(fake):
+    import os
+
+    stem = "a" * (os.pathconf(".", "PC_NAME_MAX") - len("..12345678.part"))  # write_image's temporary name fits
+    result = invoke("p", "--steps", "2", "-o", f"{stem}.png")
+    assert result.exit_code == 0, result.output
+    assert pngs() == [f"{stem}.png"] and no_leftovers()
 
 
 def test_missing_prompt_is_a_usage_error(fake):

@@ -199,3 +199,19 @@ def test_prompts_file_runs_each_line_with_its_options_and_loras(tiny_pipeline, l
         result = CliRunner().invoke(cli, ["--prompts-file", "bad.txt", *common, "--lora-dir", str(lora_dir)])
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_prompts_file_reads_a_bom_refuses_binary_and_stops_at_the_cap(tmp_path):
+    from sd35m_mlx_cli.errors import UsageError
+    from sd35m_mlx_cli.prompts_file import read
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffa cat\n--prompt dog --seed 3\n".encode())  # Notepad's UTF-8
+    assert [p["prompt"] for _, p in read(str(tmp_path / "bom.txt"))] == ["a cat", "dog"]
+    (tmp_path / "bin.txt").write_bytes(b"a cat\n\x80\xff")
+    with pytest.raises(UsageError, match=r"bin.txt: not UTF-8 text \(byte 0x80 at offset 6\)$"):
+        read(str(tmp_path / "bin.txt"))
+    with pytest.raises(UsageError, match="cannot read it \\(Is a directory\\)$"):
+        read(str(tmp_path))
+    if Path("/dev/zero").exists():  # its size says 0 and its read never ends
+        with pytest.raises(UsageError, match="larger than 1 MB"):
+            read("/dev/zero")

@@ -220,7 +220,9 @@ def test_t5_keeps_max_sequence_length_and_sees_the_text_without_syntax(encoder, 
 
 def test_over_long_prompts_are_refused_in_one_line(encoder):
     text = long_prompt(75 * MAX_CLIP_CHUNKS + 1, encoder.tokenizer)
-    with pytest.raises(ValueError, match=f"at most {MAX_CLIP_CHUNKS}"):
+    from sd35m_mlx.validation import InvalidInput
+
+    with pytest.raises(InvalidInput, match=f"at most {MAX_CLIP_CHUNKS}"):  # bad input: the CLI's exit 2, not 1
         encode_prompt_weighted(encoder, text)
     with pytest.raises(ValueError, match="cannot be greater than 512"):
         encode_prompt_weighted(encoder, "a cat", max_sequence_length=513)

@@ -142,6 +142,19 @@ def test_text_encoding_is_an_option_recorded_and_replayed(fake):  # noqa: F811
     assert result.exit_code == 2 and "comfyui" in result.output
 
 
+def test_a_comfyui_png_without_a_readable_prompt_says_why(fake):  # noqa: F811
+    graph = _comfyui_graph()
+    graph["16"]["inputs"]["text"] = ["16", 0]  # a cycle: the text is wired to the node itself
+    graph["40"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["40", 0]}}
+    _png("comfy.png", prompt=json.dumps(graph))
+    result = invoke("--from-image", "comfy.png")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "comfy.png stores none" in result.stderr and "positive prompt is not from a text-encode node" in (
+        result.stderr
+    )
+    assert fake.calls == []
+
+
 def test_comfyui_png_notes_what_it_cannot_apply(fake):  # noqa: F811
     graph = _comfyui_graph(denoise=0.6, sampler_name="dpmpp_2m_sde_gpu", scheduler="AYS SD3")
     graph["53"]["inputs"]["batch_size"] = 4

@@ -128,6 +128,16 @@ def test_signed_image_urls_open_without_the_key_until_they_expire(pipe):
         s.stop()
 
 
+@pytest.mark.parametrize("exp", ["\u00b2", "\u0661\u0662", "0" * 5000, "9" * 30, "-1", ""])
+def test_a_hostile_expiry_is_an_invalid_signature_not_a_500(exp):
+    from sd35m_mlx.server.guards import UrlSigner
+
+    signer = UrlSigner("k")
+    good = signer.query("/x.png", 60)
+    assert signer.valid("/x.png", good)
+    assert not signer.valid("/x.png", good.replace(good.split("&")[0], f"exp={exp}"))
+
+
 def test_signed_urls_are_opt_in(pipe):
     s = RunningServer(pipe, api_key="k")
     try:

@@ -98,6 +98,14 @@ def test_a_save_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypat
     assert (tmp_path / "00000-5.png").read_bytes() == b"theirs" and (tmp_path / "00001-5.png").read_bytes() == b"ours"
 
 
+def test_a_huge_number_in_the_folder_does_not_stop_saving(tmp_path):
+    from sd35m_mlx.server.history import History
+
+    (tmp_path / ("9" * 249 + "-1.png")).write_bytes(b"theirs")  # counting on from it: a name too long to create
+    (tmp_path / "00041-7.png").write_bytes(b"theirs")
+    assert History(tmp_path).save([(b"ours", 5)]) == ["00042-5.png"]
+
+
 def test_saved_files_honour_the_umask(tmp_path):
     from sd35m_mlx.server.history import History
 
@@ -274,6 +282,135 @@ def test_listing_2000_images_is_fast_once_read(tmp_path):
     cached = time.perf_counter() - t0
     print(f"\nlisting 2000 PNGs: {first * 1000:.0f} ms first, {cached * 1000:.0f} ms cached")
     assert cached < first / 2  # the cache is what makes paging cheap
+
+
+def trailing_text_png(size, text: str) -> bytes:
+    """A PNG whose parameters text comes after the pixels (before IEND), as some tools write it."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", size).save(buf, format="PNG")
+    data = buf.getvalue()
+    body = b"parameters\0" + text.encode("latin-1")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    return data[:-12] + chunk + data[-12:]
+
+
+def test_history_reads_text_after_the_pixels_without_decoding_them(tmp_path, monkeypatch):
+    """A stranger's 6000x6000 PNG is a 100 kB file; decoding it to reach a trailing text chunk cost 100 MB."""
+    from PIL import ImageFile
+
+    from sd35m_mlx.server.history import read_entry
+
+    (tmp_path / "big.png").write_bytes(trailing_text_png((6000, 6000), A1111_TEXT))
+    (tmp_path / "plain.png").write_bytes(trailing_text_png((6000, 6000), "")[:-12])  # truncated, no IEND
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    entry = read_entry(tmp_path / "big.png", 0.0)
+    assert (entry.width, entry.height, entry.prompt) == (6000, 6000, "a castle on a hill")
+    assert entry.parameters["Steps"] == "30"
+    assert read_entry(tmp_path / "plain.png", 0.0).info == ""
+
+
+def test_history_lists_broken_huge_and_odd_files_in_one_bounded_answer(http, folder):
+    clear(folder)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage" * 10)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    write_png(folder / "huge-text.png", "a cat, " * 200_000)  # 1.4 MB of prompt
+    (folder / "dir.png").mkdir()
+    os.mkfifo(folder / "fifo.png")
+    write_png(folder / "fine.png", "fine")
+    write_png(folder / os.fsdecode(b"latin-\xe9.png"), "a name in another encoding")  # JSON cannot carry it
+    try:
+        r = http.get("/studio/history", params={"limit": 200})
+        assert r.status_code == 200 and len(r.content) < 20_000, len(r.content)  # megabytes of "settings" unsent
+        items = {i["name"]: i for i in r.json()["items"]}
+        assert set(items) == {"corrupt.png", "truncated.jpg", "huge-text.png", "fine.png"}
+        assert items["corrupt.png"]["width"] is None and items["fine.png"]["prompt"] == "fine"
+        assert items["huge-text.png"]["width"] == 8 and items["huge-text.png"]["info"] == ""
+        for name in ("dir.png", "fifo.png"):
+            assert http.get(f"/studio/history/{name}").status_code == 404
+            assert http.delete(f"/studio/history/{name}").status_code == 404
+    finally:
+        (folder / "dir.png").rmdir()
+        (folder / "fifo.png").unlink()
+
+
+@pytest.mark.parametrize("swap", ["deleted", "a folder", "a fifo"])
+def test_an_image_removed_while_it_is_being_opened_or_deleted_is_a_404_not_a_500(http, folder, monkeypatch, swap):
+    """The page deletes images whose <img> may still be loading: the file goes between the name check and the
+    answer (it was a 500 with a traceback in the log, or a connection cut half way)."""
+    from sd35m_mlx.server.history import History
+
+    clear(folder)
+    write_png(folder / "going.png", "going")
+    checked = History.path_of
+
+    def path_of_then_swap(self, name):
+        path = checked(self, name)
+        path.unlink()
+        if swap == "a folder":
+            path.mkdir()
+        elif swap == "a fifo":
+            os.mkfifo(path)
+        return path
+
+    monkeypatch.setattr(History, "path_of", path_of_then_swap)
+    for method in ("GET", "DELETE") if swap != "a fifo" else ("GET",):  # (a FIFO at the name is deleted: fine)
+        if method == "DELETE":
+            if (folder / "going.png").is_dir():
+                (folder / "going.png").rmdir()
+            clear(folder)
+            write_png(folder / "going.png", "going")
+        r = http.request(method, "/studio/history/going.png")
+        assert r.status_code == 404 and r.json() == {"detail": "no such image in the history"}, method
+    monkeypatch.undo()
+    if (folder / "going.png").is_dir():
+        (folder / "going.png").rmdir()
+    clear(folder)
+    write_png(folder / "kept.png", "kept")
+    r = http.get("/studio/history/kept.png")
+    assert r.status_code == 200 and r.content == (folder / "kept.png").read_bytes()
+    assert r.headers["content-type"] == "image/png" and int(r.headers["content-length"]) == len(r.content)
+
+
+def test_a_folder_that_refuses_a_delete_is_one_line_naming_the_image(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sd35m_mlx.server.errors import RequestError
+    from sd35m_mlx.server.history import History
+
+    write_png(tmp_path / "kept.png", "kept")
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)  # a read-only folder (the tests may run as root)
+    with pytest.raises(RequestError) as e:
+        History(tmp_path).delete("kept.png")
+    assert (e.value.status, e.value.message) == (500, "cannot delete kept.png: Permission denied")
+    assert str(tmp_path) not in e.value.message
+
+
+def test_a_file_replaced_by_a_fifo_while_listing_does_not_block(tmp_path):
+    import threading
+
+    from sd35m_mlx.server.history import read_entry
+
+    os.mkfifo(tmp_path / "x.png")  # what read_entry meets when x.png was swapped after the folder was scanned
+    done = []
+    worker = threading.Thread(target=lambda: done.append(read_entry(tmp_path / "x.png", 0.0)), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock the reader before failing
+        os.close(os.open(tmp_path / "x.png", os.O_WRONLY | os.O_NONBLOCK))
+    assert done and done[0].width is None
 
 
 # -- config ---------------------------------------------------------------------------------------------------

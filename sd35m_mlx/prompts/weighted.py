@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..models.prompt_encoder import PromptEncoder, assemble, hidden_layer
+from ..validation import InvalidValue
 from .syntax import is_break, parse_attention
 
 MAX_CLIP_CHUNKS = 16  # 1,200 CLIP tokens; the transformer's context grows by 77 tokens a chunk
@@ -180,7 +181,7 @@ def encode_prompt_weighted(
 
     Same arguments, defaults, checks and outputs as `PromptEncoder.encode_prompt`; the context is
     (B, 77 * chunks + max_sequence_length, joint dim), chunks the same for prompt and negative prompt.
-    Raises ValueError for a prompt of more than MAX_CLIP_CHUNKS chunks.
+    Raises InvalidValue (a ValueError) for a prompt of more than MAX_CLIP_CHUNKS chunks.
     """
     prompts, batch, skips = encoder.prepare(prompt, negative_prompt, prompt_2, prompt_3, max_sequence_length,
                                             num_images_per_prompt, do_classifier_free_guidance, negative_prompt_2,
@@ -191,7 +192,7 @@ def encode_prompt_weighted(
     chunks_g = [clip_chunks(encoder.tokenizer_2, p, chunk_length) for p in parsed[1]]
     n_chunks = max(len(c) for c in chunks_l + chunks_g)
     if n_chunks > MAX_CLIP_CHUNKS:
-        raise ValueError(
+        raise InvalidValue(
             f"prompt is {n_chunks} CLIP chunks of {chunk_length} tokens long; at most {MAX_CLIP_CHUNKS} are encoded"
         )
 

@@ -12,19 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from ..prompts.infotext import infotext_parameters
-from ..record import IMAGE_FORMATS, PARAMETERS_KEY, stored_text
+from ..record import IMAGE_FORMATS, MAX_FIELD_CHARS, PARAMETERS_KEY, stored_text
 from .errors import RequestError
 
 log = logging.getLogger("sd35m_mlx.server")
-_NUMBERED = re.compile(r"^(\d+)-")  # A1111's "00012-SEED.png": the counter before the first dash
+# A1111's "00012-SEED.png": the counter before the first dash. A longer number is some other file's (a date,
+# or a stranger's 249 digits, after which no numbered name would fit the file system): not a counter.
+_NUMBERED = re.compile(r"^(\d{1,9})-")
 
 
 @dataclass(frozen=True)
@@ -143,12 +147,25 @@ class History:
             raise RequestError("no such image in the history", "name", 404)
         return path
 
+    def open(self, name: str) -> tuple[BinaryIO, os.stat_result]:
+        """The image `name` opened for reading, and its status. Answering from the open file, a delete or a swap
+        meanwhile (the page deletes images that may still be loading) cannot turn into a 500 half way."""
+        path = self.path_of(name)
+        try:
+            f = _regular_file(path)
+        except OSError:  # removed, or replaced by a folder or a FIFO, since path_of looked
+            raise RequestError("no such image in the history", "name", 404) from None
+        return f, os.fstat(f.fileno())
+
     def delete(self, name: str) -> None:
         path = self.path_of(name)
         try:
             path.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):  # removed, or swapped for a folder, since path_of looked
             raise RequestError("no such image in the history", "name", 404) from None
+        except OSError as e:  # a read-only folder: the server's state, said in one line (the path in the log)
+            log.error("cannot delete %s from the output folder %s: %s", name, self.folder, e)
+            raise RequestError(f"cannot delete {name}: {e.strerror or type(e).__name__}", "name", 500) from None
         with self._lock:
             self._cache.pop(name, None)
 
@@ -163,7 +180,7 @@ class History:
             return []
         found = []
         for d in scanned:
-            if d.name.startswith(".") or Path(d.name).suffix.lower() not in IMAGE_FORMATS:
+            if d.name.startswith(".") or Path(d.name).suffix.lower() not in IMAGE_FORMATS or not _utf8(d.name):
                 continue
             try:
                 if d.is_symlink():
@@ -186,22 +203,46 @@ class History:
         return sorted((e for _, e in fresh.values()), key=lambda e: (e.mtime, e.name), reverse=True)
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file name is text: one in another system's encoding (a Latin-1 archive unpacked here) comes
+    with undecodable bytes that neither the JSON listing nor a URL can carry; it is left out of the history."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        log.info("history: skipped a file name that is not UTF-8: %r", name)
+        return False
+    return True
+
+
 def read_entry(path: Path, mtime: float) -> Entry:
     """An image's size and settings from its header and metadata (the pixels are not decoded)."""
     try:
-        with Image.open(path) as im:
+        with _regular_file(path) as f, Image.open(f) as im:
             size = im.size
             text = _text(im)
     except Exception as e:  # not an image after all, truncated, a decompression bomb: listed without settings
         log.info("history: cannot read %s (%s)", path.name, type(e).__name__)
         return Entry(path.name, mtime, None, None, "", {})
     info = text.get(PARAMETERS_KEY) or ""
+    if len(info) > MAX_FIELD_CHARS:  # a stranger's megabytes of "settings": not parsed, not sent to every page
+        log.info("history: %s's parameters text is %d characters; not read", path.name, len(info))
+        info = ""
     return Entry(path.name, mtime, size[0], size[1], info, infotext_parameters(info) if info else {})
+
+
+def _regular_file(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a plain file. The listing checked that, but a file can be replaced
+    meanwhile; opening a FIFO would block the listing (and the thread pool) until something writes to it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once; files ignore the flag
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a plain file")
+    return os.fdopen(fd, "rb")
 
 
 def _text(im: Image.Image) -> dict[str, str]:
     """The text chunks Pillow read with the header (where we, the CLI and A1111 write them), else
-    `stored_text`, which for a PNG decodes the whole file to find chunks after the pixels."""
+    `stored_text`, which for a PNG walks the chunks after the pixels too."""
     if im.format == "PNG":
         info = {k: v for k, v in im.info.items() if isinstance(v, str)}
         if PARAMETERS_KEY in info:
