@@ -180,7 +180,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     image = params["image"]
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")
-    for name in ("upscale_strength", "upscale_steps", "upscale_model"):
+    for name in ("upscale_strength", "upscale_steps", "upscale_model", "upscaler"):
         if params["upscale"] is None and given(ctx, name):
             raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
     width, height = params["width"], params["height"]
@@ -223,6 +223,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             upscale_strength=float(params["upscale_strength"]),
             upscale_steps=int(params["upscale_steps"]) if params["upscale_steps"] is not None else None,
             upscale_model=str(params["upscale_model"]) if params["upscale_model"] is not None else None,
+            upscaler=str(params["upscaler"]),
             **editing.settings_fields(params),
             **extra,
         )

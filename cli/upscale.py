@@ -45,6 +45,7 @@ def two_pass(pipe, s: Settings, reporter, label: str, second_model, **extra):
         factor=s.upscale,
         strength=s.upscale_strength,
         upscale_steps=s.upscale_steps,
+        upscaler=s.upscaler,
         second=second_model,
         callback=reporter.steps(label),
         **kwargs,

@@ -217,22 +217,47 @@ def test_serve_takes_several_models(monkeypatch, tiny_pipeline):
 
 
 def test_enable_hr_equals_upscale_generate(server, pipe, http):
+    """hr_prompt / hr_negative_prompt and "Nearest" run as A1111 runs them: the library's second-pass options."""
     from sd35m_mlx.upscale import upscale_generate
 
     payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5,
-               "hr_upscaler": "Latent (nearest)", "hr_prompt": "another"}  # fmt: skip
+               "hr_upscaler": "Nearest", "hr_prompt": "another", "hr_negative_prompt": "dull"}  # fmt: skip
     r = http.post("/sdapi/v1/txt2img", json=payload)
     assert r.status_code == 200, r.text
     got = pixels(r.json()["images"][0])
     kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
-    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.5, upscale_steps=2, **kwargs).images[0]
+    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.5, upscale_steps=2, upscaler="nearest",
+                            upscale_prompt="another", upscale_negative_prompt="dull", **kwargs).images[0]  # fmt: skip
     assert got.shape == (96, 96, 3)
     np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
     info = json.loads(r.json()["info"])
-    assert any("ran Lanczos" in w for w in info["warnings"]) and any("hr_prompt" in w for w in info["warnings"])
-    assert not any("enable_hr" in w or "hr_scale" in w for w in info["warnings"])
+    assert info["warnings"] == []  # nothing substituted
     text = info["infotexts"][0]
     assert "Hires upscale: 1.5" in text and "Hires steps: 2" in text and "Hires denoising strength: 0.5" in text
+    assert (
+        "Hires upscaler: Nearest" in text and "Hires prompt: another" in text and "Hires negative prompt: dull" in text
+    )
+
+
+def test_enable_hr_latent_and_unknown_upscalers_run_lanczos_and_say_so(server, pipe, http):
+    from sd35m_mlx.upscale import upscale_generate
+
+    kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
+    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.7, **kwargs).images[0]
+    for upscaler, said in (("Latent (nearest)", "interpolates latents"), ("R-ESRGAN 4x+", "not available"),
+                           ("None", None)):  # fmt: skip
+        payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_prompt": "a red cube"}
+        r = http.post("/sdapi/v1/txt2img", json=payload)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(want.convert("RGB")))
+        info = json.loads(r.json()["info"])
+        if said:
+            assert len(info["warnings"]) == 1 and said in info["warnings"][0] and "ran Lanczos" in info["warnings"][0]
+        else:  # A1111's "None" is a Lanczos resize: nothing substituted
+            assert info["warnings"] == []
+        assert "Hires prompt" not in info["infotexts"][0]  # the same as the prompt: not recorded (A1111)
+    r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_prompt": ["a"]})
+    assert r.status_code == 400 and "hr_prompt must be a string" in r.text
 
 
 def test_enable_hr_by_size_and_too_big(server, http):

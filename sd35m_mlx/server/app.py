@@ -57,6 +57,7 @@ class ServerConfig:
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
     signed_urls: bool = False  # with api_key: response_format="url" URLs carry ?exp=&sig= and open without the key
     lora_dir: str | None = None  # the folder <lora:NAME> tags name (serve --lora-dir); None: tags are refused
+    lora_cache_bytes: int | None = None  # LoRAs kept loaded between requests (serve --lora-cache-mb); None: default
     # public title -> () -> pipeline: the models requests may switch to (server/models.py); model_name is the first
     loaders: dict = field(default_factory=dict)
 
@@ -72,7 +73,7 @@ class Server:
             return ModelInfo.of(pipe, title, **config.load_options)
 
         model = describe(pipe, config.model_name)
-        self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe)
+        self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe, config.lora_cache_bytes)
         self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
         self._tmp = None

@@ -137,8 +137,10 @@ class Worker:
     """Owns the pipeline: one thread, one job at a time, a FIFO of at most `max_queue` waiting jobs."""
 
     def __init__(self, pipe, model: ModelInfo, version: str, max_queue: int = 8,
-                 served: dict[str, Checkpoint] | None = None, describe: Callable | None = None):  # fmt: skip
+                 served: dict[str, Checkpoint] | None = None, describe: Callable | None = None,
+                 lora_cache_bytes: int | None = None):  # fmt: skip
         self.pipe = pipe
+        self.lora_cache_bytes = lora_cache_bytes  # server/loras.py activate
         self.model = model
         self.served = served or {}  # title -> Checkpoint: the models a job may switch to (server/models.py)
         self.describe = describe  # (pipe, title) -> ModelInfo of a newly loaded model
@@ -250,7 +252,7 @@ class Worker:
         try:
             self.use(job.spec.checkpoint)
             job.model = self.model
-            activate_loras(self.pipe, job.spec)  # this job's LoRAs only (server/loras.py)
+            activate_loras(self.pipe, job.spec, self.lora_cache_bytes)  # this job's LoRAs only (server/loras.py)
             for i, seed in enumerate(job.spec.seeds):
                 job.image_index, job.step = i, 0
                 if job.cancel_reason is not None:
