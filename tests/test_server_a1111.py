@@ -64,11 +64,32 @@ def test_png_info_bad_input_is_a_4xx(http):
     [("/sdapi/v1/cmd-flags", dict), ("/sdapi/v1/upscalers", list), ("/sdapi/v1/latent-upscale-modes", list),
      ("/sdapi/v1/sd-vae", list), ("/sdapi/v1/hypernetworks", list), ("/sdapi/v1/face-restorers", list),
      ("/sdapi/v1/realesrgan-models", list), ("/sdapi/v1/prompt-styles", list), ("/sdapi/v1/embeddings", dict),
-     ("/sdapi/v1/extensions", list), ("/sdapi/v1/script-info", list), ("/sdapi/v1/memory", dict)],
+     ("/sdapi/v1/extensions", list), ("/sdapi/v1/script-info", list), ("/sdapi/v1/memory", dict),
+     ("/sdapi/v1/sd-modules", list), ("/internal/quicksettings-hint", list)],
 )  # fmt: skip
 def test_startup_endpoints_answer_as_a1111(http, path, shape):
     r = http.get(path)
     assert r.status_code == 200 and isinstance(r.json(), shape), (path, r.text)
+
+
+def test_internal_ping_sysinfo_and_refreshes_answer_as_a1111(http, tiny_pipeline):
+    r = http.get("/internal/ping")
+    assert r.status_code == 200 and r.json() == {}  # A1111's lambda: {}
+    r = http.get("/internal/sysinfo")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert 'filename="sysinfo-' in r.headers["content-disposition"]
+    facts = json.loads(r.text)
+    assert facts["Version"].startswith("sd35m-mlx ") and facts["RAM"]["total"] > 0 and "mlx" in facts["Environment"]
+    assert str(tiny_pipeline) not in r.text and "/venv" not in r.text  # no local path
+    for path in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-embeddings"):
+        assert http.post(path).status_code == 200, path
+
+
+def test_options_hold_the_keys_clients_read(http, server):
+    options = http.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == server.worker.model.name and options["sd_vae"] == "Automatic"
+    assert options["CLIP_stop_at_last_layers"] == 1 and options["samples_format"] == "png"
+    assert options["live_previews_enable"] is True and options["sd_checkpoints_limit"] == 1
 
 
 def test_webuiapi_startup_calls(server):

@@ -24,7 +24,7 @@ from ..lora.library import LoraLibrary
 from ..record import MEDIA_TYPES, Settings
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
-from . import a1111_api, loras, openai_api
+from . import a1111_api, a1111_internal, loras, openai_api
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .jobs import CANCELLED, FAILED, Job, Worker
@@ -228,6 +228,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
 
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))
+    app.include_router(a1111_internal.router(server))
     app.include_router(loras.router(server))
     return app
 
