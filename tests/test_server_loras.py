@@ -158,3 +158,24 @@ def test_hr_prompt_loras_apply_to_the_second_pass_only(http, lora_dir, pipe, ser
     assert np.array_equal(base, pixels(upscale_generate(pipe, "a red cube", **common).images[0]))
     r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "hr_prompt": "x <lora:../y>", **TXT, **hires})
     assert r.status_code == 400 and str(lora_dir) not in r.text
+
+
+def test_lora_cache_budget_from_serve_reaches_the_pipeline(monkeypatch, lora_dir, tiny_pipeline):
+    """serve --lora-cache-mb -> ServerConfig.lora_cache_bytes -> the worker's use_loras budget."""
+    from click.testing import CliRunner
+
+    import sd35m_mlx.server.run as run
+    from sd35m_mlx_cli.main import cli
+
+    got = {}
+    monkeypatch.setattr(run, "serve", lambda pipe, **kw: got.update(pipe=pipe, **kw))
+    args = ["serve", "--model", str(tiny_pipeline), "--port", "0", "--dtype", "float32", "--lora-cache-mb", "0",
+            "--lora-dir", str(lora_dir)]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert got["config"].lora_cache_bytes == 0
+    with RunningServer(got["pipe"], config=got["config"]) as s, s.client() as http:
+        _txt2img(http, "x <lora:ink:0.5>")
+        _txt2img(http, "x")  # budget 0: nothing stays loaded once no request names it
+        s.wait_idle()
+        assert got["pipe"].lora_cache_bytes == 0 and got["pipe"]._loras.adapters == {}
