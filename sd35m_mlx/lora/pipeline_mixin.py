@@ -137,8 +137,8 @@ class LoraMixin:
         self._lora_refresh()
 
     def use_loras(self, loras: Sequence[tuple[str | os.PathLike, float]], cache_bytes: int | None = None) -> list[str]:
-        """Make exactly these LoRA files active, with these weights; every other adapter is off. Returns the
-        adapter name of each entry.
+        """Make exactly these LoRAs active (files, folders or Hub ids as `load_lora_weights` takes them), with these
+        weights; every other adapter is off. Returns the adapter name of each entry.
 
         For a server that switches LoRAs per request: a file loaded by an earlier call is reused (keyed by its
         real path, size and modification time, so an edited file loads again), and while the files loaded this
@@ -152,8 +152,8 @@ class LoraMixin:
         state = self._loras
         weights: dict[str, float] = {}
         names = []
-        for path, weight in loras:
-            real = Path(path).resolve(strict=True)
+        for source, weight in loras:
+            real = files.resolve(source).resolve(strict=True)  # a Hub id too (from the HF cache), as at load
             stat = real.stat()
             key = (str(real), stat.st_size, stat.st_mtime_ns)
             name = state.cached.get(key)
