@@ -200,7 +200,7 @@ def router(server) -> APIRouter:
 
     @r.get("/progress")
     async def progress(skip_current_image: bool = False):
-        job = server.worker.current
+        job = server.worker.running
         preview = None if job is None or skip_current_image else job.preview_png()
         return {
             "progress": job.progress if job else 0.0,

@@ -182,6 +182,13 @@ class Worker:
         return True
 
     @property
+    def running(self) -> Job | None:
+        """The job being made, None once it has finished: its answer may already be with the client while this
+        thread still tidies up (switching models back), and a client polling /progress then must see none."""
+        job = self.current
+        return None if job is None or job.done else job
+
+    @property
     def queued(self) -> int:
         return len(self._queue)
 
