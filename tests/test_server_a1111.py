@@ -237,7 +237,7 @@ def test_serve_takes_several_models(monkeypatch, tiny_pipeline):
 # -- hires fix -----------------------------------------------------------------------------------------------
 
 
-def test_enable_hr_equals_upscale_generate(server, pipe, http):
+def test_enable_hr_equals_upscale_generate(server, pipe, http, tiny_pipeline, tmp_path):
     """hr_prompt / hr_negative_prompt and "Nearest" run as A1111 runs them: the library's second-pass options."""
     from sd35m_mlx.upscale import upscale_generate
 
@@ -255,9 +255,19 @@ def test_enable_hr_equals_upscale_generate(server, pipe, http):
     assert info["warnings"] == []  # nothing substituted
     text = info["infotexts"][0]
     assert "Hires upscale: 1.5" in text and "Hires steps: 2" in text and "Hires denoising strength: 0.5" in text
-    assert (
-        "Hires upscaler: Nearest" in text and "Hires prompt: another" in text and "Hires negative prompt: dull" in text
-    )
+    assert "Hires upscaler: Nearest" in text and "Hires prompt: another" in text
+    assert "Hires negative prompt: dull" in text
+    # the CLI replays it, second-pass prompts and upscaler included
+    from click.testing import CliRunner
+
+    from sd35m_mlx_cli.main import cli
+
+    png = tmp_path / "hires.png"
+    png.write_bytes(base64.b64decode(r.json()["images"][0]))
+    args = ["--from-image", str(png), "--model", str(tiny_pipeline), "-o", str(tmp_path / "replay.png")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(Image.open(tmp_path / "replay.png")), got)
 
 
 def test_enable_hr_latent_and_unknown_upscalers_run_lanczos_and_say_so(server, pipe, http):
