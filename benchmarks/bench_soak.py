@@ -46,32 +46,34 @@ def start_server(pipe, long_steps: int, lora_dir: str | None = None):
     return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def write_loras(pipe, folder: Path, rank: int) -> None:
-    """a.safetensors and b.safetensors: rank-`rank` LoRAs on every linear layer of the transformer."""
-    from benchmarks.bench_lora import write_lora_file
-    from sd35m_mlx.lora.layers import layer_table
-
-    for seed, name in enumerate("ab"):
-        write_lora_file(folder / f"{name}.safetensors", layer_table(pipe.transformer), rank, seed)
-
-
 def switch_times(http, worker, body: dict, runs: int) -> dict:
     """Median request time (s) naming no LoRA, and alternating <lora:a>/<lora:b> (a switch every request) with
-    the cache (loaded once) and without it (budget 0, as `serve --lora-cache-mb 0`: each switch reads its file)."""
+    the cache (loaded once) and without it (budget 0, as `serve --lora-cache-mb 0`: each switch reads its file);
+    "use_loras" rows: the worker's switch alone, without the generation's noise."""
     send = lambda prompt: http.post("/sdapi/v1/txt2img", json={**body, "prompt": prompt}).status_code  # noqa: E731
-    out = {}
+    use_loras, switches = worker.pipe.use_loras, []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        names = use_loras(*args, **kwargs)
+        switches.append(time.perf_counter() - t0)
+        return names
+
+    worker.pipe.use_loras, out = timed, {}
     for label, budget, prompts in (("no LoRA", None, ["a red cube"] * 2),
                                    ("switch, cached", None, ["a <lora:a:0.8>", "a <lora:b:1>"]),
                                    ("switch, uncached", 0, ["a <lora:a:0.8>", "a <lora:b:1>"])):  # fmt: skip
         worker.lora_cache_bytes = budget
         send(prompts[1])  # warm: the cached case starts with both loaded
-        times = []
+        times, switches[:] = [], []
         for i in range(2 * runs):
             t0 = time.perf_counter()
             assert send(prompts[i % 2]) == 200
             times.append(time.perf_counter() - t0)
         out[label] = statistics.median(times)
-    worker.lora_cache_bytes = None
+        if label != "no LoRA":
+            out[f"use_loras, {label.split(', ')[1]}"] = statistics.median(switches)
+    worker.lora_cache_bytes, worker.pipe.use_loras = None, use_loras
     return out
 
 
@@ -125,11 +127,14 @@ def sample(n: int, started: float) -> dict:
 def soak(args) -> dict:
     import httpx
 
+    from benchmarks.bench_lora import write_lora_file
     from sd35m_mlx import StableDiffusion35
+    from sd35m_mlx.lora.layers import layer_table
 
     pipe = StableDiffusion35.from_pretrained("tiny-random", dtype="float32")
     loras = tempfile.TemporaryDirectory()
-    write_loras(pipe, Path(loras.name), args.lora_rank)
+    for seed, name in enumerate("ab"):  # random LoRAs on every Linear of the transformer, in diffusers' layout
+        write_lora_file(Path(loras.name) / f"{name}.safetensors", layer_table(pipe.transformer), args.lora_rank, seed)
     server, url = start_server(pipe, args.long_steps, loras.name)
     kinds = requests(args.size, args.steps, args.long_steps)
     statuses: dict = {kind: {} for kind, _ in kinds}
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--long-steps", type=int, default=400, help="the job each disconnecting client abandons")
-    p.add_argument("--warmup", type=int, default=50, help="requests before the memory baseline")
+    p.add_argument("--warmup", type=int, default=100, help="requests before the memory baseline")
     p.add_argument("--every", type=int, default=50, help="requests between memory samples")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--switch-runs", type=int, default=20, help="requests per LoRA switch-time setting, x2")
