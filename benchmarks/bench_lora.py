@@ -56,10 +56,10 @@ def time_step(model, x, context, mods) -> float:
     return time.perf_counter() - t0
 
 
-def write_lora_file(path: Path, table, rank: int) -> int:
+def write_lora_file(path: Path, table, rank: int, seed: int = 0) -> int:
     from safetensors.numpy import save_file
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in table.items():
         if shape is None or len(shape) != 2:

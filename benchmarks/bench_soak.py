@@ -3,14 +3,18 @@
     python benchmarks/bench_soak.py --requests 500              # 64 px, 1 step; minutes on 2 CPU cores
 
 The server runs in this process (uvicorn on a thread) so MLX's active memory can be read next to the
-resident set. Pass: no 5xx, and both grow at most 5% after the warm-up. Mix and figures: benchmarks/README.md.
+resident set. Pass: no 5xx, and both grow at most 5% after the warm-up. Two random LoRA files (diffusers'
+layout, written here with numpy) join the mix, and the LoRA switch time between requests is timed with the
+server's cache and without it. Mix and figures: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,20 +30,51 @@ from benchmarks.measure import log, machine, parser, proc_status_bytes, write_js
 MAX_GROWTH = 0.05
 
 
-def start_server(pipe, long_steps: int):
+def start_server(pipe, long_steps: int, lora_dir: str | None = None):
     import uvicorn
 
     from sd35m_mlx.server import create_app
     from sd35m_mlx.server.run import bind, uvicorn_config
     from sd35m_mlx.server.spec import Limits
 
-    app = create_app(pipe, model_name="tiny-random", limits=Limits(max_steps=long_steps))
+    app = create_app(pipe, model_name="tiny-random", limits=Limits(max_steps=long_steps), lora_dir=lora_dir)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1]))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:
         time.sleep(0.02)
     return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def switch_times(http, worker, body: dict, runs: int) -> dict:
+    """Median request time (s) naming no LoRA, and alternating <lora:a>/<lora:b> (a switch every request) with
+    the cache (loaded once) and without it (budget 0, as `serve --lora-cache-mb 0`: each switch reads its file);
+    "use_loras" rows: the worker's switch alone, without the generation's noise."""
+    send = lambda prompt: http.post("/sdapi/v1/txt2img", json={**body, "prompt": prompt}).status_code  # noqa: E731
+    use_loras, switches = worker.pipe.use_loras, []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        names = use_loras(*args, **kwargs)
+        switches.append(time.perf_counter() - t0)
+        return names
+
+    worker.pipe.use_loras, out = timed, {}
+    for label, budget, prompts in (("no LoRA", None, ["a red cube"] * 2),
+                                   ("switch, cached", None, ["a <lora:a:0.8>", "a <lora:b:1>"]),
+                                   ("switch, uncached", 0, ["a <lora:a:0.8>", "a <lora:b:1>"])):  # fmt: skip
+        worker.lora_cache_bytes = budget
+        send(prompts[1])  # warm: the cached case starts with both loaded
+        times, switches[:] = [], []
+        for i in range(2 * runs):
+            t0 = time.perf_counter()
+            assert send(prompts[i % 2]) == 200
+            times.append(time.perf_counter() - t0)
+        out[label] = statistics.median(times)
+        if label != "no LoRA":
+            out[f"use_loras, {label.split(', ')[1]}"] = statistics.median(switches)
+    worker.lora_cache_bytes, worker.pipe.use_loras = None, use_loras
+    return out
 
 
 def requests(size: int, steps: int, long_steps: int):
@@ -66,6 +101,8 @@ def requests(size: int, steps: int, long_steps: int):
                                          "steps": str(steps)}, files={"image": ("a.png", png)}).status_code),
         ("disconnect", disconnect),
         ("bad input", lambda http: http.post("/v1/images/generations", json={**openai, "size": "17x9"}).status_code),
+        ("lora a", lambda http: http.post("/sdapi/v1/txt2img", json={**a1111, "prompt": "a <lora:a:0.8>"}).status_code),
+        ("lora b", lambda http: http.post("/sdapi/v1/txt2img", json={**a1111, "prompt": "a <lora:b:1>"}).status_code),
         ("txt2img b64 image", lambda http: len(base64.b64decode(http.post("/sdapi/v1/txt2img", json=a1111)
                                                                 .json()["images"][0])) and 200),
     ]  # fmt: skip
@@ -90,10 +127,15 @@ def sample(n: int, started: float) -> dict:
 def soak(args) -> dict:
     import httpx
 
+    from benchmarks.bench_lora import write_lora_file
     from sd35m_mlx import StableDiffusion35
+    from sd35m_mlx.lora.layers import layer_table
 
     pipe = StableDiffusion35.from_pretrained("tiny-random", dtype="float32")
-    server, url = start_server(pipe, args.long_steps)
+    loras = tempfile.TemporaryDirectory()
+    for seed, name in enumerate("ab"):  # random LoRAs on every Linear of the transformer, in diffusers' layout
+        write_lora_file(Path(loras.name) / f"{name}.safetensors", layer_table(pipe.transformer), args.lora_rank, seed)
+    server, url = start_server(pipe, args.long_steps, loras.name)
     kinds = requests(args.size, args.steps, args.long_steps)
     statuses: dict = {kind: {} for kind, _ in kinds}
     samples, started, n = [], time.perf_counter(), 0
@@ -112,13 +154,16 @@ def soak(args) -> dict:
         if not samples or samples[-1]["requests"] != n:
             idle(http)
             samples.append(sample(n, started))
+        body = {"width": args.size, "height": args.size, "steps": args.steps, "seed": 1}
+        switches = switch_times(http, server.config.app.state.server.worker, body, args.switch_runs)
     server.should_exit = True
+    loras.cleanup()
     base = next(s for s in samples if s["requests"] >= min(args.warmup, n))
     last = samples[-1]
     growth = {k: (last[k] - base[k]) / base[k] for k in ("rss_bytes", "mlx_active_bytes") if base[k]}
     errors = sum(c for by in statuses.values() for code, c in by.items() if code >= 500 and code != 499)
     return {"machine": machine(), "settings": vars(args), "requests": n, "statuses": statuses,
-            "server_errors": errors, "growth_after_warmup": growth, "samples": samples,
+            "server_errors": errors, "growth_after_warmup": growth, "samples": samples, "lora_switch_s": switches,
             "ok": errors == 0 and all(g <= MAX_GROWTH for g in growth.values())}  # fmt: skip
 
 
@@ -129,12 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--long-steps", type=int, default=400, help="the job each disconnecting client abandons")
-    p.add_argument("--warmup", type=int, default=50, help="requests before the memory baseline")
+    p.add_argument("--warmup", type=int, default=100, help="requests before the memory baseline")
     p.add_argument("--every", type=int, default=50, help="requests between memory samples")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--switch-runs", type=int, default=20, help="requests per LoRA switch-time setting, x2")
     args = p.parse_args(argv)
     r = soak(args)
     growth = ", ".join(f"{k} {v:+.1%}" for k, v in r["growth_after_warmup"].items())
     print(f"{r['requests']} requests, {r['server_errors']} server errors, growth after warm-up: {growth}")
+    print("request time (median): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["lora_switch_s"].items()))
     print(f"statuses: {r['statuses']}\n{'PASS' if r['ok'] else 'FAIL'} (growth <= {MAX_GROWTH:.0%}, no 5xx)")
     write_json(args.json, r)
     return r

@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from PIL import Image
 
 import sd35m_mlx
+from sd35m_mlx.prompts.syntax import extract_lora_tags
 from sd35m_mlx.record import QUALITY, plan_seeds, settings_save_options, size_for_image
 
 from . import editing, live, lora
@@ -150,7 +151,10 @@ def restore(ctx: click.Context, params: dict, png: str) -> tuple[dict, dict, dic
         params["rng"] = "mlx"  # written before --rng: its noise came from MLX's generator
     if "prompt_syntax" not in stored and not given(ctx, "prompt_syntax"):
         params["prompt_syntax"] = "plain"  # written before --prompt-syntax: its prompt was encoded plain
-    extra = {k: stored[k] for k in ("slg_layers", "slg_start", "slg_stop", "loras") if k in stored}
+    names = ("slg_layers", "slg_start", "slg_stop", "loras", "upscale_prompt", "upscale_negative_prompt")
+    extra = {k: stored[k] for k in names if k in stored}
+    if extract_lora_tags(extra.get("upscale_prompt") or "")[1]:  # a server hires fix's (server/hires.py)
+        invalid["upscale_prompt"] = "the hires prompt's <lora:...> tags are not applied: the first pass's LoRAs run"
     return params, extra, invalid
 
 
@@ -182,7 +186,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
     image = params["image"]
     if image is None and given(ctx, "strength"):
         raise UsageError("--strength only applies with --image")
-    for name in ("upscale_strength", "upscale_steps", "upscale_model"):
+    for name in ("upscale_strength", "upscale_steps", "upscale_model", "upscaler"):
         if params["upscale"] is None and given(ctx, name):
             raise UsageError(f"--{name.replace('_', '-')} only applies with --upscale")
     width, height = params["width"], params["height"]
@@ -226,6 +230,7 @@ def build_settings(ctx: click.Context, params: dict) -> tuple[Settings, list[int
             upscale_strength=float(params["upscale_strength"]),
             upscale_steps=int(params["upscale_steps"]) if params["upscale_steps"] is not None else None,
             upscale_model=str(params["upscale_model"]) if params["upscale_model"] is not None else None,
+            upscaler=str(params["upscaler"]),
             **editing.settings_fields(params),
             **extra,
         )

@@ -143,6 +143,9 @@ def _field_rules() -> dict:
         "upscale_strength": lambda x, n: v.real(x, n, 0.0, 1.0, open_low=True),
         "upscale_steps": optional(lambda x, n: v.integer(x, n, 1, v.MAX_STEPS)),
         "upscale_model": optional(lambda x, n: v.text(x, n, MAX_PATH_CHARS)),
+        "upscaler": lambda x, n: v.choice(x, n, ("lanczos", "nearest")),
+        "upscale_prompt": optional(v.text),
+        "upscale_negative_prompt": optional(v.text),
         # editing inputs (cli/editing.py checks them again, and reads the files, as for the command line)
         "mask": optional(path),
         "padding_mask_crop": optional(lambda x, n: v.integer(x, n, 0, 1 << 16)),

@@ -58,6 +58,7 @@ RESTORABLE = {
     "upscale_strength": "upscale_strength",
     "upscale_steps": "upscale_steps",
     "upscale_model": "upscale_model",
+    "upscaler": "upscaler",
     **{name: name for name in EDITING_FIELDS},
 }
 
@@ -243,6 +244,13 @@ OPTIONS = [
         "--upscale-steps",
         type=int,
         help="Steps of the second pass (it runs the last strength x steps of them).  [default: as --steps]",
+    ),
+    click.option(
+        "--upscaler",
+        type=click.Choice(["lanczos", "nearest"]),
+        default=_D.upscaler,
+        help="How --upscale enlarges the first pass's image: lanczos (smooth) or nearest (A1111's Nearest: "
+        "blocky pixels the second pass repaints).",
     ),
     option_with_default_in_help(
         "--upscale-model",

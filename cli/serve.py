@@ -78,6 +78,13 @@ def check_output_dir(folder: Path) -> None:
     "`loras`) load them by name, /sdapi/v1/loras lists them. Also SD35M_MLX_LORA_DIR.  [default: none; tags refused]",
 )
 @click.option(
+    "--lora-cache-mb",
+    type=click.IntRange(0),
+    default=None,
+    help="Megabytes of LoRA parameters kept loaded between requests (least recently used unloaded first; a "
+    "request's own LoRAs always load).  [default: 1/16 of this machine's memory]",
+)
+@click.option(
     "--controlnet",
     "controlnets",
     multiple=True,
@@ -136,8 +143,8 @@ def check_output_dir(folder: Path) -> None:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
-    host, port, lora_dir, controlnets, api_key, queue_size, max_steps, max_body_mb, output_dir, allowed_hosts,
-    cors_origins, read_timeout, signed_urls, verbose, **params,
+    host, port, lora_dir, lora_cache_mb, controlnets, api_key, queue_size, max_steps, max_body_mb, output_dir,
+    allowed_hosts, cors_origins, read_timeout, signed_urls, verbose, **params,
 ) -> None:  # fmt: skip
     """Keep the model loaded and serve it over HTTP: OpenAI's Images API (/v1/images/generations,
     /v1/images/edits), AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress, interrupt) and a web
@@ -209,6 +216,7 @@ def serve(
         signed_urls=signed_urls,
         lora_dir=lora_dir,
         controlnets=controlnet_sources,
+        lora_cache_bytes=lora_cache_mb << 20 if lora_cache_mb is not None else None,
     )
     run_server(pipe, host=host, port=port, config=config, verbose=verbose, sock=sock,
                say=lambda m: click.echo(m, err=True))  # fmt: skip

@@ -32,6 +32,7 @@ def second_model_loader(settings: Settings, revision: str | None, low_memory: bo
 
 def two_pass(pipe, s: Settings, reporter, label: str, second_model, **extra):
     """The final images of `s` with --upscale: pass 1 as without it, pass 2 img2img at s.upscale_size."""
+    from sd35m_mlx.prompts.syntax import extract_lora_tags
     from sd35m_mlx.upscale import upscale_generate
 
     kwargs = s.generate_kwargs() | extra  # extra: live previews and the like, for both passes
@@ -45,6 +46,9 @@ def two_pass(pipe, s: Settings, reporter, label: str, second_model, **extra):
         factor=s.upscale,
         strength=s.upscale_strength,
         upscale_steps=s.upscale_steps,
+        upscaler=s.upscaler,
+        upscale_prompt=None if s.upscale_prompt is None else extract_lora_tags(s.upscale_prompt)[0],
+        upscale_negative_prompt=s.upscale_negative_prompt,
         second=second_model,
         callback=reporter.steps(label),
         **kwargs,

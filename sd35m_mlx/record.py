@@ -66,6 +66,9 @@ class Settings:
     upscale_strength: float = 0.35
     upscale_steps: int | None = None  # None: as steps
     upscale_model: str | None = None  # None: the same model
+    upscaler: str = "lanczos"  # the enlargement between the passes (sd35m_mlx/upscale.py UPSCALERS)
+    upscale_prompt: str | None = None  # the second pass's prompt (A1111's hr_prompt, LoRA tags kept); None: prompt's
+    upscale_negative_prompt: str | None = None
     # editing inputs as the command line gave them (cli/editing.py), so --from-image replays them
     mask: str | None = None
     padding_mask_crop: int | None = None
@@ -199,10 +202,14 @@ def parameters_text(s: Settings, version: str) -> str:
         items["Hires upscale"] = s.upscale
         items["Hires resize"] = "{}x{}".format(*s.upscale_size)
         items["Hires steps"] = s.upscale_steps or s.steps
-        items["Hires upscaler"] = "Lanczos"
+        items["Hires upscaler"] = s.upscaler.capitalize()
         items["Hires denoising strength"] = s.upscale_strength
         if s.upscale_model is not None:
             items["Hires checkpoint"] = _name(s.upscale_model)
+        if s.upscale_prompt is not None:  # A1111 writes these only when they differ from the first pass's
+            items["Hires prompt"] = s.upscale_prompt
+        if s.upscale_negative_prompt is not None:
+            items["Hires negative prompt"] = s.upscale_negative_prompt
     items.update(editing_items(s))
     if not s.t5:
         items["T5"] = "off"

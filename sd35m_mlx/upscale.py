@@ -1,4 +1,4 @@
-"""Two-pass upscaling: generate, enlarge with Lanczos in pixel space, refine with img2img at the target size.
+"""Two-pass upscaling: generate, enlarge in pixel space (Lanczos, or nearest), refine with img2img at the target size.
 
 The SD3.5 Medium model card's "SD3.5 Large + SD3.5 Medium upscaling" workflow: the first pass composes at a
 size the model was trained on, the second (the same model, or another SD3-family one) adds the detail of the
@@ -30,8 +30,18 @@ def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
     return scaled_size(width, height, factor)
 
 
+# the pixel-space enlargements: A1111's "Lanczos" and "Nearest" upscalers are these PIL filters (its
+# modules/upscaler.py, commit 01a40c62556b8cf3beb418e382760dd21811d3b2); its "None" resizes with Lanczos too
+UPSCALERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+
+
+def enlarge(image: Image.Image, size: tuple[int, int], upscaler: str = "lanczos") -> Image.Image:
+    """`image` resized to `size` by one of UPSCALERS."""
+    return image.convert("RGB").resize(size, UPSCALERS[upscaler])
+
+
 def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    return enlarge(image, size, "lanczos")
 
 
 @dataclass
@@ -57,23 +67,33 @@ def upscale_generate(
     strength: float = 0.35,
     upscale_steps: int | None = None,
     second=None,
+    upscaler: str = "lanczos",
+    upscale_prompt: str | None = None,
+    upscale_negative_prompt: str | None = None,
+    upscale_loras=None,
     width: int = SIZE,
     height: int = SIZE,
     num_inference_steps: int = STEPS,
     seed: int | None = None,
     **generate_kwargs,
 ) -> UpscaleResult:
-    """Pass 1 `pipe.generate` at width x height; each image Lanczos-enlarged by `factor` (sides rounded to
-    multiples of 16); pass 2 img2img at `strength` with `upscale_steps` steps (default: as pass 1) and the
-    same seed, by `second` (a StableDiffusion35, or a function that loads one; default `pipe`).
+    """Pass 1 `pipe.generate` at width x height; each image enlarged by `factor` (sides rounded to multiples
+    of 16) with `upscaler` ("lanczos" or "nearest"); pass 2 img2img at `strength` with `upscale_steps` steps
+    (default: as pass 1) and the same seed, by `second` (a StableDiffusion35, or a function that loads one;
+    default `pipe`).
 
-    With a loader and `pipe.low_memory`, the first pipeline's transformer and text encoders are released
-    before the second loads. Other keyword arguments (prompt, guidance, sampler, ...) go to both passes.
+    The second pass reads `upscale_prompt` / `upscale_negative_prompt` where given (A1111's hr_prompt and
+    hr_negative_prompt; None: the first pass's), and with `upscale_loras` ([(file, weight)], `use_loras`)
+    runs with exactly those LoRAs active, which stay active after the call. With a loader and
+    `pipe.low_memory`, the first pipeline's transformer and text encoders are released before the second
+    loads. Other keyword arguments (guidance, sampler, ...) go to both passes.
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if upscale_steps is not None and (not isinstance(upscale_steps, int) or upscale_steps < 1):
         raise ValueError(f"upscale_steps must be an integer >= 1, got {upscale_steps!r}")
+    if upscaler not in UPSCALERS:
+        raise ValueError(f"upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
     size = target_size(width, height, factor)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
@@ -86,12 +106,16 @@ def upscale_generate(
         if getattr(pipe, "low_memory", False):
             release(pipe)
         second = second()
+    if upscale_loras is not None:
+        second.use_loras(upscale_loras)
     steps = upscale_steps or num_inference_steps
+    if upscale_negative_prompt is not None:
+        common["negative_prompt"] = upscale_negative_prompt
     refined = []
     for image in first:
-        up = lanczos(image, size)
+        up = enlarge(image, size, upscaler)
         out = second.generate(
-            prompt,
+            prompt if upscale_prompt is None else upscale_prompt,
             image=up,
             strength=strength,
             width=size[0],
@@ -102,6 +126,8 @@ def upscale_generate(
         refined.extend(out)
     passes = [
         dict(width=width, height=height, steps=num_inference_steps),
-        dict(width=size[0], height=size[1], steps=steps, strength=strength, upscaler="Lanczos", factor=factor),
+        dict(
+            width=size[0], height=size[1], steps=steps, strength=strength, upscaler=upscaler.capitalize(), factor=factor
+        ),
     ]
     return UpscaleResult(refined, first, passes)

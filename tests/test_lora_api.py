@@ -92,3 +92,41 @@ def test_adapter_bookkeeping(ours, tmp_path):
     finally:
         ours.unload_lora_weights()
     assert not any(hasattr(m, "_lora") for _, m in ours.transformer.named_modules())
+
+
+def test_use_loras_keeps_loaded_adapters_within_a_byte_budget_least_recently_used_out(ours, tmp_path):
+    """The server's LoRA cache: bounded by the adapters' parameter bytes (not a count); the LRU one not asked for
+    goes first; the requested ones always load, even past the budget; the others are inactive."""
+    rng = np.random.default_rng(1)
+    files = {}
+    for name, rank in (("a", 4), ("b", 4), ("c", 8)):  # c holds twice a's bytes
+        down, up = _factors(rng, (32, 32), rank)
+        files[name] = save(tmp_path / f"{name}.safetensors", {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": down,
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": up})  # fmt: skip
+    try:
+        ours.use_loras([(files["a"], 1.0)], cache_bytes=0)
+        one = ours.lora_bytes()
+        assert one > 0
+
+        def loaded():
+            return sorted(a.source.rsplit("/", 1)[-1][0] for a in ours._loras.adapters.values())
+
+        ours.use_loras([(files["b"], 1.0)], cache_bytes=2 * one)
+        assert loaded() == ["a", "b"] and len(ours.get_active_adapters()) == 1  # within 2 x a: both stay, a off
+        ours.use_loras([(files["a"], 0.5)], cache_bytes=2 * one)  # a is now the most recent
+        ours.use_loras([(files["c"], 1.0)], cache_bytes=3 * one)  # 4 units held: b, the LRU, goes
+        assert loaded() == ["a", "c"]
+        ours.use_loras([(files["c"], 1.0), (files["a"], 1.0)], cache_bytes=one)  # asked for: kept past the budget
+        assert loaded() == ["a", "c"] and ours.lora_bytes() == 3 * one
+        ours.use_loras([], cache_bytes=one)  # c goes (least recently used: c, then a); a alone fits
+        assert loaded() == ["a"] and ours.get_active_adapters() == []
+        ours.lora_cache_bytes = 0  # the budget a caller (serve --lora-cache-mb) sets for calls that give none
+        ours.use_loras([(files["b"], 1.0)])
+        assert loaded() == ["b"]
+        with pytest.raises(ValueError, match="cache_bytes"):
+            ours.use_loras([], cache_bytes=-1)
+    finally:
+        ours.lora_cache_bytes = None
+        ours.unload_lora_weights()
+        ours._loras.cached.clear()

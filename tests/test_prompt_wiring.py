@@ -215,3 +215,30 @@ def test_prompts_file_reads_a_bom_refuses_binary_and_stops_at_the_cap(tmp_path):
     if Path("/dev/zero").exists():  # its size says 0 and its read never ends
         with pytest.raises(UsageError, match="larger than 1 MB"):
             read("/dev/zero")
+
+
+def test_prompts_file_applies_a_hub_id_lora_to_every_line(tiny_pipeline, lora_dir, tmp_path, monkeypatch):
+    """--lora owner/repo (from the HF cache, offline) with --prompts-file: every line runs with it, not only the
+    first (the later lines switch adapters with use_loras, which must resolve Hub ids as load_lora_weights does)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--someone--ink-lora" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "ink.safetensors").write_bytes((lora_dir / "styles" / "ink.safetensors").read_bytes())
+    (cache / "models--someone--ink-lora" / "refs").mkdir()
+    (cache / "models--someone--ink-lora" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # conftest keeps HF_HUB_OFFLINE on
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(tiny_pipeline), "--width", "64", "--height", "64", "--steps", "2", "--dtype", "float32"]
+    local = ["--lora", str(lora_dir / "styles" / "ink.safetensors"), "--lora-scale", "0.7"]
+    for prompt, seed, out in (("a red cube", "3", "cube.png"), ("a blue ball", "9", "ball.png")):
+        assert CliRunner().invoke(cli, [prompt, *common, *local, "--seed", seed, "-o", out]).exit_code == 0
+    Path("prompts.txt").write_text('a red cube\n--prompt "a blue ball" --seed 9\n')
+    args = ["--prompts-file", "prompts.txt", *common, "--seed", "3", "--lora", "someone/ink-lora", "--lora-scale",
+            "0.7", "-o", "out-{index}.png"]  # fmt: skip
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open("out-1.png")), np.asarray(Image.open("cube.png")))
+    assert np.array_equal(np.asarray(Image.open("out-2.png")), np.asarray(Image.open("ball.png")))

@@ -64,11 +64,32 @@ def test_png_info_bad_input_is_a_4xx(http):
     [("/sdapi/v1/cmd-flags", dict), ("/sdapi/v1/upscalers", list), ("/sdapi/v1/latent-upscale-modes", list),
      ("/sdapi/v1/sd-vae", list), ("/sdapi/v1/hypernetworks", list), ("/sdapi/v1/face-restorers", list),
      ("/sdapi/v1/realesrgan-models", list), ("/sdapi/v1/prompt-styles", list), ("/sdapi/v1/embeddings", dict),
-     ("/sdapi/v1/extensions", list), ("/sdapi/v1/script-info", list), ("/sdapi/v1/memory", dict)],
+     ("/sdapi/v1/extensions", list), ("/sdapi/v1/script-info", list), ("/sdapi/v1/memory", dict),
+     ("/sdapi/v1/sd-modules", list), ("/internal/quicksettings-hint", list)],
 )  # fmt: skip
 def test_startup_endpoints_answer_as_a1111(http, path, shape):
     r = http.get(path)
     assert r.status_code == 200 and isinstance(r.json(), shape), (path, r.text)
+
+
+def test_internal_ping_sysinfo_and_refreshes_answer_as_a1111(http, tiny_pipeline):
+    r = http.get("/internal/ping")
+    assert r.status_code == 200 and r.json() == {}  # A1111's lambda: {}
+    r = http.get("/internal/sysinfo")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert 'filename="sysinfo-' in r.headers["content-disposition"]
+    facts = json.loads(r.text)
+    assert facts["Version"].startswith("sd35m-mlx ") and facts["RAM"]["total"] > 0 and "mlx" in facts["Environment"]
+    assert str(tiny_pipeline) not in r.text and "/venv" not in r.text  # no local path
+    for path in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-embeddings"):
+        assert http.post(path).status_code == 200, path
+
+
+def test_options_hold_the_keys_clients_read(http, server):
+    options = http.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == server.worker.model.name and options["sd_vae"] == "Automatic"
+    assert options["CLIP_stop_at_last_layers"] == 1 and options["samples_format"] == "png"
+    assert options["live_previews_enable"] is True and options["sd_checkpoints_limit"] == 1
 
 
 def test_webuiapi_startup_calls(server):
@@ -216,23 +237,58 @@ def test_serve_takes_several_models(monkeypatch, tiny_pipeline):
 # -- hires fix -----------------------------------------------------------------------------------------------
 
 
-def test_enable_hr_equals_upscale_generate(server, pipe, http):
+def test_enable_hr_equals_upscale_generate(server, pipe, http, tiny_pipeline, tmp_path):
+    """hr_prompt / hr_negative_prompt and "Nearest" run as A1111 runs them: the library's second-pass options."""
     from sd35m_mlx.upscale import upscale_generate
 
     payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5,
-               "hr_upscaler": "Latent (nearest)", "hr_prompt": "another"}  # fmt: skip
+               "hr_upscaler": "Nearest", "hr_prompt": "another", "hr_negative_prompt": "dull"}  # fmt: skip
     r = http.post("/sdapi/v1/txt2img", json=payload)
     assert r.status_code == 200, r.text
     got = pixels(r.json()["images"][0])
     kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
-    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.5, upscale_steps=2, **kwargs).images[0]
+    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.5, upscale_steps=2, upscaler="nearest",
+                            upscale_prompt="another", upscale_negative_prompt="dull", **kwargs).images[0]  # fmt: skip
     assert got.shape == (96, 96, 3)
     np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
     info = json.loads(r.json()["info"])
-    assert any("ran Lanczos" in w for w in info["warnings"]) and any("hr_prompt" in w for w in info["warnings"])
-    assert not any("enable_hr" in w or "hr_scale" in w for w in info["warnings"])
+    assert info["warnings"] == []  # nothing substituted
     text = info["infotexts"][0]
     assert "Hires upscale: 1.5" in text and "Hires steps: 2" in text and "Hires denoising strength: 0.5" in text
+    assert "Hires upscaler: Nearest" in text and "Hires prompt: another" in text
+    assert "Hires negative prompt: dull" in text
+    # the CLI replays it, second-pass prompts and upscaler included
+    from click.testing import CliRunner
+
+    from sd35m_mlx_cli.main import cli
+
+    png = tmp_path / "hires.png"
+    png.write_bytes(base64.b64decode(r.json()["images"][0]))
+    args = ["--from-image", str(png), "--model", str(tiny_pipeline), "-o", str(tmp_path / "replay.png")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(Image.open(tmp_path / "replay.png")), got)
+
+
+def test_enable_hr_latent_and_unknown_upscalers_run_lanczos_and_say_so(server, pipe, http):
+    from sd35m_mlx.upscale import upscale_generate
+
+    kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
+    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.7, **kwargs).images[0]
+    for upscaler, said in (("Latent (nearest)", "interpolates latents"), ("R-ESRGAN 4x+", "not available"),
+                           ("None", None)):  # fmt: skip
+        payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_prompt": "a red cube"}
+        r = http.post("/sdapi/v1/txt2img", json=payload)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(want.convert("RGB")))
+        info = json.loads(r.json()["info"])
+        if said:
+            assert len(info["warnings"]) == 1 and said in info["warnings"][0] and "ran Lanczos" in info["warnings"][0]
+        else:  # A1111's "None" is a Lanczos resize: nothing substituted
+            assert info["warnings"] == []
+        assert "Hires prompt" not in info["infotexts"][0]  # the same as the prompt: not recorded (A1111)
+    r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_prompt": ["a"]})
+    assert r.status_code == 400 and "hr_prompt must be a string" in r.text
 
 
 def test_enable_hr_by_size_and_too_big(server, http):

@@ -134,3 +134,48 @@ def test_webuiapi_get_loras(server):
     webuiapi = pytest.importorskip("webuiapi")
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
     assert "styles/ink" in [e["name"] for e in api.get_loras()]
+
+
+def test_hr_prompt_loras_apply_to_the_second_pass_only(http, lora_dir, pipe, server):
+    """As A1111 (processing.py: the hires pass activates the hr_prompt's own extra networks): hr_prompt's tags are
+    the second pass's LoRAs, and an hr_prompt without tags runs the second pass without the prompt's."""
+    from sd35m_mlx.upscale import upscale_generate
+
+    ink = [(str(lora_dir / "styles" / "ink.safetensors"), 0.7)]
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5}  # 1 of 2 steps: both passes count
+    common = dict(factor=1.5, strength=0.5, guidance_scale=5.0, seed=5, width=64, height=64, num_inference_steps=2)
+    cases = [("a red cube", "a red cube <lora:ink:0.7>", [], ink), ("a red cube <lora:ink:0.7>", "a red cube", ink, [])]
+    for prompt, hr_prompt, first, second in cases:
+        got = _txt2img(http, prompt, hr_prompt=hr_prompt, **hires)
+        server.wait_idle()
+        pipe.use_loras(first)
+        want = upscale_generate(pipe, "a red cube", upscale_loras=second, **common).images[0]
+        pipe.use_loras([])
+        assert np.array_equal(got, pixels(want)), (prompt, hr_prompt)
+        no_switch = upscale_generate(pipe, "a red cube", **common).images[0]
+        assert not np.array_equal(got, pixels(no_switch)), (prompt, hr_prompt)  # the LoRA made a difference
+    base = _txt2img(http, "a red cube", **hires)
+    assert np.array_equal(base, pixels(upscale_generate(pipe, "a red cube", **common).images[0]))
+    r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "hr_prompt": "x <lora:../y>", **TXT, **hires})
+    assert r.status_code == 400 and str(lora_dir) not in r.text
+
+
+def test_lora_cache_budget_from_serve_reaches_the_pipeline(monkeypatch, lora_dir, tiny_pipeline):
+    """serve --lora-cache-mb -> ServerConfig.lora_cache_bytes -> the worker's use_loras budget."""
+    from click.testing import CliRunner
+
+    import sd35m_mlx.server.run as run
+    from sd35m_mlx_cli.main import cli
+
+    got = {}
+    monkeypatch.setattr(run, "serve", lambda pipe, **kw: got.update(pipe=pipe, **kw))
+    args = ["serve", "--model", str(tiny_pipeline), "--port", "0", "--dtype", "float32", "--lora-cache-mb", "0",
+            "--lora-dir", str(lora_dir)]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert got["config"].lora_cache_bytes == 0
+    with RunningServer(got["pipe"], config=got["config"]) as s, s.client() as http:
+        _txt2img(http, "x <lora:ink:0.5>")
+        _txt2img(http, "x")  # budget 0: nothing stays loaded once no request names it
+        s.wait_idle()
+        assert got["pipe"].lora_cache_bytes == 0 and got["pipe"]._loras.adapters == {}

@@ -147,3 +147,21 @@ def test_cli_size_from_image_names_the_image_not_the_flags(tiny_pipeline, tmp_pa
     message = result.stderr.strip().splitlines()[-1]
     assert "the height of --image photo.png must be at most 384" in message and "got 800" in message
     assert message.endswith("pass --width/--height to resize") and "--height" not in message.split(";")[0]
+
+
+def test_upscale_prompt_and_nearest_change_only_the_second_pass(pipe):
+    """hr_prompt / hr_negative_prompt and A1111's "Nearest" upscaler: the first pass is untouched, the second is an
+    img2img of the nearest-neighbour enlargement reading the other prompts."""
+    common = dict(factor=1.5, width=64, height=64, num_inference_steps=2, seed=3, strength=0.5, negative_prompt="dim")
+    plain = upscale_generate(pipe, "a lighthouse", **common)
+    other = upscale_generate(pipe, "a lighthouse", upscaler="nearest", upscale_prompt="a red barn",
+                             upscale_negative_prompt="sunny", **common)  # fmt: skip
+    assert other.first_pass[0].tobytes() == plain.first_pass[0].tobytes()
+    assert other.images[0].tobytes() != plain.images[0].tobytes()
+    assert other.passes[1]["upscaler"] == "Nearest"
+    up = plain.first_pass[0].resize((96, 96), Image.Resampling.NEAREST)
+    want = pipe.generate("a red barn", image=up, strength=0.5, width=96, height=96, num_inference_steps=2, seed=3,
+                         negative_prompt="sunny")  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(other.images[0]), np.asarray(want[0]))
+    with pytest.raises(ValueError, match="upscaler must be one of lanczos, nearest"):
+        upscale_generate(pipe, "x", upscaler="Latent", **common)

@@ -40,11 +40,18 @@ class _LoraState:
     cached: OrderedDict[tuple[str, int, int], str] = field(default_factory=OrderedDict)
 
 
-MAX_CACHED_LORAS = 8  # adapters use_loras keeps loaded between calls (a SD3.5 Medium LoRA is ~20-200 MB)
+def default_cache_bytes() -> int:
+    """Bytes of adapters `use_loras` keeps loaded between calls by default: 1/16 of physical memory (1 GiB on a
+    16 GB Mac, 5-50 SD3.5 Medium LoRAs of 20-200 MB), small beside the model it adapts."""
+    from ..sampling.memory import physical_memory
+
+    return physical_memory() // 16
 
 
 class LoraMixin:
     """LoRA adapters for StableDiffusion35 (see sd35m_mlx/lora/convert.py for the file formats)."""
+
+    lora_cache_bytes: int | None = None  # use_loras' budget when a call gives none; None: default_cache_bytes()
 
     @property
     def _loras(self) -> _LoraState:
@@ -129,20 +136,24 @@ class LoraMixin:
         state.active = dict(zip(names, weights, strict=True))
         self._lora_refresh()
 
-    def use_loras(
-        self, loras: Sequence[tuple[str | os.PathLike, float]], max_loaded: int = MAX_CACHED_LORAS
-    ) -> list[str]:
-        """Make exactly these LoRA files active, with these weights; every other adapter is off. Returns the
-        adapter name of each entry.
+    def use_loras(self, loras: Sequence[tuple[str | os.PathLike, float]], cache_bytes: int | None = None) -> list[str]:
+        """Make exactly these LoRAs active (files, folders or Hub ids as `load_lora_weights` takes them), with these
+        weights; every other adapter is off. Returns the adapter name of each entry.
 
         For a server that switches LoRAs per request: a file loaded by an earlier call is reused (keyed by its
-        real path, size and modification time, so an edited file loads again), and beyond `max_loaded` files
-        the least recently used is unloaded. The same file twice adds its weights."""
+        real path, size and modification time, so an edited file loads again), and while the files loaded this
+        way hold more than `cache_bytes` of parameters (None: `self.lora_cache_bytes`, else
+        `default_cache_bytes()`), the least recently used one not asked for now is unloaded. The same file twice
+        adds its weights."""
+        if cache_bytes is None:
+            cache_bytes = self.lora_cache_bytes if self.lora_cache_bytes is not None else default_cache_bytes()
+        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be a whole number of bytes >= 0, got {cache_bytes!r}")
         state = self._loras
         weights: dict[str, float] = {}
         names = []
-        for path, weight in loras:
-            real = Path(path).resolve(strict=True)
+        for source, weight in loras:
+            real = files.resolve(source).resolve(strict=True)  # a Hub id too (from the HF cache), as at load
             stat = real.stat()
             key = (str(real), stat.st_size, stat.st_mtime_ns)
             name = state.cached.get(key)
@@ -152,9 +163,15 @@ class LoraMixin:
             state.cached.move_to_end(key)
             weights[name] = weights.get(name, 0.0) + float(weight)
             names.append(name)
-        while len(state.cached) > max(max_loaded, len(weights)):  # the requested ones are the most recent
-            _, name = state.cached.popitem(last=False)
-            state.adapters.pop(name, None)
+        for key in [k for k, n in state.cached.items() if n not in state.adapters]:  # deleted by other calls
+            del state.cached[key]
+        held = sum(state.adapters[n].nbytes for n in state.cached.values())
+        for key in list(state.cached):  # least recently used first; the requested ones are the most recent
+            if held <= cache_bytes or state.cached[key] in weights:
+                break
+            name = state.cached.pop(key)
+            adapter = state.adapters.pop(name, None)
+            held -= adapter.nbytes if adapter is not None else 0
             state.active.pop(name, None)
         self.set_adapters(list(weights), list(weights.values()))
         return names

@@ -276,7 +276,7 @@ def router(server) -> APIRouter:
 
     @r.get("/progress")
     async def progress(skip_current_image: bool = False):
-        job = server.worker.current
+        job = server.worker.running
         preview = None if job is None or skip_current_image else job.preview_png()
         return {
             "progress": job.progress if job else 0.0,
@@ -343,7 +343,7 @@ def router(server) -> APIRouter:
 
     for path, answer_for in STARTUP_ANSWERS.items():  # what clients ask on connect, answered as A1111 does
         r.add_api_route(path, _constant(answer_for, server), methods=["GET"])
-    for path in ("/refresh-checkpoints", "/refresh-vae"):
+    for path in ("/refresh-checkpoints", "/refresh-vae", "/refresh-embeddings"):
         r.add_api_route(path, _constant(lambda _: {}, server), methods=["POST"])
 
     return r
@@ -422,6 +422,7 @@ STARTUP_ANSWERS = {
                                    "scale": None} for name in ("None", "Lanczos", "Nearest")],
     "/latent-upscale-modes": lambda server: [],
     "/sd-vae": lambda server: [],
+    "/sd-modules": lambda server: [],
     "/hypernetworks": lambda server: [],
     "/face-restorers": lambda server: [],
     "/realesrgan-models": lambda server: [],
@@ -458,4 +459,10 @@ def options(server) -> dict:
         "CLIP_stop_at_last_layers": 1,
         "eta_noise_seed_delta": 0,
         "sd_model_name": name,
+        "sd_lora": "None",
+        "live_previews_enable": True,  # /progress's current_image: an RGB preview at every step
+        "show_progress_every_n_steps": 1,
+        "live_preview_content": "Prompt",
+        "upscaler_for_img2img": None,
+        "sd_checkpoints_limit": 1,  # one model resident at a time (serve --model A --model B)
     }

@@ -24,7 +24,7 @@ from ..lora.library import LoraLibrary
 from ..record import MEDIA_TYPES, Settings
 from ..sampling.finite import NonFiniteError
 from ..validation import InvalidInput, validate_generation
-from . import a1111_api, controlnets, loras, openai_api, studio
+from . import a1111_api, a1111_internal, controlnets, loras, openai_api, studio
 from .controlnets import ControlNetLibrary
 from .errors import RequestError, ShuttingDown, error_body
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
@@ -62,6 +62,7 @@ class ServerConfig:
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (run.py)
     signed_urls: bool = False  # with api_key: response_format="url" URLs carry ?exp=&sig= and open without the key
     lora_dir: str | None = None  # the folder <lora:NAME> tags name (serve --lora-dir); None: tags are refused
+    lora_cache_bytes: int | None = None  # LoRAs kept loaded between requests (serve --lora-cache-mb); None: default
     # public title -> () -> pipeline: the models requests may switch to (server/models.py); model_name is the first
     loaders: dict = field(default_factory=dict)
     # public name -> source (Hub id, folder or file) of the ControlNets requests may name (serve --controlnet);
@@ -80,7 +81,7 @@ class Server:
             return ModelInfo.of(pipe, title, **config.load_options)
 
         model = describe(pipe, config.model_name)
-        self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe)
+        self.worker = Worker(pipe, model, VERSION, config.max_queue, self.served, describe, config.lora_cache_bytes)
         self.signer = UrlSigner(config.api_key) if config.api_key and config.signed_urls else None
         self.loras = LoraLibrary(config.lora_dir) if config.lora_dir else None
         self.controlnets = ControlNetLibrary(config.controlnets, config.load_options.get("quantize"))
@@ -238,6 +239,7 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
 
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))
+    app.include_router(a1111_internal.router(server))
     app.include_router(loras.router(server))
     app.include_router(controlnets.router(server))
     app.include_router(studio.router(server))

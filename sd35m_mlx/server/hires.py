@@ -1,13 +1,28 @@
 """A1111's hires fix (`enable_hr` on txt2img) as our two-pass upscale (sd35m_mlx/upscale.py): the first pass at
-width x height, Lanczos enlargement, img2img at the bigger size with the same seed; the PNG records both
-passes as the CLI's --upscale does. What we run differently (another upscaler, a second-pass prompt) is
-said in info.warnings.
+width x height, enlargement in pixel space, img2img at the bigger size with the same seed; the PNG records
+both passes as the CLI's --upscale does.
+
+As A1111 (modules/processing.py, StableDiffusionProcessingTxt2Img, commit
+0027ce1f6e58c5f4279173e468a60aef420babfe): an empty `hr_prompt` / `hr_negative_prompt` is the first pass's;
+the second pass activates the LoRAs of the hr_prompt's own tags (`parse_extra_network_prompts`, then
+`extra_networks.activate(p, hr_extra_network_data)`, which turns off the ones it does not name), so an
+hr_prompt without tags runs the second pass without LoRAs. "Lanczos", "Nearest" and "None" (a Lanczos
+resize in A1111's images.resize_image) run as A1111 runs them. A1111's "Latent*" modes interpolate the
+latents; we enlarge in pixel space instead (upscale.py says why) and say so in info.warnings, as for
+upscalers we do not have (ESRGAN and the like).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from ..defaults import MAX_PROMPT_CHARS
+from ..prompts.syntax import extract_lora_tags
 from .errors import RequestError
+from .loras import lora_error
 from .spec import Spec
+
+UPSCALERS = {"lanczos": "lanczos", "none": "lanczos", "nearest": "nearest"}  # A1111's name, lowered -> ours
 
 HR_STRENGTH = 0.7  # A1111's "Hires fix" denoising strength default (its UI)
 # the payload fields acted on here (a1111_fields.py keeps naming the others, hr_checkpoint_name, hr_sampler_name...,
@@ -38,12 +53,21 @@ def apply_hires(extra: dict, spec: Spec, denoising_strength: float | None) -> No
         raise RequestError(f"hr_second_pass_steps must be an integer >= 0, got {steps!r}", "hr_second_pass_steps")
     strength = HR_STRENGTH if denoising_strength is None else denoising_strength
     spec.given(upscale=float(factor), upscale_strength=strength, upscale_steps=steps)
-    upscaler = extra.get("hr_upscaler") or "Lanczos"
-    if str(upscaler).lower() != "lanczos":
-        spec.notes.append(f"hr_upscaler {str(upscaler)[:60]!r} is not available; ran Lanczos")
+    asked = str(extra.get("hr_upscaler") or "Lanczos")
+    upscaler = UPSCALERS.get(asked.lower(), "lanczos")
+    if asked.lower() not in UPSCALERS:
+        how = "interpolates latents in A1111" if asked.lower().startswith("latent") else "is not available"
+        spec.notes.append(f"hr_upscaler {asked[:60]!r} {how}; ran Lanczos in pixel space")
+    prompts = {}
     for name, first in (("hr_prompt", s.prompt), ("hr_negative_prompt", s.negative_prompt)):
-        if extra.get(name) and extra[name] != first:
-            spec.notes.append(f"{name} is not supported; the second pass used the first pass's")
+        text = extra.get(name) or ""
+        if not isinstance(text, str):
+            raise RequestError(f"{name} must be a string, got {type(text).__name__}", name)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(f"{name} is too long: {len(text)} characters (at most {MAX_PROMPT_CHARS})", name)
+        prompts[name] = text if text and text != first else None  # empty: the first pass's (A1111)
+    spec.settings = replace(spec.settings, upscaler=upscaler, upscale_prompt=prompts["hr_prompt"],
+                            upscale_negative_prompt=prompts["hr_negative_prompt"])  # fmt: skip
 
 
 def _side(extra: dict, name: str) -> int:
@@ -54,7 +78,8 @@ def _side(extra: dict, name: str) -> int:
 
 
 def make_images(pipe, spec: Spec, kwargs: dict, **extra) -> list:
-    """One image of a job: `pipe.generate`, or with upscale settings the two passes of `upscale_generate`."""
+    """One image of a job: `pipe.generate`, or with upscale settings the two passes of `upscale_generate`
+    (an hr_prompt's LoRAs for the second pass; the request's own are active again afterwards)."""
     s = spec.settings
     if s.upscale is None:
         return pipe.generate(**kwargs, **extra)
@@ -63,6 +88,20 @@ def make_images(pipe, spec: Spec, kwargs: dict, **extra) -> list:
     kwargs = dict(kwargs)
     kwargs.pop("num_images_per_prompt", None)
     prompt = kwargs.pop("prompt")
-    result = upscale_generate(pipe, prompt, factor=s.upscale, strength=s.upscale_strength,
-                              upscale_steps=s.upscale_steps, **kwargs, **extra)  # fmt: skip
+    second_prompt = None if s.upscale_prompt is None else extract_lora_tags(s.upscale_prompt)[0]
+    second = None if spec.upscale_loras is None else [(path, w) for _, path, w in spec.upscale_loras]
+    switch = second is not None and second != spec.lora_files
+    try:
+        result = upscale_generate(pipe, prompt, factor=s.upscale, strength=s.upscale_strength,
+                                  upscale_steps=s.upscale_steps, upscaler=s.upscaler, upscale_prompt=second_prompt,
+                                  upscale_negative_prompt=s.upscale_negative_prompt,
+                                  upscale_loras=second if switch else None,
+                                  **kwargs, **extra)  # fmt: skip
+    except (ValueError, OSError) as e:  # the hires LoRAs' files: said by name, never by the server's path
+        if switch and any(path in str(e) for _, path, _ in spec.upscale_loras):
+            raise lora_error(e, spec.upscale_loras) from None
+        raise
+    finally:
+        if switch:
+            pipe.use_loras(spec.lora_files)
     return result.images

@@ -138,8 +138,10 @@ class Worker:
     """Owns the pipeline: one thread, one job at a time, a FIFO of at most `max_queue` waiting jobs."""
 
     def __init__(self, pipe, model: ModelInfo, version: str, max_queue: int = 8,
-                 served: dict[str, Checkpoint] | None = None, describe: Callable | None = None):  # fmt: skip
+                 served: dict[str, Checkpoint] | None = None, describe: Callable | None = None,
+                 lora_cache_bytes: int | None = None):  # fmt: skip
         self.pipe = pipe
+        self.lora_cache_bytes = lora_cache_bytes  # server/loras.py activate
         self.model = model
         self.served = served or {}  # title -> Checkpoint: the models a job may switch to (server/models.py)
         self.describe = describe  # (pipe, title) -> ModelInfo of a newly loaded model
@@ -179,6 +181,13 @@ class Worker:
             return False
         job.cancel("interrupted")
         return True
+
+    @property
+    def running(self) -> Job | None:
+        """The job being made, None once it has finished: its answer may already be with the client while this
+        thread still tidies up (switching models back), and a client polling /progress then must see none."""
+        job = self.current
+        return None if job is None or job.done else job
 
     @property
     def queued(self) -> int:
@@ -251,7 +260,7 @@ class Worker:
         try:
             self.use(job.spec.checkpoint)
             job.model = self.model
-            activate_loras(self.pipe, job.spec)  # this job's LoRAs only (server/loras.py)
+            activate_loras(self.pipe, job.spec, self.lora_cache_bytes)  # this job's LoRAs only (server/loras.py)
             control = job.spec.control
             with control.active(self.pipe) if control is not None else nullcontext():  # its ControlNets only
                 for i, seed in enumerate(job.spec.seeds):

@@ -45,25 +45,42 @@ def resolve(spec: Spec, library: LoraLibrary | None) -> None:
     try:
         s = spec.settings
         found = tagged_loras(s.prompt, s.negative_prompt, library, "start serve with --lora-dir")
+        hires = None
+        if s.upscale_prompt is not None or s.upscale_negative_prompt is not None:  # hires fix (hires.py)
+            hires = tagged_loras(s.upscale_prompt if s.upscale_prompt is not None else s.prompt,
+                                 s.upscale_negative_prompt or "", library, "start serve with --lora-dir")  # fmt: skip
     except (ValueError, TypeError) as e:
         folder = str(library.folder) if library is not None else None
         raise RequestError(str(e).replace(folder, "the LoRA folder") if folder else str(e), "prompt") from None
     spec.settings = replace(spec.settings, lora_tags=tuple((e.name, w, "") for e, w in found))
     spec.lora_files = [(str(e.path), w) for e, w in found]
+    if s.upscale_prompt is not None:
+        spec.upscale_loras = [(e.name, str(e.path), w) for e, w in hires]
 
 
-def activate(pipe, spec: Spec) -> None:
-    """In the job: exactly the request's LoRAs active (loaded ones reused, lora/pipeline_mixin.use_loras), and
-    their hashes into the settings the PNG records. A pipeline with no adapters and a request with none: nothing."""
-    if not hasattr(pipe, "use_loras") or not (spec.lora_files or pipe.get_active_adapters()):
+def lora_error(e: Exception, loras: list[tuple[str, str, float]]) -> RequestError:
+    """A LoRA file that does not fit this model, or gone since the listing, as a 400 naming it by the name the
+    client gave (`loras`: (name, file, weight)), never by the server's path."""
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for name, path, _ in loras:
+        message = message.replace(path, name)
+    return RequestError(f"LoRA: {message}", "prompt")
+
+
+def activate(pipe, spec: Spec, cache_bytes: int | None = None) -> None:
+    """In the job: exactly the request's LoRAs active (loaded ones reused, lora/pipeline_mixin.use_loras, within
+    `cache_bytes` of adapters kept loaded, `serve --lora-cache-mb`; None: the library's default), and their
+    hashes into the settings the PNG records. A pipeline with no adapters and a request with none: nothing."""
+    if not hasattr(pipe, "use_loras"):
+        return
+    pipe.lora_cache_bytes = cache_bytes  # also for the hires fix's second pass (hires.py)
+    if not (spec.lora_files or pipe.get_active_adapters()):
         return
     try:
         names = pipe.use_loras(spec.lora_files)
     except (ValueError, OSError) as e:  # a file that does not fit this model, or gone since the listing
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        for (path, _), (name, _, _) in zip(spec.lora_files, spec.settings.lora_tags, strict=True):
-            message = message.replace(path, name)  # the client knows the name, never the server's path
-        raise RequestError(f"LoRA: {message}", "prompt") from None
+        tags = spec.settings.lora_tags
+        raise lora_error(e, [(n, p, w) for (p, w), (n, _, _) in zip(spec.lora_files, tags, strict=True)]) from None
     hashes = {item["name"]: item["sha256"] for item in pipe.lora_info()}
     tags = spec.settings.lora_tags
     spec.settings = replace(

@@ -39,6 +39,7 @@ class Spec:
     padding_mask_crop: int | None = None  # inpainting: repaint a crop around the mask (px of padding)
     notes: list[str] = field(default_factory=list)  # what we ran differently from what was asked
     lora_files: list[tuple[str, float]] = field(default_factory=list)  # the prompt's <lora:> tags' files (loras.py)
+    upscale_loras: list[tuple[str, str, float]] | None = None  # the hires prompt's (name, file, weight); None: as above
     checkpoint: str | None = None  # a served model's title to run on (server/models.py); None: the resident one
     restore: bool = True  # switch back to the previous model afterwards (A1111's override_settings_restore_afterwards)
     control: Any = None  # the ControlNet units (server/controlnets.py ControlPlan); None: no ControlNet
