@@ -44,7 +44,7 @@ from .masks import a1111_mask
 from .models import choose
 from .outpainting import OutpaintField, apply_outpaint, from_script
 from .spec import Spec, seeds_for, settings_for
-from .uploads import decode_base64, open_image, open_upload
+from .uploads import decode_base64, json_object, open_image, open_upload
 
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
@@ -315,12 +315,7 @@ def router(server) -> APIRouter:
         """Only sd_model_checkpoint takes effect: it switches to another served model (after the queued jobs).
         A client may post the other options back unchanged; other keys are ignored as A1111 ignores unknown
         ones. Naming a checkpoint we do not serve is an error, as in A1111 ("model ... not found")."""
-        try:
-            changes = await request.json()
-        except ValueError:
-            raise RequestError("the request body is not valid JSON") from None
-        if not isinstance(changes, dict):
-            raise RequestError("options must be a JSON object")
+        changes = await json_object(request)
         wanted = changes.get("sd_model_checkpoint")
         if wanted is not None:
             await server.switch(choose(server.served, wanted).title)
@@ -333,7 +328,7 @@ def router(server) -> APIRouter:
     @r.post("/png-info")
     async def png_info(request: Request):
         """A1111's pnginfoapi: the image's infotext, its other text fields, and the infotext parsed."""
-        body = await _json_object(request)
+        body = await json_object(request)
         data = decode_base64(body.get("image"), "image")
         im = await asyncio.to_thread(open_upload, data, "image", server.config.max_upload_pixels)
         text = stored_text(im)
@@ -381,16 +376,6 @@ def schedulers_list() -> list[dict]:
         }
         for s in SCHEDULERS
     ]
-
-
-async def _json_object(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise RequestError("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    return body
 
 
 def _constant(answer_for, server):

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from PIL import Image
 
 from .errors import RequestError
-from .uploads import decode_base64, open_image
+from .uploads import decode_base64, json_object, open_image
 
 API_VERSION = 3  # what the extension's /controlnet/version answers (internal_controlnet/external_code.py)
 MODULES = ("none", "canny")
@@ -323,12 +323,7 @@ def router(server) -> APIRouter:
 
     @r.post("/detect")
     async def detect_endpoint(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise RequestError("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
+        body = await json_object(request)
         try:
             pngs = await asyncio.to_thread(detect, body, server.config.max_upload_pixels)
         except ImportError as e:

@@ -1,4 +1,5 @@
-"""Images sent by clients (base64 text or multipart files), decoded with limits before any pixel is read."""
+"""What clients send: JSON object bodies, and images (base64 text or multipart files) decoded with limits before
+any pixel is read."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from .errors import RequestError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # an upload may be larger than what we generate; it is resized down
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=-]+)*;base64,", re.IGNORECASE)
+
+
+async def json_object(request) -> dict:
+    """A request body that must be a JSON object (routes reading the body themselves), or a one-line 400."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
 
 
 def decode_base64(text, param: str) -> bytes:
