@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS
+from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS, UPSCALERS
 from sd35m_mlx.prompts.infotext import split_infotext
 from sd35m_mlx.record import JSON_KEY, MAX_FIELD_CHARS, PARAMETERS_KEY, stored_text, strip_tags
 from sd35m_mlx.sampling.labels import rng_from_label, sampler_from_label, scheduler_from_label
@@ -143,7 +143,7 @@ def _field_rules() -> dict:
         "upscale_strength": lambda x, n: v.real(x, n, 0.0, 1.0, open_low=True),
         "upscale_steps": optional(lambda x, n: v.integer(x, n, 1, v.MAX_STEPS)),
         "upscale_model": optional(lambda x, n: v.text(x, n, MAX_PATH_CHARS)),
-        "upscaler": lambda x, n: v.choice(x, n, ("lanczos", "nearest")),
+        "upscaler": lambda x, n: v.choice(x, n, tuple(UPSCALERS)),
         "upscale_prompt": optional(v.text),
         "upscale_negative_prompt": optional(v.text),
         # editing inputs (cli/editing.py checks them again, and reads the files, as for the command line)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS
+from sd35m_mlx.defaults import PROMPT_SYNTAXES, TEXT_ENCODINGS, UPSCALERS
 from sd35m_mlx.record import QUALITY
 from sd35m_mlx.sampling.noise import RNG_SOURCES
 from sd35m_mlx.sampling.schedulers import SCHEDULERS
@@ -247,10 +247,11 @@ OPTIONS = [
     ),
     click.option(
         "--upscaler",
-        type=click.Choice(["lanczos", "nearest"]),
+        type=click.Choice(list(UPSCALERS)),
         default=_D.upscaler,
-        help="How --upscale enlarges the first pass's image: lanczos (smooth) or nearest (A1111's Nearest: "
-        "blocky pixels the second pass repaints).",
+        help="How --upscale enlarges the first pass: lanczos (smooth) or nearest (A1111's Nearest: blocky pixels "
+        "the second pass repaints) on the image; latent* resize the latents as A1111's Latent upscalers "
+        "(no VAE round trip; use --upscale-strength 0.6 or more).",
     ),
     option_with_default_in_help(
         "--upscale-model",

@@ -62,3 +62,16 @@ SLG_START = 0.01
 SLG_STOP = 0.2
 SEQUENCE_LENGTH = 256
 STRENGTH = 0.6  # img2img
+
+# every upscaler of the two-pass upscale (upscale.py), our name -> A1111's label (the PNG's "Hires upscaler",
+# the server's hr_upscaler)
+UPSCALERS = {
+    "lanczos": "Lanczos",
+    "nearest": "Nearest",
+    "latent": "Latent",
+    "latent-antialiased": "Latent (antialiased)",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+    "latent-nearest": "Latent (nearest)",
+    "latent-nearest-exact": "Latent (nearest-exact)",
+}

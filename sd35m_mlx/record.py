@@ -202,7 +202,7 @@ def parameters_text(s: Settings, version: str) -> str:
         items["Hires upscale"] = s.upscale
         items["Hires resize"] = "{}x{}".format(*s.upscale_size)
         items["Hires steps"] = s.upscale_steps or s.steps
-        items["Hires upscaler"] = s.upscaler.capitalize()
+        items["Hires upscaler"] = D.UPSCALERS.get(s.upscaler, s.upscaler)
         items["Hires denoising strength"] = s.upscale_strength
         if s.upscale_model is not None:
             items["Hires checkpoint"] = _name(s.upscale_model)

@@ -1,14 +1,19 @@
-"""Two-pass upscaling: generate, enlarge in pixel space (Lanczos, or nearest), refine with img2img at the target size.
+"""Two-pass upscaling: generate, enlarge (in pixel space, or the latents as A1111's "Latent" upscalers), refine with
+img2img at the target size.
 
 The SD3.5 Medium model card's "SD3.5 Large + SD3.5 Medium upscaling" workflow: the first pass composes at a
 size the model was trained on, the second (the same model, or another SD3-family one) adds the detail of the
 larger size while img2img at a low strength (default 0.35) keeps the composition. Same seed in both passes.
 
-Why pixel space and not latent space: the SD3 VAE's 16 latent channels are not a small image. Interpolated
-(bilinear, nearest), their fine structure is smeared or blocked, which the decoder renders as blur and
-colour noise, and img2img at 0.35 strength keeps 65% of it. Lanczos on the decoded image is a clean
+Pixel space (Lanczos, the default) rather than latent space: the SD3 VAE's 16 latent channels are not a small
+image. Interpolated (bilinear, nearest), their fine structure is smeared or blocked, which the decoder renders
+as blur and colour noise, and img2img at 0.35 strength keeps 65% of it. Lanczos on the decoded image is a clean
 enlargement that the VAE encodes back faithfully; it costs one decode and one encode, both tiled at large
-sizes (pipeline/tiling.py), so the bigger image never needs the untiled VAE's memory.
+sizes (pipeline/tiling.py). The "latent*" upscalers do what A1111's hires fix does with its default "Latent"
+(modules/processing.py, StableDiffusionProcessingTxt2Img.sample at commit
+0027ce1f6e58c5f4279173e468a60aef420babfe): the first pass's latents resized as torch's F.interpolate
+(interpolate.py) with the mode of A1111's `latent_upscale_modes` (modules/shared.py), the second pass an img2img
+from them, no VAE round trip; they want a higher strength (A1111's UI: 0.7) to clean the interpolation up.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from PIL import Image
 
-from .defaults import SIZE, STEPS, scaled_size
+from .defaults import SIZE, STEPS, UPSCALERS, scaled_size
+from .interpolate import interpolate
 
 
 def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
@@ -32,12 +39,28 @@ def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
 
 # the pixel-space enlargements: A1111's "Lanczos" and "Nearest" upscalers are these PIL filters (its
 # modules/upscaler.py, commit 01a40c62556b8cf3beb418e382760dd21811d3b2); its "None" resizes with Lanczos too
-UPSCALERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+PIXEL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+# the latent ones: (F.interpolate mode, antialias), as A1111's shared.latent_upscale_modes
+LATENT_MODES = {
+    "latent": ("bilinear", False),
+    "latent-antialiased": ("bilinear", True),
+    "latent-bicubic": ("bicubic", False),
+    "latent-bicubic-antialiased": ("bicubic", True),
+    "latent-nearest": ("nearest", False),
+    "latent-nearest-exact": ("nearest-exact", False),
+}
 
 
 def enlarge(image: Image.Image, size: tuple[int, int], upscaler: str = "lanczos") -> Image.Image:
-    """`image` resized to `size` by one of UPSCALERS."""
-    return image.convert("RGB").resize(size, UPSCALERS[upscaler])
+    """`image` resized to `size` by one of PIXEL_FILTERS."""
+    return image.convert("RGB").resize(size, PIXEL_FILTERS[upscaler])
+
+
+def enlarge_latents(latents, size: tuple[int, int], upscaler: str = "latent", vae_scale_factor: int = 8) -> mx.array:
+    """Model-space latents NHWC resized for an image of `size` (width, height) px by one of LATENT_MODES."""
+    mode, antialias = LATENT_MODES[upscaler]
+    f = vae_scale_factor
+    return mx.array(interpolate(np.asarray(latents), (size[1] // f, size[0] // f), mode, antialias))
 
 
 def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -78,7 +101,8 @@ def upscale_generate(
     **generate_kwargs,
 ) -> UpscaleResult:
     """Pass 1 `pipe.generate` at width x height; each image enlarged by `factor` (sides rounded to multiples
-    of 16) with `upscaler` ("lanczos" or "nearest"); pass 2 img2img at `strength` with `upscale_steps` steps
+    of 16) with `upscaler` (one of UPSCALERS: "lanczos" or "nearest" on the image, a "latent*" one on the
+    latents, as A1111); pass 2 img2img at `strength` with `upscale_steps` steps
     (default: as pass 1) and the same seed, by `second` (a StableDiffusion35, or a function that loads one;
     default `pipe`).
 
@@ -98,7 +122,13 @@ def upscale_generate(
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     common = dict(generate_kwargs, seed=seed, output_type="pil")
-    first = pipe.generate(prompt, width=width, height=height, num_inference_steps=num_inference_steps, **common)
+    first_kwargs = dict(common, output_type="latent") if upscaler in LATENT_MODES else common
+    first = pipe.generate(prompt, width=width, height=height, num_inference_steps=num_inference_steps, **first_kwargs)
+    if upscaler in LATENT_MODES:  # the second pass starts from these; the first pass's images are their decode
+        starts = [enlarge_latents(first[i : i + 1], size, upscaler, pipe.vae_scale_factor) for i in range(len(first))]
+        first = pipe.decode(first)
+    else:
+        starts = [enlarge(image, size, upscaler) for image in first]
 
     if second is None:
         second = pipe
@@ -112,11 +142,10 @@ def upscale_generate(
     if upscale_negative_prompt is not None:
         common["negative_prompt"] = upscale_negative_prompt
     refined = []
-    for image in first:
-        up = enlarge(image, size, upscaler)
+    for start in starts:
         out = second.generate(
             prompt if upscale_prompt is None else upscale_prompt,
-            image=up,
+            image=start,
             strength=strength,
             width=size[0],
             height=size[1],
@@ -127,7 +156,7 @@ def upscale_generate(
     passes = [
         dict(width=width, height=height, steps=num_inference_steps),
         dict(
-            width=size[0], height=size[1], steps=steps, strength=strength, upscaler=upscaler.capitalize(), factor=factor
+            width=size[0], height=size[1], steps=steps, strength=strength, upscaler=UPSCALERS[upscaler], factor=factor
         ),
     ]
     return UpscaleResult(refined, first, passes)

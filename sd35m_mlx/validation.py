@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # names for the annotations only: this module imports neither
     from PIL import Image
 
     Array = np.ndarray | mx.array  # or nested lists of numbers
-    ImageInput = Image.Image | str | os.PathLike | Array  # a file, a PIL image, (H, W, 3) or (B, H, W, 3) RGB
+    # a file, a PIL image, (H, W, 3) or (B, H, W, 3) RGB; for `image`, also latents (B, H/8, W/8, C) NHWC
+    ImageInput = Image.Image | str | os.PathLike | Array
     Prompt = str | Sequence[str]
 
 MAX_STEPS = 1000
@@ -404,7 +405,19 @@ class _Validator:
         for name, v in (("height", s.height), ("width", s.width)):
             if v is not None:
                 given[name] = integer(v, self.n(name), 1)
-        if s.image is not None:
+        if self.latent_image(s.image):  # latents keep their size: height and width follow from them
+            if s.mask_image is not None:
+                raise InvalidValue(f"{self.n('mask_image')} needs {self.n('image')} as pixels, not latents")
+            latents = finite_array(s.image, self.n("image"), max_abs=MAX_LATENT)
+            f = self.limits.vae_scale_factor
+            count, image_h, image_w = latents.shape[0], latents.shape[1] * f, latents.shape[2] * f
+            for name, v, own in (("height", s.height, image_h), ("width", s.width, image_w)):
+                if v is not None and v != own:
+                    raise InvalidValue(f"{self.n(name)} must be {own} (the latent {self.n('image')}'s), got {v}")
+            if batch % count:
+                raise InvalidValue(f"cannot spread {count} input images over {batch} images to generate")
+            default = {"height": image_h, "width": image_w}
+        elif s.image is not None:
             count, image_h, image_w = _image_shape(s.image, self.n("image"))
             if batch % count:
                 raise InvalidValue(f"cannot spread {count} input images over {batch} images to generate")
@@ -425,6 +438,9 @@ class _Validator:
                 raise InvalidValue(f"{self.n(name)} must be at most {self.limits.max_side} for this model, got {v}")
         return size["height"], size["width"]
 
+    def latent_image(self, image) -> bool:
+        return self.limits is not None and is_latent_image(image, self.limits.latent_channels)
+
     def _latents(self, latents, batch: int, height: int, width: int):
         if latents is None:
             return None
@@ -439,6 +455,14 @@ class _Validator:
                     f"got {tuple(latents.shape)}"
                 )
         return latents
+
+
+def is_latent_image(image, latent_channels: int) -> bool:
+    """Whether generate()'s `image` is model-space latents, NHWC (B, H/8, W/8, latent_channels), which img2img
+    starts from without the VAE, as diffusers' StableDiffusion3Img2ImgPipeline takes a tensor with the VAE's
+    latent channels (its prepare_latents). Pixels have 3 channels."""
+    shape = getattr(image, "shape", None)
+    return shape is not None and len(shape) == 4 and shape[-1] == latent_channels
 
 
 def _image_shape(image, name: str) -> tuple[int, int, int]:

@@ -163,5 +163,72 @@ def test_upscale_prompt_and_nearest_change_only_the_second_pass(pipe):
     want = pipe.generate("a red barn", image=up, strength=0.5, width=96, height=96, num_inference_steps=2, seed=3,
                          negative_prompt="sunny")  # fmt: skip
     np.testing.assert_array_equal(np.asarray(other.images[0]), np.asarray(want[0]))
-    with pytest.raises(ValueError, match="upscaler must be one of lanczos, nearest"):
+    with pytest.raises(ValueError, match="upscaler must be one of lanczos, nearest, latent"):
         upscale_generate(pipe, "x", upscaler="Latent", **common)
+
+
+# -- A1111's latent upscalers ------------------------------------------------------------------------------------
+
+TORCH_MODES = [("bilinear", False), ("bilinear", True), ("bicubic", False), ("bicubic", True), ("nearest", False),
+               ("nearest-exact", False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,antialias", TORCH_MODES)
+def test_interpolate_equals_torch(mode, antialias):
+    """Up and down, odd sizes, exact doubling (torch's nearest shortcut), one side only: as F.interpolate in float32."""
+    torch = pytest.importorskip("torch")
+    from sd35m_mlx.interpolate import interpolate
+
+    x = np.random.default_rng(0).standard_normal((2, 7, 9, 16)).astype(np.float32)
+    for size in [(14, 18), (11, 13), (3, 5), (21, 4), (7, 27), (7, 9), (1, 1)]:
+        want = torch.nn.functional.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2), size=size, mode=mode, antialias=antialias
+        )
+        got = interpolate(x, size, mode, antialias)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=1e-5, err_msg=f"{size}")
+
+
+def test_latent_img2img_equals_diffusers_fed_latents(pipe, tiny_pipeline):
+    """generate(image=latents): img2img from model-space latents without the VAE, as diffusers'
+    StableDiffusion3Img2ImgPipeline with a 16-channel tensor as `image` (its prepare_latents)."""
+    torch = pytest.importorskip("torch")
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    from tests.parity import assert_close
+
+    latents = np.random.default_rng(1).standard_normal((1, 10, 12, 16)).astype(np.float32)
+    kw = dict(num_inference_steps=4, guidance_scale=4.5, strength=0.7, output_type="np")
+    ours = pipe.generate("a lighthouse", image=latents, seed=3, **kw)
+    assert ours.shape == (1, 80, 96, 3)
+    ref = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_pipeline, dtype=torch.float32)
+    want = ref("a lighthouse", image=torch.from_numpy(latents).permute(0, 3, 1, 2), height=80, width=96,
+               generator=torch.Generator().manual_seed(3), **kw).images  # fmt: skip
+    assert_close(ours, want, atol=2e-3, min_std=1e-2, what="img2img from latents")
+    with pytest.raises(ValueError, match="height must be 80"):
+        pipe.generate("a lighthouse", image=latents, height=96, **kw)
+
+
+@pytest.mark.parametrize("upscaler,mode,antialias", [("latent", "bilinear", False),
+                                                     ("latent-bicubic-antialiased", "bicubic", True)])  # fmt: skip
+def test_latent_upscale_is_first_pass_latents_interpolated_by_torch_then_img2img(pipe, upscaler, mode, antialias):
+    """A1111's hires fix with a Latent upscaler: pass 1's latents, F.interpolate to the target's latent size, the
+    second pass an img2img from them (no VAE round trip) at the hires strength, same seed."""
+    torch = pytest.importorskip("torch")
+
+    common = dict(width=64, height=96, num_inference_steps=3, seed=5, negative_prompt="dim")
+    result = upscale_generate(pipe, "a lighthouse", factor=1.5, strength=0.7, upscale_steps=4, upscaler=upscaler,
+                              **common)  # fmt: skip
+    assert result.passes[1]["upscaler"] == {"latent": "Latent"}.get(upscaler, "Latent (bicubic antialiased)")
+    first = pipe.generate("a lighthouse", output_type="latent", **common)
+    assert result.first_pass[0].tobytes() == pipe.decode(first)[0].tobytes()
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(np.array(first)).permute(0, 3, 1, 2), size=(18, 12), mode=mode, antialias=antialias
+    )
+    want = pipe.generate("a lighthouse", image=up.permute(0, 2, 3, 1).numpy(), strength=0.7, num_inference_steps=4,
+                         seed=5, negative_prompt="dim")  # fmt: skip
+    assert result.images[0].size == (96, 144)
+    got, ref = np.asarray(result.images[0], np.int16), np.asarray(want[0], np.int16)
+    assert np.abs(got - ref).max() <= 1  # float32 rounding of the interpolation may move a pixel one 8-bit level
+    pixel = upscale_generate(pipe, "a lighthouse", factor=1.5, strength=0.7, upscale_steps=4, **common)
+    assert np.abs(np.asarray(pixel.images[0], np.int16) - ref).max() > 8  # the Lanczos path is another picture

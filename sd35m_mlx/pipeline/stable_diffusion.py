@@ -347,7 +347,9 @@ class StableDiffusion35(LoraMixin, ControlNetMixin):
     ):
         """Generate images; a list of PIL images, or with output_type="np" a (B, H, W, 3) float32 array.
 
-        height/width default to 1024, or to the input image's size for img2img. `latents` is the
+        height/width default to 1024, or to the input image's size for img2img. `image` may also be model-space
+        latents, NHWC (B, H/8, W/8, C) as output_type="latent" returns them: img2img then starts from them without
+        the VAE (diffusers' img2img takes a tensor with the latent channels so). `latents` is the
         initial noise, NHWC (B, H/8, W/8, C). `callback(step, total, latents)` runs after every step;
         returning False raises GenerationCancelled. `mask_image` (white = repaint) with `image` inpaints as
         diffusers' StableDiffusion3InpaintPipeline; `padding_mask_crop` (px) repaints only a crop around the

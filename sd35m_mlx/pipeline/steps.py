@@ -30,7 +30,7 @@ from ..sampling.noise import NoiseGenerator, latent_noise
 from ..sampling.preview import Preview, latent_rgb
 from ..sampling.samplers import Brownian, sampler_class
 from ..sampling.schedule import img2img_start_index
-from ..validation import GenerationSettings, ModelLimits, validate_generation
+from ..validation import GenerationSettings, ModelLimits, is_latent_image, validate_generation
 
 Decoder = Callable[[mx.array], mx.array]  # model-space latents NHWC -> images NHWC float32 in [0, 1]
 
@@ -42,6 +42,7 @@ class Canvas:
     inputs (editing/control.py) with the ControlNets they condition."""
 
     init_image: mx.array | None = None
+    init_latents: mx.array | None = None  # `image` given as model-space latents: img2img without the VAE
     inpaint: Any = None
     control: Any = None
     controlnets: list = field(default_factory=list)  # the pipeline's, checked against the transformer
@@ -73,7 +74,9 @@ def prepare_inputs(
         if image is None and not (height and width):
             height, width = canvas.control.default_size()
     settings = validate_generation(limits, **{**arguments, "image": image, "height": height, "width": width})
-    if image is not None:
+    if image is not None and is_latent_image(image, limits.latent_channels):
+        canvas.init_latents = mx.array(np.asarray(image, np.float32))
+    elif image is not None:
         canvas.init_image = from_pil_or_array(image, height, width, multiple=16)  # the size checked resolves to
     return settings, canvas
 
@@ -133,17 +136,17 @@ def initial_latents(
     encode: Callable[[mx.array], mx.array],
 ) -> Start:
     """Noise from the seed (or the given latents); with a source image, the image encoded (`encode`: images
-    NHWC in [-1, 1] -> model-space latents) and noised to the start step that `strength` gives, as
-    diffusers' img2img."""
+    NHWC in [-1, 1] -> model-space latents; latents given as the image are used as they are) and noised to the
+    start step that `strength` gives, as diffusers' img2img."""
     f = limits.vae_scale_factor
     shape = (batch, s.height // f, s.width // f, limits.latent_channels)
     noise = initial_noise(s.latents, shape, s.seed, s.rng)
-    if canvas.init_image is None:
+    if canvas.init_image is None and canvas.init_latents is None:
         mx.eval(noise)
         return Start(noise, 0, noise, None)
     # over the schedule's own length: a scheduler may give another count than the steps asked (ddim_uniform)
     start = img2img_start_index(len(sigmas) - 1, s.strength)
-    z = encode(canvas.init_image)
+    z = encode(canvas.init_image) if canvas.init_latents is None else canvas.init_latents
     if z.shape[0] != batch:
         if batch % z.shape[0]:
             raise ValueError(f"cannot spread {z.shape[0]} input images over {batch} prompts")
