@@ -98,7 +98,7 @@ def test_webuiapi_startup_calls(server):
     assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
     assert api.get_prompt_styles() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_cmd_flags()["api"] is True and api.get_memory()["ram"]["total"] > 0
-    assert api.get_sd_vae() == [] and api.get_latent_upscale_modes() == []
+    assert api.get_sd_vae() == [] and api.get_latent_upscale_modes()[0] == {"name": "Latent"}
     assert api.util_get_model_names() == [m["title"] for m in api.get_sd_models()]
     api.refresh_checkpoints()
 
@@ -270,13 +270,47 @@ def test_enable_hr_equals_upscale_generate(server, pipe, http, tiny_pipeline, tm
     np.testing.assert_array_equal(pixels(Image.open(tmp_path / "replay.png")), got)
 
 
-def test_enable_hr_latent_and_unknown_upscalers_run_lanczos_and_say_so(server, pipe, http):
+def test_enable_hr_latent_upscalers_equal_upscale_generate(server, pipe, http, tiny_pipeline, tmp_path):
+    """A1111's Latent modes (and its default, "Latent", when hr_upscaler is left out) run as A1111 runs them: the
+    library's latent upscalers, nothing substituted; the PNG says "Hires upscaler: Latent" and the CLI replays it."""
+    from click.testing import CliRunner
+
+    from sd35m_mlx.upscale import upscale_generate
+    from sd35m_mlx_cli.main import cli
+
+    modes = http.get("/sdapi/v1/latent-upscale-modes").json()
+    names = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+             "Latent (nearest-exact)"]  # fmt: skip
+    assert modes == [{"name": n} for n in names]  # A1111's shared.latent_upscale_modes, in its order
+    kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
+    for asked, ours, label in ((None, "latent", "Latent"), ("Latent (nearest-exact)", "latent-nearest-exact", None)):
+        payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2}
+        if asked is not None:
+            payload["hr_upscaler"] = asked
+        r = http.post("/sdapi/v1/txt2img", json=payload)
+        assert r.status_code == 200, r.text
+        got = pixels(r.json()["images"][0])
+        want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.7, upscale_steps=2, upscaler=ours,
+                                **kwargs).images[0]  # fmt: skip
+        np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
+        info = json.loads(r.json()["info"])
+        assert info["warnings"] == []  # nothing substituted
+        assert f"Hires upscaler: {label or asked}" in info["infotexts"][0]
+    png = tmp_path / "latent.png"
+    png.write_bytes(base64.b64decode(r.json()["images"][0]))
+    args = ["--from-image", str(png), "--model", str(tiny_pipeline), "-o", str(tmp_path / "replay.png")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(Image.open(tmp_path / "replay.png")), got)
+    assert "Hires upscaler: Latent (nearest-exact)" in Image.open(tmp_path / "replay.png").text["parameters"]
+
+
+def test_enable_hr_unknown_upscalers_run_lanczos_and_say_so(server, pipe, http):
     from sd35m_mlx.upscale import upscale_generate
 
     kwargs = {k: v for k, v in KWARGS.items() if k != "prompt"}
     want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.7, **kwargs).images[0]
-    for upscaler, said in (("Latent (nearest)", "interpolates latents"), ("R-ESRGAN 4x+", "not available"),
-                           ("None", None)):  # fmt: skip
+    for upscaler, said in (("R-ESRGAN 4x+", "not available"), ("None", None)):
         payload = {**TINY, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_prompt": "a red cube"}
         r = http.post("/sdapi/v1/txt2img", json=payload)
         assert r.status_code == 200, r.text

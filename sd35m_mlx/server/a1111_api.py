@@ -38,7 +38,7 @@ from ..sampling.schedulers import SCHEDULERS
 from .a1111_fields import ignored_notes, override_notes
 from .controlnets import decode_plan
 from .errors import RequestError
-from .hires import HIRES_FIELDS, apply_hires
+from .hires import HIRES_FIELDS, LATENT_UPSCALE_MODES, apply_hires
 from .jobs import Job
 from .masks import a1111_mask
 from .models import choose
@@ -399,13 +399,13 @@ def _memory(server) -> dict:
 
 
 # GET endpoints A1111 clients (webuiapi, SillyTavern, Open WebUI, Krita's plugin) call at start-up, with the
-# answer for what we have: nothing of these kinds besides the upscalers our two-pass upscale uses.
+# answer for what we have: nothing of these kinds besides the upscalers (pixel and latent) our two-pass upscale uses.
 STARTUP_ANSWERS = {
     "/cmd-flags": lambda server: {"api": True, "nowebui": False, "listen": False, "api_auth": None,
                                   "lora_dir": None, "ckpt_dir": None},
     "/upscalers": lambda server: [{"name": name, "model_name": None, "model_path": None, "model_url": None,
                                    "scale": None} for name in ("None", "Lanczos", "Nearest")],
-    "/latent-upscale-modes": lambda server: [],
+    "/latent-upscale-modes": lambda server: [{"name": name} for name in LATENT_UPSCALE_MODES],
     "/sd-vae": lambda server: [],
     "/sd-modules": lambda server: [],
     "/hypernetworks": lambda server: [],

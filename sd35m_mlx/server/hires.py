@@ -7,9 +7,9 @@ As A1111 (modules/processing.py, StableDiffusionProcessingTxt2Img, commit
 the second pass activates the LoRAs of the hr_prompt's own tags (`parse_extra_network_prompts`, then
 `extra_networks.activate(p, hr_extra_network_data)`, which turns off the ones it does not name), so an
 hr_prompt without tags runs the second pass without LoRAs. "Lanczos", "Nearest" and "None" (a Lanczos
-resize in A1111's images.resize_image) run as A1111 runs them. A1111's "Latent*" modes interpolate the
-latents; we enlarge in pixel space instead (upscale.py says why) and say so in info.warnings, as for
-upscalers we do not have (ESRGAN and the like).
+resize in A1111's images.resize_image) run as A1111 runs them, and so do its six "Latent*" modes (A1111's
+default "Latent" included): the first pass's latents interpolated as torch does, the second pass from them
+(upscale.py). Upscalers we do not have (ESRGAN and the like) run Lanczos, said in info.warnings.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..defaults import MAX_PROMPT_CHARS
+from ..defaults import UPSCALERS as LIBRARY_UPSCALERS
 from ..prompts.syntax import extract_lora_tags
 from .errors import RequestError
 from .loras import lora_error
 from .spec import Spec
 
-UPSCALERS = {"lanczos": "lanczos", "none": "lanczos", "nearest": "nearest"}  # A1111's name, lowered -> ours
+# A1111's name, lowered -> ours
+UPSCALERS = {"none": "lanczos", **{label.lower(): name for name, label in LIBRARY_UPSCALERS.items()}}
+LATENT_UPSCALE_MODES = [label for label in LIBRARY_UPSCALERS.values() if label.startswith("Latent")]  # A1111's order
 
 HR_STRENGTH = 0.7  # A1111's "Hires fix" denoising strength default (its UI)
 # the payload fields acted on here (a1111_fields.py keeps naming the others, hr_checkpoint_name, hr_sampler_name...,
@@ -53,11 +56,10 @@ def apply_hires(extra: dict, spec: Spec, denoising_strength: float | None) -> No
         raise RequestError(f"hr_second_pass_steps must be an integer >= 0, got {steps!r}", "hr_second_pass_steps")
     strength = HR_STRENGTH if denoising_strength is None else denoising_strength
     spec.given(upscale=float(factor), upscale_strength=strength, upscale_steps=steps)
-    asked = str(extra.get("hr_upscaler") or "Lanczos")
+    asked = str(extra.get("hr_upscaler") or "Latent")  # A1111's default (shared.latent_upscale_default_mode)
     upscaler = UPSCALERS.get(asked.lower(), "lanczos")
     if asked.lower() not in UPSCALERS:
-        how = "interpolates latents in A1111" if asked.lower().startswith("latent") else "is not available"
-        spec.notes.append(f"hr_upscaler {asked[:60]!r} {how}; ran Lanczos in pixel space")
+        spec.notes.append(f"hr_upscaler {asked[:60]!r} is not available; ran Lanczos in pixel space")
     prompts = {}
     for name, first in (("hr_prompt", s.prompt), ("hr_negative_prompt", s.negative_prompt)):
         text = extra.get(name) or ""
