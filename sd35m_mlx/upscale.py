@@ -12,7 +12,7 @@ enlargement that the VAE encodes back faithfully; it costs one decode and one en
 sizes (pipeline/tiling.py). The "latent*" upscalers do what A1111's hires fix does with its default "Latent"
 (modules/processing.py, StableDiffusionProcessingTxt2Img.sample at commit
 0027ce1f6e58c5f4279173e468a60aef420babfe): the first pass's latents resized as torch's F.interpolate
-(interpolate.py) with the mode of A1111's `latent_upscale_modes` (modules/shared.py), the second pass an img2img
+(editing/interpolate.py) with the mode of A1111's `latent_upscale_modes` (modules/shared.py), the second pass an img2img
 from them, no VAE round trip; they want a higher strength (A1111's UI: 0.7) to clean the interpolation up.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .defaults import SIZE, STEPS, UPSCALERS, scaled_size
-from .interpolate import interpolate
+from .editing.interpolate import interpolate
 
 
 def target_size(width: int, height: int, factor: float) -> tuple[int, int]:

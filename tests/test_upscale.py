@@ -177,7 +177,7 @@ TORCH_MODES = [("bilinear", False), ("bilinear", True), ("bicubic", False), ("bi
 def test_interpolate_equals_torch(mode, antialias):
     """Up and down, odd sizes, exact doubling (torch's nearest shortcut), one side only: as F.interpolate in float32."""
     torch = pytest.importorskip("torch")
-    from sd35m_mlx.interpolate import interpolate
+    from sd35m_mlx.editing.interpolate import interpolate
 
     x = np.random.default_rng(0).standard_normal((2, 7, 9, 16)).astype(np.float32)
     for size in [(14, 18), (11, 13), (3, 5), (21, 4), (7, 27), (7, 9), (1, 1)]:
