@@ -10,7 +10,7 @@ image. Interpolated (bilinear, nearest), their fine structure is smeared or bloc
 as blur and colour noise, and img2img at 0.35 strength keeps 65% of it. Lanczos on the decoded image is a clean
 enlargement that the VAE encodes back faithfully; it costs one decode and one encode, both tiled at large
 sizes (pipeline/tiling.py). The "latent*" upscalers do what A1111's hires fix does with its default "Latent"
-(modules/processing.py, StableDiffusionProcessingTxt2Img.sample at commit
+(modules/processing.py, StableDiffusionProcessingTxt2Img.sample_hr_pass at commit
 0027ce1f6e58c5f4279173e468a60aef420babfe): the first pass's latents resized as torch's F.interpolate
 (editing/interpolate.py) with the mode of A1111's `latent_upscale_modes` (modules/shared.py), the second pass an img2img
 from them, no VAE round trip; they want a higher strength (A1111's UI: 0.7) to clean the interpolation up.
