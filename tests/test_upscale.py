@@ -232,3 +232,18 @@ def test_latent_upscale_is_first_pass_latents_interpolated_by_torch_then_img2img
     assert np.abs(got - ref).max() <= 1  # float32 rounding of the interpolation may move a pixel one 8-bit level
     pixel = upscale_generate(pipe, "a lighthouse", factor=1.5, strength=0.7, upscale_steps=4, **common)
     assert np.abs(np.asarray(pixel.images[0], np.int16) - ref).max() > 8  # the Lanczos path is another picture
+
+
+def test_cli_latent_upscaler_is_recorded_as_a1111_writes_it(pipe, behind_cli, tmp_path):
+    behind_cli(pipe)
+    args = ["a red cube", "--model", "model", "--width", "64", "--height", "64", "--steps", "2", "--seed", "7",
+            "--upscale", "1.5", "--upscale-strength", "0.7", "--upscaler", "latent-bicubic",
+            "-o", "up.png"]  # fmt: skip
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    image = Image.open(tmp_path / "up.png")
+    assert "Hires upscaler: Latent (bicubic)" in image.text["parameters"]
+    assert json.loads(image.text[JSON_KEY])["upscaler"] == "latent-bicubic"
+    want = upscale_generate(pipe, "a red cube", factor=1.5, strength=0.7, upscaler="latent-bicubic", width=64,
+                            height=64, num_inference_steps=2, seed=7)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want.images[0]))
