@@ -208,12 +208,19 @@ def _philox4x32_10(counter: list[np.ndarray], key: tuple[int, int]) -> list[np.n
     for i in range(10):
         if i:
             k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
-        p0 = c0.astype(np.uint64) * _PHILOX_M[0]
-        p2 = c2.astype(np.uint64) * _PHILOX_M[1]
-        hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), p0.astype(np.uint32)
-        hi2, lo2 = (p2 >> np.uint64(32)).astype(np.uint32), p2.astype(np.uint32)
-        c0, c1, c2, c3 = hi2 ^ c1 ^ np.uint32(k0), lo2, hi0 ^ c3 ^ np.uint32(k1), lo0
-    return [c0, c1, c2, c3]
+        p0 = c0.astype(np.uint64)
+        p0 *= _PHILOX_M[0]
+        p2 = c2.astype(np.uint64)
+        p2 *= _PHILOX_M[1]
+        # A little-endian (x86, Apple silicon) uint64 as uint32 pairs: low words at even places, high at odd (views).
+        lo0, hi0 = p0.view(np.uint32)[0::2], p0.view(np.uint32)[1::2]
+        lo2, hi2 = p2.view(np.uint32)[0::2], p2.view(np.uint32)[1::2]
+        c0 = hi2 ^ c1
+        c0 ^= np.uint32(k0)
+        c2 = hi0 ^ c3
+        c2 ^= np.uint32(k1)
+        c1, c3 = lo2, lo0
+    return [np.ascontiguousarray(c) for c in (c0, c1, c2, c3)]
 
 
 class _Philox:
@@ -229,9 +236,16 @@ class _Philox:
         offset = np.full(stop - start, self._offset & 0xFFFFFFFF, np.uint32)
         x, y, _, _ = _philox4x32_10([offset, zeros, index, zeros], self._key)
         # One Box-Muller value per element (the sine; the cosine and two words are thrown away).
-        u = x * _INV_2_32 + _INV_2_32 / 2
-        v = y * _INV_2_32_2PI + _INV_2_32_2PI / 2
-        return (np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(_F32)
+        # sqrt(-2 log u) * sin(v) in float64, in place: the same operations in the same order as A1111's line.
+        u = x * _INV_2_32
+        u += _INV_2_32 / 2
+        v = y * _INV_2_32_2PI
+        v += _INV_2_32_2PI / 2
+        np.log(u, out=u)
+        u *= -2.0
+        np.sqrt(u, out=u)
+        u *= np.sin(v, out=v)
+        return u.astype(_F32)
 
     def randn(self, shape: tuple[int, ...]) -> np.ndarray:
         n = math.prod(shape)
