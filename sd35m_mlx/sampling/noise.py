@@ -62,17 +62,6 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _mt19937_key(seed: int) -> np.ndarray:
-    # torch's mt19937(seed) keeps only the low 32 bits (init_with_uint32), so 2**32 + s draws as s.
-    key = np.empty(624, np.uint32)
-    x = seed & 0xFFFFFFFF
-    key[0] = x
-    for i in range(1, 624):
-        x = (1812433253 * (x ^ (x >> 30)) + i) & 0xFFFFFFFF
-        key[i] = x
-    return key
-
-
 _F32 = np.float32
 _F64 = np.float64
 
@@ -144,9 +133,11 @@ class _TorchCPU:
     """torch.Generator() on CPU: MT19937 words through NumPy's own MT19937, torch's transforms on top."""
 
     def __init__(self, seed: int):
-        self._bits = np.random.MT19937()
-        # pos 624: the first draw twists the state first, as torch's engine does (left_ = 1).
-        self._bits.state = {"bit_generator": "MT19937", "state": {"key": _mt19937_key(seed), "pos": 624}}
+        # torch's mt19937(seed) keeps only the low 32 bits (init_with_uint32), so 2**32 + s draws as s. NumPy's
+        # legacy seeding of a 32-bit int is the same init_genrand, and leaves pos at 624: the first draw twists
+        # the state first, as torch's engine does (left_ = 1).
+        # (The RandomState's own bit generator: a fresh MT19937() would first seed itself from OS entropy.)
+        self._bits = np.random.RandomState(seed & 0xFFFFFFFF)._bit_generator
         # integers() over the full uint32 range hands out the twister's 32-bit words in order, one each,
         # straight into a uint32 array (random_raw returns them widened to uint64: four times slower here).
         self._words = np.random.Generator(self._bits)
