@@ -62,17 +62,6 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _mt19937_key(seed: int) -> np.ndarray:
-    # torch's mt19937(seed) keeps only the low 32 bits (init_with_uint32), so 2**32 + s draws as s.
-    key = np.empty(624, np.uint32)
-    x = seed & 0xFFFFFFFF
-    key[0] = x
-    for i in range(1, 624):
-        x = (1812433253 * (x ^ (x >> 30)) + i) & 0xFFFFFFFF
-        key[i] = x
-    return key
-
-
 _F32 = np.float32
 _F64 = np.float64
 
@@ -144,15 +133,23 @@ class _TorchCPU:
     """torch.Generator() on CPU: MT19937 words through NumPy's own MT19937, torch's transforms on top."""
 
     def __init__(self, seed: int):
-        self._bits = np.random.MT19937()
-        # pos 624: the first draw twists the state first, as torch's engine does (left_ = 1).
-        self._bits.state = {"bit_generator": "MT19937", "state": {"key": _mt19937_key(seed), "pos": 624}}
+        # torch's mt19937(seed) keeps only the low 32 bits (init_with_uint32), so 2**32 + s draws as s. NumPy's
+        # legacy seeding of a 32-bit int is the same init_genrand, and leaves pos at 624: the first draw twists
+        # the state first, as torch's engine does (left_ = 1).
+        # (The RandomState's own bit generator: a fresh MT19937() would first seed itself from OS entropy.)
+        self._bits = np.random.RandomState(seed & 0xFFFFFFFF)._bit_generator
+        # integers() over the full uint32 range hands out the twister's 32-bit words in order, one each,
+        # straight into a uint32 array (random_raw returns them widened to uint64: four times slower here).
+        self._words = np.random.Generator(self._bits)
         self._next_double_normal: float | None = None  # CPUGeneratorImpl's cached second Box-Muller value
 
     def _uniform24(self, n: int) -> np.ndarray:
         # uniform_real_distribution<float>: the low 24 bits of one 32-bit word, times 2**-24.
-        words = self._bits.random_raw(n).view(np.uint32)[::2]  # each 32-bit word in a uint64 (little-endian)
-        return (words & np.uint32(0xFFFFFF)).view(np.int32).astype(_F32) * _F32(2.0**-24)
+        words = self._words.integers(0, 2**32, size=n, dtype=np.uint32)
+        words &= np.uint32(0xFFFFFF)
+        out = words.view(np.int32).astype(_F32)
+        out *= _F32(2.0**-24)
+        return out
 
     def _uniform53(self) -> float:
         # uniform_real_distribution<double>: random64() = (w1 << 32) | w2, low 53 bits, times 2**-53.
@@ -202,12 +199,19 @@ def _philox4x32_10(counter: list[np.ndarray], key: tuple[int, int]) -> list[np.n
     for i in range(10):
         if i:
             k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
-        p0 = c0.astype(np.uint64) * _PHILOX_M[0]
-        p2 = c2.astype(np.uint64) * _PHILOX_M[1]
-        hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), p0.astype(np.uint32)
-        hi2, lo2 = (p2 >> np.uint64(32)).astype(np.uint32), p2.astype(np.uint32)
-        c0, c1, c2, c3 = hi2 ^ c1 ^ np.uint32(k0), lo2, hi0 ^ c3 ^ np.uint32(k1), lo0
-    return [c0, c1, c2, c3]
+        p0 = c0.astype(np.uint64)
+        p0 *= _PHILOX_M[0]
+        p2 = c2.astype(np.uint64)
+        p2 *= _PHILOX_M[1]
+        # A little-endian (x86, Apple silicon) uint64 as uint32 pairs: low words at even places, high at odd (views).
+        lo0, hi0 = p0.view(np.uint32)[0::2], p0.view(np.uint32)[1::2]
+        lo2, hi2 = p2.view(np.uint32)[0::2], p2.view(np.uint32)[1::2]
+        c0 = hi2 ^ c1
+        c0 ^= np.uint32(k0)
+        c2 = hi0 ^ c3
+        c2 ^= np.uint32(k1)
+        c1, c3 = lo2, lo0
+    return [np.ascontiguousarray(c) for c in (c0, c1, c2, c3)]
 
 
 class _Philox:
@@ -223,9 +227,16 @@ class _Philox:
         offset = np.full(stop - start, self._offset & 0xFFFFFFFF, np.uint32)
         x, y, _, _ = _philox4x32_10([offset, zeros, index, zeros], self._key)
         # One Box-Muller value per element (the sine; the cosine and two words are thrown away).
-        u = x * _INV_2_32 + _INV_2_32 / 2
-        v = y * _INV_2_32_2PI + _INV_2_32_2PI / 2
-        return (np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(_F32)
+        # sqrt(-2 log u) * sin(v) in float64, in place: the same operations in the same order as A1111's line.
+        u = x * _INV_2_32
+        u += _INV_2_32 / 2
+        v = y * _INV_2_32_2PI
+        v += _INV_2_32_2PI / 2
+        np.log(u, out=u)
+        u *= -2.0
+        np.sqrt(u, out=u)
+        u *= np.sin(v, out=v)
+        return u.astype(_F32)
 
     def randn(self, shape: tuple[int, ...]) -> np.ndarray:
         n = math.prod(shape)
