@@ -300,6 +300,22 @@ def test_url_images_expire_after_an_hour_and_only_ours(server, http):
     assert not old.exists() and other.exists()
 
 
+def test_a_url_image_expiring_between_the_look_and_the_answer_is_never_a_500(server, http, monkeypatch):
+    path = server.app.state.server.url_dir / ("b" * 32 + ".png")
+    path.write_bytes(b"png bytes")
+    real_stat = os.stat
+
+    def stat_then_expire(p, *args, **kwargs):  # the first look at the file, then the hourly clean-up removes it
+        st = real_stat(p, *args, **kwargs)
+        if os.fspath(p) == os.fspath(path) and path.exists():
+            path.unlink()
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_expire)
+    r = http.get(f"/v1/images/files/{path.name}")
+    assert (r.status_code, r.content) == (200, b"png bytes") or r.status_code == 404
+
+
 @pytest.mark.parametrize("fmt,pil,media", [("jpeg", "JPEG", "image/jpeg"), ("webp", "WEBP", "image/webp")])
 def test_output_format_jpeg_and_webp_as_b64_and_url(server, http, fmt, pil, media):
     from sd35m_mlx.record import stored_text
