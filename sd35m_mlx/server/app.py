@@ -67,7 +67,7 @@ class ServerConfig:
     # public title -> () -> pipeline: the models requests may switch to (server/models.py); model_name is the first
     loaders: dict = field(default_factory=dict)
     # public name -> source (Hub id, folder or file) of the ControlNets requests may name (serve --controlnet);
-    # each loaded on first use and kept (server/controlnets.py)
+    # each loaded on first use, least recently used unloaded past a budget (server/controlnets.py)
     controlnets: dict = field(default_factory=dict)
 
 
