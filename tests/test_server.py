@@ -558,6 +558,24 @@ def test_serve_on_a_taken_port_is_a_one_line_error(monkeypatch, tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_serve_downloads_hub_controlnets_with_the_model_after_binding(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from sd35m_mlx.loading import controlnet
+    from sd35m_mlx.server import run
+    from sd35m_mlx_cli import model as model_io
+    from sd35m_mlx_cli.main import cli
+
+    order, served = [], {}
+    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: order.append("model") or object())
+    monkeypatch.setattr(controlnet, "fetch_controlnet", lambda repo, rev=None: order.append(repo) or tmp_path)
+    monkeypatch.setattr(run, "bind", lambda *a: order.append("bind"))
+    monkeypatch.setattr(run, "serve", lambda pipe, config, **k: served.update(config.controlnets))
+    result = CliRunner().invoke(cli, ["serve", "--model", "tiny-random", "--controlnet", "owner/canny-net"])
+    assert result.exit_code == 0, result.output
+    assert order == ["bind", "model", "owner/canny-net"] and served == {"canny-net": str(tmp_path)}
+
+
 def test_open_bind_without_key_warns():
     from sd35m_mlx.server.run import open_warning
 
