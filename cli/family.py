@@ -15,8 +15,9 @@ FAMILY_HELP = "; ".join(
 
 
 def apply_family_defaults(settings: Settings, pipe, explicit: set[str]) -> tuple[Settings, str | None]:
-    """settings with the family's steps / cfg / slg in place of those not in `explicit`, and a line saying
-    which were used (None when the pipeline does not say what it is)."""
+    """settings with the family's steps / cfg / slg in place of those not in `explicit`, and the family's name
+    (None when the pipeline does not say what it is): `describe` it once the settings are fitted to the model,
+    so the line never names SLG layers the model lacks."""
     config = getattr(pipe, "transformer_config", None)
     if config is None:
         return settings, None
@@ -30,7 +31,11 @@ def apply_family_defaults(settings: Settings, pipe, explicit: set[str]) -> tuple
         changes["slg"] = family.slg_layers is not None
         if family.slg_layers:
             changes["slg_layers"] = family.slg_layers
-    s = dataclasses.replace(settings, **changes)
+    return dataclasses.replace(settings, **changes), family.name
+
+
+def describe(family: str, s: Settings) -> str:
+    """The one line saying which steps, guidance and SLG this run uses."""
     slg = "SLG on layers " + ", ".join(map(str, s.slg_layers)) if s.slg and s.cfg > 1 else "no SLG"
     cfg = f"guidance {s.cfg:g}" + (" (off)" if s.cfg <= 1 else "")
-    return s, f"{family.name}: {s.steps} steps, {cfg}, {slg}"
+    return f"{family}: {s.steps} step{'s' * (s.steps != 1)}, {cfg}, {slg}"

@@ -3,7 +3,8 @@
 Any first argument that is not a subcommand name (a prompt, an option, -h) goes to the default
 command; no arguments at all show its help. Prompts like "convert my photo" stay prompts: only
 the bare word of a subcommand (e.g. `convert`) selects it, and `sd35m-mlx generate convert`
-still means the prompt.
+still means the prompt. `help` alone, or `help COMMAND`, shows help as in git and pip; `help` followed by
+anything else (`help me draw a cat`) is a prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class DefaultGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args:
             args = ["--help"]  # a bare `sd35m-mlx` shows what it can do
+        elif args == ["help"]:
+            args = ["--help"]
+        elif len(args) == 2 and args[0] == "help" and args[1] in self.commands:
+            args = [args[1], "--help"]
         if args[0] not in self.commands:
             args = [self.default, *args]
             ctx.meta[_ROUTED] = True

@@ -20,7 +20,7 @@ from sd35m_mlx.record import QUALITY, plan_seeds, settings_save_options, size_fo
 from . import editing, live, lora
 from . import model as model_io
 from .errors import UsageError, one_line
-from .family import apply_family_defaults
+from .family import apply_family_defaults, describe
 from .metadata import read_settings_noting
 from .options import RESTORABLE
 from .output import check_writable, image_format, plan_paths, write_image
@@ -94,12 +94,12 @@ def load(job: Job, params: dict, reporter: Reporter, pipe=None):
         loras, notes = lora.with_hashes(s.loras, info[: len(s.loras)])
         s = dataclasses.replace(s, loras=loras, lora_tags=lora.tags_with_hashes(s.lora_tags, info[len(s.loras) :]))
     job.edit.load(pipe, s.quantize)
-    s, defaults = apply_family_defaults(s, pipe, job.explicit)  # steps, guidance, SLG per model (cli/family.py)
-    notes += [defaults] if defaults else []
+    s, family = apply_family_defaults(s, pipe, job.explicit)  # steps, guidance, SLG per model (cli/family.py)
+    fitted = []
     limits = getattr(pipe, "limits", None)  # what this model accepts (test doubles have none)
     if limits is not None:
         s, fitted = fit_to_model(s, limits, job.size_from)  # every size the run reaches, before the first step
-        notes += fitted
+    notes += ([describe(family, s)] if family else []) + fitted  # described as fitted: no layers it lacks
     for note in notes:
         reporter.say(note)
     job.settings = s

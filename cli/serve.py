@@ -91,7 +91,8 @@ def check_output_dir(folder: Path) -> None:
     metavar="PATH_OR_REPO",
     help="An SD3 ControlNet clients may use (diffusers folder, .safetensors file or Hub id, as generate's "
     "--controlnet); repeatable. Named by its folder or file stem (a Hub id by its last part) in /controlnet/model_list "
-    "and A1111's alwayson_scripts.controlnet units; loaded on first use and kept.  [default: none]",
+    "and A1111's alwayson_scripts.controlnet units. Hub ids download at start-up, with the model; each loads on first "
+    "use, and the least recently used are unloaded past the LoRA cache's default budget.  [default: none]",
 )
 @click.option(
     "--api-key",
@@ -161,6 +162,7 @@ def serve(
 
         server_pkg.require_extra()
         from sd35m_mlx.server.app import ServerConfig
+        from sd35m_mlx.server.controlnets import local_sources
         from sd35m_mlx.server.run import bind
         from sd35m_mlx.server.run import serve as run_server
         from sd35m_mlx.server.spec import Limits
@@ -197,6 +199,7 @@ def serve(
     t0 = time.perf_counter()
     try:
         pipe = load(folders[0])
+        controlnet_sources = local_sources(controlnet_sources)  # Hub ids downloaded now, not in the worker
     except Exception as e:
         raise RunError(one_line(e)) from None
     click.echo(f"Loaded in {time.perf_counter() - t0:.1f} s", err=True)

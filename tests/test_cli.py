@@ -324,6 +324,17 @@ def test_no_arguments_show_help_and_version_works():
     assert result.exit_code == 0 and result.stdout.startswith("sd35m-mlx, version ")
 
 
+def test_help_word_shows_help_like_git_and_pip_but_longer_prompts_stay_prompts(fake):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["help"], prog_name="sd35m-mlx")
+    assert result.exit_code == 0 and result.stdout.startswith("Usage: sd35m-mlx [OPTIONS] [PROMPT]")
+    result = runner.invoke(cli, ["help", "serve"], prog_name="sd35m-mlx")
+    assert result.exit_code == 0 and result.stdout.startswith("Usage: sd35m-mlx serve [OPTIONS]")
+    assert fake.calls == []
+    assert runner.invoke(cli, ["help", "me", "draw", "a", "cat", "--model", "model", "--steps", "1"]).exit_code == 0
+    assert [c["prompt"] for c in fake.calls] == ["help me draw a cat"]
+
+
 def test_unwritable_output_folder(fake, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -44,3 +44,16 @@ def test_sizes_outside_the_trained_megapixels_warn(fake, size, warns):  # noqa: 
     result = invoke("p", "--seed", "1", "--steps", "1", "--width", str(size[0]), "--height", str(size[1]))
     assert result.exit_code == 0, result.output
     assert ("outside the trained range (0.25-2.0 megapixels)" in result.stderr) == warns
+
+
+def test_a_model_without_the_default_slg_layers_is_not_said_to_use_them(tmp_path):
+    """tiny-random has 4 blocks: the family line must not claim SLG on 7, 8, 9 and then a note say it is off."""
+    from click.testing import CliRunner
+
+    from sd35m_mlx_cli.main import cli
+
+    args = ["--model", "tiny-random", "--steps", "1", "--width", "64", "--height", "64", "-o", str(tmp_path / "a.png")]
+    result = CliRunner().invoke(cli, [*args, "a cat"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "SD3.5 Medium: 1 step, guidance 4.5, no SLG" in result.stderr
+    assert "SLG on layers" not in result.stderr

@@ -300,6 +300,22 @@ def test_url_images_expire_after_an_hour_and_only_ours(server, http):
     assert not old.exists() and other.exists()
 
 
+def test_a_url_image_expiring_between_the_look_and_the_answer_is_never_a_500(server, http, monkeypatch):
+    path = server.app.state.server.url_dir / ("b" * 32 + ".png")
+    path.write_bytes(b"png bytes")
+    real_stat = os.stat
+
+    def stat_then_expire(p, *args, **kwargs):  # the first look at the file, then the hourly clean-up removes it
+        st = real_stat(p, *args, **kwargs)
+        if os.fspath(p) == os.fspath(path) and path.exists():
+            path.unlink()
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_expire)
+    r = http.get(f"/v1/images/files/{path.name}")
+    assert (r.status_code, r.content) == (200, b"png bytes") or r.status_code == 404
+
+
 @pytest.mark.parametrize("fmt,pil,media", [("jpeg", "JPEG", "image/jpeg"), ("webp", "WEBP", "image/webp")])
 def test_output_format_jpeg_and_webp_as_b64_and_url(server, http, fmt, pil, media):
     from sd35m_mlx.record import stored_text
@@ -540,6 +556,24 @@ def test_serve_on_a_taken_port_is_a_one_line_error(monkeypatch, tmp_path):
         result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--port", str(port)])
     assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_downloads_hub_controlnets_with_the_model_after_binding(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from sd35m_mlx.loading import controlnet
+    from sd35m_mlx.server import run
+    from sd35m_mlx_cli import model as model_io
+    from sd35m_mlx_cli.main import cli
+
+    order, served = [], {}
+    monkeypatch.setattr(model_io, "load_pipeline", lambda *a, **k: order.append("model") or object())
+    monkeypatch.setattr(controlnet, "fetch_controlnet", lambda repo, rev=None: order.append(repo) or tmp_path)
+    monkeypatch.setattr(run, "bind", lambda *a: order.append("bind"))
+    monkeypatch.setattr(run, "serve", lambda pipe, config, **k: served.update(config.controlnets))
+    result = CliRunner().invoke(cli, ["serve", "--model", "tiny-random", "--controlnet", "owner/canny-net"])
+    assert result.exit_code == 0, result.output
+    assert order == ["bind", "model", "owner/canny-net"] and served == {"canny-net": str(tmp_path)}
 
 
 def test_open_bind_without_key_warns():

@@ -330,3 +330,25 @@ def test_the_controlnet_conditions_whichever_model_is_resident(pipe, nets, with_
                                        **SMALL)[0]  # fmt: skip
     assert np.array_equal(pixels(on_a.json()["images"][0]), pixels(want))
     assert "Model: tiny-random" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_the_controlnet_cache_keeps_the_least_recently_used_within_its_budget(pipe, nets):
+    from sd35m_mlx.server.controlnets import ControlNetLibrary
+
+    library = ControlNetLibrary({n: str(f) for n, f in nets.items()}, cache_bytes=0)  # each over the budget
+    first = library.load(pipe, "edges")
+    assert library.load(pipe, "depth") is not first and library.loaded() == ["depth"]  # the one asked for stays
+    library.cache_bytes = 1 << 40
+    library.load(pipe, "edges"), library.load(pipe, "depth"), library.load(pipe, "edges")
+    assert library.loaded() == ["depth", "edges"]  # both fit: kept, the most recently used last
+
+
+def test_hub_controlnets_are_downloaded_before_serving_not_in_the_worker(nets, monkeypatch):
+    from sd35m_mlx.loading import controlnet
+    from sd35m_mlx.server.controlnets import local_sources
+
+    fetched = []
+    monkeypatch.setattr(controlnet, "fetch_controlnet", lambda repo, rev=None: fetched.append(repo) or nets["edges"])
+    sources = {"local": str(nets["depth"]), "canny": "tensorart/SD3.5M-Controlnet-Canny"}
+    assert local_sources(sources) == {"local": str(nets["depth"]), "canny": str(nets["edges"])}
+    assert fetched == ["tensorart/SD3.5M-Controlnet-Canny"]

@@ -52,11 +52,17 @@ def load_controlnet(
     if path.is_file():
         return load_controlnet_file(path, dtype)
     if hub.is_hub_id(source):
-        folder = hub._snapshot(str(source), revision, _HUB_FILES, load_t5=False)  # one-line errors, as models
-        if not (folder / "config.json").exists():
-            raise hub.ModelSourceError(f"{source}: no config.json at the top of the repo: not a diffusers ControlNet")
-        return load_controlnet(folder, dtype)
+        return load_controlnet(fetch_controlnet(str(source), revision), dtype)
     raise FileNotFoundError(f"{source}: no such ControlNet folder or file")
+
+
+def fetch_controlnet(repo_id: str, revision: str | None = None) -> Path:
+    """The local folder of a Hub ControlNet, downloaded now where the Hugging Face cache lacks it (a server does
+    this at start-up, so its worker only reads local files)."""
+    folder = hub._snapshot(repo_id, revision, _HUB_FILES, load_t5=False)  # one-line errors, as models
+    if not (folder / "config.json").exists():
+        raise hub.ModelSourceError(f"{repo_id}: no config.json at the top of the repo: not a diffusers ControlNet")
+    return folder
 
 
 def load_controlnet_file(path: Path, dtype: mx.Dtype = mx.float32) -> SD3ControlNetModel:

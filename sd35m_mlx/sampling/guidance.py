@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,7 +83,10 @@ class GuidedDenoiser:
         self.context = transformer.context_embedder(context.astype(dtype))
         self.pooled = pooled.astype(dtype)
         self.start = start
-        self.table = ModulationTable(self._modulations, timesteps[start:])  # timesteps: sigma * 1000 in float32
+        # The table lives in self: handing it the bound method would make a cycle, and the run's arrays would wait
+        # for Python's cycle collector instead of going when the run ends. A weak method keeps subclasses' overrides.
+        method = weakref.WeakMethod(self._modulations)
+        self.table = ModulationTable(lambda ts: method()(ts), timesteps[start:])  # timesteps: sigma * 1000, float32
         self.modulations = self.table.schedule
         self.pos = None  # the cropped positional table, fixed once the latent size is known
         mx.eval(self.context)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 import sd35m_mlx
@@ -27,6 +27,7 @@ from ..validation import InvalidInput, validate_generation
 from . import a1111_api, a1111_internal, controlnets, loras, openai_api, studio
 from .controlnets import ControlNetLibrary
 from .errors import RequestError, ShuttingDown, error_body
+from .files import open_or_404, streamed
 from .guards import ApiKey, BodyLimit, HostOrigin, UrlSigner
 from .history import History
 from .jobs import CANCELLED, FAILED, Job, Worker
@@ -66,7 +67,7 @@ class ServerConfig:
     # public title -> () -> pipeline: the models requests may switch to (server/models.py); model_name is the first
     loaders: dict = field(default_factory=dict)
     # public name -> source (Hub id, folder or file) of the ControlNets requests may name (serve --controlnet);
-    # each loaded on first use and kept (server/controlnets.py)
+    # each loaded on first use, least recently used unloaded past a budget (server/controlnets.py)
     controlnets: dict = field(default_factory=dict)
 
 
@@ -233,9 +234,10 @@ def create_app(pipe, config: ServerConfig | None = None, **options) -> FastAPI:
     @app.get("/v1/images/files/{name}")
     async def image_file(name: str):
         path = server.url_dir / name
-        if not _FILE_NAME.match(name) or not path.is_file():
+        if not _FILE_NAME.match(name):
             raise RequestError("no such image", "name", 404)
-        return FileResponse(path, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1].upper()])
+        f = await asyncio.to_thread(open_or_404, path, "no such image")  # expired meanwhile: a 404, not a 500
+        return streamed(f, MEDIA_TYPES[name.rsplit(".", 1)[1].upper()])
 
     app.include_router(openai_api.router(server))
     app.include_router(a1111_api.router(server))

@@ -21,6 +21,7 @@ import base64
 import io
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,10 +62,11 @@ def public_name(source: str) -> str:
 class ControlNetLibrary:
     """name -> source, as `serve --controlnet` listed them; the loaded models, cached (worker thread only)."""
 
-    def __init__(self, sources: dict[str, str], quantize: int | None = None):
+    def __init__(self, sources: dict[str, str], quantize: int | None = None, cache_bytes: int | None = None):
         self.sources = dict(sources)
         self.quantize = quantize
-        self._loaded: dict[str, object] = {}
+        self.cache_bytes = cache_bytes  # None: the LoRA cache's default (lora/pipeline_mixin.py)
+        self._loaded: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -98,7 +100,40 @@ class ControlNetLibrary:
                     raise RequestError(message, "model", 500 if ours else 400) from None
                 finally:
                     pipe.controlnets = held
+            self._loaded.move_to_end(name)
+            self._evict(keep=name)
             return self._loaded[name]
+
+    def _evict(self, keep: str) -> None:
+        """Unload the least recently used models while they hold more than the budget, as the LoRA cache does;
+        `keep` (the one just asked for) stays even alone over it. A running job keeps its own reference."""
+        from mlx.utils import tree_flatten
+
+        from ..lora.pipeline_mixin import default_cache_bytes
+
+        budget = self.cache_bytes if self.cache_bytes is not None else default_cache_bytes()
+        sizes = {n: sum(a.nbytes for _, a in tree_flatten(m.parameters())) for n, m in self._loaded.items()}
+        held = sum(sizes.values())
+        for n in list(self._loaded):
+            if held <= budget or n == keep:
+                break
+            del self._loaded[n]
+            held -= sizes[n]
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+
+def local_sources(sources: dict[str, str], revision: str | None = None) -> dict[str, str]:
+    """`serve --controlnet` sources with each Hub id replaced by its downloaded folder: serve calls this with the
+    model load, so a worker never holds the queue for a download (loading/hub.py's one-line errors)."""
+    from ..loading import hub
+    from ..loading.controlnet import fetch_controlnet
+
+    return {
+        name: str(fetch_controlnet(s, revision)) if not Path(s).expanduser().exists() and hub.is_hub_id(s) else s
+        for name, s in sources.items()
+    }
 
 
 @dataclass

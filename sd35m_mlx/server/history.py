@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
 import threading
 import uuid
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from PIL import Image
 from ..prompts.infotext import infotext_parameters
 from ..record import IMAGE_FORMATS, MAX_FIELD_CHARS, PARAMETERS_KEY, stored_text
 from .errors import RequestError
+from .files import open_or_404, regular_file
 
 log = logging.getLogger("sd35m_mlx.server")
 # A1111's "00012-SEED.png": the counter before the first dash. A longer number is some other file's (a date,
@@ -147,15 +147,10 @@ class History:
             raise RequestError("no such image in the history", "name", 404)
         return path
 
-    def open(self, name: str) -> tuple[BinaryIO, os.stat_result]:
-        """The image `name` opened for reading, and its status. Answering from the open file, a delete or a swap
-        meanwhile (the page deletes images that may still be loading) cannot turn into a 500 half way."""
-        path = self.path_of(name)
-        try:
-            f = _regular_file(path)
-        except OSError:  # removed, or replaced by a folder or a FIFO, since path_of looked
-            raise RequestError("no such image in the history", "name", 404) from None
-        return f, os.fstat(f.fileno())
+    def open(self, name: str) -> BinaryIO:
+        """The image `name` opened for reading (files.py: a delete or a swap meanwhile, as the page deletes images
+        that may still be loading, cannot turn into a 500 half way)."""
+        return open_or_404(self.path_of(name), "no such image in the history")
 
     def delete(self, name: str) -> None:
         path = self.path_of(name)
@@ -217,7 +212,7 @@ def _utf8(name: str) -> bool:
 def read_entry(path: Path, mtime: float) -> Entry:
     """An image's size and settings from its header and metadata (the pixels are not decoded)."""
     try:
-        with _regular_file(path) as f, Image.open(f) as im:
+        with regular_file(path) as f, Image.open(f) as im:
             size = im.size
             text = _text(im)
     except Exception as e:  # not an image after all, truncated, a decompression bomb: listed without settings
@@ -228,16 +223,6 @@ def read_entry(path: Path, mtime: float) -> Entry:
         log.info("history: %s's parameters text is %d characters; not read", path.name, len(info))
         info = ""
     return Entry(path.name, mtime, size[0], size[1], info, infotext_parameters(info) if info else {})
-
-
-def _regular_file(path: Path) -> BinaryIO:
-    """`path` opened for reading if it is a plain file. The listing checked that, but a file can be replaced
-    meanwhile; opening a FIFO would block the listing (and the thread pool) until something writes to it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once; files ignore the flag
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path.name} is not a plain file")
-    return os.fdopen(fd, "rb")
 
 
 def _text(im: Image.Image) -> dict[str, str]:

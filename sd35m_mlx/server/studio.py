@@ -9,18 +9,15 @@ URLs carry a signature, so an `<img src>` opens them without the key (GET only: 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from email.utils import formatdate
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
 
 from ..defaults import GUIDANCE, MULTIPLE, SIZE, STEPS
 from ..record import IMAGE_FORMATS, MEDIA_TYPES
 from .errors import RequestError
+from .files import streamed
 from .history import Entry
 
 HISTORY_PAGE = 24  # images per page unless asked
@@ -55,13 +52,6 @@ def studio_config(server) -> dict:
         "api_key": bool(server.config.api_key),
         "controlnets": server.controlnets.names(),  # what a ControlNet unit's `model` may name (serve --controlnet)
     }
-
-
-def _chunks(f: BinaryIO, size: int = 64 * 1024) -> Iterator[bytes]:
-    """The open file's bytes (run in the thread pool by StreamingResponse), closed at the end or on a disconnect."""
-    with f:
-        while chunk := f.read(size):
-            yield chunk
 
 
 def router(server) -> APIRouter:
@@ -109,10 +99,8 @@ def router(server) -> APIRouter:
 
     @r.get("/history/{name}", name="history_file")
     async def history_file(name: str):
-        f, st = await asyncio.to_thread(history().open, name)
-        headers = {"Content-Length": str(st.st_size), "Last-Modified": formatdate(st.st_mtime, usegmt=True)}
-        media_type = MEDIA_TYPES[IMAGE_FORMATS[Path(name).suffix.lower()]]
-        return StreamingResponse(_chunks(f), media_type=media_type, headers=headers)
+        f = await asyncio.to_thread(history().open, name)
+        return streamed(f, MEDIA_TYPES[IMAGE_FORMATS[Path(name).suffix.lower()]])
 
     @r.delete("/history/{name}")
     async def history_delete(name: str):
