@@ -108,6 +108,7 @@ def test_cli_upscale_writes_the_second_pass_with_both_passes_recorded(tiny_pipel
         (["--upscale", "5"], "--upscale must be between 1 and 4"),
         (["--upscale", "1.5", "--upscale-strength", "0"], "--upscale-strength must be in (0, 1]"),
         (["--upscale-steps", "3"], "--upscale-steps only applies with --upscale"),
+        (["--upscale", "1.5", "--upscale-strength", "0.1", "--upscale-steps", "150"], "a schedule of 1500 steps"),
         (["--upscale", "4", "--width", "2048"], "over 6144 px"),
     ],
 )
