@@ -243,7 +243,8 @@ OPTIONS = [
     option_with_default_in_help(
         "--upscale-steps",
         type=int,
-        help="Steps of the second pass (it runs the last strength x steps of them).  [default: as --steps]",
+        help="Steps the second pass runs (A1111's Hires steps): the last ones of a schedule of steps / "
+        "--upscale-strength.  [default: as --steps]",
     ),
     click.option(
         "--upscaler",

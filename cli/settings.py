@@ -101,6 +101,16 @@ def check(s: Settings, limits=None, size_from: dict[str, str] | None = None) -> 
             raise UsageError(f"--upscale-strength must be in (0, 1], got {s.upscale_strength}")
         if s.upscale_steps is not None and s.upscale_steps < 1:
             raise UsageError(f"--upscale-steps must be at least 1, got {s.upscale_steps}")
+        from sd35m_mlx.upscale import second_pass_schedule  # here, not at the top: it imports mlx
+        from sd35m_mlx.validation import MAX_STEPS
+
+        steps = s.upscale_steps or s.steps
+        schedule = second_pass_schedule(steps, s.upscale_strength)[0]
+        if schedule > MAX_STEPS:
+            raise UsageError(
+                f"--upscale-steps {steps} at --upscale-strength {s.upscale_strength:g} makes a schedule of {schedule} "
+                f"steps (steps / strength), over {MAX_STEPS}; raise --upscale-strength or lower --upscale-steps"
+            )
         w, h = s.upscale_size
         if max(w, h) > MAX_SIDE:
             raise UsageError(f"--upscale {s.upscale} makes {w}x{h}, over {MAX_SIDE} px")

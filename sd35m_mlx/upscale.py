@@ -14,6 +14,11 @@ sizes (pipeline/tiling.py). The "latent*" upscalers do what A1111's hires fix do
 0027ce1f6e58c5f4279173e468a60aef420babfe): the first pass's latents resized as torch's F.interpolate
 (editing/interpolate.py) with the mode of A1111's `latent_upscale_modes` (modules/shared.py), the second pass an img2img
 from them, no VAE round trip; they want a higher strength (A1111's UI: 0.7) to clean the interpolation up.
+
+The second pass's steps are A1111's "Hires steps": the steps it runs, not the length of its schedule. A1111's
+sample_hr_pass samples with steps=hr_second_pass_steps or the first pass's, and setup_img2img_steps
+(modules/sd_samplers_common.py at 0027ce1f) turns S steps at strength d into a schedule of int(S / min(d, 0.999))
+steps of which the last S run (t_enc = S - 1). diffusers' img2img instead runs about S * d of an S-step schedule.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from PIL import Image
 
 from .defaults import SIZE, STEPS, UPSCALERS, scaled_size
 from .editing.interpolate import interpolate
+from .validation import MAX_STEPS
 
 
 def target_size(width: int, height: int, factor: float) -> tuple[int, int]:
@@ -74,6 +80,19 @@ class UpscaleResult:
     passes: list[dict] = field(default_factory=list)  # each pass's size, steps, strength (metadata)
 
 
+def second_pass_schedule(steps: int, strength: float) -> tuple[int, float]:
+    """A1111's hires schedule for `steps` steps run at `strength`: (its length N = int(steps / min(strength, 0.999)),
+    the img2img strength that starts an N-step schedule at N - steps).
+
+    Not `strength` itself: diffusers' start int(N - N * strength) is float arithmetic, and where steps / strength is
+    a whole number N * strength can land a hair above `steps` (51 steps at 0.68: N = 75, 75 * 0.68 =
+    51.00000000000001, start 23, 52 steps). (steps - 0.5) / N sits half a step from either neighbour, so the start
+    is N - steps for any N. The strength only sets the start (pipeline/steps.py initial_latents).
+    """
+    n = int(steps / min(strength, 0.999))
+    return n, (steps - 0.5) / n
+
+
 def release(pipe) -> None:
     """Drop a pipeline's transformer and text encoders (low_memory reloads them when next needed)."""
     for name in ("transformer", "prompt_encoder"):
@@ -102,9 +121,10 @@ def upscale_generate(
 ) -> UpscaleResult:
     """Pass 1 `pipe.generate` at width x height; each image enlarged by `factor` (sides rounded to multiples
     of 16) with `upscaler` (one of UPSCALERS: "lanczos" or "nearest" on the image, a "latent*" one on the
-    latents, as A1111); pass 2 img2img at `strength` with `upscale_steps` steps
-    (default: as pass 1) and the same seed, by `second` (a StableDiffusion35, or a function that loads one;
-    default `pipe`).
+    latents, as A1111); pass 2 img2img at `strength` running `upscale_steps` steps (default: pass 1's), the
+    last ones of a schedule of int(upscale_steps / min(strength, 0.999)) steps, as A1111's hires fix
+    (second_pass_schedule), with the same seed, by `second` (a StableDiffusion35, or a function that loads one;
+    default `pipe`). `passes` records the steps each pass runs, and the second's schedule length.
 
     The second pass reads `upscale_prompt` / `upscale_negative_prompt` where given (A1111's hr_prompt and
     hr_negative_prompt; None: the first pass's), and with `upscale_loras` ([(file, weight)], `use_loras`)
@@ -119,6 +139,15 @@ def upscale_generate(
     if upscaler not in UPSCALERS:
         raise ValueError(f"upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
     size = target_size(width, height, factor)
+    steps = upscale_steps or num_inference_steps
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    schedule, start_strength = second_pass_schedule(steps, strength)
+    if schedule > MAX_STEPS:  # said before the first pass, not after it
+        raise ValueError(
+            f"the second pass's schedule, int({steps} steps / strength {strength:g}) = {schedule} steps, is over "
+            f"{MAX_STEPS}; raise the strength or lower the steps"
+        )
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     common = dict(generate_kwargs, seed=seed, output_type="pil")
@@ -138,7 +167,6 @@ def upscale_generate(
         second = second()
     if upscale_loras is not None:
         second.use_loras(upscale_loras)
-    steps = upscale_steps or num_inference_steps
     if upscale_negative_prompt is not None:
         common["negative_prompt"] = upscale_negative_prompt
     refined = []
@@ -146,17 +174,23 @@ def upscale_generate(
         out = second.generate(
             prompt if upscale_prompt is None else upscale_prompt,
             image=start,
-            strength=strength,
+            strength=start_strength,
             width=size[0],
             height=size[1],
-            num_inference_steps=steps,
+            num_inference_steps=schedule,
             **{**common, "num_images_per_prompt": 1},
         )
         refined.extend(out)
     passes = [
         dict(width=width, height=height, steps=num_inference_steps),
         dict(
-            width=size[0], height=size[1], steps=steps, strength=strength, upscaler=UPSCALERS[upscaler], factor=factor
+            width=size[0],
+            height=size[1],
+            steps=steps,
+            schedule=schedule,
+            strength=strength,
+            upscaler=UPSCALERS[upscaler],
+            factor=factor,
         ),
     ]
     return UpscaleResult(refined, first, passes)

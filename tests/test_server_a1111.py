@@ -340,6 +340,16 @@ def test_enable_hr_by_size_and_too_big(server, http):
     assert r.status_code == 400 and "hires size" in r.text and submitted == []  # refused before any work
     r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "hr_scale": 0.5})
     assert r.status_code == 400 and "hr_scale" in r.text
+    # hr_second_pass_steps are the steps run (A1111): their schedule, steps / strength, is bounded, said before work
+    server.worker.submit = lambda *a: submitted.append(a) or real(*a)
+    try:
+        payload = {**TINY, "enable_hr": True, "hr_second_pass_steps": 150, "denoising_strength": 0.1}
+        r = http.post("/sdapi/v1/txt2img", json=payload)
+    finally:
+        server.worker.submit = real
+    assert r.status_code == 400 and "makes a schedule of 1500 steps" in r.text and submitted == []
+    r = http.post("/sdapi/v1/txt2img", json={**TINY, "enable_hr": True, "denoising_strength": 0})
+    assert r.status_code == 400 and "denoising_strength must be in (0, 1]" in r.text
 
 
 @pytest.mark.parametrize("source, rng, label", [("CPU", "cpu", "CPU"), ("NV", "nv", "NV"), ("GPU", "nv", "NV")])

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sd35m_mlx import StableDiffusion35
-from sd35m_mlx.upscale import target_size, upscale_generate
+from sd35m_mlx.sampling.schedule import img2img_start_index
+from sd35m_mlx.upscale import second_pass_schedule, target_size, upscale_generate
 from sd35m_mlx_cli import model as model_io
 from sd35m_mlx_cli.main import cli
 from sd35m_mlx_cli.metadata import JSON_KEY
@@ -35,7 +36,7 @@ class Recording:
         self.pipe, self.events = pipe, events
 
     def generate(self, prompt, **kw):
-        self.events.append(("second", kw["width"], kw["height"], kw["strength"], kw["num_inference_steps"], kw["seed"]))
+        self.events.append(("second", kw["width"], kw["height"], kw["num_inference_steps"], kw["seed"]))
         return self.pipe.generate(prompt, **kw)
 
 
@@ -54,10 +55,11 @@ def test_two_passes_with_a_second_model_released_first_in_low_memory(tiny_pipeli
     )  # fmt: skip
     assert [im.size for im in result.first_pass] == [(64, 96)]
     assert [im.size for im in result.images] == [(96, 144)]
-    assert events == [("load", True), ("second", 96, 144, 0.35, 3, 4)]
+    # A1111's hires steps: 3 steps run at 0.35, the last of a schedule of int(3 / 0.35) = 8
+    assert events == [("load", True), ("second", 96, 144, 8, 4)]
     assert result.passes == [
         dict(width=64, height=96, steps=2),
-        dict(width=96, height=144, steps=3, strength=0.35, upscaler="Lanczos", factor=1.5),
+        dict(width=96, height=144, steps=3, schedule=8, strength=0.35, upscaler="Lanczos", factor=1.5),
     ]
     # the second pass starts from the enlarged first image: close to it, not equal
     up = result.first_pass[0].resize((96, 144), Image.Resampling.LANCZOS)
@@ -106,6 +108,7 @@ def test_cli_upscale_writes_the_second_pass_with_both_passes_recorded(tiny_pipel
         (["--upscale", "5"], "--upscale must be between 1 and 4"),
         (["--upscale", "1.5", "--upscale-strength", "0"], "--upscale-strength must be in (0, 1]"),
         (["--upscale-steps", "3"], "--upscale-steps only applies with --upscale"),
+        (["--upscale", "1.5", "--upscale-strength", "0.1", "--upscale-steps", "150"], "a schedule of 1500 steps"),
         (["--upscale", "4", "--width", "2048"], "over 6144 px"),
     ],
 )
@@ -149,6 +152,61 @@ def test_cli_size_from_image_names_the_image_not_the_flags(tiny_pipeline, tmp_pa
     assert message.endswith("pass --width/--height to resize") and "--height" not in message.split(";")[0]
 
 
+# -- the second pass's steps, as A1111's hires fix -----------------------------------------------------------------
+
+
+def a1111_img2img(pipe, prompt, image, steps, strength, **kw):
+    """A1111's hires second pass (setup_img2img_steps, modules/sd_samplers_common.py at
+    0027ce1f6e58c5f4279173e468a60aef420babfe): a schedule of int(steps / min(strength, 0.999)) steps, the last
+    `steps` of them run. Built here as a diffusers img2img of that length; the step count is checked, so the
+    strength given (where diffusers' float start rule lands on N - steps) cannot hide an extra or missing step."""
+    n = int(steps / min(strength, 0.999))
+    ran = []
+    out = pipe.generate(prompt, image=image, strength=strength, num_inference_steps=n,
+                        callback=lambda *a: ran.append(1), **kw)  # fmt: skip
+    assert len(ran) == steps
+    return out
+
+
+def test_second_pass_schedule_starts_where_a1111_does():
+    """Over steps 1..150 and strengths 0.001..1 (float64 and float32-rounded, as JSON and the CLI give them), the
+    img2img start the schedule gives is A1111's N - steps. `strength` itself would not always do: at 51 steps and
+    0.68, diffusers' int(N - N * strength) starts one step early."""
+    strengths = {k / 1000 for k in range(1, 1001)} | {float(np.float32(k / 100)) for k in range(1, 101)} | {0.9999}
+    for steps in range(1, 151):
+        for d in strengths:
+            n = int(steps / min(d, 0.999))
+            if n > 1000:
+                continue
+            got_n, start_strength = second_pass_schedule(steps, d)
+            assert got_n == n and 0 < start_strength <= 1
+            assert img2img_start_index(n, start_strength) == n - steps, (steps, d)
+    assert img2img_start_index(75, 0.68) == 23 != 75 - 51  # why the strength is not passed as it is
+
+
+@pytest.mark.parametrize("steps,strength", [(3, 0.35), (2, 0.999), (2, 1.0), (1, 0.5)])
+def test_second_pass_runs_upscale_steps_steps(pipe, steps, strength):
+    """`upscale_steps` is the steps the second pass runs (A1111's "Hires steps"), whatever the strength; the first
+    pass runs its own."""
+    calls = []
+    count = dict(callback=lambda *a: calls.append(1), width=64, height=64, seed=1)
+    result = upscale_generate(pipe, "a lighthouse", factor=1.5, strength=strength, upscale_steps=steps,
+                              num_inference_steps=2, **count)  # fmt: skip
+    assert len(calls) == 2 + steps
+    assert result.passes[1]["steps"] == steps and result.passes[1]["schedule"] == int(steps / min(strength, 0.999))
+    calls.clear()  # default: the first pass's steps
+    upscale_generate(pipe, "a lighthouse", factor=1, strength=strength, num_inference_steps=3, **count)
+    assert len(calls) == 3 + 3
+
+
+def test_second_pass_schedule_beyond_the_step_limit_fails_before_the_first_pass(pipe):
+    calls = []
+    with pytest.raises(ValueError, match=r"int\(150 steps / strength 0.1\) = 1500 steps, is over 1000"):
+        upscale_generate(pipe, "a lighthouse", factor=1.5, strength=0.1, upscale_steps=150, width=64, height=64,
+                         num_inference_steps=2, callback=lambda *a: calls.append(1))  # fmt: skip
+    assert calls == []
+
+
 def test_upscale_prompt_and_nearest_change_only_the_second_pass(pipe):
     """hr_prompt / hr_negative_prompt and A1111's "Nearest" upscaler: the first pass is untouched, the second is an
     img2img of the nearest-neighbour enlargement reading the other prompts."""
@@ -160,8 +218,7 @@ def test_upscale_prompt_and_nearest_change_only_the_second_pass(pipe):
     assert other.images[0].tobytes() != plain.images[0].tobytes()
     assert other.passes[1]["upscaler"] == "Nearest"
     up = plain.first_pass[0].resize((96, 96), Image.Resampling.NEAREST)
-    want = pipe.generate("a red barn", image=up, strength=0.5, width=96, height=96, num_inference_steps=2, seed=3,
-                         negative_prompt="sunny")  # fmt: skip
+    want = a1111_img2img(pipe, "a red barn", up, 2, 0.5, width=96, height=96, seed=3, negative_prompt="sunny")
     np.testing.assert_array_equal(np.asarray(other.images[0]), np.asarray(want[0]))
     with pytest.raises(ValueError, match="upscaler must be one of lanczos, nearest, latent"):
         upscale_generate(pipe, "x", upscaler="Latent", **common)
@@ -225,8 +282,7 @@ def test_latent_upscale_is_first_pass_latents_interpolated_by_torch_then_img2img
     up = torch.nn.functional.interpolate(
         torch.from_numpy(np.array(first)).permute(0, 3, 1, 2), size=(18, 12), mode=mode, antialias=antialias
     )
-    want = pipe.generate("a lighthouse", image=up.permute(0, 2, 3, 1).numpy(), strength=0.7, num_inference_steps=4,
-                         seed=5, negative_prompt="dim")  # fmt: skip
+    want = a1111_img2img(pipe, "a lighthouse", up.permute(0, 2, 3, 1).numpy(), 4, 0.7, seed=5, negative_prompt="dim")
     assert result.images[0].size == (96, 144)
     got, ref = np.asarray(result.images[0], np.int16), np.asarray(want[0], np.int16)
     assert np.abs(got - ref).max() <= 1  # float32 rounding of the interpolation may move a pixel one 8-bit level

@@ -10,6 +10,8 @@ hr_prompt without tags runs the second pass without LoRAs. "Lanczos", "Nearest" 
 resize in A1111's images.resize_image) run as A1111 runs them, and so do its six "Latent*" modes (A1111's
 default "Latent" included): the first pass's latents interpolated as torch does, the second pass from them
 (upscale.py). Upscalers we do not have (ESRGAN and the like) run Lanczos, said in info.warnings.
+`hr_second_pass_steps` (0: the first pass's steps) is the steps the second pass runs, the last of a schedule of
+steps / denoising_strength, as A1111's sample_hr_pass (upscale.py's second_pass_schedule does the conversion).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import replace
 from ..defaults import MAX_PROMPT_CHARS
 from ..defaults import UPSCALERS as LIBRARY_UPSCALERS
 from ..prompts.syntax import extract_lora_tags
+from ..upscale import second_pass_schedule
+from ..validation import MAX_STEPS
 from .errors import RequestError
 from .loras import lora_error
 from .spec import Spec
@@ -55,6 +59,15 @@ def apply_hires(extra: dict, spec: Spec, denoising_strength: float | None) -> No
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise RequestError(f"hr_second_pass_steps must be an integer >= 0, got {steps!r}", "hr_second_pass_steps")
     strength = HR_STRENGTH if denoising_strength is None else denoising_strength
+    if not 0 < strength <= 1:
+        raise RequestError(f"denoising_strength must be in (0, 1] with enable_hr, got {strength}", "denoising_strength")
+    run = steps or s.steps  # the steps the second pass runs; its schedule is longer (upscale.second_pass_schedule)
+    if isinstance(run, int) and run >= 1 and (schedule := second_pass_schedule(run, strength)[0]) > MAX_STEPS:
+        message = (
+            f"hr_second_pass_steps {run} at denoising_strength {strength:g} makes a schedule of {schedule} "
+            f"steps (steps / strength), over {MAX_STEPS}; raise denoising_strength or lower the steps"
+        )
+        raise RequestError(message, "hr_second_pass_steps")
     spec.given(upscale=float(factor), upscale_strength=strength, upscale_steps=steps)
     asked = str(extra.get("hr_upscaler") or "Latent")  # A1111's default (shared.latent_upscale_default_mode)
     upscaler = UPSCALERS.get(asked.lower(), "lanczos")
