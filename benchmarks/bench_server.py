@@ -25,17 +25,7 @@ import sd35m_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
 # isort: split
 import numpy as np  # noqa: E402
 
-from benchmarks.measure import parser, time_runs, write_json  # noqa: E402
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process (Linux /proc; elsewhere `ps`)."""
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pid = os.getpid() if pid == "self" else pid
-        return int(subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True).stdout) * 1024
+from benchmarks.measure import parser, proc_status_bytes, time_runs, write_json  # noqa: E402
 
 
 class ServeProcess:
@@ -90,10 +80,10 @@ def pipeline_only_rss(model: Path, size: int, steps: int) -> int:
     baseline the idle server's own process is compared with."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import sd35m_mlx; from sd35m_mlx import StableDiffusion35;"
-        "from benchmarks.bench_server import rss_bytes;"
+        "from benchmarks.measure import proc_status_bytes;"
         "p = StableDiffusion35.from_pretrained(sys.argv[2], dtype='float32');"
         "n = int(sys.argv[3]); p.generate('a red cube', width=n, height=n, num_inference_steps=int(sys.argv[4]));"
-        "print(rss_bytes())"
+        "print(proc_status_bytes('VmRSS'))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(model), str(size), str(steps)],
                          capture_output=True, text=True, check=True)  # fmt: skip
@@ -128,7 +118,7 @@ def run(args) -> dict:
         pipe.generate("a red cube", **gen, preview="rgb", on_preview=lambda *a: None, callback=lambda *a: True)
 
     with ServeProcess(model, args.steps) as server:
-        results["rss_server_started_bytes"] = rss_bytes(server.pid)
+        results["rss_server_started_bytes"] = proc_status_bytes("VmRSS", server.pid)
         with httpx.Client(base_url=server.url, timeout=120) as http:
             openai_body = {"prompt": "a red cube", "size": f"{size}x{size}", "steps": steps, "seed": 1}
             a1111_body = {"prompt": "a red cube", "width": size, "height": size, "steps": steps, "seed": 1,
@@ -151,8 +141,8 @@ def run(args) -> dict:
             )
             results["response_bytes"] = len(post("/v1/images/generations", openai_body).content)
             time.sleep(1.0)
-            results["rss_server_idle_bytes"] = rss_bytes(server.pid)
-    results["rss_direct_bytes"] = rss_bytes()
+            results["rss_server_idle_bytes"] = proc_status_bytes("VmRSS", server.pid)
+    results["rss_direct_bytes"] = proc_status_bytes("VmRSS")
     results["rss_pipeline_only_bytes"] = pipeline_only_rss(model, size, steps)
     for api in ("openai", "a1111"):
         r = results[api]

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -64,15 +65,17 @@ def mlx_once(fn: Callable[[], object], runs: int, long_s: float, modules, fresh:
 # Memory
 
 
-def proc_status_bytes(field_name: str) -> int | None:
-    """A size field (VmRSS, VmHWM) of /proc/self/status, in bytes; None where there is no /proc (macOS)."""
+def proc_status_bytes(field_name: str, pid: int | str = "self") -> int | None:
+    """A size field (VmRSS, VmHWM) of /proc/PID/status in bytes; without /proc (macOS) VmRSS from `ps`, others None."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field_name + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
+        if field_name == "VmRSS":
+            ps = ["ps", "-o", "rss=", "-p", str(os.getpid() if pid == "self" else pid)]
+            return int(subprocess.run(ps, capture_output=True, text=True).stdout) * 1024
     return None
 
 
