@@ -58,10 +58,6 @@ PROMPT = "a photo of a cat sitting on a wooden table next to a window with soft 
 # Probes (worker side)
 
 
-def _folder_bytes(folder) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
-
-
 def install_fused_attention_emulation(chunk: int) -> None:
     """Make `mx.fast.scaled_dot_product_attention` hold at most `chunk` query rows of scores at a time
     (exact: softmax is per query row), as Metal's fused kernel holds none. Each chunk is evaluated
@@ -285,7 +281,8 @@ def build_fixtures(root: Path, args) -> dict[str, Path]:
         path = root / name
         t0 = time.perf_counter()
         if build_once(path, build):
-            print(f"#  built {name} ({_folder_bytes(path) / GB:.2f} GB) in {time.perf_counter() - t0:.0f}s", flush=True)
+            gb = sum(p.stat().st_size for p in path.rglob("*.safetensors")) / GB
+            print(f"#  built {name} ({gb:.2f} GB) in {time.perf_counter() - t0:.0f}s", flush=True)
         folders[name] = path
     folders[f"transformer_d{d_lo}"] = folders["pipeline"] / "transformer"
     folders[f"t5_l{t_hi}"] = folders["pipeline"] / "text_encoder_3"

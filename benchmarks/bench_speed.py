@@ -344,9 +344,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _cached(cache: Path | None, tmp: Path, name: str, build) -> Path:
-    """The folder build(dir) writes: in `tmp`, or built once in `cache` and reused by later runs."""
-    path = (cache or tmp) / name
+def _cached(path: Path, build) -> Path:
+    """The folder build(path) writes, built once (under --cache, reused by later runs)."""
     if not build_once(path, build):
         log(f"reusing {path}")
     return path
@@ -367,12 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             log(f"building a full-width transformer, depth {args.depth}")
-            folder = _cached(
-                args.cache,
-                tmp,
-                f"transformer-d{args.depth}-s{args.seed}",
-                lambda d: build_medium_transformer(d, args.depth, args.seed),
-            )
+            root = args.cache or tmp
+            name = f"transformer-d{args.depth}-s{args.seed}"
+            folder = _cached(root / name, lambda d: build_medium_transformer(d, args.depth, args.seed))
             results["transformer"] = bench_transformer(folder, args.sizes, args, torch_run, device)
             _free()
             if args.quick and not (args.skip_text and args.skip_vae):
@@ -384,14 +380,10 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 if not args.skip_text:
                     log(f"building full-width text encoders (T5 with {args.t5_layers} layers)")
-                    text = _cached(
-                        args.cache,
-                        tmp,
-                        f"text-t5x{args.t5_layers}-s{args.seed}",
-                        lambda d: build_text(d, args.t5_layers, seed=args.seed),
-                    )
+                    name = f"text-t5x{args.t5_layers}-s{args.seed}"
+                    text = _cached(root / name, lambda d: build_text(d, args.t5_layers, seed=args.seed))
                 if not args.skip_vae:
-                    vae_folder = _cached(args.cache, tmp, f"vae-s{args.seed}", lambda d: build_vae(d, seed=args.seed))
+                    vae_folder = _cached(root / f"vae-s{args.seed}", lambda d: build_vae(d, seed=args.seed))
             if not args.skip_text:
                 log("prompt encoding")
                 results["text"] = _guarded(bench_text, text, args, torch_run, device, not args.quick)
