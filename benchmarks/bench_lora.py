@@ -8,7 +8,6 @@ Method and figures: benchmarks/README.md.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.measure import mlx_dtype, parser, write_json  # noqa: E402
+from benchmarks.measure import machine, mlx_dtype, parser, write_json  # noqa: E402
 from sd35m_mlx.lora import files  # noqa: E402
 from sd35m_mlx.lora.adapter import Factor  # noqa: E402
 from sd35m_mlx.lora.convert import KeyTables, convert  # noqa: E402
@@ -90,11 +89,7 @@ def main() -> None:
     context = mx.random.normal((2, 333, config.hidden_size)).astype(dtype)
     mods = model.modulations(model.conditioning(mx.array([500.0, 500.0]), mx.random.normal((2, 2048)).astype(dtype)))
     mx.eval(x, context, mods)
-    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(
-        f"{platform.node()} {mx.default_device()} depth {args.depth}, {args.size} px, {args.dtype}, load {load}",
-        flush=True,
-    )
+    print(f"{machine()}; depth {args.depth}, {args.size} px, {args.dtype}", flush=True)
 
     results = {"depth": args.depth, "size": args.size, "dtype": args.dtype, "steps": {}, "load": {}}
     configs = {"none": {}}
@@ -158,8 +153,7 @@ def main() -> None:
                 flush=True,
             )
             del converted, arrays
-    if args.json:
-        write_json(args.json, results)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

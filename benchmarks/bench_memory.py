@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a file, the script's own folder heads sys.path, where sibling modules would shadow installed
@@ -221,7 +221,6 @@ class Job:
     est_s: float  # rough duration on a 2-core CPU, longest first
     result: dict | None = None
     error: str | None = None
-    log: list[str] = field(default_factory=list)
 
 
 def run_jobs(jobs: list[Job], parallel: int, mem_budget_gb: float, tmp: Path) -> None:

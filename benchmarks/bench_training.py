@@ -9,7 +9,6 @@ Method and figures: benchmarks/README.md.
 from __future__ import annotations
 
 import itertools
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import sd35m_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx  # noqa: E402
 
 from benchmarks.fixtures import MEDIUM_DEPTH, medium_dual_layers  # noqa: E402
-from benchmarks.measure import mlx_dtype, mlx_param_bytes, parser, write_json  # noqa: E402
+from benchmarks.measure import machine, mlx_dtype, mlx_param_bytes, parser, write_json  # noqa: E402
 from sd35m_mlx.models.mmdit import MMDiTConfig, SD3Transformer2DModel  # noqa: E402
 from sd35m_mlx.quantize import quantize_model  # noqa: E402
 from sd35m_mlx.sampling.schedule import FlowMatchSchedule  # noqa: E402
@@ -117,9 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     d1, d2 = args.depths
     modes = {"off": [False], "on": [True], "both": [False, True]}
-    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
-    device = f"{platform.node()} {mx.default_device()} {args.dtype}"
-    print(f"{device} depths {d1},{d2} -> {MEDIUM_DEPTH}, load {load}; GB = 1e9 bytes", flush=True)
+    print(f"{machine()}; {args.dtype}, depths {d1},{d2} -> {MEDIUM_DEPTH}; GB = 1e9 bytes", flush=True)
     results = []
     for size, base in itertools.product(args.sizes, args.bases):
         for ckpt, compiled in itertools.product(args.checkpointing, modes[args.compile]):
@@ -144,8 +141,7 @@ def main() -> None:
                     derived = extrapolate(*q, d1, d2) / 1e9
                     results.append(dict(row, base=f"{name} (derived)", peak_bytes=q, peak_24_gb=derived))
                     print(f"  {name} base (derived): peak {q[0] / 1e9:.2f}/{q[1] / 1e9:.2f} GB -> {derived:.2f} GB")
-    if args.json:
-        write_json(args.json, results)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
