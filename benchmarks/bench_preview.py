@@ -25,6 +25,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.fixtures import MEDIUM_DEPTH, build_medium_transformer  # noqa: E402
 from benchmarks.measure import build_once, guided_inputs, mlx_dtype, parser, time_runs  # noqa: E402
 from sd35m_mlx.loading.transformer import load_transformer  # noqa: E402
+from sd35m_mlx.models.taesd import AutoencoderTiny, TAESDConfig  # noqa: E402
 from sd35m_mlx.sampling.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sd35m_mlx.sampling.memory import DEFAULT_WORK_BUDGET, bounded_work  # noqa: E402
 from sd35m_mlx.sampling.preview import latent_rgb, taesd_rgb, to_pil  # noqa: E402
@@ -38,11 +39,7 @@ def _best(fn, runs: int) -> float:
 
 
 def random_taesd(dtype):
-    """TAESD3's architecture with MLX's default init, or None before models/taesd.py exists."""
-    try:
-        from sd35m_mlx.models.taesd import AutoencoderTiny, TAESDConfig
-    except ImportError:
-        return None
+    """TAESD3's architecture with MLX's default init."""
     taesd = AutoencoderTiny(TAESDConfig(), encoder=False)
     taesd.set_dtype(dtype)
     mx.eval(taesd.parameters())
@@ -70,7 +67,7 @@ def bench(size: int, model, taesd, dtype, runs: int) -> dict:
             image.save(f, format="PNG", compress_level=1)
 
     row = {"size": size, "step_s": step_s, "rgb_s": _best(rgb, runs * 3), "rgb_cli_s": _best(rgb_cli, runs * 3)}
-    if taesd is not None:
+    if taesd is not None:  # None: no TAESD timing (the test's tiny run)
         render = taesd_rgb(taesd, dtype)
         row["taesd_s"] = _best(lambda: to_pil(render(x0[:1])[0]), runs)
     return row
@@ -96,8 +93,8 @@ def main(argv=None) -> None:
         for size in args.sizes:
             r = bench(size, model, taesd, dtype, args.runs)
             full = r["step_s"] * MEDIUM_DEPTH / args.depth
-            t = r.get("taesd_s")
-            taesd_cols = f"{t * 1e3:.1f} ms | {t / r['step_s']:.2%} | {t / full:.2%}" if t else "n/a | n/a | n/a"
+            t = r["taesd_s"]
+            taesd_cols = f"{t * 1e3:.1f} ms | {t / r['step_s']:.2%} | {t / full:.2%}"
             print(
                 f"| {size} | {r['step_s'] * 1e3:.0f} ms | {r['rgb_s'] * 1e3:.2f} ms | {r['rgb_s'] / r['step_s']:.4%} "
                 f"| {r['rgb_cli_s'] * 1e3:.1f} ms | {taesd_cols} |"
