@@ -117,11 +117,10 @@ def bench(
                 runs[name].append((wall, cpu))
     plain_s, cn_s = (min(w for w, _ in runs[k]) for k in ("plain", "controlnet"))
     plain_cpu, cn_cpu = (min(c for _, c in runs[k]) for k in ("plain", "controlnet"))
-    plain_peak, cn_peak = peaks["plain"], peaks["controlnet"]
-    t_block = plain_s / transformer.config.num_layers
-    c_block = (cn_s - plain_s) / net.config.num_layers
-    full_plain = t_block * FULL_TRANSFORMER_DEPTH
-    full_cn = full_plain + c_block * FULL_CONTROLNET_DEPTH
+    full_plain = plain_s / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH
+    full_cn = full_plain + (cn_s - plain_s) / net.config.num_layers * FULL_CONTROLNET_DEPTH
+    full_plain_cpu = plain_cpu / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH
+    full_cn_cpu = full_plain_cpu + (cn_cpu - plain_cpu) / net.config.num_layers * FULL_CONTROLNET_DEPTH
     tokens = (lat // 2) ** 2
     residual_bytes = FULL_CONTROLNET_DEPTH * 2 * tokens * cfg.hidden_size * mx.zeros((), dtype).itemsize
     return {
@@ -139,14 +138,10 @@ def bench(
         "extrapolated_plain_step_s": full_plain,
         "extrapolated_controlnet_step_s": full_cn,
         "extrapolated_ratio": full_cn / full_plain,
-        "extrapolated_cpu_time_ratio": 1
-        + (cn_cpu - plain_cpu)
-        / net.config.num_layers
-        * FULL_CONTROLNET_DEPTH
-        / (plain_cpu / transformer.config.num_layers * FULL_TRANSFORMER_DEPTH),
+        "extrapolated_cpu_time_ratio": full_cn_cpu / full_plain_cpu,
         "weights_bytes_measured": base,
-        "plain_step_work_bytes": plain_peak,
-        "controlnet_step_work_bytes": cn_peak,
+        "plain_step_work_bytes": peaks["plain"],
+        "controlnet_step_work_bytes": peaks["controlnet"],
         "residuals_bytes_23_blocks": residual_bytes,
     }
 

@@ -133,8 +133,7 @@ def measure(model, component, forward, group_size, bits_list) -> list[dict]:
 
 
 def transformer_bench(args) -> tuple[list[dict], dict]:
-    rng_key = mx.random.key(0)
-    k1, k2, k3 = mx.random.split(rng_key, 3)
+    k1, k2, k3 = mx.random.split(mx.random.key(0), 3)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         folder = build_full_width_transformer(Path(tmp) / "transformer", depth=args.depth)
@@ -142,7 +141,6 @@ def transformer_bench(args) -> tuple[list[dict], dict]:
         model = load_transformer(folder, mx.float32)
         mx.eval(model.parameters())
         cfg = model.config
-        lat = args.latent
 
         def inputs(lat, ctx_len):
             x = mx.random.normal((1, lat, lat, cfg.in_channels), key=k1)
@@ -150,7 +148,7 @@ def transformer_bench(args) -> tuple[list[dict], dict]:
             pooled = mx.random.normal((1, cfg.pooled_projection_dim), key=k3)
             return x, ctx, pooled, mx.array([args.timestep])
 
-        big = inputs(lat, 333)
+        big = inputs(args.latent, 333)
         rows = measure(model, "transformer", lambda: model(*big), args.group_size, args.bits)
 
         # emulation check: the real QuantizedLinear model against the dequantized-weights forward

@@ -59,20 +59,18 @@ class ServeProcess:
             self.proc.wait()
 
 
-def summary(times: list[float]) -> dict:
-    best, median = min(times), statistics.median(times)
-    return {"min_s": best, "median_s": median, "runs": len(times), "requests_per_s": 1 / best}
-
-
 def timed_interleaved(fns: dict, runs: int) -> dict:
-    """{name: summary} over `runs` rounds, each calling every fn once (after one warm-up round)."""
+    """Each fn's min_s, median_s, runs and requests_per_s over `runs` rounds of one call each (after a warm-up)."""
     for fn in fns.values():
         fn()  # warm-up (first-call compilation, connection set-up)
     times: dict = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
             times[name] += time_runs(fn, 1)
-    return {name: summary(t) for name, t in times.items()}
+    return {
+        name: {"min_s": min(t), "median_s": statistics.median(t), "runs": len(t), "requests_per_s": 1 / min(t)}
+        for name, t in times.items()
+    }
 
 
 def pipeline_only_rss(model: Path, size: int, steps: int) -> int:
