@@ -142,7 +142,8 @@ def test_hr_prompt_loras_apply_to_the_second_pass_only(http, lora_dir, pipe, ser
     from sd35m_mlx.upscale import upscale_generate
 
     ink = [(str(lora_dir / "styles" / "ink.safetensors"), 0.7)]
-    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5}  # 1 of 2 steps: both passes count
+    # (hr_upscaler left out is A1111's "Latent": named here, as upscale_generate's default below)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_upscaler": "Lanczos"}
     common = dict(factor=1.5, strength=0.5, guidance_scale=5.0, seed=5, width=64, height=64, num_inference_steps=2)
     cases = [("a red cube", "a red cube <lora:ink:0.7>", [], ink), ("a red cube <lora:ink:0.7>", "a red cube", ink, [])]
     for prompt, hr_prompt, first, second in cases:
