@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..sampling.memory import default_cache_bytes, least_recent_over_budget
 from . import files, layers
 from .adapter import COMPONENTS, Adapter, Factor, LoraError
 from .convert import KeyTables, convert
@@ -38,14 +39,6 @@ class _LoraState:
     tables: KeyTables | None = None
     # use_loras' files: (real path, size, mtime) -> adapter name, least recently used first
     cached: OrderedDict[tuple[str, int, int], str] = field(default_factory=OrderedDict)
-
-
-def default_cache_bytes() -> int:
-    """Bytes of adapters `use_loras` keeps loaded between calls by default: 1/16 of physical memory (1 GiB on a
-    16 GB Mac, 5-50 SD3.5 Medium LoRAs of 20-200 MB), small beside the model it adapts."""
-    from ..sampling.memory import physical_memory
-
-    return physical_memory() // 16
 
 
 class LoraMixin:
@@ -165,13 +158,11 @@ class LoraMixin:
             names.append(name)
         for key in [k for k, n in state.cached.items() if n not in state.adapters]:  # deleted by other calls
             del state.cached[key]
-        held = sum(state.adapters[n].nbytes for n in state.cached.values())
-        for key in list(state.cached):  # least recently used first; the requested ones are the most recent
-            if held <= cache_bytes or state.cached[key] in weights:
-                break
+        sizes = {key: state.adapters[n].nbytes for key, n in state.cached.items()}  # least recently used first
+        requested = {key for key, n in state.cached.items() if n in weights}  # the most recent ones
+        for key in least_recent_over_budget(sizes, cache_bytes, keep=requested):
             name = state.cached.pop(key)
-            adapter = state.adapters.pop(name, None)
-            held -= adapter.nbytes if adapter is not None else 0
+            state.adapters.pop(name, None)
             state.active.pop(name, None)
         self.set_adapters(list(weights), list(weights.values()))
         return names

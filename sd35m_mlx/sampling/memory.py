@@ -47,3 +47,22 @@ def physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 16 * GIB
+
+
+def default_cache_bytes() -> int:
+    """Bytes of LoRAs (and of the server's ControlNets) kept loaded between calls by default: 1/16 of physical
+    memory (1 GiB on a 16 GB Mac, 5-50 SD3.5 Medium LoRAs of 20-200 MB), small beside the model they serve."""
+    return physical_memory() // 16
+
+
+def least_recent_over_budget(sizes: dict, budget: int, keep) -> list:
+    """The keys of `sizes` (key -> bytes, least recently used first) to unload so the rest fit in `budget`:
+    oldest first, stopping at the first key in `keep` (it and all after it are in use or more recent, and
+    stay even alone over the budget)."""
+    held, out = sum(sizes.values()), []
+    for key, size in sizes.items():
+        if held <= budget or key in keep:
+            break
+        out.append(key)
+        held -= size
+    return out

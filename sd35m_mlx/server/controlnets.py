@@ -109,16 +109,12 @@ class ControlNetLibrary:
         `keep` (the one just asked for) stays even alone over it. A running job keeps its own reference."""
         from mlx.utils import tree_flatten
 
-        from ..lora.pipeline_mixin import default_cache_bytes
+        from ..sampling.memory import default_cache_bytes, least_recent_over_budget
 
         budget = self.cache_bytes if self.cache_bytes is not None else default_cache_bytes()
         sizes = {n: sum(a.nbytes for _, a in tree_flatten(m.parameters())) for n, m in self._loaded.items()}
-        held = sum(sizes.values())
-        for n in list(self._loaded):
-            if held <= budget or n == keep:
-                break
+        for n in least_recent_over_budget(sizes, budget, keep={keep}):
             del self._loaded[n]
-            held -= sizes[n]
 
     def loaded(self) -> list[str]:
         return list(self._loaded)
