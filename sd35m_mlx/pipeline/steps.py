@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -74,6 +74,8 @@ def prepare_inputs(
         if image is None and not (height and width):
             height, width = canvas.control.default_size()
     settings = validate_generation(limits, **{**arguments, "image": image, "height": height, "width": width})
+    if settings.seed is None:  # one random seed for every draw of the run (initial, sampler and inpainting noise)
+        settings = replace(settings, seed=int.from_bytes(os.urandom(4), "little"))
     if image is not None and is_latent_image(image, limits.latent_channels):
         canvas.init_latents = mx.array(np.asarray(image, np.float32))
     elif image is not None:
@@ -229,48 +231,44 @@ def decode_output(
     return to_output(images, s.output_type)
 
 
-def initial_noise(latents, shape: tuple[int, ...], seed: int | Sequence[int] | None, rng: str = "cpu") -> mx.array:
-    """The given latents as float32, or standard normal noise of NHWC `shape` from `seed` (random when None)
-    and the `rng` source, as diffusers draws it: one seed is one generator for the whole batch (one draw in
-    NCHW); a list of seeds one generator per image, each drawing its (1, C, H, W) alone."""
+def initial_noise(latents, shape: tuple[int, ...], seed: int | Sequence[int], rng: str = "cpu") -> mx.array:
+    """The given latents as float32, or standard normal noise of NHWC `shape` from `seed` and the `rng` source,
+    as diffusers draws it: one seed is one generator for the whole batch (one draw in NCHW); a list of seeds
+    one generator per image, each drawing its (1, C, H, W) alone."""
     if latents is not None:
         return (latents if isinstance(latents, mx.array) else mx.array(latents)).astype(mx.float32)
     if isinstance(seed, (list, tuple)):
         return mx.concatenate([latent_noise(NoiseGenerator(s, rng), (1, *shape[1:])) for s in seed])
-    return latent_noise(NoiseGenerator(_seed_or_random(seed), rng), shape)
+    return latent_noise(NoiseGenerator(seed, rng), shape)
 
 
-def inpaint_noise(seed: int | Sequence[int] | None, shape: tuple[int, ...], rng: str = "cpu") -> mx.array:
+def inpaint_noise(seed: int | Sequence[int], shape: tuple[int, ...], rng: str = "cpu") -> mx.array:
     """The known region's noise of a `random_inpaint_noise` sampler (ddim): ComfyUI's torch.randn of the batch
     from a generator seeded seed + 1 (comfy/samplers.py KSAMPLER.sample at a125cd84), through our `rng`
     source; a list of seeds: each image's seed + 1. Seeds wrap at 2^64."""
     if isinstance(seed, (list, tuple)):
         return initial_noise(None, shape, [(s + 1) % (MAX_SEED + 1) for s in seed], rng)
-    return initial_noise(None, shape, None if seed is None else (seed + 1) % (MAX_SEED + 1), rng)
+    return initial_noise(None, shape, (seed + 1) % (MAX_SEED + 1), rng)
 
 
-def sampler_noise(seed: int | Sequence[int] | None, rng: str = "cpu") -> Callable[[tuple[int, ...]], mx.array]:
+def sampler_noise(seed: int | Sequence[int], rng: str = "cpu") -> Callable[[tuple[int, ...]], mx.array]:
     """`noise(nhwc_shape)` for the samplers that draw fresh noise (ancestral, SDE, LCM): a generator of its own
     seeded with the seed, one draw per call in NCHW, as ComfyUI's default_noise_sampler (comfy/k_diffusion/
     sampling.py at a125cd84). A list of seeds: one generator per image, each drawing its own slice."""
     if isinstance(seed, (list, tuple)):
         generators = [NoiseGenerator(s, rng) for s in seed]
         return lambda shape: mx.concatenate([latent_noise(g, (1, *shape[1:])) for g in generators])
-    generator = NoiseGenerator(_seed_or_random(seed), rng)
+    generator = NoiseGenerator(seed, rng)
     return partial(latent_noise, generator)
 
 
-def sampler_brownian(seed: int | Sequence[int] | None, rng: str = "cpu") -> Brownian | None:
+def sampler_brownian(seed: int | Sequence[int], rng: str = "cpu") -> Brownian | None:
     """The SDE samplers' noise as ComfyUI draws it, from a Brownian tree seeded with the seed (one tree per
     seed of a list), for the torch-compatible sources; None for "mlx", whose SDE images draw per call as before."""
     if rng == "mlx":
         return None
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else _seed_or_random(seed)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else seed
     return lambda shape, sigma_min, sigma_max: BrownianNoise(shape, sigma_min, sigma_max, seeds, rng)
-
-
-def _seed_or_random(seed: int | None) -> int:
-    return seed if seed is not None else int.from_bytes(os.urandom(4), "little")
 
 
 def _given_embeds(cond, uncond, pooled, uncond_pooled, num_images_per_prompt, do_cfg):
