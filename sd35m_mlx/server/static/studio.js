@@ -418,13 +418,9 @@ function padsChanged() {
 
 // ---- ControlNet (sd-webui-controlnet's alwayson_scripts shape) ----
 
-async function loadControl() {
-  let models;
-  try { models = (await api("/controlnet/model_list")).model_list; } catch (e) {
-    $("control-note").textContent = e.status === 404 ? "This server has no ControlNet endpoints." : e.message;
-    $("control-fields").hidden = true;
-    return;
-  }
+// The served ControlNets come with /studio/config (the list /controlnet/model_list gives A1111 clients).
+function loadControl() {
+  const models = (state.config && state.config.controlnets) || [];
   fillSelect($("control-model"), models, (m) => m, (m) => m);
   $("control-fields").hidden = !models.length;
   $("control-note").textContent = models.length ? "" : "No ControlNet models on this server.";
